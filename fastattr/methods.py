@@ -1,0 +1,182 @@
+"""Captum-compatible attribution classes: Saliency, InputXGradient, IntegratedGradients.
+
+Signatures and meanings follow Captum 0.9, so a Captum user changes one import.
+Keyword-only extras are fastattr's own: ``precision`` ("fp32", "tf32", "bf16",
+"fp16"), ``memory_budget`` (bytes or "8GiB"; CUDA), ``max_rows`` (rows per forward),
+``allow_nonfinite`` and ``kernel_backend``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import kernels
+from .engine import Engine, Problem, frozen_parameters
+from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
+from .precision import Precision, get_precision
+from .quadrature import points_and_weights
+
+
+class _GradientAttribution:
+    """Shared plumbing: input normalisation, the engine, and output formatting."""
+
+    def __init__(self, forward_func: Callable[..., torch.Tensor]) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
+        self.forward_func = forward_func
+
+    def _problem(
+        self, inputs: TensorOrTuple, baselines: Any, target: Any, additional_forward_args: Any, *, need_float: bool, allow_nonfinite: bool, with_path: bool
+    ) -> tuple[Problem, bool]:
+        xs, is_tuple = as_tuple(inputs)
+        batch = check_inputs(xs, need_float=need_float, allow_nonfinite=allow_nonfinite)
+        bs = expand_baselines(baselines, xs, allow_nonfinite=allow_nonfinite) if with_path else None
+        tgt = normalize_target(target, batch, xs[0].device)
+        return Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args)), is_tuple
+
+    def _engine(self, precision: str | Precision, max_rows: int | None, memory_budget: Any, kernel_backend: str | None) -> Engine:
+        return Engine(self.forward_func, get_precision(precision), max_rows=max_rows, memory_budget=memory_budget, kernel_backend=kernel_backend)
+
+    @staticmethod
+    def _format(attrs: list[torch.Tensor], is_tuple: bool) -> TensorOrTuple:
+        return tuple(attrs) if is_tuple else attrs[0]
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+
+class Saliency(_GradientAttribution):
+    """Gradients of the target output with respect to the inputs (absolute by default)."""
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        abs: bool = True,  # noqa: A002 - Captum's name
+        additional_forward_args: Any = None,
+        *,
+        precision: str = "fp32",
+        max_rows: int | None = None,
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+    ) -> TensorOrTuple:
+        problem, is_tuple = self._problem(inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False)
+        engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
+        with frozen_parameters(self.forward_func):
+            accs = engine.integrate(problem, [1.0], [1.0])
+        attrs = [(a.abs() if abs else a).view_as(x).to(x.dtype) for a, x in zip(accs, problem.inputs)]
+        return self._format(attrs, is_tuple)
+
+
+class InputXGradient(_GradientAttribution):
+    """Input times the gradient of the target output with respect to the input."""
+
+    def __init__(self, forward_func: Callable[..., torch.Tensor], multiply_by_inputs: bool = True) -> None:
+        super().__init__(forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        *,
+        precision: str = "fp32",
+        max_rows: int | None = None,
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+    ) -> TensorOrTuple:
+        problem, is_tuple = self._problem(inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False)
+        engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
+        with frozen_parameters(self.forward_func):
+            accs = engine.integrate(problem, [1.0], [1.0])
+        attrs = []
+        for acc, x in zip(accs, problem.inputs):
+            flat_x = x.reshape(x.shape[0], -1) if self._multiply_by_inputs else None
+            attr, _ = kernels.finalize(acc, flat_x, None, out_dtype=x.dtype, backend=kernel_backend)
+            attrs.append(attr.view_as(x))
+        return self._format(attrs, is_tuple)
+
+
+class IntegratedGradients(_GradientAttribution):
+    """Integrated gradients (Sundararajan et al. 2017) along the straight path x0 -> x.
+
+    attr = (x - x0) * sum_s w_s dF/dx(x0 + alpha_s (x - x0)), with the rule's
+    (alpha_s, w_s); multiply_by_inputs=False returns the integrated gradient alone.
+    """
+
+    def __init__(self, forward_func: Callable[..., torch.Tensor], multiply_by_inputs: bool = True) -> None:
+        super().__init__(forward_func)
+        self._multiply_by_inputs = multiply_by_inputs
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        *,
+        precision: str = "fp32",
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+    ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
+        alphas, weights = points_and_weights(method, n_steps)
+        policy = get_precision(precision)
+        problem, is_tuple = self._problem(inputs, baselines, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=True)
+        engine = self._engine(policy, internal_batch_size, memory_budget, kernel_backend)
+        batch, device = problem.batch, problem.device
+        acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
+        with frozen_parameters(self.forward_func):
+            endpoints: dict[int, torch.Tensor] = {}
+            f_x = f_x0 = None
+            if return_convergence_delta:
+                # F(x) and F(x0) come from the gradient pass when the rule samples an endpoint
+                # and the pass runs in plain fp32; the rest are evaluated together, in fp32.
+                reuse = policy.name == "fp32"
+                if reuse and alphas[-1] == 1.0:
+                    f_x = endpoints[len(alphas) - 1] = torch.empty(batch, dtype=acc_dtype, device=device)
+                if reuse and alphas[0] == 0.0:
+                    f_x0 = endpoints[0] = torch.empty(batch, dtype=acc_dtype, device=device)
+                todo = [(name, rows) for name, rows, have in (("x", problem.inputs, f_x), ("x0", problem.baselines, f_x0)) if have is None]
+                if todo:
+                    fp32 = self._engine("fp32", internal_batch_size, memory_budget, kernel_backend)
+                    outs = fp32.outputs(problem, [rows for _, rows in todo])
+                    problem.target_checked = True
+                    for (name, _), out in zip(todo, outs):
+                        f_x, f_x0 = (out, f_x0) if name == "x" else (f_x, out)
+            accs = engine.integrate(problem, alphas, weights, endpoint_steps=endpoints)
+        attrs, sums, nonfinite = [], torch.zeros(batch, dtype=acc_dtype, device=device), torch.zeros(batch, dtype=torch.int32, device=device)
+        for acc, x, x0 in zip(accs, problem.inputs, problem.baselines):
+            flat = (x.reshape(batch, -1), x0.reshape(batch, -1)) if self._multiply_by_inputs else (None, None)
+            attr, stats = kernels.finalize(acc, *flat, out_dtype=x.dtype, backend=kernel_backend)
+            attrs.append(attr.view_as(x))
+            if return_convergence_delta:
+                sums += stats.sum if acc_dtype == torch.float32 else attr.sum(1, dtype=acc_dtype)
+                nonfinite += stats.nonfinite
+        result = self._format(attrs, is_tuple)
+        if not return_convergence_delta:
+            return result
+        delta = sums - (f_x - f_x0)
+        delta = torch.where(nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        return result, delta

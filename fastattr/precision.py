@@ -1,0 +1,65 @@
+"""Precision policies: how forward and backward run; accumulation is always fp32 (or fp64).
+
+- "fp32": plain float32, TF32 matmuls off.
+- "tf32": float32 tensors, TF32 tensor-core matmuls and convolutions on (CUDA only effect).
+- "bf16": forward and backward under torch.autocast(bfloat16).
+- "fp16": autocast(float16) with a scaled backward seed so small gradients do not
+  underflow; a chunk whose gradients overflow (inf/NaN) is retried at a lower scale.
+
+Policies are context managers that restore every global flag they touch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    autocast_dtype: torch.dtype | None
+    allow_tf32: bool
+    # fp16 only: initial backward-seed scale, and how many times a chunk may halve it
+    initial_scale: float = 1.0
+    max_retries: int = 0
+
+    @property
+    def scaled(self) -> bool:
+        return self.initial_scale != 1.0
+
+    @contextlib.contextmanager
+    def context(self, device: torch.device) -> Iterator[None]:
+        """Forward/backward context for this policy on ``device``."""
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        try:
+            if self.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
+                    yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def get_precision(name: str | Precision) -> Precision:
+    if isinstance(name, Precision):
+        return name
+    if name == "fp32":
+        return Precision("fp32", None, allow_tf32=False)
+    if name == "tf32":
+        return Precision("tf32", None, allow_tf32=True)
+    if name == "bf16":
+        return Precision("bf16", torch.bfloat16, allow_tf32=False)
+    if name == "fp16":
+        # 2**12 keeps gradients of O(1e-8) above fp16's subnormal floor while leaving
+        # headroom below its max (65504) for gradients up to ~16; overflow halves it.
+        return Precision("fp16", torch.float16, allow_tf32=False, initial_scale=2.0**12, max_retries=24)
+    raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {name!r}")
