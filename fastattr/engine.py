@@ -24,28 +24,11 @@ from typing import Any
 import torch
 
 from . import kernels
+from .budget import RowPlanner, parse_bytes
 from .inputs import AttributionInputError, NoGradientError, check_target, flat_target_index
 from .precision import Precision
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_ROWS = 256  # CPU throughput peaks with cache-sized forwards, not memory-sized ones
-DEFAULT_CUDA_BUDGET_FRACTION = 0.5  # of free device memory, when no memory_budget is given
-CUDA_PROBE_ROWS = 16
-
-
-def parse_bytes(value: int | str | None) -> int | None:
-    """'4GiB', '512MB', '1e9' or an int -> bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    text = str(value).strip().upper().replace(" ", "")
-    number = text.rstrip("KMGTIB")
-    unit = text[len(number):]
-    if unit not in units:
-        raise ValueError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes")
-    return int(float(number) * units[unit])
-
 
 @contextlib.contextmanager
 def frozen_parameters(model: Any) -> Iterator[None]:
@@ -63,6 +46,37 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+class Layout:
+    """How one input's rows are laid out while the engine works on them.
+
+    Image batches (4-D) run channels-last: on a 2-core CPU a 32x32 CNN's forward and
+    backward ran 1.7x faster (fp32) and 1.75x faster (bf16) on channels-last inputs.
+    The engine builds rows directly in that order, accumulates gradients in it (so
+    the gradient needs no copy), and returns attributions in the user's layout.
+    """
+
+    def __init__(self, shape: torch.Size, channels_last: bool) -> None:
+        self.shape = tuple(shape[1:])  # one example
+        self.channels_last = channels_last and len(shape) == 4
+
+    def flat(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, *shape) -> (N, F) in the working order (a view when already in that order)."""
+        if self.channels_last:
+            t = t.permute(0, 2, 3, 1)
+        return t.reshape(t.shape[0], -1)
+
+    def rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, F) in working order -> (N, *shape) view for the model (channels-last strides)."""
+        if self.channels_last:
+            c, h, w = self.shape
+            return flat.view(-1, h, w, c).permute(0, 3, 1, 2)
+        return flat.view(-1, *self.shape)
+
+    def user(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, F) in working order -> contiguous (N, *shape) in the user's layout."""
+        return self.rows(flat).contiguous()
+
+
 @dataclass
 class Problem:
     """A normalised attribution problem for one batch of B examples."""
@@ -72,6 +86,10 @@ class Problem:
     target: torch.Tensor | None  # (B, k) int64 on the device, validated against the first output
     forward_args: tuple
     target_checked: bool = False
+    channels_last: bool = True  # image inputs run channels-last (see Layout)
+
+    def __post_init__(self) -> None:
+        self.layouts = [Layout(x.shape, self.channels_last) for x in self.inputs]
 
     @property
     def batch(self) -> int:
@@ -98,28 +116,9 @@ class Engine:
         self.forward_func = forward_func
         self.precision = precision
         self.max_rows = max_rows
-        self.memory_budget = parse_bytes(memory_budget)
+        self.memory_budget = parse_bytes(memory_budget)  # fail fast on a malformed size
         self.kernel_backend = kernel_backend
-        self._rows_seen: int | None = None  # rows per forward found by the last CUDA probe
-
-    # ----------------------------------------------------------------- budget
-    def _rows_for(self, problem: Problem, total: int) -> tuple[int, bool]:
-        """(rows per forward, whether to size it from a CUDA probe on the first chunk)."""
-        cap = self.max_rows or total
-        if problem.device.type != "cuda":
-            return min(cap, self.max_rows or DEFAULT_CPU_ROWS, total), False
-        return min(cap, total, CUDA_PROBE_ROWS), True
-
-    def _rows_from_probe(self, probe_rows: int, peak_bytes: int, base_bytes: int, total: int, device: torch.device) -> int:
-        per_row = max(1, (peak_bytes - base_bytes) // probe_rows)
-        budget = self.memory_budget
-        if budget is None:
-            free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * DEFAULT_CUDA_BUDGET_FRACTION)
-        rows = max(1, int(budget // per_row * 0.9))  # 10% headroom for allocator fragmentation
-        rows = min(rows, self.max_rows or rows, total)
-        logger.debug("row budget: %d bytes/row -> %d rows per forward", per_row, rows)
-        return rows
+        self._rows_seen: int | None = None  # rows per forward settled on by the last pass
 
     # ------------------------------------------------------------- selection
     def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem) -> torch.Tensor:
@@ -151,8 +150,7 @@ class Engine:
         batch = problem.batch
         stacked = [torch.cat([r[i] for r in rows_inputs]) for i in range(len(problem.inputs))]
         total = stacked[0].shape[0]
-        default_rows = DEFAULT_CPU_ROWS if problem.device.type != "cuda" else max(512, self._rows_seen or 0)
-        rows = min(self.max_rows or default_rows, total)
+        rows = min(self.max_rows or max(256, self._rows_seen or 0), total)
         out = torch.empty(total, dtype=torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32, device=problem.device)
         with torch.no_grad():
             for r0 in range(0, total, rows):
@@ -179,23 +177,20 @@ class Engine:
         """
         device, batch, n_steps = problem.device, problem.batch, len(alphas)
         acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
-        flat_inputs = [x.reshape(batch, -1) for x in problem.inputs]
+        flat_inputs = [lay.flat(x) for lay, x in zip(problem.layouts, problem.inputs)]
         accs = tuple(torch.zeros(x.shape, dtype=acc_dtype, device=device) for x in flat_inputs)
         alpha_t = torch.tensor(alphas, dtype=problem.inputs[0].dtype if problem.inputs[0].is_floating_point() else torch.float32, device=device)
         weight_t = torch.tensor(weights, dtype=acc_dtype, device=device)
         if problem.baselines is not None:
-            starts = [b.reshape(batch, -1) for b in problem.baselines]
+            starts = [lay.flat(b) for lay, b in zip(problem.layouts, problem.baselines)]
             diffs = [x - b for x, b in zip(flat_inputs, starts)]
         total = n_steps * batch
-        rows, probe = self._rows_for(problem, total)
+        planner = RowPlanner(device, total, self.max_rows, self.memory_budget)
         p0 = 0
         while p0 < total:
-            p1 = min(total, p0 + rows)
+            p1 = min(total, p0 + planner.rows)
             segments = _segments(p0, p1, batch)
-            if probe:
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
+            planner.begin()
             # interpolated rows for this chunk, built on the device, one leaf per input
             leaves = []
             for i, x in enumerate(flat_inputs):
@@ -208,26 +203,39 @@ class Engine:
                             for s0, s1, e0, e1 in segments
                         ]
                     )
-                leaves.append(rows_i.view(p1 - p0, *problem.inputs[i].shape[1:]).detach().requires_grad_(True))
+                leaves.append(problem.layouts[i].rows(rows_i).detach().requires_grad_(True))
             example_idx = torch.arange(p0, p1, device=device) % batch
             grads, selected = self._grad_chunk(problem, leaves, example_idx)
-            if probe:
-                rows = self._rows_seen = self._rows_from_probe(p1 - p0, torch.cuda.max_memory_allocated(device), base, total, device)
-                probe = False
             if endpoint_steps:
                 for step, buf in endpoint_steps.items():
                     lo, hi = max(p0, step * batch), min(p1, (step + 1) * batch)
                     if lo < hi:
                         buf[lo - step * batch : hi - step * batch] = selected[lo - p0 : hi - p0].to(buf.dtype)
-            for acc, g in zip(accs, grads):
-                g = g.reshape(p1 - p0, -1)
+            for acc, g, lay in zip(accs, grads, problem.layouts):
+                g = lay.flat(g).contiguous()  # the kernels take dense rows
                 r = 0
                 for s0, s1, e0, e1 in segments:
                     n = (s1 - s0) * (e1 - e0)
                     kernels.path_accumulate(acc[e0:e1], g[r : r + n].view(s1 - s0, e1 - e0, -1), weight_t[s0:s1], backend=self.kernel_backend)
                     r += n
+            planner.end(p1 - p0)
             p0 = p1
+        self._rows_seen = planner.rows
         return accs
+
+    def finalize(self, problem: Problem, accs: Sequence[torch.Tensor], multiply_by_inputs: bool) -> tuple[list[torch.Tensor], list[kernels.Stats]]:
+        """Attributions in the user's layout and dtype, and per-example stats, per input:
+        acc * (x - x0) when multiply_by_inputs (x0 = zeros without baselines), else acc."""
+        attrs, stats = [], []
+        for i, (acc, x, lay) in enumerate(zip(accs, problem.inputs, problem.layouts)):
+            xf = x0f = None
+            if multiply_by_inputs:
+                xf = lay.flat(x).contiguous()
+                x0f = None if problem.baselines is None else lay.flat(problem.baselines[i]).contiguous()
+            attr, st = kernels.finalize(acc, xf, x0f, out_dtype=x.dtype, backend=self.kernel_backend)
+            attrs.append(lay.user(attr))
+            stats.append(st)
+        return attrs, stats
 
     def _grad_chunk(self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         args = self._rows_of_args(problem.forward_args, problem.batch, example_idx)

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from . import kernels
 from .engine import Engine, Problem, frozen_parameters
 from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
 from .precision import Precision, get_precision
@@ -68,7 +67,7 @@ class Saliency(_GradientAttribution):
         engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0])
-        attrs = [(a.abs() if abs else a).view_as(x).to(x.dtype) for a, x in zip(accs, problem.inputs)]
+        attrs, _ = engine.finalize(problem, [a.abs_() if abs else a for a in accs], multiply_by_inputs=False)
         return self._format(attrs, is_tuple)
 
 
@@ -99,11 +98,7 @@ class InputXGradient(_GradientAttribution):
         engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0])
-        attrs = []
-        for acc, x in zip(accs, problem.inputs):
-            flat_x = x.reshape(x.shape[0], -1) if self._multiply_by_inputs else None
-            attr, _ = kernels.finalize(acc, flat_x, None, out_dtype=x.dtype, backend=kernel_backend)
-            attrs.append(attr.view_as(x))
+        attrs, _ = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
         return self._format(attrs, is_tuple)
 
 
@@ -166,17 +161,15 @@ class IntegratedGradients(_GradientAttribution):
                     for (name, _), out in zip(todo, outs):
                         f_x, f_x0 = (out, f_x0) if name == "x" else (f_x, out)
             accs = engine.integrate(problem, alphas, weights, endpoint_steps=endpoints)
-        attrs, sums, nonfinite = [], torch.zeros(batch, dtype=acc_dtype, device=device), torch.zeros(batch, dtype=torch.int32, device=device)
-        for acc, x, x0 in zip(accs, problem.inputs, problem.baselines):
-            flat = (x.reshape(batch, -1), x0.reshape(batch, -1)) if self._multiply_by_inputs else (None, None)
-            attr, stats = kernels.finalize(acc, *flat, out_dtype=x.dtype, backend=kernel_backend)
-            attrs.append(attr.view_as(x))
-            if return_convergence_delta:
-                sums += stats.sum if acc_dtype == torch.float32 else attr.sum(1, dtype=acc_dtype)
-                nonfinite += stats.nonfinite
+        attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
         result = self._format(attrs, is_tuple)
         if not return_convergence_delta:
             return result
+        if acc_dtype == torch.float32:
+            sums = sum(st.sum for st in stats)
+        else:  # the kernels' stats are float32; keep float64 deltas exact
+            sums = sum(a.reshape(batch, -1).sum(1) for a in attrs)
+        nonfinite = sum(st.nonfinite for st in stats)
         delta = sums - (f_x - f_x0)
         delta = torch.where(nonfinite > 0, torch.full_like(delta, float("nan")), delta)
         return result, delta

@@ -1,7 +1,7 @@
 """fastattr.kernels: the reductions on the attribution hot path.
 
 Each op has a torch reference (kernels/reference.py) and, where written, a Triton
-kernel with its launcher (kernels/<op>.py). ``backend`` picks the path:
+kernel with its launcher (kernels/triton_<op>.py). ``backend`` picks the path:
 
 - "auto" (default): Triton for CUDA tensors when triton imports, the reference otherwise;
 - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1 set before import);
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
 
 
 def _triton_op(name: str) -> Callable[..., Any]:
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(f"{__name__}.triton_{name}")
     return getattr(module, f"{name}_triton")
 
 

@@ -47,9 +47,10 @@ def finalize(
     finite = torch.isfinite(attr)
     clean = torch.where(finite, attr, torch.zeros((), dtype=attr.dtype, device=attr.device))
     absval = clean.abs()
+    red = torch.promote_types(attr.dtype, torch.float32)  # float64 attr keeps float64 sums
     stats = Stats(
-        sum=clean.sum(1, dtype=torch.float32),
-        l1=absval.sum(1, dtype=torch.float32),
+        sum=clean.sum(1, dtype=red).float(),
+        l1=absval.sum(1, dtype=red).float(),
         l2=clean.square().sum(1).sqrt().float(),
         absmax=absval.amax(1).float() if attr.shape[1] else torch.zeros(attr.shape[0], device=attr.device),
         nonfinite=(~finite).sum(1, dtype=torch.int32),

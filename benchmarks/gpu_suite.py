@@ -1,0 +1,105 @@
+"""The one GPU call: correctness first, then every timing, in a single run.
+
+    python benchmarks/gpu_suite.py --out DIR
+
+1. Engine correctness on CUDA: fastattr vs Captum (same device, fp32) for every method and
+   rule, the Triton kernel path vs the torch reference path, mixed-precision error.
+2. Triton kernels: benchmarks/bench_kernels.py (GPU correctness + bandwidth).
+3. fastattr vs Captum: benchmarks/bench_captum.py on CUDA (MLP, CNN, ResNet-18 224x224).
+Each stage's results go to DIR as JSON, and a markdown summary is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_captum  # noqa: E402
+import bench_kernels  # noqa: E402
+import models  # noqa: E402
+
+import fastattr  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+def engine_checks() -> list[dict]:
+    from captum import attr as ca
+
+    dev = torch.device("cuda")
+    rows = []
+    torch.manual_seed(0)
+    cnn = models.randomize_batchnorm(models.small_cnn()).eval().to(dev)
+    mlp = models.mlp().eval().to(dev)
+    for name, model, shape in (("mlp", mlp, (64,)), ("cnn", cnn, (3, 32, 32))):
+        x = torch.randn(37, *shape, device=dev)
+        t = torch.randint(0, 10, (37,), device=dev)
+        for rule in fastattr.RULES[:-1]:  # Captum's rules
+            a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, method=rule, n_steps=24, return_convergence_delta=True, internal_batch_size=101)
+            b, e = ca.IntegratedGradients(model).attribute(x, target=t, method=rule, n_steps=24, return_convergence_delta=True)
+            rows.append({"check": f"{name} IG {rule} vs captum", "max_abs_diff": (a - b).abs().max().item(), "delta_diff": (d - e).abs().max().item(), "scale": b.abs().max().item()})
+        for cls in ("Saliency", "InputXGradient"):
+            a = getattr(fastattr, cls)(model).attribute(x, target=t)
+            b = getattr(ca, cls)(model).attribute(x, target=t)
+            rows.append({"check": f"{name} {cls} vs captum", "max_abs_diff": (a - b).abs().max().item(), "scale": b.abs().max().item()})
+        tri = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="triton")
+        ref = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="torch")
+        rows.append({"check": f"{name} IG triton vs torch kernels", "max_abs_diff": (tri - ref).abs().max().item(), "scale": ref.abs().max().item()})
+        for p in ("tf32", "bf16", "fp16"):
+            a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, precision=p, return_convergence_delta=True)
+            rows.append({"check": f"{name} IG {p} vs fp32", "rel_l2": ((a - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(a).all() and torch.isfinite(d).all())})
+    failures = [r for r in rows if "max_abs_diff" in r and not r["max_abs_diff"] <= 1e-4 * max(1.0, r["scale"])]
+    for r in rows:
+        print("  ", r)
+    if failures:
+        raise RuntimeError(f"GPU engine checks failed: {failures}")
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: engine,kernels,captum")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: the GPU suite needs one")
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    skip = set(filter(None, args.skip.split(",")))
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__} | {time.strftime('%Y-%m-%d')}", flush=True)
+    summary, status = [], 0
+    stages = [
+        ("engine", lambda: engine_checks()),
+        ("kernels", lambda: bench_kernels.run(os.path.join(args.out, "kernels.json"))),
+        ("captum", lambda: bench_captum.run("cuda", None, 3, os.path.join(args.out, "captum.json"))),
+    ]
+    for name, fn in stages:
+        if name in skip:
+            continue
+        t0 = time.perf_counter()
+        print(f"\n== {name}", flush=True)
+        try:
+            result = fn()
+            if name == "engine":
+                with open(os.path.join(args.out, "engine.json"), "w") as f:
+                    json.dump(result, f, indent=1)
+            if name == "captum":
+                summary.append(bench_captum.table(result))
+        except Exception:
+            traceback.print_exc()
+            status = 1
+        print(f"== {name} took {time.perf_counter() - t0:.0f} s", flush=True)
+    print("\n".join(summary))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
