@@ -215,6 +215,10 @@ def table(rows: list[Row]) -> str:
 
 def run(device: str = "cpu", cases: list[str] | None = None, repeats: int = 3, json_path: str | None = None) -> list[Row]:
     dev = torch.device(device)
+    # Captum runs under torch's global flags; make its "fp32" true fp32 (cuDNN defaults to
+    # TF32 convolutions), so both sides compute the same thing. fastattr tf32 is its own row.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     cases = cases or (["mlp", "cnn", "resnet"] if dev.type == "cuda" else ["mlp", "cnn"])
     precisions = ["fp32", "tf32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16", "fp16"]
     rows: list[Row] = []

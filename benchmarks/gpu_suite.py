@@ -31,10 +31,11 @@ import fastattr  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
-def engine_checks() -> list[dict]:
+def engine_checks(device: str = "cuda") -> list[dict]:
     from captum import attr as ca
 
-    dev = torch.device("cuda")
+    dev = torch.device(device)
+    torch.backends.cudnn.allow_tf32 = False  # Captum's side in true fp32, like fastattr's fp32 policy
     rows = []
     torch.manual_seed(0)
     cnn = models.randomize_batchnorm(models.small_cnn()).eval().to(dev)
@@ -50,7 +51,7 @@ def engine_checks() -> list[dict]:
             a = getattr(fastattr, cls)(model).attribute(x, target=t)
             b = getattr(ca, cls)(model).attribute(x, target=t)
             rows.append({"check": f"{name} {cls} vs captum", "max_abs_diff": (a - b).abs().max().item(), "scale": b.abs().max().item()})
-        tri = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="triton")
+        tri = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="triton" if dev.type == "cuda" else "torch")
         ref = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="torch")
         rows.append({"check": f"{name} IG triton vs torch kernels", "max_abs_diff": (tri - ref).abs().max().item(), "scale": ref.abs().max().item()})
         for p in ("tf32", "bf16", "fp16"):
