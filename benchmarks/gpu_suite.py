@@ -46,18 +46,22 @@ def engine_checks(device: str = "cuda") -> list[dict]:
         for rule in fastattr.RULES[:-1]:  # Captum's rules
             a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, method=rule, n_steps=24, return_convergence_delta=True, internal_batch_size=101)
             b, e = ca.IntegratedGradients(model).attribute(x, target=t, method=rule, n_steps=24, return_convergence_delta=True)
-            rows.append({"check": f"{name} IG {rule} vs captum", "max_abs_diff": (a - b).abs().max().item(), "delta_diff": (d - e).abs().max().item(), "scale": b.abs().max().item()})
+            rows.append({"check": f"{name} IG {rule} vs captum", "rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs_diff": (a - b).abs().max().item(), "delta_diff": (d - e).abs().max().item(), "scale": b.abs().max().item()})
         for cls in ("Saliency", "InputXGradient"):
             a = getattr(fastattr, cls)(model).attribute(x, target=t)
             b = getattr(ca, cls)(model).attribute(x, target=t)
-            rows.append({"check": f"{name} {cls} vs captum", "max_abs_diff": (a - b).abs().max().item(), "scale": b.abs().max().item()})
+            rows.append({"check": f"{name} {cls} vs captum", "rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs_diff": (a - b).abs().max().item(), "scale": b.abs().max().item()})
         tri = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="triton" if dev.type == "cuda" else "torch")
         ref = fastattr.IntegratedGradients(model).attribute(x, target=t, kernel_backend="torch")
         rows.append({"check": f"{name} IG triton vs torch kernels", "max_abs_diff": (tri - ref).abs().max().item(), "scale": ref.abs().max().item()})
+        if not (tri - ref).abs().max().item() <= 1e-6 * ref.abs().max().item():
+            raise RuntimeError(f"{name}: Triton and torch kernel paths disagree")
         for p in ("tf32", "bf16", "fp16"):
             a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, precision=p, return_convergence_delta=True)
             rows.append({"check": f"{name} IG {p} vs fp32", "rel_l2": ((a - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(a).all() and torch.isfinite(d).all())})
-    failures = [r for r in rows if "max_abs_diff" in r and not r["max_abs_diff"] <= 1e-4 * max(1.0, r["scale"])]
+    # fp32 parity is judged normwise: cuDNN may pick other algorithms (and fastattr may run
+    # channels-last), and a last-bit difference can flip a ReLU or max-pool argmax locally.
+    failures = [r for r in rows if "rel_l2" in r and "vs captum" in r["check"] and not r["rel_l2"] <= 1e-4]
     for r in rows:
         print("  ", r)
     if failures:
@@ -65,10 +69,29 @@ def engine_checks(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def layout_budget_sweep() -> list[dict]:
+    """ResNet-18 IG on CUDA: channels-last on/off x memory budget x precision (sets defaults)."""
+    dev = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.manual_seed(0)
+    model = models.randomize_batchnorm(models.ResNet18()).eval().to(dev)
+    x = torch.randn(64, 3, 224, 224, device=dev)
+    t = torch.randint(0, 1000, (64,), device=dev)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for cl in (False, True):
+            for budget in ("2GiB", "8GiB", "32GiB", None):
+                fn = lambda p=precision, c=cl, b=budget: fastattr.IntegratedGradients(model).attribute(x, target=t, n_steps=50, precision=p, channels_last=c, memory_budget=b)  # noqa: E731
+                seconds, peak, _ = bench_captum.timed(fn, dev, 3)
+                rows.append({"precision": precision, "channels_last": cl, "budget": budget or "default", "seconds": seconds, "peak_mb": peak})
+                print(f"   {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: engine,kernels,captum")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: engine,sweep,kernels,captum")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU suite needs one")
@@ -79,6 +102,7 @@ def main() -> int:
     summary, status = [], 0
     stages = [
         ("engine", lambda: engine_checks()),
+        ("sweep", lambda: layout_budget_sweep()),
         ("kernels", lambda: bench_kernels.run(os.path.join(args.out, "kernels.json"))),
         ("captum", lambda: bench_captum.run("cuda", None, 3, os.path.join(args.out, "captum.json"))),
     ]
@@ -89,8 +113,8 @@ def main() -> int:
         print(f"\n== {name}", flush=True)
         try:
             result = fn()
-            if name == "engine":
-                with open(os.path.join(args.out, "engine.json"), "w") as f:
+            if name in ("engine", "sweep"):
+                with open(os.path.join(args.out, f"{name}.json"), "w") as f:
                     json.dump(result, f, indent=1)
             if name == "captum":
                 summary.append(bench_captum.table(result))

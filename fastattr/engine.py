@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,20 +31,32 @@ from .precision import Precision
 
 logger = logging.getLogger(__name__)
 
+_frozen_lock = threading.Lock()
+_frozen_count: dict[int, tuple[int, bool]] = {}  # id(param) -> (active calls, flag to restore)
+
+
 @contextlib.contextmanager
 def frozen_parameters(model: Any) -> Iterator[None]:
     """Turn off requires_grad on a module's parameters for the call (no weight gradients
-    are needed, and autograd then saves fewer activations); restore them afterwards."""
+    are needed, and autograd then saves fewer activations); restore them afterwards.
+    Reference-counted, so overlapping calls from several threads restore the user's flags."""
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
     params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
-    saved = [p.requires_grad for p in params]
-    try:
+    with _frozen_lock:
         for p in params:
+            count, flag = _frozen_count.get(id(p), (0, p.requires_grad))
+            _frozen_count[id(p)] = (count + 1, flag)
             p.requires_grad_(False)
+    try:
         yield
     finally:
-        for p, flag in zip(params, saved):
-            p.requires_grad_(flag)
+        with _frozen_lock:
+            for p in params:
+                count, flag = _frozen_count.pop(id(p))
+                if count > 1:
+                    _frozen_count[id(p)] = (count - 1, flag)
+                else:
+                    p.requires_grad_(flag)
 
 
 class Layout:
@@ -75,6 +88,15 @@ class Layout:
     def user(self, flat: torch.Tensor) -> torch.Tensor:
         """(N, F) in working order -> contiguous (N, *shape) in the user's layout."""
         return self.rows(flat).contiguous()
+
+
+def use_channels_last(requested: bool | None, device: torch.device, precision: Precision) -> bool:
+    """Whether image inputs run channels-last: as requested, else by measurement (see
+    benchmarks/RESULTS.md): on CPU always; on CUDA under bf16/fp16 autocast, whose
+    tensor-core convolutions want NHWC, but not in fp32."""
+    if requested is not None:
+        return requested
+    return device.type != "cuda" or precision.autocast_dtype is not None
 
 
 @dataclass
@@ -152,7 +174,7 @@ class Engine:
         total = stacked[0].shape[0]
         rows = min(self.max_rows or max(256, self._rows_seen or 0), total)
         out = torch.empty(total, dtype=torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32, device=problem.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.precision.flags():
             for r0 in range(0, total, rows):
                 r1 = min(total, r0 + rows)
                 ex = torch.arange(r0, r1, device=problem.device) % batch
@@ -179,7 +201,8 @@ class Engine:
         acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
         flat_inputs = [lay.flat(x) for lay, x in zip(problem.layouts, problem.inputs)]
         accs = tuple(torch.zeros(x.shape, dtype=acc_dtype, device=device) for x in flat_inputs)
-        alpha_t = torch.tensor(alphas, dtype=problem.inputs[0].dtype if problem.inputs[0].is_floating_point() else torch.float32, device=device)
+        # interpolation coefficients in each input's own dtype, so mixed-dtype inputs keep theirs
+        alpha_ts = [torch.tensor(alphas, dtype=x.dtype if x.is_floating_point() else torch.float32, device=device) for x in problem.inputs]
         weight_t = torch.tensor(weights, dtype=acc_dtype, device=device)
         if problem.baselines is not None:
             starts = [lay.flat(b) for lay, b in zip(problem.layouts, problem.baselines)]
@@ -199,7 +222,7 @@ class Engine:
                 else:
                     rows_i = torch.cat(
                         [
-                            torch.addcmul(starts[i][e0:e1].unsqueeze(0), alpha_t[s0:s1].view(-1, 1, 1), diffs[i][e0:e1].unsqueeze(0)).reshape(-1, x.shape[1])
+                            torch.addcmul(starts[i][e0:e1].unsqueeze(0), alpha_ts[i][s0:s1].view(-1, 1, 1), diffs[i][e0:e1].unsqueeze(0)).reshape(-1, x.shape[1])
                             for s0, s1, e0, e1 in segments
                         ]
                     )
@@ -241,13 +264,14 @@ class Engine:
         args = self._rows_of_args(problem.forward_args, problem.batch, example_idx)
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
-            with torch.enable_grad(), self.precision.context(problem.device):
+            with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):
                 output = self.forward_func(*leaves, *args)
                 selected = self._select(output, example_idx, problem)
             if not selected.requires_grad:
                 raise NoGradientError("the selected model output does not require grad: it does not depend on any input (is the forward detached or under no_grad?)")
             seed = torch.full_like(selected, scale)
-            grads = torch.autograd.grad(selected, leaves, grad_outputs=seed, allow_unused=True)
+            with self.precision.flags():  # the backward's matmuls/convs follow the policy too
+                grads = torch.autograd.grad(selected, leaves, grad_outputs=seed, allow_unused=True)
             missing = [i for i, g in enumerate(grads) if g is None]
             if missing:
                 raise NoGradientError(f"the selected model output does not depend on input(s) {missing}: no gradient to attribute")

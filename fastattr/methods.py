@@ -3,7 +3,7 @@
 Signatures and meanings follow Captum 0.9, so a Captum user changes one import.
 Keyword-only extras are fastattr's own: ``precision`` ("fp32", "tf32", "bf16",
 "fp16"), ``memory_budget`` (bytes or "8GiB"; CUDA), ``max_rows`` (rows per forward),
-``allow_nonfinite`` and ``kernel_backend``.
+``allow_nonfinite``, ``kernel_backend`` and ``channels_last`` (None: by device and precision).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .engine import Engine, Problem, frozen_parameters
+from .engine import Engine, Problem, frozen_parameters, use_channels_last
 from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
 from .precision import Precision, get_precision
 from .quadrature import points_and_weights
@@ -28,13 +28,24 @@ class _GradientAttribution:
         self.forward_func = forward_func
 
     def _problem(
-        self, inputs: TensorOrTuple, baselines: Any, target: Any, additional_forward_args: Any, *, need_float: bool, allow_nonfinite: bool, with_path: bool
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any,
+        target: Any,
+        additional_forward_args: Any,
+        *,
+        need_float: bool,
+        allow_nonfinite: bool,
+        with_path: bool,
+        precision: Precision,
+        channels_last: bool | None,
     ) -> tuple[Problem, bool]:
         xs, is_tuple = as_tuple(inputs)
         batch = check_inputs(xs, need_float=need_float, allow_nonfinite=allow_nonfinite)
         bs = expand_baselines(baselines, xs, allow_nonfinite=allow_nonfinite) if with_path else None
         tgt = normalize_target(target, batch, xs[0].device)
-        return Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args)), is_tuple
+        layout = use_channels_last(channels_last, xs[0].device, precision)
+        return Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args), channels_last=layout), is_tuple
 
     def _engine(self, precision: str | Precision, max_rows: int | None, memory_budget: Any, kernel_backend: str | None) -> Engine:
         return Engine(self.forward_func, get_precision(precision), max_rows=max_rows, memory_budget=memory_budget, kernel_backend=kernel_backend)
@@ -62,9 +73,13 @@ class Saliency(_GradientAttribution):
         memory_budget: Any = None,
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
+        channels_last: bool | None = None,
     ) -> TensorOrTuple:
-        problem, is_tuple = self._problem(inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False)
-        engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
+        policy = get_precision(precision)
+        problem, is_tuple = self._problem(
+            inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False, precision=policy, channels_last=channels_last
+        )
+        engine = self._engine(policy, max_rows, memory_budget, kernel_backend)
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0])
         attrs, _ = engine.finalize(problem, [a.abs_() if abs else a for a in accs], multiply_by_inputs=False)
@@ -93,9 +108,13 @@ class InputXGradient(_GradientAttribution):
         memory_budget: Any = None,
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
+        channels_last: bool | None = None,
     ) -> TensorOrTuple:
-        problem, is_tuple = self._problem(inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False)
-        engine = self._engine(precision, max_rows, memory_budget, kernel_backend)
+        policy = get_precision(precision)
+        problem, is_tuple = self._problem(
+            inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False, precision=policy, channels_last=channels_last
+        )
+        engine = self._engine(policy, max_rows, memory_budget, kernel_backend)
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0])
         attrs, _ = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
@@ -135,10 +154,13 @@ class IntegratedGradients(_GradientAttribution):
         memory_budget: Any = None,
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
+        channels_last: bool | None = None,
     ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
         alphas, weights = points_and_weights(method, n_steps)
         policy = get_precision(precision)
-        problem, is_tuple = self._problem(inputs, baselines, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=True)
+        problem, is_tuple = self._problem(
+            inputs, baselines, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=True, precision=policy, channels_last=channels_last
+        )
         engine = self._engine(policy, internal_batch_size, memory_budget, kernel_backend)
         batch, device = problem.batch, problem.device
         acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32

@@ -34,19 +34,21 @@ class Precision:
         return self.initial_scale != 1.0
 
     @contextlib.contextmanager
-    def context(self, device: torch.device) -> Iterator[None]:
-        """Forward/backward context for this policy on ``device``."""
+    def flags(self) -> Iterator[None]:
+        """TF32 flags for forward and backward; restored on exit."""
         saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         try:
-            if self.autocast_dtype is None:
-                yield
-            else:
-                with torch.autocast(device_type=device.type, dtype=self.autocast_dtype):
-                    yield
+            yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast for the forward (the backward follows the forward's dtypes by itself)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
 def get_precision(name: str | Precision) -> Precision:

@@ -1,0 +1,18 @@
+"""Shared pytest setup for fastattr's tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny models on one intra-op thread: on a shared 2-core machine, a second
+    busy process stalls torch's OpenMP barriers and makes small-op tests many times slower."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
