@@ -115,21 +115,24 @@ class PeakMemory:
 
 
 def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """(median seconds, peak MB of the first timed run, result); one untimed warm-up."""
-    out = fn()
-    times, peak = [], None
+    """(median seconds, peak MB, result). The first run is the warm-up and the memory
+    measurement (the RSS sampler thread would disturb timings); timed runs follow."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    with PeakMemory(device) as mem:
+        out = fn()
+    times = []
     for _ in range(repeats):
         gc.collect()
         if device.type == "cuda":
-            torch.cuda.empty_cache()
-        with PeakMemory(device) as mem:
-            t0 = time.perf_counter()
-            out = fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        peak = mem.peak / 2**20 if peak is None else peak
-    return statistics.median(times), peak, out
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), mem.peak / 2**20, out
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

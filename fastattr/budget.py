@@ -4,8 +4,9 @@
 - CUDA: the first chunk is a small probe; its peak allocated memory per row sizes
   every later chunk to the memory budget (default: half the free device memory).
 - CPU: the best chunk is cache-bound, not memory-bound (a 32x32 CNN ran 1.7x slower at
-  1024 rows than at 256 on 2 cores), so rows start small and double while measured
-  throughput improves, then settle on the best size seen.
+  1024 rows than at 256 on 2 cores), so rows start small and double until measured
+  throughput clearly drops, then settle on the best size seen. The first chunk warms
+  up the model's kernels and is not timed; each size is timed over CPU_MIN_SECONDS.
 Every chunk is real work: probing costs no extra forward.
 """
 
@@ -21,9 +22,11 @@ logger = logging.getLogger(__name__)
 CUDA_PROBE_ROWS = 16
 CUDA_BUDGET_FRACTION = 0.5
 CUDA_HEADROOM = 0.9  # allocator fragmentation
-CPU_START_ROWS = 32
+CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
+CPU_START_ROWS = 32  # ... but at least this many rows
 CPU_MAX_ROWS = 16384
-CPU_MIN_GAIN = 1.08  # doubling must buy 8% more rows/s to keep growing
+CPU_MIN_SECONDS = 0.02  # time a size over at least this long before judging it (timer noise)
+CPU_GIVE_UP = 0.9  # stop doubling once a size runs below 90% of the best rate seen
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -45,7 +48,9 @@ def parse_bytes(value: int | str | None) -> int | None:
 class RowPlanner:
     """Decides the rows of each chunk of a pass over ``total`` rows."""
 
-    def __init__(self, device: torch.device, total: int, max_rows: int | None = None, memory_budget: int | str | None = None) -> None:
+    def __init__(
+        self, device: torch.device, total: int, max_rows: int | None = None, memory_budget: int | str | None = None, row_bytes: int = 0
+    ) -> None:
         self.device = device
         self.total = total
         self.cap = min(max_rows or total, total)
@@ -54,10 +59,13 @@ class RowPlanner:
         if device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap
         else:
-            self.rows = min(self.cap, CPU_START_ROWS, CPU_MAX_ROWS) if self.tuning else self.cap
+            start = max(CPU_START_ROWS, min(CPU_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
+            self.rows = min(self.cap, start) if self.tuning else self.cap
         self._best: tuple[float, int] | None = None
         self._t0 = 0.0
         self._base = 0
+        self._warm = device.type == "cuda"
+        self._timed = (0, 0.0)  # rows and seconds measured at the current size
 
     def begin(self) -> None:
         if not self.tuning:
@@ -81,14 +89,22 @@ class RowPlanner:
             self.tuning = False
             logger.debug("CUDA probe: %d bytes/row -> %d rows per forward", per_row, self.rows)
             return
-        rate = rows_done / max(time.perf_counter() - self._t0, 1e-9)
-        if self._best is None or rate > self._best[0] * CPU_MIN_GAIN:
+        elapsed = time.perf_counter() - self._t0
+        if not self._warm:
+            self._warm = True
+            return
+        rows, seconds = self._timed[0] + rows_done, self._timed[1] + elapsed
+        if seconds < CPU_MIN_SECONDS:
+            self._timed = (rows, seconds)
+            return
+        self._timed = (0, 0.0)
+        rate = rows / seconds
+        if self._best is None or rate > self._best[0]:
             self._best = (rate, self.rows)
-            grown = min(self.cap, CPU_MAX_ROWS, self.rows * 2)
-            if grown == self.rows:
-                self.tuning = False
-            self.rows = grown
-        else:
+        grown = min(self.cap, CPU_MAX_ROWS, self.rows * 2)
+        if rate < self._best[0] * CPU_GIVE_UP or grown == self.rows:
             self.rows = self._best[1]
             self.tuning = False
             logger.debug("CPU tuning: %d rows per forward (%.0f rows/s)", self.rows, self._best[0])
+        else:
+            self.rows = grown

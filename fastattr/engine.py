@@ -208,7 +208,8 @@ class Engine:
             starts = [lay.flat(b) for lay, b in zip(problem.layouts, problem.baselines)]
             diffs = [x - b for x, b in zip(flat_inputs, starts)]
         total = n_steps * batch
-        planner = RowPlanner(device, total, self.max_rows, self.memory_budget)
+        row_bytes = sum(x.shape[1] * x.element_size() for x in flat_inputs)
+        planner = RowPlanner(device, total, self.max_rows, self.memory_budget, row_bytes=row_bytes)
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
