@@ -2,18 +2,24 @@
 
     from fastattr import IntegratedGradients
     attr, delta = IntegratedGradients(model).attribute(x, target=t, return_convergence_delta=True)
+
+    fastattr.run(model, dataset, out="runs/ig", target="predicted")   # whole datasets -> HDF5 shards
+    store = fastattr.open("runs/ig")                                   # lazy reader for audits
 """
 
 from __future__ import annotations
 
 import logging
 
-from .inputs import AttributionInputError, NoGradientError
-from .methods import InputXGradient, IntegratedGradients, Saliency
-from .precision import PRECISIONS
-from .quadrature import RULES
-
 __version__ = "0.1.0"
+
+from . import store  # noqa: E402, F401 - fastattr.store.verify_run etc.
+from .inputs import AttributionInputError, NoGradientError  # noqa: E402
+from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
+from .precision import PRECISIONS  # noqa: E402
+from .quadrature import RULES  # noqa: E402
+from .runner import RunSummary, run  # noqa: E402
+from .store import open_run as open  # noqa: E402, A001 - the documented reader: fastattr.open(run_dir)
 
 __all__ = [
     "AttributionInputError",
@@ -22,8 +28,11 @@ __all__ = [
     "NoGradientError",
     "PRECISIONS",
     "RULES",
+    "RunSummary",
     "Saliency",
     "__version__",
+    "open",
+    "run",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

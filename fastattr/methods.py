@@ -9,12 +9,14 @@ Keyword-only extras are fastattr's own: ``precision`` ("fp32", "tf32", "bf16",
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .engine import Engine, Problem, frozen_parameters, use_channels_last
 from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
+from .kernels import Stats
 from .precision import Precision, get_precision
 from .quadrature import points_and_weights
 
@@ -57,6 +59,63 @@ class _GradientAttribution:
     def has_convergence_delta(self) -> bool:
         return False
 
+    def _gradient_batch(
+        self,
+        inputs: TensorOrTuple,
+        target: Any,
+        additional_forward_args: Any,
+        with_output: bool,
+        *,
+        transform: str | None = None,
+        multiply_by_inputs: bool = False,
+        precision: str = "fp32",
+        max_rows: int | None = None,
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+        channels_last: bool | None = None,
+    ) -> BatchResult:
+        """Gradients at the inputs themselves (Saliency, InputXGradient)."""
+        policy = get_precision(precision)
+        problem, is_tuple = self._problem(
+            inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False, precision=policy, channels_last=channels_last
+        )
+        engine = self._engine(policy, max_rows, memory_budget, kernel_backend)
+        out = torch.empty(problem.batch, dtype=torch.float32, device=problem.device) if with_output else None
+        with frozen_parameters(self.forward_func):
+            accs = engine.integrate(problem, [1.0], [1.0], endpoint_steps={0: out} if with_output else None)
+        if transform == "abs":
+            accs = [a.abs_() for a in accs]
+        attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=multiply_by_inputs)
+        return BatchResult(attrs, is_tuple, combine_stats(stats), out, None, None, 1, problem.target)
+
+
+@dataclass
+class BatchResult:
+    """Everything one batch produces; a dataset run stores all of it."""
+
+    attributions: list[torch.Tensor]  # per input, the input's shape and dtype
+    is_tuple: bool
+    stats: Stats  # per sample, over all inputs' attributions
+    output: torch.Tensor | None  # F(x) at the target
+    baseline_output: torch.Tensor | None  # F(x0) at the target (path methods)
+    delta: torch.Tensor | None  # sum(attr) - (F(x) - F(x0))
+    n_steps: int
+    target: torch.Tensor | None  # (B, k) validated target indices
+
+
+def combine_stats(stats: list[Stats]) -> Stats:
+    """Per-sample stats over several inputs' attributions."""
+    if len(stats) == 1:
+        return stats[0]
+    return Stats(
+        sum=sum(s.sum for s in stats),
+        l1=sum(s.l1 for s in stats),
+        l2=torch.stack([s.l2 for s in stats]).square().sum(0).sqrt(),
+        absmax=torch.stack([s.absmax for s in stats]).amax(0),
+        nonfinite=sum(s.nonfinite for s in stats),
+    )
+
 
 class Saliency(_GradientAttribution):
     """Gradients of the target output with respect to the inputs (absolute by default)."""
@@ -75,15 +134,23 @@ class Saliency(_GradientAttribution):
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
     ) -> TensorOrTuple:
-        policy = get_precision(precision)
-        problem, is_tuple = self._problem(
-            inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False, precision=policy, channels_last=channels_last
-        )
-        engine = self._engine(policy, max_rows, memory_budget, kernel_backend)
-        with frozen_parameters(self.forward_func):
-            accs = engine.integrate(problem, [1.0], [1.0])
-        attrs, _ = engine.finalize(problem, [a.abs_() if abs else a for a in accs], multiply_by_inputs=False)
-        return self._format(attrs, is_tuple)
+        res = self.attribute_batch(
+            inputs, target, abs, additional_forward_args, with_output=False, precision=precision, max_rows=max_rows,
+            memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last,
+        )  # fmt: skip
+        return self._format(res.attributions, res.is_tuple)
+
+    def attribute_batch(
+        self,
+        inputs: TensorOrTuple,
+        target: Any = None,
+        abs: bool = True,  # noqa: A002
+        additional_forward_args: Any = None,
+        with_output: bool = True,
+        **options: Any,
+    ) -> BatchResult:
+        """attribute() plus F(x) (taken from the gradient pass) and per-sample stats."""
+        return self._gradient_batch(inputs, target, additional_forward_args, with_output, transform="abs" if abs else None, **options)
 
 
 class InputXGradient(_GradientAttribution):
@@ -110,15 +177,15 @@ class InputXGradient(_GradientAttribution):
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
     ) -> TensorOrTuple:
-        policy = get_precision(precision)
-        problem, is_tuple = self._problem(
-            inputs, None, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=False, precision=policy, channels_last=channels_last
-        )
-        engine = self._engine(policy, max_rows, memory_budget, kernel_backend)
-        with frozen_parameters(self.forward_func):
-            accs = engine.integrate(problem, [1.0], [1.0])
-        attrs, _ = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
-        return self._format(attrs, is_tuple)
+        res = self.attribute_batch(
+            inputs, target, additional_forward_args, with_output=False, precision=precision, max_rows=max_rows,
+            memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last,
+        )  # fmt: skip
+        return self._format(res.attributions, res.is_tuple)
+
+    def attribute_batch(self, inputs: TensorOrTuple, target: Any = None, additional_forward_args: Any = None, with_output: bool = True, **options: Any) -> BatchResult:
+        """attribute() plus F(x) (taken from the gradient pass) and per-sample stats."""
+        return self._gradient_batch(inputs, target, additional_forward_args, with_output, multiply_by_inputs=self._multiply_by_inputs, **options)
 
 
 class IntegratedGradients(_GradientAttribution):
@@ -156,6 +223,31 @@ class IntegratedGradients(_GradientAttribution):
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
     ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
+        res = self.attribute_batch(
+            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
+            precision=precision, memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last,
+        )  # fmt: skip
+        result = self._format(res.attributions, res.is_tuple)
+        return (result, res.delta) if return_convergence_delta else result
+
+    def attribute_batch(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        with_delta: bool = True,
+        *,
+        precision: str = "fp32",
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+        channels_last: bool | None = None,
+    ) -> BatchResult:
+        """attribute() with everything a dataset run stores: F(x), F(x0), delta, stats."""
         alphas, weights = points_and_weights(method, n_steps)
         policy = get_precision(precision)
         problem, is_tuple = self._problem(
@@ -167,7 +259,7 @@ class IntegratedGradients(_GradientAttribution):
         with frozen_parameters(self.forward_func):
             endpoints: dict[int, torch.Tensor] = {}
             f_x = f_x0 = None
-            if return_convergence_delta:
+            if with_delta:
                 # F(x) and F(x0) come from the gradient pass when the rule samples an endpoint
                 # and the pass runs in plain fp32; the rest are evaluated together, in fp32.
                 reuse = policy.name == "fp32"
@@ -184,14 +276,13 @@ class IntegratedGradients(_GradientAttribution):
                         f_x, f_x0 = (out, f_x0) if name == "x" else (f_x, out)
             accs = engine.integrate(problem, alphas, weights, endpoint_steps=endpoints)
         attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
-        result = self._format(attrs, is_tuple)
-        if not return_convergence_delta:
-            return result
-        if acc_dtype == torch.float32:
-            sums = sum(st.sum for st in stats)
-        else:  # the kernels' stats are float32; keep float64 deltas exact
-            sums = sum(a.reshape(batch, -1).sum(1) for a in attrs)
-        nonfinite = sum(st.nonfinite for st in stats)
-        delta = sums - (f_x - f_x0)
-        delta = torch.where(nonfinite > 0, torch.full_like(delta, float("nan")), delta)
-        return result, delta
+        combined = combine_stats(stats)
+        delta = None
+        if with_delta:
+            if acc_dtype == torch.float32:
+                sums = sum(st.sum for st in stats)
+            else:  # the kernels' stats are float32; keep float64 deltas exact
+                sums = sum(a.reshape(batch, -1).sum(1) for a in attrs)
+            delta = sums - (f_x - f_x0)
+            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        return BatchResult(attrs, is_tuple, combined, f_x, f_x0, delta, n_steps, problem.target)

@@ -289,7 +289,7 @@ def test_works_under_grad_modes(mode):
     model, inputs, target, _ = _problem("transformer", 4)
     ref_ig, ref_d = fastattr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=6, return_convergence_delta=True)
     ref_sal = fastattr.Saliency(model).attribute(inputs, target=target)
-    ctx = {"no_grad": torch.no_grad(), "enable_grad": torch.enable_grad(), "set_grad_enabled_false": torch.set_grad_enabled(False)}[mode]
+    ctx = {"no_grad": torch.no_grad, "enable_grad": torch.enable_grad, "set_grad_enabled_false": lambda: torch.set_grad_enabled(False)}[mode]()  # built lazily: set_grad_enabled(False) acts at construction
     with ctx:
         grad_mode = torch.is_grad_enabled()
         got_ig, got_d = fastattr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=6, return_convergence_delta=True)

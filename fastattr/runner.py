@@ -1,0 +1,361 @@
+"""Dataset-wide runs: source -> example batches -> engine -> store, resumable.
+
+``run()`` attributes every sample of a dataset and streams the results to HDF5 shards
+(fastattr/store.py). Batches are read by a prefetch thread (into pinned memory on
+CUDA), attributed by the engine under the row budget, copied back asynchronously and
+handed to the store's single writer thread, so the device never waits on the disk.
+Rerunning the same call continues where a crash or kill stopped it: finalized shards
+are trusted, everything else is recomputed, no sample is written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
+from .sources import Source, SourceError, open_source
+from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
+
+logger = logging.getLogger(__name__)
+
+METHODS = {
+    "integrated_gradients": IntegratedGradients,
+    "ig": IntegratedGradients,
+    "saliency": Saliency,
+    "input_x_gradient": InputXGradient,
+}
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class RunSummary:
+    run_dir: str
+    total: int
+    computed: int  # samples attributed by this call
+    seconds: float
+    complete: bool
+    residual: dict = field(default_factory=dict)  # over this call's samples
+
+    @property
+    def throughput(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 else float("nan")
+
+    def lines(self) -> list[str]:
+        out = [f"{self.run_dir}: {'complete' if self.complete else 'incomplete'}, {self.total} samples"]
+        if self.computed:
+            out.append(f"attributed {self.computed} samples in {self.seconds:.1f} s ({self.throughput:,.1f} samples/s)")
+        else:
+            out.append("nothing to do: every sample was already stored")
+        if self.residual:
+            r = self.residual
+            out.append(
+                f"completeness residual |delta|: median {r['median_abs']:.2e}, p99 {r['p99_abs']:.2e}, max {r['max_abs']:.2e}; "
+                f"relative to |F(x) - F(x0)|: median {r['median_rel']:.2e}"
+            )
+        return out
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and values of all parameters and buffers."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _describe(value: Any) -> Any:
+    """JSON-friendly description of a target or baseline argument."""
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return {"array": list(arr.shape), "dtype": str(arr.dtype), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]}
+
+
+class _Targets:
+    """Per-batch targets from a fixed int, the labels, the prediction, or an array."""
+
+    def __init__(self, spec: Any, source: Source, total: int) -> None:
+        self.spec = spec
+        self.array = None
+        if isinstance(spec, str) and spec.endswith(".npy"):
+            spec = np.load(spec, mmap_mode="r")
+        if isinstance(spec, str) and spec == "label" and not source.has_labels:
+            raise SourceError("target='label' but the data has no labels")
+        if isinstance(spec, str) and spec not in ("label", "predicted"):
+            raise ValueError(f"target must be an int, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
+        if not isinstance(spec, (str, int, type(None))):
+            arr = spec.detach().cpu() if isinstance(spec, torch.Tensor) else torch.as_tensor(np.asarray(spec))
+            if arr.shape[0] != total:
+                raise ValueError(f"the per-sample target array has {arr.shape[0]} entries for {total} samples")
+            self.array = arr.long()
+
+    def for_batch(self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device) -> Any:
+        if self.array is not None:
+            return self.array[start:stop].to(device)
+        if isinstance(self.spec, str) and self.spec == "label":
+            return labels.to(device)
+        if isinstance(self.spec, str) and self.spec == "predicted":
+            with torch.no_grad():
+                out = model(*inputs)
+            return out.reshape(out.shape[0], -1).argmax(1)
+        return self.spec
+
+
+def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iterator[tuple[int, int, tuple, Any]]:
+    """Read batches on a background thread, a few ahead of the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+    stop_flag = threading.Event()
+
+    def work() -> None:
+        try:
+            for start, stop in batches:
+                if stop_flag.is_set():
+                    return
+                xs, labels = source.read(start, stop)
+                if pin:
+                    xs = tuple(x.pin_memory() for x in xs)
+                q.put((start, stop, xs, labels))
+            q.put(None)
+        except BaseException as e:  # surfaces in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="fastattr-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop_flag.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def run(
+    model: torch.nn.Module,
+    data: Any,
+    out: str,
+    method: str = "integrated_gradients",
+    *,
+    labels: Any = None,
+    target: Any = "predicted",
+    baselines: Any = None,
+    n_steps: int = 50,
+    rule: str = "gausslegendre",
+    precision: str = "fp32",
+    batch_size: int | str = "auto",
+    memory_budget: Any = None,
+    examples_per_batch: int = 256,
+    storage_dtype: str = "float32",
+    compression: str = "lzf",
+    shard_size: int = 4096,
+    resume: bool = True,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool | None = None,
+    multiply_by_inputs: bool = True,
+    abs: bool = True,  # noqa: A002 - Saliency's name
+) -> RunSummary:
+    """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
+
+    batch_size: rows per forward ("auto": sized from the memory budget on CUDA, from
+    throughput on CPU); examples_per_batch: samples per engine call (and per block
+    written). Returns a RunSummary; rerunning the same call resumes.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
+    if not isinstance(examples_per_batch, int) or examples_per_batch < 1:
+        raise ValueError(f"examples_per_batch must be a positive int, got {examples_per_batch!r}")
+    method = "integrated_gradients" if method == "ig" else method
+    param = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
+    model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    source = open_source(data, labels)
+    total = len(source)
+    targets = _Targets(target, source, total)
+    params: dict[str, Any] = {"multiply_by_inputs": multiply_by_inputs} if method != "saliency" else {"abs": abs}
+    if method == "integrated_gradients":
+        params.update(n_steps=n_steps, rule=rule, baselines=_describe(baselines) if baselines is not None else "zeros")
+    config = {
+        "method": method,
+        "params": params,
+        "precision": precision,
+        "target": _describe(target),
+        "storage_dtype": storage_dtype,
+        "compression": compression,
+        "shard_size": shard_size,
+        "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
+        "versions": {"fastattr": __version__, "torch": torch.__version__},
+    }
+    writer = RunWriter(
+        out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
+        resume=resume, overwrite=overwrite, volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
+    )  # fmt: skip
+    if writer.complete:
+        writer.close()
+        logger.info("%s is already complete", out)
+        return RunSummary(str(out), total, 0, 0.0, True)
+    todo = writer.missing()
+    batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
+    remaining = sum(stop - start for start, stop in todo)
+    attributor = METHODS[method](model, multiply_by_inputs=multiply_by_inputs) if method != "saliency" else Saliency(model)
+    max_rows = None if batch_size == "auto" else batch_size
+    show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - remaining, unit="sample", disable=not show, dynamic_ncols=True, desc="fastattr")
+    deltas, rels = [], []
+    t0 = time.perf_counter()
+    pending: tuple | None = None  # results copied back asynchronously, written one batch later
+    try:
+        for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
+            xs = tuple(x.to(dev, non_blocking=True) for x in xs)
+            xs = tuple(x.to(model_dtype) if x.is_floating_point() and x.dtype != model_dtype else x for x in xs)
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
+            res, max_rows = _attribute_with_retry(attributor, method, xs, tgt, baselines, n_steps, rule, precision, max_rows, memory_budget, abs)
+            copied = _to_host(res, dev)
+            if pending is not None:
+                _write(writer, *pending, deltas, rels)
+                bar.update(pending[1] - pending[0])
+            pending = (start, stop, copied)
+        if pending is not None:
+            _write(writer, *pending, deltas, rels)
+            bar.update(pending[1] - pending[0])
+    except BaseException:
+        bar.close()
+        try:
+            if pending is not None:  # computed before the failure: keep it
+                _write(writer, *pending, deltas, rels)
+        finally:
+            writer.close(complete=False)  # finalize every block handed over so far
+        raise
+    bar.close()
+    writer.close()
+    seconds = time.perf_counter() - t0
+    summary = RunSummary(str(out), total, remaining, seconds, writer.complete, _residual_stats(deltas, rels))
+    for line in summary.lines():
+        logger.info(line)
+    return summary
+
+
+def _attribute_with_retry(attributor: Any, method: str, xs: tuple, tgt: Any, baselines: Any, n_steps: int, rule: str, precision: str, max_rows: int | None, memory_budget: Any, abs_: bool) -> tuple[BatchResult, int | None]:
+    """One engine call; on CUDA out-of-memory halve the rows per forward and retry the same samples."""
+    inputs = xs if len(xs) > 1 else xs[0]
+    while True:
+        try:
+            if method == "integrated_gradients":
+                res = attributor.attribute_batch(inputs, baselines, tgt, None, n_steps, rule, max_rows, True, precision=precision, memory_budget=memory_budget)
+            elif method == "saliency":
+                res = attributor.attribute_batch(inputs, tgt, abs_, None, True, precision=precision, max_rows=max_rows, memory_budget=memory_budget)
+            else:
+                res = attributor.attribute_batch(inputs, tgt, None, True, precision=precision, max_rows=max_rows, memory_budget=memory_budget)
+            return res, max_rows
+        except torch.OutOfMemoryError:
+            rows = max_rows or xs[0].shape[0] * (n_steps if method == "integrated_gradients" else 1)
+            if rows <= 1:
+                raise
+            max_rows = rows // 2
+            torch.cuda.empty_cache()
+            logger.warning("CUDA out of memory: retrying the batch with at most %d rows per forward", max_rows)
+
+
+def _to_host(res: BatchResult, dev: torch.device) -> dict:
+    """Start asynchronous device-to-host copies of everything a block needs."""
+    pin = dev.type == "cuda"
+
+    def host(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if not pin:
+            return t.detach()
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t.detach(), non_blocking=True)
+
+    copied = {
+        "attributions": [host(a.float()) for a in res.attributions],
+        "stats": {k: host(getattr(res.stats, k)) for k in ("sum", "l1", "l2", "absmax", "nonfinite")},
+        "output": host(res.output),
+        "baseline_output": host(res.baseline_output),
+        "delta": host(res.delta),
+        "target": host(res.target),
+        "n_steps": res.n_steps,
+    }
+    if pin:
+        event = torch.cuda.Event()
+        event.record()
+        copied["event"] = event
+    return copied
+
+
+def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels: list) -> None:
+    if "event" in c:
+        c["event"].synchronize()
+    rows = stop - start
+    nan = np.full(rows, np.nan, dtype=np.float32)
+
+    def f32(t: torch.Tensor | None) -> np.ndarray:
+        return nan if t is None else t.float().numpy()
+
+    names = ["x"] if len(c["attributions"]) == 1 else [f"input_{i}" for i in range(len(c["attributions"]))]
+    target = c["target"]
+    target_np = np.full(rows, -1, dtype=np.int64) if target is None else target.numpy().astype(np.int64)
+    if target_np.ndim == 2 and target_np.shape[1] == 1:
+        target_np = target_np[:, 0]
+    block = Block(
+        start=start,
+        stop=stop,
+        attributions={n: a.numpy() for n, a in zip(names, c["attributions"])},
+        target=target_np,
+        output=f32(c["output"]),
+        baseline_output=f32(c["baseline_output"]),
+        delta=f32(c["delta"]),
+        n_steps=np.full(rows, c["n_steps"], dtype=np.int32),
+        stats={k: (v.numpy().astype(np.int32) if k == "nonfinite" else v.float().numpy()) for k, v in c["stats"].items()},
+    )
+    writer.put(block)
+    if c["delta"] is not None:
+        d = np.abs(block.delta)
+        deltas.append(d)
+        rels.append(d / np.maximum(np.abs(block.output - block.baseline_output), 1e-12))
+
+
+def _residual_stats(deltas: list, rels: list) -> dict:
+    if not deltas:
+        return {}
+    d, r = np.concatenate(deltas), np.concatenate(rels)
+    d, r = d[np.isfinite(d)], r[np.isfinite(r)]
+    if not d.size:
+        return {}
+    return {
+        "median_abs": float(np.median(d)),
+        "p99_abs": float(np.percentile(d, 99)),
+        "max_abs": float(d.max()),
+        "median_rel": float(np.median(r)) if r.size else math.nan,
+    }
+
+
+def _is_rank_zero() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0

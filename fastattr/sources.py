@@ -1,0 +1,217 @@
+"""Data sources for dataset-wide runs: random access by global sample index.
+
+Every source answers ``len()``, ``read(start, stop)`` -> (inputs, labels) for a
+contiguous range, the per-sample shapes, and a fingerprint for resume checks.
+Sources read only the rows asked for: ``.npy`` files are memory-mapped and HDF5
+datasets are sliced, so a dataset larger than memory streams through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+Array = np.ndarray | torch.Tensor
+
+
+class SourceError(ValueError):
+    """The data cannot be used as a source (wrong type, shapes, missing file...)."""
+
+
+def _as_tensor(a: Any) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    a = np.ascontiguousarray(a)
+    return torch.from_numpy(a if a.flags.writeable else a.copy())  # memory-mapped rows are read-only
+
+
+class Source:
+    """Base: subclasses implement __len__ and _read(start, stop)."""
+
+    has_labels: bool = False
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:  # pragma: no cover
+        raise NotImplementedError
+
+    def read(self, start: int, stop: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None]:
+        """Inputs (tuple of (rows, *shape) CPU tensors) and labels ((rows,) int64 or None)."""
+        inputs, labels = self._read(start, stop)
+        xs = tuple(_as_tensor(x) for x in inputs)
+        for i, (x, shape) in enumerate(zip(xs, self.sample_shapes)):
+            if tuple(x.shape[1:]) != shape or x.shape[0] != stop - start:
+                raise SourceError(
+                    f"input {i} of samples [{start}, {stop}) has shape {tuple(x.shape)}; expected ({stop - start}, *{shape}) like the first sample"
+                )
+        return xs, None if labels is None else _as_tensor(labels).reshape(-1).long()
+
+    @property
+    def sample_shapes(self) -> tuple[tuple[int, ...], ...]:
+        if not hasattr(self, "_shapes"):
+            xs, _ = self._read(0, 1)
+            self._shapes = tuple(tuple(_as_tensor(x).shape[1:]) for x in xs)
+            self._dtypes = tuple(str(_as_tensor(x).dtype) for x in xs)
+        return self._shapes
+
+    def fingerprint(self) -> dict:
+        """Count, shapes, dtypes and a hash of the first and last samples."""
+        n = len(self)
+        if n == 0:
+            raise SourceError("the dataset is empty")
+        h = hashlib.sha256()
+        for idx in sorted({0, n - 1}):
+            xs, labels = self._read(idx, idx + 1)
+            for x in xs:
+                h.update(_as_tensor(x).contiguous().numpy().tobytes())
+            if labels is not None:
+                h.update(_as_tensor(labels).numpy().tobytes())
+        self.sample_shapes  # noqa: B018 - fills _dtypes
+        return {"count": n, "shapes": [list(s) for s in self.sample_shapes], "dtypes": list(self._dtypes), "sample_hash": h.hexdigest()[:32]}
+
+
+class ArraySource(Source):
+    """In-memory or memory-mapped arrays: one array, or a tuple of arrays (multi-input)."""
+
+    def __init__(self, inputs: Array | Sequence[Array], labels: Array | None = None, name: str = "array") -> None:
+        self.inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        if not self.inputs or any(not hasattr(x, "shape") or len(x.shape) < 1 for x in self.inputs):
+            raise SourceError(f"{name}: inputs must be arrays with a leading sample dimension")
+        counts = {x.shape[0] for x in self.inputs}
+        if labels is not None:
+            counts.add(len(labels))
+        if len(counts) != 1:
+            raise SourceError(f"{name}: inputs and labels disagree on the number of samples: {sorted(counts)}")
+        self.labels = labels
+        self.has_labels = labels is not None
+        self.name = name
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
+        return tuple(x[start:stop] for x in self.inputs), None if self.labels is None else self.labels[start:stop]
+
+
+class H5Source(ArraySource):
+    """``file.h5:dataset`` inputs (labels optionally ``file.h5:dataset`` too), sliced per batch."""
+
+    def __init__(self, spec: str, labels: str | Array | None = None) -> None:
+        import h5py
+
+        path, dataset = _split_h5(spec)
+        self._file = h5py.File(path, "r")
+        if dataset not in self._file:
+            raise SourceError(f"{path} has no dataset {dataset!r} (has: {', '.join(self._file.keys())})")
+        lab = None
+        if isinstance(labels, str):
+            lpath, ldataset = _split_h5(labels)
+            lab = (self._file if os.path.abspath(lpath) == os.path.abspath(path) else h5py.File(lpath, "r"))[ldataset][()]
+        elif labels is not None:
+            lab = labels
+        super().__init__(self._file[dataset], lab, name=spec)
+
+    def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
+        return tuple(np.asarray(x[start:stop]) for x in self.inputs), None if self.labels is None else self.labels[start:stop]
+
+
+def _split_h5(spec: str) -> tuple[str, str]:
+    path, sep, dataset = spec.rpartition(":")
+    if not sep or not path.endswith((".h5", ".hdf5")):
+        raise SourceError(f"HDF5 data must be given as 'file.h5:dataset', got {spec!r}")
+    if not os.path.exists(path):
+        raise SourceError(f"no such file: {path}")
+    return path, dataset
+
+
+class DatasetSource(Source):
+    """A map-style torch Dataset. Items are an input, a tuple of inputs, or (inputs, label)
+    where the label is an int or 0-d tensor (usable as target="label")."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise SourceError("a Dataset source must be map-style (define __len__ and __getitem__)")
+        self.dataset = dataset
+        first = dataset[0]
+        self.has_labels = _split_item(first)[1] is not None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
+        items = [_split_item(self.dataset[i]) for i in range(start, stop)]
+        n_inputs = len(items[0][0])
+        inputs = []
+        for k in range(n_inputs):
+            try:
+                inputs.append(torch.stack([_as_tensor(it[0][k]) for it in items]))
+            except RuntimeError as e:
+                shapes = {tuple(_as_tensor(it[0][k]).shape) for it in items}
+                bad = next(start + j for j, it in enumerate(items) if tuple(_as_tensor(it[0][k]).shape) != tuple(_as_tensor(items[0][0][k]).shape))
+                raise SourceError(f"sample {bad}: input {k} has a different shape from its batch ({sorted(shapes)})") from e
+        labels = None
+        if self.has_labels:
+            labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
+        return tuple(inputs), labels
+
+
+def _split_item(item: Any) -> tuple[tuple[Any, ...], Any | None]:
+    """(inputs tuple, label or None) for one dataset item."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2 and _is_label(item[1]):
+            x = item[0]
+            return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), item[1]
+        return tuple(item), None
+    return (item,), None
+
+
+def _is_label(v: Any) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, (int, np.integer)):
+        return True
+    return isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim == 0 and not (v.dtype.is_floating_point if isinstance(v, torch.Tensor) else np.issubdtype(v.dtype, np.floating))
+
+
+class LoaderSource(DatasetSource):
+    """A DataLoader the user already has: its dataset is read in order by index (the
+    loader's batching is replaced by fastattr's). Shuffling loaders are refused, since a
+    resumable run needs a fixed sample order."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        if not isinstance(loader.sampler, torch.utils.data.SequentialSampler):
+            raise SourceError("the DataLoader shuffles or uses a custom sampler; pass a loader with shuffle=False (or its dataset)")
+        super().__init__(loader.dataset)
+
+
+def open_source(data: Any, labels: Any = None) -> Source:
+    """A Source for a Dataset, DataLoader, array(s), '.npy' path or 'file.h5:dataset'."""
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, torch.utils.data.DataLoader):
+        return LoaderSource(data)
+    if isinstance(data, torch.utils.data.Dataset):
+        return DatasetSource(data)
+    if isinstance(labels, (str, os.PathLike)) and str(labels).endswith(".npy"):
+        labels = np.load(labels, mmap_mode="r")
+    if isinstance(data, (str, os.PathLike)):
+        spec = str(data)
+        if spec.endswith(".npy"):
+            if not os.path.exists(spec):
+                raise SourceError(f"no such file: {spec}")
+            return ArraySource(np.load(spec, mmap_mode="r"), labels, name=spec)
+        if ":" in spec:
+            return H5Source(spec, labels)
+        raise SourceError(f"cannot read data from {spec!r}: use a .npy file or 'file.h5:dataset'")
+    if isinstance(data, (np.ndarray, torch.Tensor)) or (isinstance(data, (tuple, list)) and data and all(isinstance(x, (np.ndarray, torch.Tensor)) for x in data)):
+        return ArraySource(data, labels)
+    raise SourceError(f"unsupported data source {type(data).__name__}: pass a Dataset, DataLoader, array(s), a .npy path or 'file.h5:dataset'")

@@ -1,0 +1,212 @@
+"""Dataset-wide runs: sources, targets, equality with the in-memory API, resume, crashes."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+from fastattr.sources import SourceError, open_source
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
+
+
+def images(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 6, 6)).astype(np.float32)
+
+
+class LabelledDataset(torch.utils.data.Dataset):
+    def __init__(self, x: np.ndarray, labels: np.ndarray) -> None:
+        self.x, self.labels = x, labels
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(self.x[i]), int(self.labels[i])
+
+
+def test_run_equals_in_memory_api(tmp_path):
+    model, x = small_cnn(), images(53)
+    summary = fastattr.run(model, x, tmp_path / "run", target=2, n_steps=12, shard_size=20, examples_per_batch=7, progress=False)
+    assert summary.complete and summary.computed == 53
+    ref, delta = fastattr.IntegratedGradients(model).attribute(torch.from_numpy(x), target=2, n_steps=12, return_convergence_delta=True)
+    store = fastattr.open(tmp_path / "run")
+    assert len(store) == 53
+    got = store[0:53]
+    np.testing.assert_allclose(got["attributions"]["x"], ref.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got["delta"], delta.numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(got["index"], np.arange(53))
+    np.testing.assert_array_equal(got["target"], np.full(53, 2))
+    assert (got["n_steps"] == 12).all()
+    with torch.no_grad():
+        out = model(torch.from_numpy(x))[:, 2].numpy()
+    np.testing.assert_allclose(got["output"], out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got["stats"]["sum"], ref.reshape(53, -1).sum(1).numpy(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient"])
+def test_gradient_methods_run(tmp_path, method):
+    model, x = small_cnn(), images(10)
+    fastattr.run(model, x, tmp_path / method, method=method, target=1, progress=False)
+    ref = getattr(fastattr, "Saliency" if method == "saliency" else "InputXGradient")(model).attribute(torch.from_numpy(x), target=1)
+    got = fastattr.open(tmp_path / method)[:]
+    np.testing.assert_allclose(got["attributions"]["x"], ref.numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isnan(got["delta"]).all()
+
+
+def test_targets_label_predicted_and_array(tmp_path):
+    model, x = small_cnn(), images(17)
+    labels = np.arange(17) % 5
+    fastattr.run(model, LabelledDataset(x, labels), tmp_path / "label", target="label", n_steps=4, progress=False)
+    assert (fastattr.open(tmp_path / "label").field("target") == labels).all()
+    fastattr.run(model, x, tmp_path / "pred", target="predicted", n_steps=4, progress=False)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    assert (fastattr.open(tmp_path / "pred").field("target") == pred).all()
+    per_sample = (np.arange(17) * 3) % 5
+    fastattr.run(model, x, tmp_path / "arr", target=per_sample, n_steps=4, progress=False)
+    assert (fastattr.open(tmp_path / "arr").field("target") == per_sample).all()
+
+
+def test_sources_npy_h5_dataloader(tmp_path):
+    model, x = small_cnn(), images(12)
+    np.save(tmp_path / "x.npy", x)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        f["images"] = x
+        f["labels"] = np.arange(12) % 5
+    loader = torch.utils.data.DataLoader(LabelledDataset(x, np.arange(12) % 5), batch_size=5)
+    runs = {
+        "npy": (str(tmp_path / "x.npy"), {}),
+        "h5": (f"{tmp_path / 'd.h5'}:images", {"labels": f"{tmp_path / 'd.h5'}:labels"}),
+        "loader": (loader, {}),
+    }
+    results = {}
+    for name, (data, kw) in runs.items():
+        fastattr.run(model, data, tmp_path / name, target="label" if name != "npy" else 0, n_steps=4, progress=False, **kw)
+        results[name] = fastattr.open(tmp_path / name)[:]["attributions"]["x"]
+    ref0 = fastattr.IntegratedGradients(model).attribute(torch.from_numpy(x), target=0, n_steps=4).numpy()
+    np.testing.assert_allclose(results["npy"], ref0, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(results["h5"], results["loader"], rtol=1e-5, atol=1e-7)
+
+
+def test_shuffling_loader_and_bad_sources_are_refused():
+    with pytest.raises(SourceError, match="shuffle"):
+        open_source(torch.utils.data.DataLoader(LabelledDataset(images(4), np.zeros(4)), shuffle=True))
+    with pytest.raises(SourceError, match="no such file"):
+        open_source("missing.npy")
+    with pytest.raises(SourceError, match="unsupported"):
+        open_source(object())
+
+
+def test_resume_skips_finished_and_complete_run_is_not_recomputed(tmp_path):
+    model, x = small_cnn(), images(30)
+    fastattr.run(model, x, tmp_path / "r", target=1, n_steps=4, shard_size=10, progress=False)
+    again = fastattr.run(model, x, tmp_path / "r", target=1, n_steps=4, shard_size=10, progress=False)
+    assert again.computed == 0 and again.complete
+
+
+def test_resume_into_a_different_config_is_refused(tmp_path):
+    from fastattr.store import RunMismatchError
+
+    model, x = small_cnn(), images(8)
+    fastattr.run(model, x, tmp_path / "r", target=1, n_steps=4, progress=False)
+    with pytest.raises(RunMismatchError):
+        fastattr.run(model, x, tmp_path / "r", target=1, n_steps=8, progress=False)
+    with pytest.raises(RunMismatchError):
+        fastattr.run(small_cnn(seed=5), x, tmp_path / "r", target=1, n_steps=4, progress=False)
+    fastattr.run(model, x, tmp_path / "r", target=1, n_steps=8, overwrite=True, progress=False)
+
+
+class ShapeChangesAt(torch.utils.data.Dataset):
+    def __init__(self, n: int, bad: int) -> None:
+        self.x, self.bad = images(n), bad
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return torch.zeros(3, 5, 5) if i == self.bad else torch.from_numpy(self.x[i])
+
+
+def test_inconsistent_shapes_name_the_sample_and_keep_finished_work(tmp_path):
+    model = small_cnn()
+    with pytest.raises(SourceError, match="sample 23"):
+        fastattr.run(model, ShapeChangesAt(40, bad=23), tmp_path / "r", target=0, n_steps=4, shard_size=5, examples_per_batch=5, progress=False)
+    store = fastattr.open(tmp_path / "r")
+    assert len(store) == 20  # every batch before the bad one was finalized
+    np.testing.assert_array_equal(store.indices, np.arange(20))
+
+
+def test_bad_arguments(tmp_path):
+    model, x = small_cnn(), images(4)
+    with pytest.raises(ValueError, match="unknown method"):
+        fastattr.run(model, x, tmp_path / "a", method="lime")
+    with pytest.raises(ValueError, match="target"):
+        fastattr.run(model, x, tmp_path / "b", target="biggest")
+    with pytest.raises(SourceError, match="no labels"):
+        fastattr.run(model, x, tmp_path / "c", target="label")
+    with pytest.raises(ValueError, match="entries"):
+        fastattr.run(model, x, tmp_path / "d", target=np.zeros(3, dtype=int))
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    torch.set_num_threads(1)
+    from torch import nn
+    import fastattr
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = np.random.default_rng(1).standard_normal((400, 3, 6, 6)).astype(np.float32)
+    fastattr.run(model, x, sys.argv[1], target=3, n_steps=8, shard_size=16, examples_per_batch=8, progress=False)
+    print("DONE")
+    """
+)
+
+
+def test_sigkill_at_random_moments_then_resume_gives_each_sample_once(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(CRASH_SCRIPT)
+    run_dir = tmp_path / "run"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(1.0, 3.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if run_dir.exists():
+            listed = fastattr.open(run_dir)
+            assert not any(s["file"].endswith(".partial") for s in listed.metadata["shards"])
+    assert kills >= 1
+    done = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    store = fastattr.open(run_dir)
+    np.testing.assert_array_equal(store.indices, np.arange(400))  # every sample exactly once
+    assert not list(Path(run_dir).glob("*.partial"))
+    torch.manual_seed(0)
+    model = small_cnn()
+    x = np.random.default_rng(1).standard_normal((400, 3, 6, 6)).astype(np.float32)
+    ref = fastattr.IntegratedGradients(model).attribute(torch.from_numpy(x), target=3, n_steps=8).numpy()
+    np.testing.assert_allclose(store[0:400]["attributions"]["x"], ref, rtol=1e-5, atol=1e-6)
+    report = fastattr.store.verify_run(run_dir)
+    assert report.ok, report.problems
