@@ -25,8 +25,8 @@ CUDA_HEADROOM = 0.9  # allocator fragmentation
 CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
 CPU_START_ROWS = 32  # ... but at least this many rows
 CPU_MAX_ROWS = 16384
-CPU_MIN_SECONDS = 0.02  # time a size over at least this long before judging it (timer noise)
-CPU_GIVE_UP = 0.9  # stop doubling once a size runs below 90% of the best rate seen
+CPU_MIN_SECONDS = 0.1  # time a size over at least this long before judging it (timer and neighbour noise)
+CPU_GIVE_UP = 0.85  # stop doubling once a size runs below 85% of the best rate seen
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -45,18 +45,34 @@ def parse_bytes(value: int | str | None) -> int | None:
         raise ValueError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 
+# Sizes settled by earlier passes, keyed by what determines them (model, row shapes,
+# device, precision, budget), so a loop over batches -- a dataset run, or a user calling
+# attribute() per batch -- tunes once instead of on every call. A hint only: a stale
+# entry costs speed, never correctness.
+_settled: dict[tuple, int] = {}
+
+
 class RowPlanner:
     """Decides the rows of each chunk of a pass over ``total`` rows."""
 
     def __init__(
-        self, device: torch.device, total: int, max_rows: int | None = None, memory_budget: int | str | None = None, row_bytes: int = 0
+        self,
+        device: torch.device,
+        total: int,
+        max_rows: int | None = None,
+        memory_budget: int | str | None = None,
+        row_bytes: int = 0,
+        key: tuple | None = None,
     ) -> None:
         self.device = device
         self.total = total
         self.cap = min(max_rows or total, total)
         self.memory_budget = parse_bytes(memory_budget)
         self.tuning = max_rows is None or max_rows > CPU_START_ROWS
-        if device.type == "cuda":
+        self.key = None if key is None else (*key, str(device), self.memory_budget)
+        if self.tuning and self.key in _settled:
+            self.rows, self.tuning = min(self.cap, _settled[self.key]), False
+        elif device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap
         else:
             start = max(CPU_START_ROWS, min(CPU_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
@@ -66,6 +82,10 @@ class RowPlanner:
         self._base = 0
         self._warm = device.type == "cuda"
         self._timed = (0, 0.0)  # rows and seconds measured at the current size
+
+    def _settle(self, rows: int) -> None:
+        if self.key is not None:
+            _settled[self.key] = rows
 
     def begin(self) -> None:
         if not self.tuning:
@@ -85,8 +105,9 @@ class RowPlanner:
             if budget is None:
                 free, _ = torch.cuda.mem_get_info(self.device)
                 budget = int(free * CUDA_BUDGET_FRACTION)
-            self.rows = max(1, min(self.cap, int(budget * CUDA_HEADROOM) // per_row))
-            self.tuning = False
+            fit = max(1, int(budget * CUDA_HEADROOM) // per_row)
+            self.rows, self.tuning = min(self.cap, fit), False
+            self._settle(fit)
             logger.debug("CUDA probe: %d bytes/row -> %d rows per forward", per_row, self.rows)
             return
         elapsed = time.perf_counter() - self._t0
@@ -105,6 +126,8 @@ class RowPlanner:
         if rate < self._best[0] * CPU_GIVE_UP or grown == self.rows:
             self.rows = self._best[1]
             self.tuning = False
+            if rate < self._best[0] * CPU_GIVE_UP or grown == CPU_MAX_ROWS:  # a real optimum, not the pass's end
+                self._settle(self.rows)
             logger.debug("CPU tuning: %d rows per forward (%.0f rows/s)", self.rows, self._best[0])
         else:
             self.rows = grown

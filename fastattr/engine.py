@@ -209,7 +209,8 @@ class Engine:
             diffs = [x - b for x, b in zip(flat_inputs, starts)]
         total = n_steps * batch
         row_bytes = sum(x.shape[1] * x.element_size() for x in flat_inputs)
-        planner = RowPlanner(device, total, self.max_rows, self.memory_budget, row_bytes=row_bytes)
+        key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        planner = RowPlanner(device, total, self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key)
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
