@@ -19,6 +19,7 @@ import time
 import traceback
 import warnings
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +60,21 @@ def engine_checks(device: str = "cuda") -> list[dict]:
         for p in ("tf32", "bf16", "fp16"):
             a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, precision=p, return_convergence_delta=True)
             rows.append({"check": f"{name} IG {p} vs fp32", "rel_l2": ((a - ref).norm() / ref.norm()).item(), "finite": bool(torch.isfinite(a).all() and torch.isfinite(d).all())})
+    # a dataset run on the device (pinned prefetch, async copies, writer thread) equals the in-memory API
+    import tempfile
+
+    x = torch.randn(300, 3, 32, 32)
+    with tempfile.TemporaryDirectory() as tmp:
+        fastattr.run(cnn, x.numpy(), tmp + "/run", target="predicted", n_steps=16, shard_size=128, examples_per_batch=64, progress=False)
+        store = fastattr.open(tmp + "/run")
+        got = store[0:300]
+        with torch.no_grad():
+            pred = cnn(x.to(dev)).argmax(1)
+        ref, delta = fastattr.IntegratedGradients(cnn).attribute(x.to(dev), target=pred, n_steps=16, return_convergence_delta=True)
+        rows.append({"check": "cnn fastattr.run on cuda vs in-memory IG", "rel_l2": float(np.linalg.norm(got["attributions"]["x"] - ref.cpu().numpy()) / ref.norm().item()),
+                     "delta_diff": float(np.abs(got["delta"] - delta.cpu().numpy()).max()), "indices_ok": bool((store.indices == np.arange(300)).all())})
+        if not rows[-1]["indices_ok"] or not rows[-1]["rel_l2"] <= 1e-5:
+            raise RuntimeError(f"dataset run on CUDA disagrees with the in-memory API: {rows[-1]}")
     # fp32 parity is judged normwise: cuDNN may pick other algorithms (and fastattr may run
     # channels-last), and a last-bit difference can flip a ReLU or max-pool argmax locally.
     failures = [r for r in rows if "rel_l2" in r and "vs captum" in r["check"] and not r["rel_l2"] <= 1e-4]
