@@ -49,8 +49,9 @@ def captum_loop(model: torch.nn.Module, data: np.ndarray, out_dir: str, n_steps:
 
 
 def model_only(model: torch.nn.Module, data: np.ndarray, n_steps: int, device: torch.device, rows: int, precision: str) -> None:
-    """The floor: forward + one autograd.grad over every (step, sample) row, nothing else,
-    in the chunk size and memory layout fastattr used."""
+    """The floor: forward + one autograd.grad over every (step, sample) row, in the chunk size
+    and memory layout fastattr used, plus the three forward-only rows per sample that any IG
+    run with a predicted target and a convergence delta needs (argmax, F(x), F(x0))."""
     policy = fastattr.precision.get_precision(precision)
     total = len(data) * n_steps
     x = torch.randn(rows, *data.shape[1:], device=device)
@@ -65,6 +66,10 @@ def model_only(model: torch.nn.Module, data: np.ndarray, n_steps: int, device: t
             with policy.flags(), policy.autocast(device):
                 y = model(xi)[:, 0]
             torch.autograd.grad(y, xi, torch.ones_like(y))
+        xf = torch.randn(EXAMPLES, *data.shape[1:], device=device)
+        with torch.no_grad(), policy.flags():
+            for start in range(0, 3 * len(data), EXAMPLES):
+                model(xf[: min(EXAMPLES, 3 * len(data) - start)])
         if device.type == "cuda":
             torch.cuda.synchronize()
     finally:
