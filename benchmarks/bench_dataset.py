@@ -31,7 +31,7 @@ from bench_captum import PeakMemory  # noqa: E402
 import fastattr  # noqa: E402
 
 warnings.filterwarnings("ignore")
-EXAMPLES = 256  # samples per engine call / per Captum call
+EXAMPLES = 256  # samples per Captum call (fastattr.run picks its own examples_per_batch)
 
 
 def captum_loop(model: torch.nn.Module, data: np.ndarray, out_dir: str, n_steps: int, device: torch.device, ibs: int) -> None:
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             for precision in args.precisions.split(","):
                 out = os.path.join(tmp, f"fa-{n}-{precision}")
                 sizes: list[int] = []
-                hook = model.register_forward_pre_hook(lambda _m, a, sizes=sizes: sizes.append(a[0].shape[0]))
-                seconds, peak = measure(lambda data=data, out=out, precision=precision: fastattr.run(model, data, out, n_steps=args.steps, precision=precision, examples_per_batch=EXAMPLES, progress=False), device)
+                # gradient chunks only (grad mode on): their settled size is the floor's chunk size
+                hook = model.register_forward_pre_hook(lambda _m, a, sizes=sizes: sizes.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+                seconds, peak = measure(lambda data=data, out=out, precision=precision: fastattr.run(model, data, out, n_steps=args.steps, precision=precision, progress=False), device)
                 hook.remove()
                 store = fastattr.open(out)
                 assert len(store) == n
