@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .checks import check_same_device_and_dense, check_step_grads
+
 BLOCK_F = 1024
 NUM_WARPS = 4
-_GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -48,25 +49,8 @@ def path_accumulate_triton(acc: torch.Tensor, grads: torch.Tensor, weights: torc
     B, F = acc.shape
     if acc.dtype != torch.float32:
         raise TypeError(f"{name}: acc must be float32; got {acc.dtype}")
-    if grads.dim() != 3 or tuple(grads.shape[1:]) != (B, F):
-        raise ValueError(
-            f"{name}: grads must have shape (S, B, F) matching acc (B, F)=({B}, {F}); got {tuple(grads.shape)}"
-        )
-    S = grads.shape[0]
-    if grads.dtype not in _GRAD_DTYPES:
-        raise TypeError(f"{name}: grads must be float32, bfloat16 or float16; got {grads.dtype}")
-    if weights.dim() not in (1, 2) or weights.shape[0] != S or (weights.dim() == 2 and weights.shape[1] != B):
-        raise ValueError(
-            f"{name}: weights must have shape (S,)=({S},) or (S, B)=({S}, {B}); got {tuple(weights.shape)}"
-        )
-    if not weights.is_floating_point():
-        raise TypeError(f"{name}: weights must be a floating-point tensor; got {weights.dtype}")
-    for arg, t in (("grads", grads), ("weights", weights)):
-        if t.device != acc.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but acc is on {acc.device}")
-    for arg, t in (("acc", acc), ("grads", grads)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: {arg} must be contiguous")
+    S = check_step_grads(name, grads, weights, B, F, "acc")
+    check_same_device_and_dense(name, ("acc", acc), {"grads": grads, "weights": weights}, {"acc": acc, "grads": grads})
     if B == 0 or F == 0 or S == 0:
         return acc
     w = weights.to(torch.float32).contiguous()
