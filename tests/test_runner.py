@@ -210,3 +210,36 @@ def test_sigkill_at_random_moments_then_resume_gives_each_sample_once(tmp_path):
     np.testing.assert_allclose(store[0:400]["attributions"]["x"], ref, rtol=1e-5, atol=1e-6)
     report = fastattr.store.verify_run(run_dir)
     assert report.ok, report.problems
+
+
+def test_out_of_memory_halves_rows_and_retries_the_same_samples():
+    from fastattr.runner import _attribute_with_retry
+
+    class FlakyIG:
+        """Raises CUDA OOM while more than 40 rows per forward are allowed."""
+
+        def __init__(self) -> None:
+            self.calls: list[int | None] = []
+
+        def attribute_batch(self, inputs, baselines, target, args, n_steps, rule, max_rows, with_delta, **kw):
+            self.calls.append(max_rows)
+            if max_rows is None or max_rows > 40:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return ("result", inputs.shape[0])
+
+    x = torch.randn(10, 3)
+    ig = FlakyIG()
+    res, rows = _attribute_with_retry(ig, "integrated_gradients", (x,), 0, None, 16, "gausslegendre", "fp32", None, None, True)
+    assert res == ("result", 10)  # the same 10 samples, once
+    assert ig.calls == [None, 80, 40] and rows == 40  # 10 x 16 rows -> halved until it fits
+
+
+def test_out_of_memory_at_one_row_is_raised():
+    from fastattr.runner import _attribute_with_retry
+
+    class AlwaysOOM:
+        def attribute_batch(self, *a, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        _attribute_with_retry(AlwaysOOM(), "saliency", (torch.randn(1, 3),), 0, None, 1, "gausslegendre", "fp32", None, None, True)
