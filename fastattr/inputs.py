@@ -122,9 +122,11 @@ def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Ten
             raise AttributionInputError(f"target tensor must hold integers, got dtype {target.dtype}")
         if target.numel() == 1:
             return target.reshape(1, 1).to(device=device, dtype=torch.long).expand(batch, 1)
+        if target.dim() == 2 and target.shape[0] == batch:  # (B, k): one index tuple per example
+            return target.to(device=device, dtype=torch.long)
         if target.dim() != 1 or target.shape[0] != batch:
             raise AttributionInputError(
-                f"target tensor must be 1-D with one entry per example ({batch}), got shape {tuple(target.shape)}"
+                f"target tensor must be 1-D with one entry per example ({batch}), or (B, k) index tuples; got shape {tuple(target.shape)}"
             )
         return target.to(device=device, dtype=torch.long).reshape(batch, 1)
     elif isinstance(target, Sequence) and not isinstance(target, str):

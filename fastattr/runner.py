@@ -73,7 +73,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -86,21 +86,26 @@ def _describe(value: Any) -> Any:
 
 
 class _Targets:
-    """Per-batch targets from a fixed int, the labels, the prediction, or an array."""
+    """Per-batch targets from a fixed int or tuple, the labels, the prediction, or an array."""
 
     def __init__(self, spec: Any, source: Source, total: int) -> None:
-        self.spec = spec
-        self.array = None
         if isinstance(spec, str) and spec.endswith(".npy"):
             spec = np.load(spec, mmap_mode="r")
-        if isinstance(spec, str) and spec == "label" and not source.has_labels:
-            raise SourceError("target='label' but the data has no labels")
-        if isinstance(spec, str) and spec not in ("label", "predicted"):
-            raise ValueError(f"target must be an int, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
-        if not isinstance(spec, (str, int, type(None))):
+        self.spec = spec
+        self.array = None
+        if isinstance(spec, str):
+            if spec not in ("label", "predicted"):
+                raise ValueError(f"target must be an int, a tuple of ints, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
+            if spec == "label" and not source.has_labels:
+                raise SourceError("target='label' but the data has no labels")
+        elif spec is None or isinstance(spec, int) or (isinstance(spec, tuple) and all(isinstance(v, int) for v in spec)):
+            pass  # the same target for every sample, as in attribute()
+        else:
             arr = spec.detach().cpu() if isinstance(spec, torch.Tensor) else torch.as_tensor(np.asarray(spec))
-            if arr.shape[0] != total:
-                raise ValueError(f"the per-sample target array has {arr.shape[0]} entries for {total} samples")
+            if arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
+                raise ValueError(f"a per-sample target array must hold integers, got dtype {arr.dtype}")
+            if arr.dim() not in (1, 2) or arr.shape[0] != total:
+                raise ValueError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
             self.array = arr.long()
 
     def for_batch(self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device) -> Any:
@@ -111,7 +116,13 @@ class _Targets:
         if isinstance(self.spec, str) and self.spec == "predicted":
             with torch.no_grad():
                 out = model(*inputs)
-            return out.reshape(out.shape[0], -1).argmax(1)
+            per_sample = out.shape[1:]
+            if math.prod(per_sample) == 1:
+                return None  # a single output per sample: nothing to pick
+            flat = out.reshape(out.shape[0], -1).argmax(1)
+            if len(per_sample) == 1:
+                return flat
+            return torch.stack(torch.unravel_index(flat, tuple(per_sample)), dim=1)  # (B, k) indices
         return self.spec
 
 
@@ -215,10 +226,23 @@ def run(
         out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         resume=resume, overwrite=overwrite, volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
     )  # fmt: skip
+    try:
+        return _run_batches(writer, model, source, targets, method, baselines, n_steps, rule, precision, batch_size, memory_budget,
+                            examples_per_batch, dev, model_dtype, progress, multiply_by_inputs, abs, str(out), total)  # fmt: skip
+    except BaseException:
+        writer.abort()  # releases the directory if the failure came before the batch loop (no-op once closed)
+        raise
+
+
+def _run_batches(
+    writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, method: str, baselines: Any, n_steps: int, rule: str,
+    precision: str, batch_size: int | str, memory_budget: Any, examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype,
+    progress: bool | None, multiply_by_inputs: bool, abs: bool, out: str, total: int,  # noqa: A002
+) -> RunSummary:
     if writer.complete:
         writer.close()
         logger.info("%s is already complete", out)
-        return RunSummary(str(out), total, 0, 0.0, True)
+        return RunSummary(out, total, 0, 0.0, True)
     if examples_per_batch is None:
         examples_per_batch = _default_examples(source, dev)
     todo = writer.missing()
@@ -238,30 +262,50 @@ def run(
             xs = tuple(x.to(dev, non_blocking=True) for x in xs)
             xs = tuple(x.to(model_dtype) if x.is_floating_point() and x.dtype != model_dtype else x for x in xs)
             tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
-            res, max_rows = _attribute_with_retry(attributor, method, xs, tgt, baselines, n_steps, rule, precision, max_rows, memory_budget, abs)
+            base = _baselines_for(baselines, start, stop, total, xs)
+            res, max_rows = _attribute_with_retry(attributor, method, xs, tgt, base, n_steps, rule, precision, max_rows, memory_budget, abs)
             copied = _to_host(res, dev)
             if pending is not None:
-                _write(writer, *pending, deltas, rels)
-                bar.update(pending[1] - pending[0])
+                done, pending = pending, None  # never handed over twice, even if put() is interrupted
+                _write(writer, *done, deltas, rels)
+                bar.update(done[1] - done[0])
             pending = (start, stop, copied)
         if pending is not None:
-            _write(writer, *pending, deltas, rels)
-            bar.update(pending[1] - pending[0])
+            done, pending = pending, None
+            _write(writer, *done, deltas, rels)
+            bar.update(done[1] - done[0])
     except BaseException:
         bar.close()
         try:
             if pending is not None:  # computed before the failure: keep it
-                _write(writer, *pending, deltas, rels)
+                done, pending = pending, None
+                _write(writer, *done, deltas, rels)
         finally:
             writer.close(complete=False)  # finalize every block handed over so far
         raise
     bar.close()
     writer.close()
     seconds = time.perf_counter() - t0
-    summary = RunSummary(str(out), total, remaining, seconds, writer.complete, _residual_stats(deltas, rels))
+    summary = RunSummary(out, total, remaining, seconds, writer.complete, _residual_stats(deltas, rels))
     for line in summary.lines():
         logger.info(line)
     return summary
+
+
+def _baselines_for(baselines: Any, start: int, stop: int, total: int, xs: tuple) -> Any:
+    """Per-sample baselines (total rows, like the data) are sliced per batch; anything else
+    (None, a number, one sample's tensor) applies to every sample as in attribute()."""
+
+    def one(b: Any, x: torch.Tensor) -> Any:
+        if isinstance(b, np.ndarray):
+            b = torch.from_numpy(np.ascontiguousarray(b))
+        if isinstance(b, torch.Tensor) and b.dim() == x.dim() and b.shape[0] == total and tuple(b.shape[1:]) == tuple(x.shape[1:]):
+            return b[start:stop].to(x.device, x.dtype)
+        return b.to(x.device, x.dtype) if isinstance(b, torch.Tensor) else b
+
+    if isinstance(baselines, tuple):
+        return tuple(one(b, x) for b, x in zip(baselines, xs))
+    return one(baselines, xs[0])
 
 
 def _default_examples(source: Source, device: torch.device) -> int:

@@ -195,6 +195,8 @@ class LoaderSource(DatasetSource):
 
 def open_source(data: Any, labels: Any = None) -> Source:
     """A Source for a Dataset, DataLoader, array(s), '.npy' path or 'file.h5:dataset'."""
+    if isinstance(data, (Source, torch.utils.data.DataLoader, torch.utils.data.Dataset)) and labels is not None:
+        raise SourceError("labels= goes with array, .npy or HDF5 data; a Dataset or DataLoader yields its own (inputs, label) items")
     if isinstance(data, Source):
         return data
     if isinstance(data, torch.utils.data.DataLoader):
@@ -203,6 +205,14 @@ def open_source(data: Any, labels: Any = None) -> Source:
         return DatasetSource(data)
     if isinstance(labels, (str, os.PathLike)) and str(labels).endswith(".npy"):
         labels = np.load(labels, mmap_mode="r")
+    elif isinstance(labels, (str, os.PathLike)) and not (isinstance(data, (str, os.PathLike)) and ":" in str(data) and not str(data).endswith(".npy")):
+        import h5py  # labels in an HDF5 file beside array or .npy data
+
+        lpath, ldataset = _split_h5(str(labels))
+        with h5py.File(lpath, "r") as f:
+            if ldataset not in f:
+                raise SourceError(f"{lpath} has no dataset {ldataset!r}")
+            labels = f[ldataset][()]
     if isinstance(data, (str, os.PathLike)):
         spec = str(data)
         if spec.endswith(".npy"):

@@ -454,6 +454,7 @@ class RunWriter:
         self._claimed = _merge((s.start, s.stop) for s in self._shards)
 
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=int(queue_size))
+        self._final_status: bool | None = None
         self._thread = threading.Thread(target=self._run, name=f"fastattr-writer:{self.run_dir.name}", daemon=True)
         self._thread.start()
 
@@ -652,8 +653,13 @@ class RunWriter:
         block = self._checked(block, copy=copy)
         if block.stop == block.start:
             return
+        claimed_before = self._claimed
         self._claim(block.start, block.stop)
-        self._enqueue(block)
+        try:
+            self._enqueue(block)
+        except BaseException:  # not queued (e.g. Ctrl-C while waiting): the samples are free again
+            self._claimed = claimed_before
+            raise
         self._raise_if_failed()
 
     def _checked(self, block: Block, *, copy: bool) -> Block:
@@ -742,38 +748,26 @@ class RunWriter:
         if self._closed:
             self._raise_if_failed()
             return
-        self._closed = True
-        try:
-            self._enqueue(_CLOSE)
-            self._thread.join()
-            self._raise_if_failed()
-            missing = self.missing()
-            if complete is None:
-                complete = not missing
-            elif complete and missing:
-                logger.warning("closing %s as complete although %s are missing", self.run_dir, _fmt_ranges(missing))
-            try:
-                self._write_manifest("complete" if complete else "running")
-            except OSError as exc:
-                raise StoreError(f"cannot write {self.run_dir / MANIFEST_NAME}: {exc}") from exc
-        finally:
-            self._release_lock()
+        # The writer thread finalizes, writes the manifest and only then drops the directory
+        # lock, so an interrupted close() can never let a second writer in while it still works.
+        self._final_status = complete
+        self._enqueue(_CLOSE)
+        self._thread.join()
+        self._closed = True  # only once the thread is done: an interrupted close() can be retried
+        self._raise_if_failed()
 
     def abort(self) -> None:
         """Stop without finalizing the open shard: its .partial stays (deleted on the next open).
         Finalized shards stay listed. Never raises the writer's error."""
         if self._closed:
             return
-        self._closed = True
         self._aborting = True  # the thread now drops queued blocks instead of writing them
         try:
-            try:
-                self._enqueue(_ABORT)
-            except StoreError:
-                pass  # the thread is gone already
-            self._thread.join()
-        finally:
-            self._release_lock()
+            self._enqueue(_ABORT)
+        except StoreError:
+            pass  # the thread is gone already (and has released the lock)
+        self._thread.join()
+        self._closed = True
 
     def __enter__(self) -> RunWriter:
         return self
@@ -790,26 +784,40 @@ class RunWriter:
     # -- writer thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            try:
-                if item is _CLOSE or item is _ABORT:
-                    if item is _CLOSE and self._error is None and not self._aborting:
-                        self._finalize_open()
-                    else:
-                        self._abandon_open()
-                    return
-                if self._error is not None or self._aborting:
-                    continue  # a failed or aborting writer drops blocks (callers see the error)
-                self._write_block(item)
-            except Exception as exc:
-                logger.error("writer thread for %s failed: %s: %s", self.run_dir, type(exc).__name__, exc)
-                self._error = exc
-                self._abandon_open()
-                if item is _CLOSE or item is _ABORT:
-                    return
-            finally:
-                self._queue.task_done()
+        try:
+            while True:
+                item = self._queue.get()
+                try:
+                    if item is _CLOSE or item is _ABORT:
+                        if item is _CLOSE and self._error is None and not self._aborting:
+                            self._finalize_open()
+                            self._write_final_manifest()
+                        else:
+                            self._abandon_open()
+                        return
+                    if self._error is not None or self._aborting:
+                        continue  # a failed or aborting writer drops blocks (callers see the error)
+                    self._write_block(item)
+                except Exception as exc:
+                    logger.error("writer thread for %s failed: %s: %s", self.run_dir, type(exc).__name__, exc)
+                    self._error = exc
+                    self._abandon_open()
+                    if item is _CLOSE or item is _ABORT:
+                        return
+                finally:
+                    self._queue.task_done()
+        finally:
+            self._release_lock()  # the thread owns the directory until its last write is done
+
+    def _write_final_manifest(self) -> None:
+        missing = self.missing()
+        complete = not missing if self._final_status is None else self._final_status
+        if complete and missing:
+            logger.warning("closing %s as complete although %s are missing", self.run_dir, _fmt_ranges(missing))
+        try:
+            self._write_manifest("complete" if complete else "running")
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.run_dir / MANIFEST_NAME}: {exc}") from exc
 
     def _write_block(self, block: Block) -> None:
         pos = block.start

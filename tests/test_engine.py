@@ -482,3 +482,14 @@ def test_has_convergence_delta_and_multiplies_by_inputs():
     assert fastattr.InputXGradient(model).multiplies_by_inputs is True
     with pytest.raises(TypeError, match="forward_func must be"):
         fastattr.Saliency("not a model")
+
+
+def test_target_tensor_of_index_tuples_equals_list_of_tuples():
+    """fastattr extension: a (B, k) integer tensor is the list-of-tuples form, kept on the device."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Unflatten(1, (3, 4))).eval()
+    x = torch.randn(5, 6)
+    rows = [(i % 3, (2 * i) % 4) for i in range(5)]
+    a = fastattr.IntegratedGradients(model).attribute(x, target=torch.tensor(rows), n_steps=8)
+    b = fastattr.IntegratedGradients(model).attribute(x, target=rows, n_steps=8)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
