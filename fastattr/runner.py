@@ -112,6 +112,9 @@ class _Targets:
         if self.array is not None:
             return self.array[start:stop].to(device)
         if isinstance(self.spec, str) and self.spec == "label":
+            if bool((labels < 0).any()):  # e.g. -1 for "unlabelled": never wrap it to the last class
+                bad = start + int((labels < 0).nonzero()[0, 0])
+                raise SourceError(f"sample {bad} has label {int(labels[bad - start])}; target='label' needs class indices >= 0")
             return labels.to(device)
         if isinstance(self.spec, str) and self.spec == "predicted":
             with torch.no_grad():

@@ -183,14 +183,33 @@ def _is_label(v: Any) -> bool:
 
 
 class LoaderSource(DatasetSource):
-    """A DataLoader the user already has: its dataset is read in order by index (the
-    loader's batching is replaced by fastattr's). Shuffling loaders are refused, since a
+    """A DataLoader the user already has: its dataset is read in order by index and each
+    batch goes through the loader's own collate_fn (so transforms done there apply); the
+    loader's batch size is replaced by fastattr's. Shuffling loaders are refused, since a
     resumable run needs a fixed sample order."""
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:
+        if isinstance(loader.dataset, torch.utils.data.IterableDataset):
+            raise SourceError("an IterableDataset has no random access; fastattr needs a map-style Dataset (or arrays) to resume exactly")
         if not isinstance(loader.sampler, torch.utils.data.SequentialSampler):
             raise SourceError("the DataLoader shuffles or uses a custom sampler; pass a loader with shuffle=False (or its dataset)")
+        self.collate = loader.collate_fn
         super().__init__(loader.dataset)
+        self.has_labels = self._collated(0, 1)[1] is not None
+
+    def _collated(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
+        batch = self.collate([self.dataset[i] for i in range(start, stop)])
+        rows = stop - start
+        if isinstance(batch, (tuple, list)):
+            if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and batch[1].dim() == 1 and batch[1].shape[0] == rows and not batch[1].is_floating_point():
+                x = batch[0]
+                return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), batch[1]
+            return tuple(batch), None
+        return (batch,), None
+
+    def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
+        inputs, labels = self._collated(start, stop)
+        return inputs, (labels if self.has_labels else None)
 
 
 def open_source(data: Any, labels: Any = None) -> Source:

@@ -316,3 +316,21 @@ def test_directory_is_released_when_a_run_fails_early(tmp_path):
         fastattr.run(model, x, tmp_path / "r", target=99, n_steps=4, progress=False)  # target out of range
     fastattr.run(model, x, tmp_path / "r", target=1, n_steps=4, progress=False, overwrite=True)  # not "in use"
     assert len(fastattr.open(tmp_path / "r")) == 5
+
+
+def test_loader_collate_fn_applies_and_negative_labels_are_refused(tmp_path):
+    model, x = small_cnn(), images(9)
+    labels = np.arange(9) % 5
+
+    def collate(items):  # a transform done at collation time must reach the model
+        xs, ys = torch.utils.data.default_collate(items)
+        return xs * 2.0, ys
+
+    loader = torch.utils.data.DataLoader(LabelledDataset(x, labels), batch_size=4, collate_fn=collate)
+    fastattr.run(model, loader, tmp_path / "r", target="label", n_steps=4, progress=False)
+    ref = fastattr.IntegratedGradients(model).attribute(torch.from_numpy(x) * 2.0, target=torch.from_numpy(labels), n_steps=4)
+    np.testing.assert_allclose(fastattr.open(tmp_path / "r")[:]["attributions"]["x"], ref.numpy(), rtol=1e-5, atol=1e-7)
+    bad = labels.copy()
+    bad[6] = -1
+    with pytest.raises(SourceError, match="sample 6 has label -1"):
+        fastattr.run(model, LabelledDataset(x, bad), tmp_path / "neg", target="label", n_steps=4, progress=False)
