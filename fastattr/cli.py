@@ -1,13 +1,29 @@
-"""The ``fastattr`` command line (also ``python -m fastattr``)."""
+"""The ``fastattr`` command line (also ``python -m fastattr``).
+
+Errors are one line and a non-zero exit (2: bad input, 1: a check failed); ``--debug``
+shows the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 
 from . import __version__
 from .precision import PRECISIONS
+from .quadrature import RULES
+
+logger = logging.getLogger("fastattr")
+
+RUN_EXAMPLES = """examples:
+  fastattr run --model mypkg.models:resnet --model-arg depth=18 --data images.npy --out runs/ig
+  fastattr run --model model.ts --data data.h5:images --labels data.h5:labels --target label \\
+               --steps 32 --precision bf16 --storage-dtype float16 --out runs/ig-bf16
+  fastattr run ... --out runs/ig            # rerun after a crash: resumes, each sample once
+"""
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,24 +34,137 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .runner import run
+    from .specs import load_data, load_model, parse_kv
+
+    model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
+    data = load_data(args.data)
+    target: object = args.target
+    if args.target not in ("predicted", "label") and not args.target.endswith(".npy"):
+        try:
+            target = int(args.target)
+        except ValueError:
+            raise ValueError(f"--target must be predicted, label, an int or a .npy file; got {args.target!r}") from None
+    baselines: object = None
+    if args.baseline != "zeros":
+        if args.baseline.endswith(".npy"):
+            baselines = np.load(args.baseline)
+        else:
+            try:
+                baselines = float(args.baseline)
+            except ValueError:
+                raise ValueError(f"--baseline must be zeros, a number or a .npy file; got {args.baseline!r}") from None
+    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    summary = run(
+        model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
+        rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
+        storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
+        resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
+    )  # fmt: skip
+    if not args.quiet:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .store import open_run
+
+    with open_run(args.dir) as store:
+        meta = store.metadata
+        size = sum(os.path.getsize(os.path.join(args.dir, s["file"])) for s in meta["shards"])
+        if args.json:
+            print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
+            return 0
+        cfg = meta.get("config", {})
+        print(f"run: {os.path.abspath(args.dir)}")
+        print(f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB")
+        print(f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}")
+        print(f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}")
+        fp = cfg.get("fingerprints", {})
+        print(f"model sha256: {str(fp.get('model'))[:16]}..., data: {json.dumps(fp.get('data'))}")
+        print(f"versions: {json.dumps(cfg.get('versions'))}; attributions: {', '.join(store.attribution_names)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .store import verify_run
+
+    report = verify_run(args.dir)
+    print("\n".join(report.lines()))
+    complete = report.samples == report.total
+    if not complete:
+        print(f"incomplete: {report.total - report.samples} samples missing")
+    return 0 if report.ok and complete and report.nonfinite == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastattr", description="Fast, Captum-compatible batch attribution for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and debug details")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="train a small CNN on synthetic data with known answers and attribute it")
     demo.add_argument("--samples", type=int, default=2000, help="test samples to attribute (default 2000)")
     demo.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
     demo.add_argument("--precision", choices=PRECISIONS, default="fp32")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.set_defaults(func=_demo)
+
+    run = sub.add_parser("run", help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file or a torch.export .pt2 file")
+    run.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
+    run.add_argument("--data", required=True, help="file.npy, file.h5:dataset or package.module:factory")
+    run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
+    run.add_argument("--out", required=True, help="run directory")
+    run.add_argument("--method", default="ig", choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"])
+    run.add_argument("--steps", type=int, default=50, help="integration steps (default 50)")
+    run.add_argument("--rule", default="gausslegendre", choices=RULES)
+    run.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
+    run.add_argument("--baseline", default="zeros", help="zeros (default), a number, or file.npy (one sample, or one per sample)")
+    run.add_argument("--batch-size", default="auto", help="rows per forward: auto (default) or an int")
+    run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
+    run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
+    run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
+    run.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
+    run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")
+    run.set_defaults(func=_run)
+
+    info = sub.add_parser("info", help="what a run directory holds: config, provenance, progress, size")
+    info.add_argument("dir")
+    info.add_argument("--json", action="store_true", help="print the manifest and totals as JSON")
+    info.set_defaults(func=_info)
+
+    verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
+    verify.add_argument("dir")
+    verify.set_defaults(func=_verify)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "run" and args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"fastattr: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

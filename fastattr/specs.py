@@ -1,0 +1,91 @@
+"""Turn command-line specs into models and data.
+
+MODEL: ``package.module:factory`` (a callable returning an nn.Module, called with the
+``--model-arg key=value`` pairs), a TorchScript file, or a torch.export ``.pt2`` file.
+DATA: ``package.module:factory`` (returning a Dataset, DataLoader or array), a ``.npy``
+file, or ``file.h5:dataset``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class SpecError(ValueError):
+    """A model or data spec cannot be resolved."""
+
+
+def parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
+    """['depth=3', 'name=x', 'pretrained=false'] -> {'depth': 3, 'name': 'x', 'pretrained': False}."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"expected key=value, got {pair!r}")
+        low = raw.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = raw
+    return out
+
+
+def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SpecError(f"cannot import {module_name!r} from {spec!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None:
+        raise SpecError(f"{module_name} has no attribute {attr!r}")
+    if not callable(factory):
+        return factory
+    try:
+        return factory(**kwargs)
+    except Exception as exc:
+        raise SpecError(f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) raised {type(exc).__name__}: {exc}") from exc
+
+
+def load_model(spec: str, kwargs: dict[str, Any] | None = None, device: str | None = None) -> torch.nn.Module:
+    """The model for a spec, in eval mode, on ``device`` (attribution explains inference)."""
+    if os.path.isfile(spec):
+        if spec.endswith(".pt2"):
+            model = torch.export.load(spec).module()
+        else:
+            try:
+                model = torch.jit.load(spec, map_location="cpu")
+            except Exception as exc:
+                raise SpecError(f"{spec} is not a TorchScript file ({exc}); use package.module:factory for eager models") from exc
+    elif ":" in spec:
+        model = _call_factory(spec, kwargs or {})
+    else:
+        raise SpecError(f"no such model file, and not a package.module:factory spec: {spec!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(f"{spec} gave a {type(model).__name__}, not a torch.nn.Module")
+    if device:
+        model = model.to(device)
+    if hasattr(model, "eval") and not spec.endswith(".pt2"):  # exported programs have no train mode to leave
+        model.eval()
+    return model
+
+
+def load_data(spec: str) -> Any:
+    """A data spec as something fastattr.run accepts (paths pass through)."""
+    if spec.endswith(".npy") or (":" in spec and spec.rpartition(":")[0].endswith((".h5", ".hdf5"))):
+        return spec
+    if ":" in spec:
+        return _call_factory(spec, {})
+    raise SpecError(f"data must be a .npy file, file.h5:dataset or package.module:factory; got {spec!r}")

@@ -1,0 +1,122 @@
+"""The fastattr command line, through subprocess, as installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+FASTATTR = shutil.which("fastattr") or ""
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def cnn(width=4):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * width, 5))
+
+    def broken():
+        raise RuntimeError("weights not found")
+    """
+)
+
+
+@pytest.fixture
+def env(tmp_path):
+    (tmp_path / "cli_models.py").write_text(MODELS)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((21, 3, 6, 6)).astype(np.float32))
+    return {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+
+
+def fastattr(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [FASTATTR] if FASTATTR else [sys.executable, "-m", "fastattr"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_run_info_verify_happy_path(tmp_path, env):
+    r = fastattr("run", "--model", "cli_models:cnn", "--model-arg", "width=4", "--data", "x.npy", "--out", "runs/ig", "--steps", "8", "--shard-size", "8", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "21 samples" in r.stdout and "completeness residual" in r.stdout
+    info = fastattr("info", "runs/ig", env=env, cwd=tmp_path)
+    assert info.returncode == 0 and "complete, 21 of 21 samples, 3 shards" in info.stdout
+    ok = fastattr("verify", "runs/ig", env=env, cwd=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    again = fastattr("run", "--model", "cli_models:cnn", "--model-arg", "width=4", "--data", "x.npy", "--out", "runs/ig", "--steps", "8", env=env, cwd=tmp_path)
+    assert again.returncode == 0 and "nothing to do" in again.stdout  # a complete run is not recomputed
+
+    import fastattr as fa  # the CLI's result equals the API's
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = cli_models.cnn(width=4).eval()
+    x = torch.from_numpy(np.load(tmp_path / "x.npy"))
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    ref = fa.IntegratedGradients(model).attribute(x, target=pred, n_steps=8)
+    np.testing.assert_allclose(fa.open(tmp_path / "runs/ig")[:]["attributions"]["x"], ref.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_torchscript_model_and_verify_catches_corruption(tmp_path, env):
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.jit.script(cli_models.cnn().eval()).save(str(tmp_path / "model.ts"))
+    r = fastattr("run", "--model", "model.ts", "--data", "x.npy", "--out", "r", "--steps", "4", "--target", "2", "--shard-size", "10", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    shard = tmp_path / "r" / "shard-00000.h5"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    bad = fastattr("verify", "r", env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and "checksum" in bad.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no_such_module:f"], "cannot import 'no_such_module'"),
+        (["--model", "cli_models:missing"], "has no attribute 'missing'"),
+        (["--model", "cli_models:broken"], "raised RuntimeError: weights not found"),
+        (["--model", "cli_models:cnn", "--target", "dog"], "--target must be predicted, label, an int or a .npy file"),
+        (["--model", "cli_models:cnn", "--data", "nothing.npy"], "no such file: nothing.npy"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tmp_path, env, args, message):
+    base = {"--data": "x.npy"}
+    argv = ["run", "--out", "o", *args]
+    if "--data" not in args:
+        argv += ["--data", base["--data"]]
+    r = fastattr(*argv, env=env, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_shape_data_and_foreign_run_directory(tmp_path, env):
+    np.save(tmp_path / "flat.npy", np.zeros((4, 7), dtype=np.float32))
+    r = fastattr("run", "--model", "cli_models:cnn", "--data", "flat.npy", "--out", "o", env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("fastattr: error:")
+    assert fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o2", "--steps", "4", env=env, cwd=tmp_path).returncode == 0
+    other = fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o2", "--steps", "6", env=env, cwd=tmp_path)
+    assert other.returncode == 2 and "n_steps" in other.stderr, other.stderr
+    debug = fastattr("--debug", "run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o2", "--steps", "6", env=env, cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_has_examples(tmp_path, env):
+    r = fastattr("run", "--help", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "examples:" in r.stdout
