@@ -29,7 +29,7 @@ RUN_EXAMPLES = """examples:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(samples=args.samples, n_steps=args.steps, precision=args.precision, device=args.device)
+    report = run_demo(samples=args.samples, n_steps=args.steps, precision=args.precision, device=args.device, out=args.out)
     print("\n".join(report.lines()))
     return 0
 
@@ -100,6 +100,44 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if report.ok and complete and report.nonfinite == 0 else 1
 
 
+def _layers(args: argparse.Namespace) -> int:
+    from .layers import describe_layers
+    from .specs import load_model, parse_kv
+
+    model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
+    shapes = [tuple(int(d) for d in part.split(",")) for part in args.input_shape]
+    rows = describe_layers(model, shapes, device=args.device)
+    width = max(len(r.name) for r in rows)
+    kind_width = max(len(r.kind) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.kind:<{kind_width}}  {r.output_shape:<24}  {r.parameters:>10,}")
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+
+    from .render import render_grid
+    from .sources import open_source
+    from .specs import load_data
+    from .store import open_run
+
+    start, _, stop = args.index.partition(":")
+    start, stop = int(start or 0), int(stop) if stop else int(start or 0) + 1
+    with open_run(args.dir) as store:
+        name = args.name or store.attribution_names[0]
+        batch = store[start:stop]
+        attributions = batch["attributions"][name]
+        titles = [f"#{i} target {t}" for i, t in zip(batch["index"], batch["target"].tolist())]
+    inputs = None
+    if args.data:
+        source = open_source(load_data(args.data))
+        inputs = source.read(start, stop)[0][0].numpy()
+    width, _, height = args.size.partition("x")
+    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(int(width), int(height)))
+    print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastattr", description="Fast, Captum-compatible batch attribution for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
@@ -113,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
     demo.add_argument("--precision", choices=PRECISIONS, default="fp32")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    demo.add_argument("--out", default=None, help="run directory for the shards (default: a new temporary directory)")
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
     verify.add_argument("dir")
     verify.set_defaults(func=_verify)
+
+    layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")
+    layers.add_argument("model", help="package.module:factory, a TorchScript file or a .pt2 file")
+    layers.add_argument("--input-shape", action="append", required=True, metavar="C,H,W", help="one sample's shape per input (repeat for several inputs)")
+    layers.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    layers.add_argument("--device", default="cpu")
+    layers.set_defaults(func=_layers)
+
+    render = sub.add_parser("render", help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
+    render.add_argument("dir")
+    render.add_argument("--index", default="0:16", help="global sample range START:STOP (default 0:16)")
+    render.add_argument("--out", required=True, help="PNG file to write")
+    render.add_argument("--data", default=None, help="the run's data (file.npy, file.h5:dataset) to draw images under the heatmaps")
+    render.add_argument("--name", default=None, help="attribution name (default: the first, e.g. x)")
+    render.add_argument("--percentile", type=float, default=99.0, help="clip colours at this percentile of |attribution| (default 99)")
+    render.add_argument("--size", default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
+    render.set_defaults(func=_render)
     return parser
 
 

@@ -2,7 +2,8 @@
 
 Each 1x24x24 image is Gaussian noise with one 4x4 patch, at a random place, holding
 one of four class patterns; the class is decided by the patch alone. A small CNN is
-trained on it in seconds, then integrated gradients attribute every test sample.
+trained on it in seconds, then a dataset run (fastattr.run) attributes every test sample
+with integrated gradients into HDF5 shards, which are read back shard by shard.
 Because the deciding region is known per sample, the share of attribution mass that
 falls inside it measures whether the attributions are right (a random attribution
 puts 16/576 = 2.8% there).
@@ -11,13 +12,15 @@ puts 16/576 = 2.8% there).
 from __future__ import annotations
 
 import logging
-import time
+import os
+import tempfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from .methods import IntegratedGradients, Saliency
+from .methods import Saliency
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +98,37 @@ class DemoReport:
     mass_ig: float
     mass_saliency: float
     mass_random: float
+    run_dir: str = ""
 
     def lines(self) -> list[str]:
         return [
             f"model: train accuracy {self.train_accuracy:.1%}, test accuracy {self.test_accuracy:.1%}",
-            f"integrated gradients: {self.samples} samples in {self.seconds:.2f} s ({self.samples / self.seconds:,.0f} samples/s)",
+            f"integrated gradients: {self.samples} samples in {self.seconds:.2f} s ({self.samples / self.seconds:,.0f} samples/s), shards in {self.run_dir}",
             f"completeness residual |sum(attr) - (F(x) - F(x0))|: median {self.median_rel_residual:.2e} of |F(x) - F(x0)|, max {self.max_abs_residual:.2e}",
             "share of attribution mass inside the deciding 4x4 patch (higher is better):",
             f"  integrated gradients {self.mass_ig:6.1%}",
             f"  saliency             {self.mass_saliency:6.1%}",
             f"  random attribution   {self.mass_random:6.1%}   (the patch covers {PATCH * PATCH / SIZE**2:.1%} of the image)",
+            f"inspect: fastattr info {self.run_dir}; fastattr verify {self.run_dir}",
+            f"picture: fastattr render {self.run_dir} --data {os.path.join(self.run_dir, 'inputs.npy')} --index 0:16 --out demo.png",
         ]
 
 
-def run_demo(samples: int = 2000, train_samples: int = 4000, n_steps: int = 32, precision: str = "fp32", device: str = "cpu", seed: int = 0) -> DemoReport:
+def run_demo(
+    samples: int = 2000,
+    train_samples: int = 4000,
+    n_steps: int = 32,
+    precision: str = "fp32",
+    device: str = "cpu",
+    seed: int = 0,
+    out: str | None = None,
+) -> DemoReport:
+    """Train the demo CNN, attribute the test set with a dataset run into shards under
+    ``out`` (a fresh temporary directory by default), and score the stored attributions
+    against the known deciding patches, streaming them back shard by shard."""
+    from .runner import run
+    from .store import open_run
+
     torch.manual_seed(seed)
     train_x, train_y, _ = make_dataset(train_samples, seed=seed)
     test_x, test_y, test_masks = make_dataset(samples, seed=seed + 1)
@@ -116,30 +136,31 @@ def run_demo(samples: int = 2000, train_samples: int = 4000, n_steps: int = 32, 
     logger.info("training the demo CNN on %d synthetic images", train_samples)
     train_acc = train(model, train_x, train_y)
     model = model.to(device)
-    test_x, test_y = test_x.to(device), test_y.to(device)
     with torch.no_grad():
-        test_acc = float((model(test_x).argmax(1) == test_y).float().mean())
-    ig = IntegratedGradients(model)
-    start = time.perf_counter()
-    attr, delta = ig.attribute(test_x, target=test_y, n_steps=n_steps, return_convergence_delta=True, precision=precision)
-    if test_x.is_cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    with torch.no_grad():
-        logits = model(test_x).gather(1, test_y[:, None]).squeeze(1)
-        logits0 = model(torch.zeros_like(test_x)).gather(1, test_y[:, None]).squeeze(1)
-    rel = (delta.abs() / (logits - logits0).abs().clamp_min(1e-6)).cpu()
-    sal = Saliency(model).attribute(test_x, target=test_y)
+        test_acc = float((model(test_x.to(device)).argmax(1).cpu() == test_y).float().mean())
+    out = out or tempfile.mkdtemp(prefix="fastattr-demo-")
+    summary = run(model, test_x.numpy(), out, target=test_y.numpy(), n_steps=n_steps, precision=precision, device=device, overwrite=True)
+    np.save(os.path.join(out, "inputs.npy"), test_x.numpy())  # for `fastattr render --data`
+    inside, rel, max_abs = [], [], 0.0
+    with open_run(out) as store:
+        for batch in store.iter_batches(512):
+            idx = batch["index"]
+            attr = torch.from_numpy(batch["attributions"]["x"])
+            inside.append(mass_inside(attr, test_masks[idx]))
+            delta = np.abs(batch["delta"])
+            rel.append(delta / np.maximum(np.abs(batch["output"] - batch["baseline_output"]), 1e-6))
+            max_abs = max(max_abs, float(delta.max()))
+    sal = Saliency(model).attribute(test_x.to(device), target=test_y.to(device)).cpu()
     random_attr = torch.rand(test_x.shape, generator=torch.Generator().manual_seed(seed))
-    masks = test_masks.to(device)
     return DemoReport(
         train_accuracy=train_acc,
         test_accuracy=test_acc,
         samples=samples,
-        seconds=seconds,
-        median_rel_residual=float(rel.median()),
-        max_abs_residual=float(delta.abs().max()),
-        mass_ig=float(mass_inside(attr, masks).mean()),
-        mass_saliency=float(mass_inside(sal, masks).mean()),
+        seconds=summary.seconds,
+        median_rel_residual=float(np.median(np.concatenate(rel))),
+        max_abs_residual=max_abs,
+        mass_ig=float(torch.cat(inside).mean()),
+        mass_saliency=float(mass_inside(sal, test_masks).mean()),
         mass_random=float(mass_inside(random_attr, test_masks).mean()),
+        run_dir=out,
     )

@@ -120,3 +120,40 @@ def test_wrong_shape_data_and_foreign_run_directory(tmp_path, env):
 def test_help_has_examples(tmp_path, env):
     r = fastattr("run", "--help", env=env, cwd=tmp_path)
     assert r.returncode == 0 and "examples:" in r.stdout
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def test_demo_end_to_end_then_info_verify_render(tmp_path, env):
+    r = fastattr("demo", "--samples", "300", "--steps", "16", "--out", "demo", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in r.stdout.splitlines() if line.startswith("  ")}
+    ig = float(lines["integrated gradients"].split()[2].rstrip("%"))
+    rnd = float(lines["random attribution"].split()[2].rstrip("%"))
+    assert ig > 5 * rnd, r.stdout  # trained-model attributions find the known region
+    assert fastattr("verify", "demo", env=env, cwd=tmp_path).returncode == 0
+    png = fastattr("render", "demo", "--data", "demo/inputs.npy", "--index", "0:9", "--out", "grid.png", "--size", "640x480", env=env, cwd=tmp_path)
+    assert png.returncode == 0, png.stderr
+    assert _png_size(tmp_path / "grid.png") == (640, 480)
+
+
+def test_render_bars_for_vectors_and_missing_matplotlib(tmp_path, env):
+    np.save(tmp_path / "tab.npy", np.random.default_rng(0).standard_normal((6, 12)).astype(np.float32))
+    (tmp_path / "tab_models.py").write_text("import torch\ndef mlp():\n    torch.manual_seed(0)\n    return torch.nn.Sequential(torch.nn.Linear(12, 3))\n")
+    assert fastattr("run", "--model", "tab_models:mlp", "--data", "tab.npy", "--out", "t", "--steps", "4", env=env, cwd=tmp_path).returncode == 0
+    r = fastattr("render", "t", "--index", "0:6", "--out", "bars.png", "--size", "500x300", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _png_size(tmp_path / "bars.png") == (500, 300)
+    code = "import sys; sys.modules['matplotlib'] = None; from fastattr.cli import main; sys.exit(main(['render', 't', '--out', 'x.png']))"
+    missing = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "needs matplotlib" in missing.stderr
+
+
+def test_layers_lists_modules_and_shapes(tmp_path, env):
+    r = fastattr("layers", "cli_models:cnn", "--input-shape", "3,6,6", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Conv2d" in r.stdout and "(B, 4, 6, 6)" in r.stdout and "(B, 5)" in r.stdout
