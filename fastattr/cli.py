@@ -22,6 +22,7 @@ RUN_EXAMPLES = """examples:
   fastattr run --model mypkg.models:resnet --model-arg depth=18 --data images.npy --out runs/ig
   fastattr run --model model.ts --data data.h5:images --labels data.h5:labels --target label \\
                --steps 32 --precision bf16 --storage-dtype float16 --out runs/ig-bf16
+  fastattr run ... --baseline mean --out runs/ig-mean   # baseline: the data's mean sample
   fastattr run ... --out runs/ig            # rerun after a crash: resumes, each sample once
 """
 
@@ -49,7 +50,9 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--target must be predicted, label, an int or a .npy file; got {args.target!r}") from None
     baselines: object = None
-    if args.baseline != "zeros":
+    if args.baseline == "mean":
+        baselines = _data_mean(data)
+    elif args.baseline != "zeros":
         if args.baseline.endswith(".npy"):
             baselines = np.load(args.baseline)
         else:
@@ -67,6 +70,22 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print("\n".join(summary.lines()))
     return 0
+
+
+def _data_mean(data: object, chunk: int = 1024) -> object:
+    """The per-feature mean sample of the data (one streamed pass), as the baseline."""
+    import torch
+
+    from .sources import open_source
+
+    source = open_source(data)
+    total, n = None, len(source)
+    for start in range(0, n, chunk):
+        xs, _ = source.read(start, min(n, start + chunk))
+        sums = [x.double().sum(0) for x in xs]
+        total = sums if total is None else [t + s for t, s in zip(total, sums)]
+    means = [(t / n).to(torch.float32) for t in total]
+    return means[0] if len(means) == 1 else tuple(means)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -165,13 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rule", default="gausslegendre", choices=RULES)
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
-    run.add_argument("--baseline", default="zeros", help="zeros (default), a number, or file.npy (one sample, or one per sample)")
+    run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", default="auto", help="rows per forward: auto (default) or an int")
     run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
     run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
     run.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")
     run.set_defaults(func=_run)
 

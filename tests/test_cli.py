@@ -157,3 +157,22 @@ def test_layers_lists_modules_and_shapes(tmp_path, env):
     r = fastattr("layers", "cli_models:cnn", "--input-shape", "3,6,6", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Conv2d" in r.stdout and "(B, 4, 6, 6)" in r.stdout and "(B, 5)" in r.stdout
+
+
+def test_export_model_data_factory_and_mean_baseline(tmp_path, env):
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = cli_models.cnn().eval()
+    x = np.load(tmp_path / "x.npy")
+    torch.export.save(torch.export.export(model, (torch.from_numpy(x[:2]),), dynamic_shapes=({0: torch.export.Dim("batch")},)), str(tmp_path / "m.pt2"))
+    (tmp_path / "cli_data.py").write_text("import numpy as np\ndef images():\n    return np.load('x.npy')\n")
+    r = fastattr("run", "--model", "m.pt2", "--data", "cli_data:images", "--out", "e", "--steps", "4", "--target", "1", "--baseline", "mean", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import fastattr as fa
+
+    mean = torch.from_numpy(x.astype(np.float64).mean(0).astype(np.float32))
+    ref = fa.IntegratedGradients(model).attribute(torch.from_numpy(x), baselines=mean, target=1, n_steps=4)
+    np.testing.assert_allclose(fa.open(tmp_path / "e")[:]["attributions"]["x"], ref.numpy(), rtol=1e-4, atol=1e-6)
