@@ -45,10 +45,10 @@ def test_cli_help_and_version():
 
 
 @pytest.mark.usefixtures("single_thread")
-def test_demo_attributions_land_in_the_known_region():
+def test_demo_attributions_land_in_the_known_region(tmp_path):
     from fastattr.demo import run_demo
 
-    report = run_demo(samples=64, train_samples=1200, n_steps=16)
+    report = run_demo(samples=64, train_samples=1200, n_steps=16, out=str(tmp_path / "demo"))
     assert report.test_accuracy > 0.9
     assert report.mass_ig > 5 * report.mass_random  # IG concentrates on the deciding patch
     assert report.median_rel_residual < 0.05
