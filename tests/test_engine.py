@@ -493,3 +493,26 @@ def test_target_tensor_of_index_tuples_equals_list_of_tuples():
     a = fastattr.IntegratedGradients(model).attribute(x, target=torch.tensor(rows), n_steps=8)
     b = fastattr.IntegratedGradients(model).attribute(x, target=rows, n_steps=8)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_one_autograd_grad_per_chunk_and_no_unbind(monkeypatch):
+    """The engine's contract: ONE torch.autograd.grad per chunk, on the selected outputs
+    (never Captum's torch.unbind into per-row roots), and one forward per chunk."""
+    model, inputs, target, _ = _problem("mlp", 7)
+    grads, forwards = [], []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(outputs, inputs, *args, **kwargs):
+        grads.append(outputs.shape if isinstance(outputs, torch.Tensor) else len(outputs))
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    def no_unbind(*args, **kwargs):
+        raise AssertionError("torch.unbind was called")
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    monkeypatch.setattr(torch, "unbind", no_unbind)
+    handle = model.register_forward_pre_hook(lambda m, a: forwards.append(a[0].shape[0]) if torch.is_grad_enabled() else None)
+    fastattr.IntegratedGradients(model).attribute(inputs, target=target, n_steps=9, internal_batch_size=10)
+    handle.remove()
+    assert len(grads) == len(forwards) == -(-7 * 9 // 10)  # ceil(63 / 10) chunks
+    assert all(isinstance(s, torch.Size) and len(s) == 1 for s in grads)  # one (rows,) root per chunk
