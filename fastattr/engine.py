@@ -31,6 +31,8 @@ from .precision import Precision
 
 logger = logging.getLogger(__name__)
 
+FORWARD_ONLY_ROWS = 256  # rows per no-grad forward (F(x), F(x0)) when no cap is given
+
 _frozen_lock = threading.Lock()
 _frozen_count: dict[int, tuple[int, bool]] = {}  # id(param) -> (active calls, flag to restore)
 
@@ -140,7 +142,6 @@ class Engine:
         self.max_rows = max_rows
         self.memory_budget = parse_bytes(memory_budget)  # fail fast on a malformed size
         self.kernel_backend = kernel_backend
-        self._rows_seen: int | None = None  # rows per forward settled on by the last pass
 
     # ------------------------------------------------------------- selection
     def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem) -> torch.Tensor:
@@ -172,7 +173,7 @@ class Engine:
         batch = problem.batch
         stacked = [torch.cat([r[i] for r in rows_inputs]) for i in range(len(problem.inputs))]
         total = stacked[0].shape[0]
-        rows = min(self.max_rows or max(256, self._rows_seen or 0), total)
+        rows = min(self.max_rows or FORWARD_ONLY_ROWS, total)
         out = torch.empty(total, dtype=torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32, device=problem.device)
         with torch.no_grad(), self.precision.flags():
             for r0 in range(0, total, rows):
@@ -245,7 +246,6 @@ class Engine:
                     r += n
             planner.end(p1 - p0)
             p0 = p1
-        self._rows_seen = planner.rows
         return accs
 
     def finalize(self, problem: Problem, accs: Sequence[torch.Tensor], multiply_by_inputs: bool) -> tuple[list[torch.Tensor], list[kernels.Stats]]:

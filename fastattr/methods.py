@@ -66,7 +66,7 @@ class _GradientAttribution:
         additional_forward_args: Any,
         with_output: bool,
         *,
-        transform: str | None = None,
+        absolute: bool = False,
         multiply_by_inputs: bool = False,
         precision: str = "fp32",
         max_rows: int | None = None,
@@ -84,7 +84,7 @@ class _GradientAttribution:
         out = torch.empty(problem.batch, dtype=torch.float32, device=problem.device) if with_output else None
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0], endpoint_steps={0: out} if with_output else None)
-        if transform == "abs":
+        if absolute:
             accs = [a.abs_() for a in accs]
         attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=multiply_by_inputs)
         return BatchResult(attrs, is_tuple, combine_stats(stats), out, None, None, 1, problem.target)
@@ -150,7 +150,7 @@ class Saliency(_GradientAttribution):
         **options: Any,
     ) -> BatchResult:
         """attribute() plus F(x) (taken from the gradient pass) and per-sample stats."""
-        return self._gradient_batch(inputs, target, additional_forward_args, with_output, transform="abs" if abs else None, **options)
+        return self._gradient_batch(inputs, target, additional_forward_args, with_output, absolute=abs, **options)
 
 
 class InputXGradient(_GradientAttribution):
@@ -280,7 +280,7 @@ class IntegratedGradients(_GradientAttribution):
         delta = None
         if with_delta:
             if acc_dtype == torch.float32:
-                sums = sum(st.sum for st in stats)
+                sums = combined.sum
             else:  # the kernels' stats are float32; keep float64 deltas exact
                 sums = sum(a.reshape(batch, -1).sum(1) for a in attrs)
             delta = sums - (f_x - f_x0)

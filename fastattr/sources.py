@@ -103,22 +103,16 @@ class ArraySource(Source):
 
 
 class H5Source(ArraySource):
-    """``file.h5:dataset`` inputs (labels optionally ``file.h5:dataset`` too), sliced per batch."""
+    """``file.h5:dataset`` inputs, sliced per batch (labels arrive resolved, see open_source)."""
 
-    def __init__(self, spec: str, labels: str | Array | None = None) -> None:
+    def __init__(self, spec: str, labels: Array | None = None) -> None:
         import h5py
 
         path, dataset = _split_h5(spec)
         self._file = h5py.File(path, "r")
         if dataset not in self._file:
             raise SourceError(f"{path} has no dataset {dataset!r} (has: {', '.join(self._file.keys())})")
-        lab = None
-        if isinstance(labels, str):
-            lpath, ldataset = _split_h5(labels)
-            lab = (self._file if os.path.abspath(lpath) == os.path.abspath(path) else h5py.File(lpath, "r"))[ldataset][()]
-        elif labels is not None:
-            lab = labels
-        super().__init__(self._file[dataset], lab, name=spec)
+        super().__init__(self._file[dataset], labels, name=spec)
 
     def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
         return tuple(np.asarray(x[start:stop]) for x in self.inputs), None if self.labels is None else self.labels[start:stop]
@@ -131,6 +125,20 @@ def _split_h5(spec: str) -> tuple[str, str]:
     if not os.path.exists(path):
         raise SourceError(f"no such file: {path}")
     return path, dataset
+
+
+def _load_labels(spec: str) -> np.ndarray:
+    """Labels named by a path: ``labels.npy`` (memory-mapped) or ``file.h5:dataset`` (read whole:
+    one integer per sample)."""
+    if spec.endswith(".npy"):
+        return np.load(spec, mmap_mode="r")
+    import h5py
+
+    path, dataset = _split_h5(spec)
+    with h5py.File(path, "r") as f:
+        if dataset not in f:
+            raise SourceError(f"{path} has no dataset {dataset!r}")
+        return f[dataset][()]
 
 
 class DatasetSource(Source):
@@ -222,16 +230,8 @@ def open_source(data: Any, labels: Any = None) -> Source:
         return LoaderSource(data)
     if isinstance(data, torch.utils.data.Dataset):
         return DatasetSource(data)
-    if isinstance(labels, (str, os.PathLike)) and str(labels).endswith(".npy"):
-        labels = np.load(labels, mmap_mode="r")
-    elif isinstance(labels, (str, os.PathLike)) and not (isinstance(data, (str, os.PathLike)) and ":" in str(data) and not str(data).endswith(".npy")):
-        import h5py  # labels in an HDF5 file beside array or .npy data
-
-        lpath, ldataset = _split_h5(str(labels))
-        with h5py.File(lpath, "r") as f:
-            if ldataset not in f:
-                raise SourceError(f"{lpath} has no dataset {ldataset!r}")
-            labels = f[ldataset][()]
+    if isinstance(labels, (str, os.PathLike)):
+        labels = _load_labels(str(labels))
     if isinstance(data, (str, os.PathLike)):
         spec = str(data)
         if spec.endswith(".npy"):
