@@ -252,6 +252,7 @@ def _run_batches(
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)
     attributor = METHODS[method](model, multiply_by_inputs=multiply_by_inputs) if method != "saliency" else Saliency(model)
+    baselines = _Baselines(baselines, total, source.sample_shapes, dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
     from tqdm.auto import tqdm
@@ -262,10 +263,9 @@ def _run_batches(
     pending: tuple | None = None  # results copied back asynchronously, written one batch later
     try:
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
-            xs = tuple(x.to(dev, non_blocking=True) for x in xs)
-            xs = tuple(x.to(model_dtype) if x.is_floating_point() and x.dtype != model_dtype else x for x in xs)
+            xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
             tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
-            base = _baselines_for(baselines, start, stop, total, xs)
+            base = baselines.for_batch(start, stop)
             res, max_rows = _attribute_with_retry(attributor, method, xs, tgt, base, n_steps, rule, precision, max_rows, memory_budget, abs)
             copied = _to_host(res, dev)
             if pending is not None:
@@ -295,20 +295,33 @@ def _run_batches(
     return summary
 
 
-def _baselines_for(baselines: Any, start: int, stop: int, total: int, xs: tuple) -> Any:
-    """Per-sample baselines (total rows, like the data) are sliced per batch; anything else
-    (None, a number, one sample's tensor) applies to every sample as in attribute()."""
+class _Baselines:
+    """Baselines for a dataset run, resolved once: a per-sample array (one row per sample,
+    like the data) stays where it is and is sliced per batch; anything else (None, a number,
+    one sample's array) is moved to the device once and applies to every sample."""
 
-    def one(b: Any, x: torch.Tensor) -> Any:
+    def __init__(self, baselines: Any, total: int, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype, self.total = device, dtype, total
+        self.tuple = isinstance(baselines, tuple)
+        parts = baselines if self.tuple else (baselines,)
+        self.parts = [self._resolve(b, shape) for b, shape in zip(parts, shapes)]
+
+    def _resolve(self, b: Any, shape: tuple[int, ...]) -> tuple[bool, Any]:
+        if isinstance(b, (np.ndarray, torch.Tensor)) and b.ndim == len(shape) + 1 and b.shape[0] == self.total and tuple(b.shape[1:]) == shape:
+            return True, b  # per sample: sliced per batch
         if isinstance(b, np.ndarray):
-            b = torch.from_numpy(np.ascontiguousarray(b))
-        if isinstance(b, torch.Tensor) and b.dim() == x.dim() and b.shape[0] == total and tuple(b.shape[1:]) == tuple(x.shape[1:]):
-            return b[start:stop].to(x.device, x.dtype)
-        return b.to(x.device, x.dtype) if isinstance(b, torch.Tensor) else b
+            b = torch.from_numpy(np.array(b))
+        return False, b.to(self.device, self.dtype) if isinstance(b, torch.Tensor) else b
 
-    if isinstance(baselines, tuple):
-        return tuple(one(b, x) for b, x in zip(baselines, xs))
-    return one(baselines, xs[0])
+    def for_batch(self, start: int, stop: int) -> Any:
+        out = []
+        for per_sample, b in self.parts:
+            if per_sample:
+                rows = b[start:stop]
+                rows = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
+                b = rows.to(self.device, self.dtype)
+            out.append(b)
+        return tuple(out) if self.tuple else out[0]
 
 
 def _default_examples(source: Source, device: torch.device) -> int:
