@@ -9,7 +9,7 @@ Keyword-only extras are fastattr's own: ``precision`` ("fp32", "tf32", "bf16",
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -100,8 +100,10 @@ class BatchResult:
     output: torch.Tensor | None  # F(x) at the target
     baseline_output: torch.Tensor | None  # F(x0) at the target (path methods)
     delta: torch.Tensor | None  # sum(attr) - (F(x) - F(x0))
-    n_steps: int
+    n_steps: int | torch.Tensor  # steps used: one int for the batch, or (B,) int per sample (adaptive)
     target: torch.Tensor | None  # (B, k) validated target indices
+    names: list[str] | None = None  # stored name per attribution (layer names); None: x / input_i
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # further per-sample (B, ...) fields to store
 
 
 def combine_stats(stats: list[Stats]) -> Stats:

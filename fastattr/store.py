@@ -132,6 +132,8 @@ class Block:
     delta: np.ndarray  # (rows,) float32 completeness residual (NaN when not defined)
     n_steps: np.ndarray  # (rows,) int32
     stats: dict[str, np.ndarray]  # STAT_FIELDS (float32) and "nonfinite" (int32), each (rows,)
+    # further per-sample fields, stored as extras/<name> (e.g. "lengths" of padded token rows)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -580,6 +582,7 @@ class RunWriter:
                 return {
                     "attributions": {name: tuple(ds.shape[1:]) for name, ds in f["attributions"].items()},
                     "target": tuple(f["target"].shape[1:]),
+                    "extras": {name: (tuple(ds.shape[1:]), ds.dtype.str) for name, ds in f.get("extras", {}).items()},
                 }
         except Exception as exc:
             raise StoreError(f"{path}: cannot read the shard to resume ({exc})") from exc
@@ -703,10 +706,18 @@ class RunWriter:
             delta=arr("delta", block.delta, "fiu", (1,)),
             n_steps=arr("n_steps", block.n_steps, "iu", (1,)),
             stats={k: arr(f"stats/{k}", block.stats[k], "iu" if k == "nonfinite" else "fiu", (1,)) for k in STAT_KEYS},
+            extras={},
         )
+        if not isinstance(block.extras, Mapping):
+            raise ValueError("block field 'extras' must be a dict name -> array")
+        for name, value in block.extras.items():
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                raise ValueError(f"extra field name {name!r} is not a valid HDF5 dataset name (non-empty, no '/')")
+            checked.extras[name] = arr(f"extras/{name}", value, "fiub", tuple(range(1, 33)))
         shapes = {
             "attributions": {name: tuple(a.shape[1:]) for name, a in attributions.items()},
             "target": tuple(checked.target.shape[1:]),
+            "extras": {name: (tuple(a.shape[1:]), a.dtype.str) for name, a in checked.extras.items()},
         }
         if self._expect is None:
             self._expect = shapes
@@ -717,6 +728,8 @@ class RunWriter:
             for name, shape in new["attributions"].items():
                 if shape != old["attributions"][name]:
                     raise ValueError(f"block field 'attributions/{name}' has feature shape {shape}; this run stores {old['attributions'][name]}")
+            if new["extras"] != old["extras"]:
+                raise ValueError(f"block field 'extras' has {new['extras']}; this run stores {old['extras']}")
             raise ValueError(f"block field 'target' has per-sample shape {new['target']}; this run stores {old['target']}")
         return checked
 
@@ -869,6 +882,10 @@ class RunWriter:
         stats = f.create_group("stats", track_order=True)
         for name, dtype in STAT_DTYPES.items():
             make(stats, name, dtype, (), scalar_chunk)
+        if block.extras:
+            extras = f.create_group("extras", track_order=True)
+            for name, a in block.extras.items():
+                make(extras, name, a.dtype, a.shape[1:], scalar_chunk)
         logger.debug("opened %s at index %d", shard.path.name, start)
         return shard
 
@@ -910,6 +927,10 @@ class RunWriter:
             write(f[name], getattr(block, name)[lo:hi].astype(dtype, copy=False))
         for name, dtype in STAT_DTYPES.items():
             write(f["stats"][name], block.stats[name][lo:hi].astype(dtype, copy=False))
+        if set(f.get("extras", {})) != set(block.extras):
+            raise ValueError(f"{shard.path}: extra fields {sorted(block.extras)} differ from the shard's {sorted(f.get('extras', {}))}")
+        for name, a in block.extras.items():
+            write(f["extras"][name], a[lo:hi])
         shard.rows = r1
 
     def _finalize_open(self) -> None:
@@ -1090,6 +1111,7 @@ class RunReader:
                 "delta": f["delta"][sl],
                 "n_steps": f["n_steps"][sl],
                 "stats": {k: f["stats"][k][sl] for k in STAT_KEYS},
+                "extras": {name: ds[sl] for name, ds in f["extras"].items()} if "extras" in f else {},
                 "index": f["index"][sl],
             }
         except Exception as exc:
@@ -1182,6 +1204,7 @@ class RunReader:
             "delta": f32.copy(),
             "n_steps": i32,
             "stats": {k: (i32.copy() if k == "nonfinite" else f32.copy()) for k in STAT_KEYS},
+            "extras": {},
             "index": i64.copy(),
         }
 

@@ -153,6 +153,39 @@ def test_float16_storage(tmp_path):
         assert r[0]["attributions"]["x"].dtype == np.float16
 
 
+def test_extras_round_trip_and_resume(tmp_path):
+    """Per-sample extra fields (e.g. token lengths) are stored as extras/<name>, read back per
+    sample and by field(), and must keep their names, shapes and dtypes across blocks and resumes."""
+    run = tmp_path / "run"
+
+    def with_lengths(start: int, stop: int, dtype=np.int32) -> Block:
+        b = block(start, stop)
+        b.extras = {"lengths": (np.arange(start, stop) % 11 + 1).astype(dtype)}
+        return b
+
+    w = RunWriter(run, config=CONFIG, total=40, shard_rows=16)
+    w.put(with_lengths(0, 20))
+    with pytest.raises(ValueError, match="extras"):
+        w.put(block(20, 25))  # no lengths in a run that stores them
+    with pytest.raises(ValueError, match="extras"):
+        w.put(with_lengths(20, 25, np.float32))
+    w.close(complete=False)
+    w = RunWriter(run, config=CONFIG, total=40, shard_rows=16)
+    with pytest.raises(ValueError, match="extras"):
+        w.put(block(w.missing()[0][0], 40))
+    w.put(with_lengths(w.missing()[0][0], 40))
+    w.close()
+    with open_run(run) as r:
+        np.testing.assert_array_equal(r.field("extras/lengths"), np.arange(40) % 11 + 1)
+        assert r[13]["extras"]["lengths"] == 13 % 11 + 1
+        np.testing.assert_array_equal(r[5:9]["extras"]["lengths"], np.arange(5, 9) % 11 + 1)
+        check_values(r[:], np.arange(40))
+    with h5py.File(run / "shard-00000.h5", "r") as f:
+        assert f["extras/lengths"].dtype == np.int32 and f["extras/lengths"].shape == (16,)
+    with open_run(tmp_path / "plain" if write_run(tmp_path / "plain", [10]) else None) as r:
+        assert r[0]["extras"] == {}
+
+
 def test_chunks_and_layout(tmp_path):
     write_run(tmp_path / "run", [40], shard_rows=32, compression="gzip")
     with h5py.File(tmp_path / "run" / "shard-00000.h5", "r") as f:
