@@ -25,18 +25,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
+from .methods import BatchResult
+from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, SourceError, open_source
 from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
 
 logger = logging.getLogger(__name__)
 
-METHODS = {
-    "integrated_gradients": IntegratedGradients,
-    "ig": IntegratedGradients,
-    "saliency": Saliency,
-    "input_x_gradient": InputXGradient,
-}
 PREFETCH_BATCHES = 2
 
 
@@ -75,14 +70,6 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _describe(value: Any) -> Any:
-    """JSON-friendly description of a target or baseline argument."""
-    if value is None or isinstance(value, (int, float, str)):
-        return value
-    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    return {"array": list(arr.shape), "dtype": str(arr.dtype), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]}
 
 
 class _Targets:
@@ -198,27 +185,25 @@ def run(
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    plan = plan_method(
+        model, method, {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs},
+        precision=precision, memory_budget=memory_budget,
+    )  # fmt: skip
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
     if examples_per_batch is not None and (not isinstance(examples_per_batch, int) or examples_per_batch < 1):
         raise ValueError(f"examples_per_batch must be a positive int, got {examples_per_batch!r}")
-    method = "integrated_gradients" if method == "ig" else method
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     source = open_source(data, labels)
     total = len(source)
     targets = _Targets(target, source, total)
-    params: dict[str, Any] = {"multiply_by_inputs": multiply_by_inputs} if method != "saliency" else {"abs": abs}
-    if method == "integrated_gradients":
-        params.update(n_steps=n_steps, rule=rule, baselines=_describe(baselines) if baselines is not None else "zeros")
     config = {
-        "method": method,
-        "params": params,
+        "method": plan.name,
+        "params": plan.params,
         "precision": precision,
-        "target": _describe(target),
+        "target": describe(target),
         "storage_dtype": storage_dtype,
         "compression": compression,
         "shard_size": shard_size,
@@ -230,17 +215,15 @@ def run(
         resume=resume, overwrite=overwrite, volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
     )  # fmt: skip
     try:
-        return _run_batches(writer, model, source, targets, method, baselines, n_steps, rule, precision, batch_size, memory_budget,
-                            examples_per_batch, dev, model_dtype, progress, multiply_by_inputs, abs, str(out), total)  # fmt: skip
+        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total)
     except BaseException:
         writer.abort()  # releases the directory if the failure came before the batch loop (no-op once closed)
         raise
 
 
 def _run_batches(
-    writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, method: str, baselines: Any, n_steps: int, rule: str,
-    precision: str, batch_size: int | str, memory_budget: Any, examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype,
-    progress: bool | None, multiply_by_inputs: bool, abs: bool, out: str, total: int,  # noqa: A002
+    writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
+    examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
 ) -> RunSummary:
     if writer.complete:
         writer.close()
@@ -251,7 +234,6 @@ def _run_batches(
     todo = writer.missing()
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)
-    attributor = METHODS[method](model, multiply_by_inputs=multiply_by_inputs) if method != "saliency" else Saliency(model)
     baselines = _Baselines(baselines, total, source.sample_shapes, dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
@@ -266,7 +248,7 @@ def _run_batches(
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
             tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
             base = baselines.for_batch(start, stop)
-            res, max_rows = _attribute_with_retry(attributor, method, xs, tgt, base, n_steps, rule, precision, max_rows, memory_budget, abs)
+            res, max_rows = _attribute_with_retry(plan, Batch(xs, tgt, base, start, stop, max_rows))
             copied = _to_host(res, dev)
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
@@ -334,25 +316,19 @@ def _default_examples(source: Source, device: torch.device) -> int:
     return max(16, min(4096, (64 * 2**20) // max(1, sample_bytes)))
 
 
-def _attribute_with_retry(attributor: Any, method: str, xs: tuple, tgt: Any, baselines: Any, n_steps: int, rule: str, precision: str, max_rows: int | None, memory_budget: Any, abs_: bool) -> tuple[BatchResult, int | None]:
-    """One engine call; on CUDA out-of-memory halve the rows per forward and retry the same samples."""
-    inputs = xs if len(xs) > 1 else xs[0]
+def _attribute_with_retry(plan: MethodPlan, batch: Batch) -> tuple[BatchResult, int | None]:
+    """One engine call; on CUDA out-of-memory halve the rows per forward and retry the same samples.
+    Returns the result and the rows per forward that worked (kept for the next batches)."""
     while True:
         try:
-            if method == "integrated_gradients":
-                res = attributor.attribute_batch(inputs, baselines, tgt, None, n_steps, rule, max_rows, True, precision=precision, memory_budget=memory_budget)
-            elif method == "saliency":
-                res = attributor.attribute_batch(inputs, tgt, abs_, None, True, precision=precision, max_rows=max_rows, memory_budget=memory_budget)
-            else:
-                res = attributor.attribute_batch(inputs, tgt, None, True, precision=precision, max_rows=max_rows, memory_budget=memory_budget)
-            return res, max_rows
+            return plan.attribute(batch), batch.max_rows
         except torch.OutOfMemoryError:
-            rows = max_rows or xs[0].shape[0] * (n_steps if method == "integrated_gradients" else 1)
+            rows = batch.max_rows or batch.inputs[0].shape[0] * plan.rows_per_sample
             if rows <= 1:
                 raise
-            max_rows = rows // 2
+            batch.max_rows = rows // 2
             torch.cuda.empty_cache()
-            logger.warning("CUDA out of memory: retrying the batch with at most %d rows per forward", max_rows)
+            logger.warning("CUDA out of memory: retrying the batch with at most %d rows per forward", batch.max_rows)
 
 
 def _to_host(res: BatchResult, dev: torch.device) -> dict:
@@ -374,7 +350,9 @@ def _to_host(res: BatchResult, dev: torch.device) -> dict:
         "baseline_output": host(res.baseline_output),
         "delta": host(res.delta),
         "target": host(res.target),
-        "n_steps": res.n_steps,
+        "n_steps": host(res.n_steps) if isinstance(res.n_steps, torch.Tensor) else res.n_steps,
+        "names": res.names,
+        "extras": {k: host(v) for k, v in res.extras.items()},
     }
     if pin:
         event = torch.cuda.Event()
@@ -392,7 +370,8 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
     def f32(t: torch.Tensor | None) -> np.ndarray:
         return nan if t is None else t.float().numpy()
 
-    names = ["x"] if len(c["attributions"]) == 1 else [f"input_{i}" for i in range(len(c["attributions"]))]
+    names = c["names"] or (["x"] if len(c["attributions"]) == 1 else [f"input_{i}" for i in range(len(c["attributions"]))])
+    n_steps = c["n_steps"].numpy().astype(np.int32) if isinstance(c["n_steps"], torch.Tensor) else np.full(rows, c["n_steps"], dtype=np.int32)
     target = c["target"]
     target_np = np.full(rows, -1, dtype=np.int64) if target is None else target.numpy().astype(np.int64)
     if target_np.ndim == 2 and target_np.shape[1] == 1:
@@ -405,8 +384,9 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
         output=f32(c["output"]),
         baseline_output=f32(c["baseline_output"]),
         delta=f32(c["delta"]),
-        n_steps=np.full(rows, c["n_steps"], dtype=np.int32),
+        n_steps=n_steps,
         stats={k: (v.numpy().astype(np.int32) if k == "nonfinite" else v.float().numpy()) for k, v in c["stats"].items()},
+        extras={k: v.numpy() for k, v in c["extras"].items()},
     )
     writer.put(block)
     if c["delta"] is not None:

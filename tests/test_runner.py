@@ -213,6 +213,7 @@ def test_sigkill_at_random_moments_then_resume_gives_each_sample_once(tmp_path):
 
 
 def test_out_of_memory_halves_rows_and_retries_the_same_samples():
+    from fastattr.run_methods import Batch, MethodPlan
     from fastattr.runner import _attribute_with_retry
 
     class FlakyIG:
@@ -229,20 +230,23 @@ def test_out_of_memory_halves_rows_and_retries_the_same_samples():
 
     x = torch.randn(10, 3)
     ig = FlakyIG()
-    res, rows = _attribute_with_retry(ig, "integrated_gradients", (x,), 0, None, 16, "gausslegendre", "fp32", None, None, True)
+    plan = MethodPlan("integrated_gradients", {}, lambda b: ig.attribute_batch(b.inputs[0], None, 0, None, 16, "gausslegendre", b.max_rows, True), 16)
+    res, rows = _attribute_with_retry(plan, Batch((x,), 0, None, 0, 10, None))
     assert res == ("result", 10)  # the same 10 samples, once
     assert ig.calls == [None, 80, 40] and rows == 40  # 10 x 16 rows -> halved until it fits
 
 
 def test_out_of_memory_at_one_row_is_raised():
+    from fastattr.run_methods import Batch, MethodPlan
     from fastattr.runner import _attribute_with_retry
 
     class AlwaysOOM:
         def attribute_batch(self, *a, **kw):
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
+    plan = MethodPlan("saliency", {}, AlwaysOOM().attribute_batch, 1)
     with pytest.raises(torch.OutOfMemoryError):
-        _attribute_with_retry(AlwaysOOM(), "saliency", (torch.randn(1, 3),), 0, None, 1, "gausslegendre", "fp32", None, None, True)
+        _attribute_with_retry(plan, Batch((torch.randn(1, 3),), 0, None, 0, 1, None))
 
 
 def test_batchnorm_model_multi_input_and_float64_data(tmp_path):
