@@ -248,6 +248,90 @@ class Engine:
             p0 = p1
         return accs
 
+    def _path_parts(self, problem: Problem) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.dtype]:
+        """Flat baselines and x - x0 per input in the working layout, and the accumulator dtype."""
+        if problem.baselines is None:
+            raise ValueError("a pass over (example, alpha) pairs needs a path: the problem has no baselines")
+        starts = [lay.flat(b) for lay, b in zip(problem.layouts, problem.baselines)]
+        diffs = [lay.flat(x) - s for lay, x, s in zip(problem.layouts, problem.inputs, starts)]
+        return starts, diffs, torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def _check_pairs(problem: Problem, example_idx: torch.Tensor, alphas: torch.Tensor) -> None:
+        if example_idx.dim() != 1 or alphas.shape != example_idx.shape:
+            raise ValueError(f"example_idx and alphas must be matching 1-D tensors, got {tuple(example_idx.shape)} and {tuple(alphas.shape)}")
+        if example_idx.numel() and (int(example_idx.min()) < 0 or int(example_idx.max()) >= problem.batch):
+            raise ValueError(f"example_idx must lie in [0, {problem.batch}), got [{int(example_idx.min())}, {int(example_idx.max())}]")
+
+    def integrate_pairs(
+        self,
+        problem: Problem,
+        example_idx: torch.Tensor,
+        alphas: torch.Tensor,
+        weights: torch.Tensor,
+        accs: Sequence[torch.Tensor],
+        dest: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A gradient pass over an arbitrary list of P (example, alpha, weight) pairs.
+
+        Pair p is the point x0[e] + alpha_p (x[e] - x0[e]) with e = example_idx[p]; its
+        weighted gradient w_p * dF/dx is added into row dest[p] (default e) of each input's
+        flat accumulator in ``accs`` (working layout, like integrate's). Pairs are cut into
+        chunks of at most the row budget whatever examples they belong to, so samples at
+        different refinement levels share forwards. Returns, per pair, the selected output
+        F (under the policy; free from the forward) and the directional derivative
+        dF/dalpha = sum over inputs of g . (x - x0), both in the accumulator dtype.
+        """
+        self._check_pairs(problem, example_idx, alphas)
+        device, total = problem.device, example_idx.shape[0]
+        starts, diffs, acc_dtype = self._path_parts(problem)
+        example_idx = example_idx.to(device=device, dtype=torch.long)
+        dest = example_idx if dest is None else dest.to(device=device, dtype=torch.long)
+        weights = weights.to(device=device, dtype=acc_dtype)
+        alpha_ts = [alphas.to(device=device, dtype=x.dtype) for x in problem.inputs]
+        outs = torch.zeros(total, dtype=acc_dtype, device=device)
+        dots = torch.zeros(total, dtype=acc_dtype, device=device)
+        row_bytes = sum(d.shape[1] * d.element_size() for d in diffs)
+        key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        planner = RowPlanner(device, max(total, 1), self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key)
+        p0 = 0
+        while p0 < total:
+            p1 = min(total, p0 + planner.rows)
+            planner.begin()
+            ex = example_idx[p0:p1]
+            leaves = [
+                lay.rows(torch.addcmul(s.index_select(0, ex), a[p0:p1].view(-1, 1), d.index_select(0, ex))).detach().requires_grad_(True)
+                for lay, s, d, a in zip(problem.layouts, starts, diffs, alpha_ts)
+            ]
+            grads, selected = self._grad_chunk(problem, leaves, ex)
+            outs[p0:p1] = selected.to(acc_dtype)
+            for acc, g, lay, d in zip(accs, grads, problem.layouts, diffs):
+                g = lay.flat(g).to(acc_dtype)
+                dots[p0:p1] += (g * d.index_select(0, ex).to(acc_dtype)).sum(1)
+                acc.index_add_(0, dest[p0:p1], g * weights[p0:p1, None])
+            planner.end(p1 - p0)
+            p0 = p1
+        return outs, dots
+
+    def outputs_pairs(self, problem: Problem, example_idx: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+        """Selected outputs (forward only, under this engine's policy) at P (example, alpha)
+        path points, in forwards of at most the row budget; (P,) in the accumulator dtype."""
+        self._check_pairs(problem, example_idx, alphas)
+        device, total = problem.device, example_idx.shape[0]
+        starts, diffs, acc_dtype = self._path_parts(problem)
+        example_idx = example_idx.to(device=device, dtype=torch.long)
+        alpha_ts = [alphas.to(device=device, dtype=x.dtype) for x in problem.inputs]
+        out = torch.zeros(total, dtype=acc_dtype, device=device)
+        rows = self.max_rows or FORWARD_ONLY_ROWS
+        with torch.no_grad(), self.precision.flags(), self.precision.autocast(device):
+            for p0 in range(0, total, rows):
+                p1 = min(total, p0 + rows)
+                ex = example_idx[p0:p1]
+                xs = [lay.rows(torch.addcmul(s.index_select(0, ex), a[p0:p1].view(-1, 1), d.index_select(0, ex))) for lay, s, d, a in zip(problem.layouts, starts, diffs, alpha_ts)]
+                y = self.forward_func(*xs, *self._rows_of_args(problem.forward_args, problem.batch, ex))
+                out[p0:p1] = self._select(y, ex, problem).to(acc_dtype)
+        return out
+
     def finalize(self, problem: Problem, accs: Sequence[torch.Tensor], multiply_by_inputs: bool) -> tuple[list[torch.Tensor], list[kernels.Stats]]:
         """Attributions in the user's layout and dtype, and per-example stats, per input:
         acc * (x - x0) when multiply_by_inputs (x0 = zeros without baselines), else acc."""

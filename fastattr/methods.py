@@ -4,6 +4,8 @@ Signatures and meanings follow Captum 0.9, so a Captum user changes one import.
 Keyword-only extras are fastattr's own: ``precision`` ("fp32", "tf32", "bf16",
 "fp16"), ``memory_budget`` (bytes or "8GiB"; CUDA), ``max_rows`` (rows per forward),
 ``allow_nonfinite``, ``kernel_backend`` and ``channels_last`` (None: by device and precision).
+IntegratedGradients also takes ``n_steps="auto"`` with ``tolerance``, ``max_steps``,
+``abs_tolerance`` (and ``min_steps``): per-sample adaptive steps, see fastattr/adaptive.py.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import adaptive
 from .engine import Engine, Problem, frozen_parameters, use_channels_last
 from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
 from .kernels import Stats
@@ -214,7 +217,7 @@ class IntegratedGradients(_GradientAttribution):
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
@@ -224,10 +227,15 @@ class IntegratedGradients(_GradientAttribution):
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+        abs_tolerance: float | None = None,
+        min_steps: int | None = None,
     ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
         res = self.attribute_batch(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
             precision=precision, memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last,
+            tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps,
         )  # fmt: skip
         result = self._format(res.attributions, res.is_tuple)
         return (result, res.delta) if return_convergence_delta else result
@@ -238,7 +246,7 @@ class IntegratedGradients(_GradientAttribution):
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         with_delta: bool = True,
@@ -248,8 +256,29 @@ class IntegratedGradients(_GradientAttribution):
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+        abs_tolerance: float | None = None,
+        min_steps: int | None = None,
     ) -> BatchResult:
-        """attribute() with everything a dataset run stores: F(x), F(x0), delta, stats."""
+        """attribute() with everything a dataset run stores: F(x), F(x0), delta, stats.
+
+        n_steps="auto": per-sample adaptive steps until sum of |panel residuals| <=
+        max(tolerance |F(x) - F(x0)|, abs_tolerance), at most max_steps (fastattr/adaptive.py);
+        ``method`` then names the adaptive rule ("simpson", "trapezoid"; the default
+        "gausslegendre" means the measured default). n_steps comes back as a (B,) tensor and
+        ``extras["converged"]`` says which samples met the tolerance before the cap.
+        """
+        adaptive_given = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
+        if isinstance(n_steps, str):
+            if n_steps != "auto":
+                raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+            return self._adaptive_batch(
+                inputs, baselines, target, additional_forward_args, method, internal_batch_size, with_delta, precision=precision,
+                memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last, **adaptive_given,
+            )  # fmt: skip
+        if adaptive_given:
+            raise ValueError(f"{', '.join(adaptive_given)} only apply with n_steps='auto', got n_steps={n_steps!r}")
         alphas, weights = points_and_weights(method, n_steps)
         policy = get_precision(precision)
         problem, is_tuple = self._problem(
@@ -288,3 +317,45 @@ class IntegratedGradients(_GradientAttribution):
             delta = sums - (f_x - f_x0)
             delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
         return BatchResult(attrs, is_tuple, combined, f_x, f_x0, delta, n_steps, problem.target)
+
+    def _adaptive_batch(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any,
+        target: Any,
+        additional_forward_args: Any,
+        method: str,
+        internal_batch_size: int | None,
+        with_delta: bool,
+        *,
+        precision: str,
+        memory_budget: Any,
+        allow_nonfinite: bool,
+        kernel_backend: str | None,
+        channels_last: bool | None,
+        **settings: Any,
+    ) -> BatchResult:
+        """n_steps='auto' (see attribute_batch and fastattr/adaptive.py)."""
+        rule = None if method == "gausslegendre" else method
+        if rule is not None and rule not in adaptive.RULES:
+            raise ValueError(f"n_steps='auto' refines nested rules only: method must be one of {', '.join(adaptive.RULES)} (or the default), got {method!r}")
+        config = adaptive.AdaptiveSettings.check(rule=rule, **settings)
+        policy = get_precision(precision)
+        problem, is_tuple = self._problem(
+            inputs, baselines, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=True, precision=policy, channels_last=channels_last
+        )
+        engine = self._engine(policy, internal_batch_size, memory_budget, kernel_backend)
+        batch = problem.batch
+        with frozen_parameters(self.forward_func):
+            # under fp32 the grid's endpoints give F(x), F(x0); otherwise an fp32 engine evaluates F
+            # along the path forward-only, so residuals are measured against the real model
+            node_engine = None if policy.name == "fp32" else self._engine("fp32", internal_batch_size, memory_budget, kernel_backend)
+            res = adaptive.integrate_adaptive(engine, problem, config, node_engine=node_engine)
+        attrs, stats = engine.finalize(problem, res.accs, multiply_by_inputs=self._multiply_by_inputs)
+        combined = combine_stats(stats)
+        delta = None
+        if with_delta:
+            sums = combined.sum if res.accs[0].dtype == torch.float32 else sum(a.reshape(batch, -1).sum(1) for a in attrs)
+            delta = sums - (res.output - res.baseline_output)
+            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        return BatchResult(attrs, is_tuple, combined, res.output, res.baseline_output, delta, res.n_steps, problem.target, extras={"converged": res.converged})
