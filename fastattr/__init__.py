@@ -14,8 +14,10 @@ import logging
 __version__ = "0.1.0"
 
 from . import store  # noqa: E402, F401 - fastattr.store.verify_run etc.
+from .gradient_shap import GradientShap  # noqa: E402
 from .inputs import AttributionInputError, NoGradientError  # noqa: E402
 from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
+from .noise_tunnel import NoiseTunnel  # noqa: E402
 from .precision import PRECISIONS  # noqa: E402
 from .quadrature import RULES  # noqa: E402
 from .runner import RunSummary, run  # noqa: E402
@@ -23,9 +25,11 @@ from .store import open_run as open  # noqa: E402, A001 - the documented reader:
 
 __all__ = [
     "AttributionInputError",
+    "GradientShap",
     "InputXGradient",
     "IntegratedGradients",
     "NoGradientError",
+    "NoiseTunnel",
     "PRECISIONS",
     "RULES",
     "RunSummary",

@@ -81,6 +81,16 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: 
         return float((model(images).argmax(1) == labels).float().mean())
 
 
+def trained_model(train_samples: int = 4000, seed: int = 0) -> nn.Module:
+    """The demo CNN trained exactly as run_demo trains it (same seed and data, so the same weights
+    on CPU): a model factory for ``fastattr audit --model fastattr.demo:trained_model``."""
+    torch.manual_seed(seed)
+    train_x, train_y, _ = make_dataset(train_samples, seed=seed)
+    model = make_model()
+    train(model, train_x, train_y)  # run_demo trains with train()'s own default seed
+    return model
+
+
 def mass_inside(attr: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Per-sample share of |attribution| inside the mask."""
     a = attr.abs().flatten(1)
@@ -141,6 +151,7 @@ def run_demo(
     out = out or tempfile.mkdtemp(prefix="fastattr-demo-")
     summary = run(model, test_x.numpy(), out, target=test_y.numpy(), n_steps=n_steps, precision=precision, device=device, overwrite=True)
     np.save(os.path.join(out, "inputs.npy"), test_x.numpy())  # for `fastattr render --data`
+    np.save(os.path.join(out, "masks.npy"), test_masks.numpy())  # the deciding patches, for `fastattr audit --masks`
     inside, rel, max_abs = [], [], 0.0
     with open_run(out) as store:
         for batch in store.iter_batches(512):

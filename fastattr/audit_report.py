@@ -1,0 +1,396 @@
+"""Write an audit for people: ``audit.json`` (every number with its definition), ``report.md`` with
+PNG plots, ``class_maps.npz`` (the per-class mean maps), and a one-screen terminal summary.
+
+The plots need matplotlib (``pip install fastattr[render]`` or ``pip install matplotlib``); it is
+imported only when a report is written, and ``require_matplotlib()`` lets a caller fail before
+any audit work when it is missing. JSON is strict: NaN and infinities are written as null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audit import DEFINITIONS, AuditResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuditReportError", "require_matplotlib", "summary_lines", "write_report"]
+
+DPI = 100
+
+
+class AuditReportError(RuntimeError):
+    """The report cannot be written (matplotlib missing, unwritable directory)."""
+
+
+def require_matplotlib() -> Any:
+    """matplotlib.pyplot on the Agg backend, or AuditReportError naming the fix."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise AuditReportError("audit reports need matplotlib for their plots: pip install matplotlib (or fastattr[render])") from exc
+    return plt
+
+
+def _strict(obj: Any) -> Any:
+    """JSON-safe copy: NaN / inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+
+
+def _hist(ax: Any, dist: dict[str, Any], title: str, log: bool = False) -> None:
+    edges = np.asarray(dist["histogram"]["edges"])
+    counts = np.asarray(dist["histogram"]["counts"])
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#2e6db4", edgecolor="none")
+    if log:
+        ax.set_xscale("log")
+        nz = np.flatnonzero(counts)
+        if nz.size:  # zoom to the occupied decades
+            ax.set_xlim(edges[max(nz[0] - 2, 0)], edges[min(nz[-1] + 3, len(edges) - 1)])
+    extra = dist["histogram"]["underflow"] + dist["histogram"]["overflow"]
+    note = f" ({dist['histogram']['underflow']} below, {dist['histogram']['overflow']} above the range)" if extra else ""
+    ax.set_title(title + note, fontsize=9)
+    ax.set_ylabel("samples")
+
+
+def _plot_residuals(plt: Any, doc: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=DPI)
+    _hist(axes[0], doc["residual"]["abs"], "|delta|", log=True)
+    _hist(axes[1], doc["residual"]["rel"], "|delta| / |F(x) - F(x0)|", log=True)
+    fig.suptitle("completeness residual")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_pair(plt: Any, left: tuple[dict, str], right: tuple[dict, str], title: str, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=DPI)
+    for ax, (dist, label) in zip(axes, (left, right)):
+        _hist(ax, dist, label)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_localization(plt: Any, loc: dict[str, Any], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=DPI)
+    _hist(ax, loc["mass_inside"], "share of |attr| inside the mask")
+    ax.axvline(loc["mask_fraction"], color="#c0392b", linestyle="--", label=f"uniform random attribution ({loc['mask_fraction']:.3f})")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"localization (pointing game {loc['pointing_game']:.3f})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_class_maps(plt: Any, maps: dict[str, np.ndarray], path: Path) -> None:
+    keys = list(maps)
+    cols = min(len(keys), 8)
+    rows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.5, 2.3 * rows + 0.4), dpi=DPI, squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        m = np.asarray(maps[key], dtype=np.float64)
+        image = m.ndim == 2 or (m.ndim == 3 and m.shape[1] > 1 and m.shape[2] > 1)
+        if image:
+            heat = m.sum(0) if m.ndim == 3 else m
+            lim = float(np.abs(heat).max()) or 1e-12
+            ax.imshow(heat, cmap="RdBu_r", vmin=-lim, vmax=lim)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            bars = m.reshape(-1)
+            ax.bar(np.arange(bars.size), bars, color=np.where(bars >= 0, "#c0392b", "#2e6db4"))
+            ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_title(f"target {key}", fontsize=9)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.suptitle("mean attribution per target class (red positive, blue negative)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_perturbation(plt: Any, pert: dict[str, Any], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=DPI)
+    x = pert["fraction"]
+    for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
+        ax.plot(x, pert[kind]["curve"], color="#c0392b", label=f"attribution order, AUC {pert[kind]['auc']:.3f}")
+        rc = pert["random_control"][kind]
+        ax.plot(x, rc["curve"], color="gray", linestyle="--", label=f"random order, AUC {rc['auc']:.3f}")
+        ax.set_xlabel(f"fraction of features {'removed' if kind == 'deletion' else 'inserted'}")
+        ax.set_ylabel(f"model score ({pert['score']})")
+        ax.set_title(f"{kind} ({better} AUC is better)", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{pert['samples']} samples, {pert['steps']} steps, replacement: {pert['replacement']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_randomization(plt: Any, rnd: dict[str, Any], path: Path) -> None:
+    labels = ["none (reproduced)"] + [f"{'down to ' if rnd['mode'] == 'cascade' else ''}{r['layer']}" for r in rnd["layers"]]
+    values = [rnd["reproduced"]] + [r["similarity"] for r in rnd["layers"]]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.0), dpi=DPI)
+    ax.plot(range(len(values)), values, marker="o", color="#2e6db4", label="Spearman of |attr| vs stored")
+    ax.axhline(rnd["max_similarity"], color="#c0392b", linestyle="--", label=f"pass below {rnd['max_similarity']:g}")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(min(-0.1, min((v for v in values if v == v), default=0) - 0.05), 1.05)
+    ax.set_ylabel("similarity")
+    ax.set_title(f"randomization check ({rnd['mode']}): {'passed' if rnd['passed'] else 'FAILED'}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# the report
+# ----------------------------------------------------------------------------------------------
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell (|x| would end the cell)."""
+    return text.replace("|", "\\|")
+
+
+def _dist_rows(label: str, key: str, dist: dict[str, Any]) -> list[str]:
+    q = dist["quantiles"]
+    how = "exact" if dist["quantiles_exact"] else "reservoir estimate"
+    return [
+        f"| {label} | {_fmt(dist['mean'])} | {_fmt(q['p50'])} | {_fmt(q['p95'])} | {_fmt(q['p99'])} | {_fmt(dist['max'])} | {_fmt(dist['count'])} ({how}) |",
+        f"|  | *{_cell(DEFINITIONS.get(key, ''))}* | | | | | |",
+    ]
+
+
+DIST_HEADER = ["| metric | mean | median | p95 | p99 | max | samples |", "| --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
+    run = doc["run"]
+    lines = [f"# fastattr audit: `{run['dir']}`", ""]
+    verdict = "PASSED" if doc["passed"] else "FAILED"
+    lines += [f"**{verdict}**" + (f" (thresholds: {', '.join(f'{k}={v}' for k, v in doc['thresholds'].items())})" if doc["thresholds"] else " (no thresholds set)"), ""]
+    lines += [f"- violation: {v}" for v in doc["violations"]]
+    lines += [
+        "",
+        f"Run: method `{run['method']}` {json.dumps(run['params'])}, precision {run['precision']}, status {run['status']}, "
+        f"{doc['samples']:,} of {run['total']:,} samples read; attribution `{doc['attribution']['name']}` of shape {tuple(doc['attribution']['shape'])}.",
+        "Every number below is also in `audit.json`, next to its definition.",
+        "",
+        "## Completeness and numerical health",
+        "",
+        *DIST_HEADER,
+        *_dist_rows("absolute residual", "residual.abs", doc["residual"]["abs"]),
+        *_dist_rows("relative residual", "residual.rel", doc["residual"]["rel"]),
+        "",
+        f"- samples without a defined residual: {_fmt(doc['residual']['undefined'])} ({DEFINITIONS['residual.undefined']})",
+        f"- non-finite residuals: {_fmt(doc['residual']['nonfinite'])}",
+        f"- non-finite attribution values: {_fmt(doc['nonfinite']['values'])}; samples affected: {_fmt(doc['nonfinite']['samples'])}",
+        f"- all-zero attributions: {_fmt(doc['zero_samples'])}",
+        "",
+        f"![residual histograms]({images['residuals']})",
+        "",
+        "## Sparseness and complexity",
+        "",
+        *DIST_HEADER,
+        *_dist_rows("Gini", "gini", doc["gini"]),
+        *_dist_rows("entropy (nats)", "entropy", doc["entropy"]),
+        *_dist_rows("normalized entropy", "entropy_normalized", doc["entropy_normalized"]),
+        "",
+        f"![Gini and entropy]({images['sparseness']})",
+        "",
+        "## Per-class mean attribution",
+        "",
+        DEFINITIONS["class_maps"] + ".",
+        "",
+        "| target | samples | map sum | map L1 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, c in doc["class_maps"]["classes"].items():
+        lines.append(f"| {key} | {_fmt(c['count'])} | {_fmt(c['sum'])} | {_fmt(c['l1'])} |")
+    if doc["class_maps"]["unmapped_samples"]:
+        lines.append(f"\n{doc['class_maps']['unmapped_samples']} samples belong to classes beyond the first {doc['class_maps']['max_classes']} and have no map.")
+    if "class_maps" in images:
+        lines += ["", f"![per-class maps]({images['class_maps']})"]
+    if "agreement" in doc:
+        ag = doc["agreement"]
+        lines += [
+            "",
+            f"## Agreement with `{run['compare']['dir']}`",
+            "",
+            f"{_fmt(ag['samples'])} samples compared, top-k with k = {ag['top_k']}.",
+            "",
+            *DIST_HEADER,
+            *_dist_rows("Spearman", "agreement.spearman", ag["spearman"]),
+            *_dist_rows("top-k overlap", "agreement.topk_overlap", ag["topk_overlap"]),
+            *_dist_rows("relative L2 difference", "agreement.rel_l2", ag["rel_l2"]),
+            "",
+            f"![agreement]({images['agreement']})",
+        ]
+    if "localization" in doc:
+        loc = doc["localization"]
+        lines += [
+            "",
+            "## Localization against ground-truth masks",
+            "",
+            *DIST_HEADER,
+            *_dist_rows("mass inside the mask", "localization.mass_inside", loc["mass_inside"]),
+            "",
+            f"- pointing game: {_fmt(loc['pointing_game'])} ({DEFINITIONS['localization.pointing_game']})",
+            f"- mask fraction: {_fmt(loc['mask_fraction'])} ({DEFINITIONS['localization.mask_fraction']})",
+            "",
+            f"![mass inside]({images['localization']})",
+        ]
+    if "perturbation" in doc:
+        p = doc["perturbation"]
+        rc = p["random_control"]
+        lines += [
+            "",
+            "## Deletion and insertion",
+            "",
+            f"{DEFINITIONS['deletion']}. Insertion: {DEFINITIONS['insertion']}. AUC: {DEFINITIONS['auc']}. Control: {DEFINITIONS['random_control']}.",
+            "",
+            "| curve | AUC (attribution order) | AUC (random order) | samples where attribution beats random |",
+            "| --- | --- | --- | --- |",
+            f"| deletion (lower is better) | {_fmt(p['deletion']['auc'])} | {_fmt(rc['deletion']['auc'])} | {_fmt(p['deletion_beats_random_share'])} |",
+            f"| insertion (higher is better) | {_fmt(p['insertion']['auc'])} | {_fmt(rc['insertion']['auc'])} | {_fmt(p['insertion_beats_random_share'])} |",
+            "",
+            f"Beats random: **{_fmt(p['beats_random'])}** on {p['samples']} samples, {p['steps']} steps, replacement {p['replacement']}, score {p['score']}.",
+            "",
+            f"![deletion and insertion curves]({images['perturbation']})",
+        ]
+    if "randomization" in doc:
+        r = doc["randomization"]
+        lines += [
+            "",
+            "## Randomization sanity check",
+            "",
+            DEFINITIONS["randomization"] + ". " + DEFINITIONS["randomization.passed"] + ".",
+            "",
+            "| parameters randomized | similarity (Spearman of abs attr) | signed Spearman |",
+            "| --- | --- | --- |",
+            f"| none (re-attribution with the unchanged model) | {_fmt(r['reproduced'])} | |",
+        ]
+        for layer in r["layers"]:
+            lines.append(f"| {'down to ' if r['mode'] == 'cascade' else ''}{layer['layer']} | {_fmt(layer['similarity'])} | {_fmt(layer['signed_similarity'])} |")
+        lines += [
+            "",
+            f"Result: **{'passed' if r['passed'] else 'FAILED'}** (similarity {_fmt(r['final_similarity'])} with all layers randomized, pass below {r['max_similarity']:g}; {r['samples']} samples).",
+            "",
+            f"![randomization similarity by layer]({images['randomization']})",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write audit.json, class_maps.npz, the PNG plots and report.md into ``out_dir``; returns
+    the paths written by kind."""
+    plt = require_matplotlib()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AuditReportError(f"cannot create the report directory {out}: {exc}") from exc
+    doc = result.doc
+    paths: dict[str, Path] = {"json": out / "audit.json", "markdown": out / "report.md"}
+    with open(paths["json"], "w", encoding="utf-8") as f:
+        json.dump(_strict(doc), f, indent=1)
+        f.write("\n")
+    if result.class_maps:
+        paths["class_maps_npz"] = out / "class_maps.npz"
+        np.savez_compressed(paths["class_maps_npz"], **{f"target_{k}": v for k, v in result.class_maps.items()})
+    images: dict[str, str] = {}
+
+    def png(kind: str, draw: Any, *args: Any) -> None:
+        path = out / f"{kind}.png"
+        draw(plt, *args, path)
+        paths[kind] = path
+        images[kind] = path.name
+
+    png("residuals", _plot_residuals, doc)
+    png("sparseness", _plot_pair, (doc["gini"], "Gini of |attr|"), (doc["entropy_normalized"], "entropy / log n"), "sparseness and complexity")
+    if result.class_maps:
+        png("class_maps", _plot_class_maps, result.class_maps)
+    if "agreement" in doc:
+        png("agreement", _plot_pair, (doc["agreement"]["spearman"], "Spearman"), (doc["agreement"]["topk_overlap"], f"top-{doc['agreement']['top_k']} overlap"), "agreement per sample")
+    if "localization" in doc:
+        loc = doc["localization"]
+        png("localization", _plot_localization, loc)
+    if "perturbation" in doc:
+        png("perturbation", _plot_perturbation, doc["perturbation"])
+    if "randomization" in doc:
+        png("randomization", _plot_randomization, doc["randomization"])
+    paths["markdown"].write_text(_markdown(doc, images), encoding="utf-8")
+    logger.info("wrote the audit report to %s", out)
+    return paths
+
+
+def summary_lines(result: AuditResult) -> list[str]:
+    """A one-screen summary for the terminal."""
+    doc = result.doc
+    r = doc["residual"]
+    out = [
+        f"audit of {doc['run']['dir']}: {doc['samples']:,} samples, method {doc['run']['method']}, attribution {doc['attribution']['name']}",
+        f"residual |delta|: median {_fmt(r['abs']['quantiles']['p50'])}, p99 {_fmt(r['abs']['quantiles']['p99'])}, max {_fmt(r['abs']['max'])}; "
+        f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined)",
+        f"non-finite values: {doc['nonfinite']['values']}; all-zero samples: {doc['zero_samples']}",
+        f"sparseness (Gini) mean {_fmt(doc['gini']['mean'])}; normalized entropy mean {_fmt(doc['entropy_normalized']['mean'])}",
+        f"per-class maps: {len(doc['class_maps']['classes'])} classes",
+    ]
+    if "agreement" in doc:
+        ag = doc["agreement"]
+        out.append(f"agreement with {doc['run']['compare']['dir']}: Spearman mean {_fmt(ag['spearman']['mean'])}, top-{ag['top_k']} overlap mean {_fmt(ag['topk_overlap']['mean'])}")
+    if "localization" in doc:
+        loc = doc["localization"]
+        out.append(f"localization: mass inside {_fmt(loc['mass_inside']['mean'])} (random {_fmt(loc['mask_fraction'])}), pointing game {_fmt(loc['pointing_game'])}")
+    if "perturbation" in doc:
+        p = doc["perturbation"]
+        rc = p["random_control"]
+        out.append(
+            f"deletion AUC {_fmt(p['deletion']['auc'])} (random {_fmt(rc['deletion']['auc'])}), insertion AUC {_fmt(p['insertion']['auc'])} "
+            f"(random {_fmt(rc['insertion']['auc'])}): {'beats' if p['beats_random'] else 'does NOT beat'} random on {p['samples']} samples"
+        )
+    if "randomization" in doc:
+        rnd = doc["randomization"]
+        out.append(
+            f"randomization ({rnd['mode']}): similarity {_fmt(rnd['reproduced'])} unchanged -> {_fmt(rnd['final_similarity'])} all layers randomized: "
+            f"{'passed' if rnd['passed'] else 'FAILED'} (pass below {rnd['max_similarity']:g})"
+        )
+    out.append("PASSED" if result.passed else f"FAILED: {'; '.join(result.violations)}")
+    return out
