@@ -1,7 +1,7 @@
 """The ``fastattr`` command line (also ``python -m fastattr``).
 
-Errors are one line and a non-zero exit (2: bad input, 1: a check failed); ``--debug``
-shows the traceback.
+Errors are one line and a non-zero exit (2: bad input, 1: a check failed, e.g. ``verify``
+finding a problem or ``audit`` a violated threshold); ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -63,13 +63,23 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     summary = run(
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
+        tolerance=args.tolerance, max_steps=args.max_steps,
         rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
     )  # fmt: skip
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
     return 0
+
+
+def _steps(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int or auto, got {value!r}") from None
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
@@ -157,6 +167,44 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_EXAMPLES = """examples:
+  fastattr audit runs/ig --report audit/                      # attributions only: residuals, sparseness, maps
+  fastattr audit runs/ig --compare runs/ig-bf16 --min-agreement 0.9 --report audit/
+  fastattr demo --out runs/demo && fastattr audit runs/demo --model fastattr.demo:trained_model \\
+               --data runs/demo/inputs.npy --masks runs/demo/masks.npy --require-randomization --report audit/
+exit status: 0 all thresholds hold, 1 a threshold is violated (the report is still written), 2 bad input
+"""
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import audit_run
+    from .audit_report import require_matplotlib, summary_lines, write_report
+    from .specs import load_data, load_model, parse_kv
+
+    require_matplotlib()  # the report's plots: fail before any audit work
+    for flag, path in (("--compare", args.compare), ("--masks", args.masks)):
+        if path and not os.path.exists(path):  # checked before the model factory runs (it may train or download)
+            raise ValueError(f"{flag}: no such file or directory: {path}")
+    model = load_model(args.model, parse_kv(args.model_arg), device=args.device) if args.model else None
+    data = load_data(args.data) if args.data else None
+    thresholds = {
+        "max_residual": args.max_residual, "max_rel_residual": args.max_rel_residual, "max_nonfinite": args.max_nonfinite,
+        "min_agreement": args.min_agreement, "min_topk_overlap": args.min_topk_overlap, "min_mass_inside": args.min_mass_inside,
+        "require_beats_random": args.require_beats_random, "require_randomization": args.require_randomization,
+    }  # fmt: skip
+    result = audit_run(
+        args.dir, model=model, data=data, compare=args.compare, masks=args.masks, name=args.name, sample=args.sample,
+        batch_size=args.batch_size, top_k=args.top_k, steps=args.steps, replacement=args.replacement,
+        replacement_value=args.replacement_value, blur_sigma=args.blur_sigma, score=args.score, randomization=args.randomization,
+        randomization_sample=args.randomization_sample, max_similarity=args.max_similarity, thresholds=thresholds, seed=args.seed,
+    )  # fmt: skip
+    paths = write_report(result, args.report)
+    if not args.quiet or not result.passed:
+        print("\n".join(summary_lines(result)))
+        print(f"report: {paths['markdown']} (every number and its definition: {paths['json']})")
+    return 0 if result.passed else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastattr", description="Fast, Captum-compatible batch attribution for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastattr {__version__}")
@@ -180,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--method", default="ig", choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"])
-    run.add_argument("--steps", type=int, default=50, help="integration steps (default 50)")
+    run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
+    run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
+    run.add_argument("--max-steps", type=int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default="gausslegendre", choices=RULES)
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
@@ -220,6 +270,39 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--percentile", type=float, default=99.0, help="clip colours at this percentile of |attribution| (default 99)")
     render.add_argument("--size", default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
+
+    audit = sub.add_parser("audit", help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit.add_argument("dir")
+    audit.add_argument("--report", required=True, help="directory for audit.json, report.md, class_maps.npz and the PNG plots")
+    audit.add_argument("--model", default=None, help="the run's model (enables deletion/insertion and the randomization check); needs --data")
+    audit.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
+    audit.add_argument("--data", default=None, help="the run's data: file.npy, file.h5:dataset or package.module:factory")
+    audit.add_argument("--compare", default=None, metavar="DIR2", help="a second run of the same data: per-sample agreement")
+    audit.add_argument("--masks", default=None, help="ground-truth masks as .npy, one per sample (localization)")
+    audit.add_argument("--name", default=None, help="attribution to audit (default: the first, e.g. x)")
+    audit.add_argument("--sample", type=int, default=256, help="samples for deletion/insertion, drawn at random with --seed (default 256)")
+    audit.add_argument("--steps", type=int, default=20, help="deletion/insertion steps (default 20)")
+    audit.add_argument("--replacement", choices=["baseline", "blur"], default="baseline", help="what replaces deleted features (default: a constant baseline)")
+    audit.add_argument("--replacement-value", type=float, default=0.0, help="the baseline value (default 0)")
+    audit.add_argument("--blur-sigma", type=float, default=2.0, help="Gaussian blur sigma in pixels for --replacement blur (default 2)")
+    audit.add_argument("--score", choices=["softmax", "logit"], default="softmax", help="model score on the curves (default softmax probability)")
+    audit.add_argument("--randomization", choices=["cascade", "all", "none"], default="cascade", help="parameter randomization check (default cascade)")
+    audit.add_argument("--randomization-sample", type=int, default=64, help="samples re-attributed per randomization step (default 64)")
+    audit.add_argument("--max-similarity", type=float, default=0.5, help="randomization passes when similarity falls below this (default 0.5)")
+    audit.add_argument("--top-k", type=int, default=None, help="k for top-k overlap (default 10%% of the features)")
+    audit.add_argument("--batch-size", type=int, default=256, help="samples read per batch (default 256)")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    gate = audit.add_argument_group("thresholds (exit 1 when one is violated)")
+    gate.add_argument("--max-residual", type=float, default=None, help="largest absolute completeness residual")
+    gate.add_argument("--max-rel-residual", type=float, default=None, help="median relative completeness residual")
+    gate.add_argument("--max-nonfinite", type=int, default=None, help="non-finite attribution values")
+    gate.add_argument("--min-agreement", type=float, default=None, help="mean Spearman correlation with --compare")
+    gate.add_argument("--min-topk-overlap", type=float, default=None, help="mean top-k overlap with --compare")
+    gate.add_argument("--min-mass-inside", type=float, default=None, help="mean attribution mass inside --masks")
+    gate.add_argument("--require-beats-random", action="store_true", help="deletion and insertion must beat the random-order control")
+    gate.add_argument("--require-randomization", action="store_true", help="the randomization check must pass")
+    audit.set_defaults(func=_audit)
     return parser
 
 
@@ -227,20 +310,41 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "run" and args.device is None:
+    if args.command in ("run", "audit") and args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.command == "run" and "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
+        import torch
+
+        from .distributed import local_device
+
+        args.device = str(local_device(torch.device(args.device)))  # torchrun: one GPU per rank, loaded there
     try:
         return args.func(args)
     except KeyboardInterrupt:
         print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 130
     except Exception as exc:
+        _record_for_torchrun(exc)
         if args.debug:
             raise
-        print(f"fastattr: error: {exc}", file=sys.stderr)
+        where = f" (rank {os.environ.get('RANK')})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""  # torchrun: which rank
+        print(f"fastattr: error{where}: {exc}", file=sys.stderr)
         return 2
+
+
+def _record_for_torchrun(exc: BaseException) -> None:
+    """Under torchrun, write the error where its agent looks (torch.distributed.elastic's error
+    file, as its @record decorator does), so the job's failure report shows this rank's error."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(exc)
+    except Exception as record_exc:  # reporting must never hide the error itself
+        logger.debug("could not record the error for torchrun: %s", record_exc)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import torch
 
 from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
 
-ALIASES = {"ig": "integrated_gradients"}
+ALIASES = {"ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap"}
 
 
 @dataclass
@@ -55,15 +55,24 @@ def describe(value: Any) -> Any:
 def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
     ig = IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"])
     n_steps, rule = opts["n_steps"], opts["rule"]
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
+    if n_steps == "auto":
+        # fail before any work: the same checks the first batch would make
+        from .adaptive import AdaptiveSettings
+
+        AdaptiveSettings.check(rule=None if rule == "gausslegendre" else rule, **auto)
+    elif not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+    elif auto:
+        raise ValueError(f"{', '.join(auto)} only apply with n_steps='auto', got n_steps={n_steps!r}")
 
     def attribute(b: Batch) -> BatchResult:
         inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return ig.attribute_batch(inputs, b.baselines, b.target, None, n_steps, rule, b.max_rows, True, **engine_opts)
+        return ig.attribute_batch(inputs, b.baselines, b.target, None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
 
-    params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"]}
-    return MethodPlan("integrated_gradients", params, attribute, n_steps)
+    params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"], **auto}
+    # an adaptive sample costs at most max_steps rows; start the OOM fallback from the fixed default
+    return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50)
 
 
 def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -86,19 +95,125 @@ def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts:
     return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1)
 
 
+NT_DEFAULTS = {"nt_type": "smoothgrad", "nt_samples": 5, "nt_samples_batch_size": None, "stdevs": 1.0, "base_method": "integrated_gradients", "seed": 0}
+GS_DEFAULTS = {"references": None, "n_samples": 5, "stdevs": 0.0, "seed": 0}
+
+
+def _sample_ids(b: Batch) -> torch.Tensor:
+    return torch.arange(b.start, b.stop)
+
+
+def _check_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int (it is recorded in the run so the draws can be reproduced), got {seed!r}")
+    return seed
+
+
+def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    from .noise_tunnel import NT_TYPES, NoiseTunnel
+
+    base = ALIASES.get(opts["base_method"], opts["base_method"])
+    if base not in ("integrated_gradients", "saliency", "input_x_gradient"):
+        raise ValueError(f"base_method for noise_tunnel must be integrated_gradients, saliency or input_x_gradient, got {opts['base_method']!r}")
+    if opts["nt_type"] not in NT_TYPES:
+        raise ValueError(f"nt_type must be one of {', '.join(NT_TYPES)}, got {opts['nt_type']!r}")
+    nt_samples = opts["nt_samples"]
+    if isinstance(nt_samples, bool) or not isinstance(nt_samples, int) or nt_samples < 1:
+        raise ValueError(f"nt_samples must be a positive int, got {nt_samples!r}")
+    seed = _check_seed(opts["seed"])
+    inner_plan = PLANS[base](model, opts, engine_opts)  # validates the base method's own options
+    inner = {"integrated_gradients": lambda: IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"]),
+             "saliency": lambda: Saliency(model),
+             "input_x_gradient": lambda: InputXGradient(model, multiply_by_inputs=opts["multiply_by_inputs"])}[base]()  # fmt: skip
+    nt = NoiseTunnel(inner)
+    stdevs = tuple(opts["stdevs"]) if isinstance(opts["stdevs"], (list, tuple)) else opts["stdevs"]
+    base_kwargs: dict[str, Any] = {"n_steps": opts["n_steps"], "method": opts["rule"]} if base == "integrated_gradients" else {}
+    if base == "saliency":
+        base_kwargs["abs"] = opts["abs"]
+    rows_key = "internal_batch_size" if base == "integrated_gradients" else "max_rows"  # Captum's name for IG
+
+    def attribute(b: Batch) -> BatchResult:
+        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
+        path = {"baselines": b.baselines} if base == "integrated_gradients" else {}
+        return nt.attribute_batch(
+            inputs, opts["nt_type"], nt_samples, opts["nt_samples_batch_size"], stdevs, seed=seed, sample_ids=_sample_ids(b),
+            target=b.target, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts,
+        )  # fmt: skip
+
+    params = {"base_method": base, "base_params": inner_plan.params, "nt_type": opts["nt_type"], "nt_samples": nt_samples,
+              "stdevs": list(stdevs) if isinstance(stdevs, tuple) else stdevs, "seed": seed}  # fmt: skip
+    return MethodPlan("noise_tunnel", params, attribute, nt_samples * inner_plan.rows_per_sample)
+
+
+def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    from .gradient_shap import GradientShap
+    from .sources import Source, open_source
+
+    refs = opts["references"]
+    if refs is None:
+        raise ValueError("gradient_shap needs references=: reference samples (an array or tensor with one row per reference) or a dataset")
+    n_samples = opts["n_samples"]
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    seed = _check_seed(opts["seed"])
+    if isinstance(refs, (torch.Tensor, np.ndarray, tuple)):
+        parts = refs if isinstance(refs, tuple) else (refs,)
+        refs_t = tuple(torch.as_tensor(np.asarray(r)) if isinstance(r, np.ndarray) else r for r in parts)
+        if any(r.dim() < 1 or r.shape[0] == 0 for r in refs_t):
+            raise ValueError(f"references must have at least one row, got shapes {[tuple(r.shape) for r in refs_t]}")
+        desc = describe(refs)
+        source: Source | None = None
+    else:  # a dataset, .npy path, 'file.h5:dataset': only the drawn rows are read
+        source = open_source(refs)
+        desc = {"dataset": source.fingerprint()}
+    gs = GradientShap(model, multiply_by_inputs=opts["multiply_by_inputs"])
+    stdevs = tuple(opts["stdevs"]) if isinstance(opts["stdevs"], (list, tuple)) else opts["stdevs"]
+    on_device: dict[torch.device, Any] = {}
+
+    def attribute(b: Batch) -> BatchResult:
+        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
+        dev, dtype = b.inputs[0].device, b.inputs[0].dtype
+        if source is not None:
+            baselines: Any = source
+        else:
+            if dev not in on_device:  # moved once per run
+                moved = tuple(r.to(dev, dtype) for r in refs_t)
+                on_device[dev] = moved if len(moved) > 1 else moved[0]
+            baselines = on_device[dev]
+        return gs.attribute_batch(
+            inputs, baselines, n_samples, stdevs, b.target, None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
+        )
+
+    params = {"multiply_by_inputs": opts["multiply_by_inputs"], "references": desc, "n_samples": n_samples,
+              "stdevs": list(stdevs) if isinstance(stdevs, tuple) else stdevs, "seed": seed}  # fmt: skip
+    return MethodPlan("gradient_shap", params, attribute, n_samples)
+
+
 PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], MethodPlan]] = {
     "integrated_gradients": _ig,
     "saliency": _saliency,
     "input_x_gradient": _input_x_gradient,
+    "noise_tunnel": _noise_tunnel,
+    "gradient_shap": _gradient_shap,
 }
+# options a method takes beyond the common ones (n_steps, rule, baselines, multiply_by_inputs, abs, tolerance, ...)
+EXTRA_OPTIONS: dict[str, dict[str, Any]] = {"noise_tunnel": NT_DEFAULTS, "gradient_shap": GS_DEFAULTS}
 METHOD_NAMES = (*PLANS, *ALIASES)
 
 
-def plan_method(model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any) -> MethodPlan:
-    """Validate ``method`` and its options; raises ValueError naming the problem before any work."""
+def plan_method(
+    model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any, extra: dict[str, Any] | None = None
+) -> MethodPlan:
+    """Validate ``method`` and its options; raises ValueError naming the problem before any work.
+    ``extra``: the method's own options (EXTRA_OPTIONS), e.g. nt_samples for noise_tunnel."""
     name = ALIASES.get(method, method)
     if name not in PLANS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    opts = dict(options)
+    accepted = EXTRA_OPTIONS.get(name, {})
+    unknown = sorted(set(extra or {}) - set(accepted))
+    if unknown:
+        takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
+        raise ValueError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
+    opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
     return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget})

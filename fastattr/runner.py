@@ -10,6 +10,7 @@ are trusted, everything else is recomputed, no sample is written twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from . import __version__
+from .distributed import LOCAL, Context, local_device
+from .distributed import setup as setup_distributed
 from .methods import BatchResult
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, SourceError, open_source
@@ -162,8 +165,11 @@ def run(
     labels: Any = None,
     target: Any = "predicted",
     baselines: Any = None,
-    n_steps: int = 50,
+    n_steps: int | str = 50,
     rule: str = "gausslegendre",
+    tolerance: float | None = None,
+    max_steps: int | None = None,
+    abs_tolerance: float | None = None,
     precision: str = "fp32",
     batch_size: int | str = "auto",
     memory_budget: Any = None,
@@ -177,6 +183,7 @@ def run(
     progress: bool | None = None,
     multiply_by_inputs: bool = True,
     abs: bool = True,  # noqa: A002 - Saliency's name
+    **method_options: Any,
 ) -> RunSummary:
     """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
 
@@ -184,10 +191,16 @@ def run(
     throughput on CPU); examples_per_batch: samples per engine call and per block written
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
+
+    method_options: a method's own options (fastattr/run_methods.py EXTRA_OPTIONS), e.g.
+    noise_tunnel: nt_type, nt_samples, stdevs, base_method, seed; gradient_shap: references,
+    n_samples, stdevs, seed. Seeds are recorded; a sample's draws depend only on (seed, index).
     """
     plan = plan_method(
-        model, method, {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs},
-        precision=precision, memory_budget=memory_budget,
+        model, method,
+        {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs,
+         "tolerance": tolerance, "max_steps": max_steps, "abs_tolerance": abs_tolerance},
+        precision=precision, memory_budget=memory_budget, extra=method_options,
     )  # fmt: skip
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
@@ -210,41 +223,57 @@ def run(
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
-    writer = RunWriter(
-        out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
-        resume=resume, overwrite=overwrite, volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
+    # Under torchrun each rank runs this on its share of the samples (fastattr/distributed.py);
+    # without it (or at world size 1) ctx changes nothing.
+    dev = local_device(dev)  # cuda -> cuda:LOCAL_RANK under torchrun
+    ctx = setup_distributed(dev)
+    if ctx.world_size > 1 and param is not None and param.device != dev:
+        logger.info("rank %d: moving the model to %s", ctx.rank, dev)
+        model.to(dev)
+    make_writer = functools.partial(
+        RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
     )  # fmt: skip
+    writer: RunWriter | None = None
     try:
-        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total)
-    except BaseException:
-        writer.abort()  # releases the directory if the failure came before the batch loop (no-op once closed)
+        writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
+        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total, ctx=ctx)
+    except BaseException as exc:
+        ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
+        if writer is not None:
+            writer.abort()  # releases the directory if the failure came before the batch loop (no-op once closed)
         raise
+    finally:
+        ctx.close()
 
 
 def _run_batches(
     writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
+    ctx: Context = LOCAL,
 ) -> RunSummary:
-    if writer.complete:
+    work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
+    if work.complete:
         writer.close()
         logger.info("%s is already complete", out)
         return RunSummary(out, total, 0, 0.0, True)
     if examples_per_batch is None:
         examples_per_batch = _default_examples(source, dev)
-    todo = writer.missing()
+    todo = work.todo
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
-    remaining = sum(stop - start for start, stop in todo)
+    remaining = sum(stop - start for start, stop in todo)  # this rank's
     baselines = _Baselines(baselines, total, source.sample_shapes, dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=total - remaining, unit="sample", disable=not show, dynamic_ncols=True, desc="fastattr")
+    bar = tqdm(total=total, initial=total - work.remaining, unit="sample", disable=not show, dynamic_ncols=True, desc="fastattr")
     deltas, rels = [], []
     t0 = time.perf_counter()
     pending: tuple | None = None  # results copied back asynchronously, written one batch later
     try:
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
+            ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
             tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
             base = baselines.for_batch(start, stop)
@@ -253,27 +282,31 @@ def _run_batches(
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
                 _write(writer, *done, deltas, rels)
-                bar.update(done[1] - done[0])
+                ctx.advance(bar, done[1] - done[0])
             pending = (start, stop, copied)
         if pending is not None:
             done, pending = pending, None
             _write(writer, *done, deltas, rels)
-            bar.update(done[1] - done[0])
-    except BaseException:
+            ctx.advance(bar, done[1] - done[0])
+    except BaseException as exc:
         bar.close()
+        ctx.fail(exc)  # the other ranks stop at their next batch
         try:
             if pending is not None:  # computed before the failure: keep it
                 done, pending = pending, None
                 _write(writer, *done, deltas, rels)
         finally:
-            writer.close(complete=False)  # finalize every block handed over so far
+            ctx.finish(writer, remaining, deltas, rels, _residual_stats, failed=True)  # finalize every block handed over so far
         raise
+    # Closes the writer; under torchrun rank 0 closes last and merges every rank's shards into
+    # one manifest, and the totals (samples, residuals) are the whole job's.
+    outcome = ctx.finish(writer, remaining, deltas, rels, _residual_stats, bar=bar)
     bar.close()
-    writer.close()
     seconds = time.perf_counter() - t0
-    summary = RunSummary(out, total, remaining, seconds, writer.complete, _residual_stats(deltas, rels))
-    for line in summary.lines():
-        logger.info(line)
+    summary = RunSummary(out, total, outcome.computed, seconds, outcome.complete, outcome.residual)
+    if ctx.rank == 0:
+        for line in summary.lines():
+            logger.info(line)
     return summary
 
 

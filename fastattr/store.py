@@ -38,6 +38,7 @@ import re
 import tempfile
 import threading
 import time
+import uuid
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
@@ -76,6 +77,12 @@ STAT_KEYS = (*STAT_FIELDS, "nonfinite")
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
 LOCK_NAME = ".fastattr-writer.lock"
+# Distributed runs (torchrun): rank 0 writes manifest.json and holds LOCK_NAME; every other rank
+# holds its own lock and lists the shards it finalized in its own fragment until rank 0 merges them.
+RANK_LOCK_FORMAT = ".fastattr-writer.rank-{:05d}.lock"
+FRAGMENT_FORMAT = "manifest.rank-{:05d}.json"
+_FRAGMENT = re.compile(r"manifest\.rank-\d+\.json")
+_RANK_LOCK = re.compile(r"\.fastattr-writer\.rank-(\d+)\.lock")
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("lzf", "gzip", "none")
 GZIP_LEVEL = 4
@@ -320,6 +327,50 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     return man
 
 
+def _read_fragments(run_dir: Path, run_id: str | None, total: int) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
+    """The rank fragments in run_dir: (path, parsed) of those belonging to run ``run_id``, and the
+    paths of stale ones (another run's, e.g. left by a crash before an overwrite)."""
+    ours: list[tuple[Path, dict[str, Any]]] = []
+    stale: list[Path] = []
+    for p in sorted(run_dir.iterdir()):
+        if not _FRAGMENT.fullmatch(p.name):
+            continue
+        try:
+            frag = _read_manifest(p)
+        except StoreError:
+            if not p.exists():  # merged and deleted by rank 0 while we listed the directory
+                continue
+            raise
+        if run_id is not None and frag.get("run_id") == run_id and frag["total"] == total:
+            ours.append((p, frag))
+        else:
+            stale.append(p)
+    return ours, stale
+
+
+def _union(base: list[_Shard], extra: Iterable[_Shard], where: Path) -> list[_Shard]:
+    """base plus extra, one entry per file, sorted by start; the same file listed twice must be
+    listed identically (rank 0 may have merged a fragment before it was deleted)."""
+    by_file = {s.file: s for s in base}
+    for s in extra:
+        old = by_file.setdefault(s.file, s)
+        if old != s:
+            raise StoreError(f"{where}: lists {s.file} as [{s.start}, {s.stop}) sha256 {s.sha256[:12]}..., another listing as [{old.start}, {old.stop}) {old.sha256[:12]}...")
+    return sorted(by_file.values(), key=lambda s: s.start)
+
+
+def _read_listing(run_dir: Path) -> dict[str, Any]:
+    """manifest.json plus the shards listed by rank fragments of the same run (a distributed run
+    whose ranks finalized shards that rank 0 has not merged yet, e.g. after a crash): every
+    finalized shard, as one run. ``fragments`` names the fragment files merged here."""
+    man = _read_manifest(run_dir / MANIFEST_NAME)
+    ours, _ = _read_fragments(run_dir, man.get("run_id"), man["total"])
+    for path, frag in ours:
+        man["shards"] = _union(man["shards"], frag["shards"], path)
+    man["fragments"] = [path.name for path, _ in ours]
+    return man
+
+
 def _overlaps(shards: list[_Shard]) -> list[tuple[_Shard, _Shard]]:
     """Pairs (earlier, later) of shards, sorted by start, whose ranges overlap."""
     out = []
@@ -392,6 +443,15 @@ class RunWriter:
     what is left) if its config and total match, else raises RunMismatchError; ``overwrite=True``
     starts afresh. One writer per directory at a time (an advisory lock enforces it on POSIX).
     Use as a context manager, or call close() (or abort()) yourself.
+
+    Distributed runs (``rank``/``world_size``, see fastattr/distributed.py): rank 0's writer is the
+    coordinator. It opens first, holds the directory lock, merges what earlier launches' ranks left
+    in their fragments into manifest.json and deletes untrusted files; its ``run_id`` and
+    ``first_shard_id`` are then handed to the other ranks, whose writers join that run: each holds
+    its own rank lock, deletes nothing, and lists the shards it finalizes in its own fragment
+    ``manifest.rank-XXXXX.json`` (same format as the manifest). Shard ids are
+    ``first_shard_id + rank + k * world_size``, so names never collide across ranks or launches.
+    Rank 0's close() merges every fragment into manifest.json: close it after the other ranks'.
     """
 
     def __init__(
@@ -409,10 +469,16 @@ class RunWriter:
         shard_prefix: str = "shard",
         max_shard_seconds: float | None = None,
         volatile_keys: Iterable[str] = VOLATILE_CONFIG_KEYS,
+        rank: int = 0,
+        world_size: int = 1,
+        run_id: str | None = None,
+        first_shard_id: int | None = None,
     ) -> None:
         """max_shard_seconds: also finalize an open shard once it is this old (after the block that
         crosses the limit), bounding the work a crash can lose when blocks are slow to come.
-        volatile_keys: config keys ignored when checking that a resume matches the stored run."""
+        volatile_keys: config keys ignored when checking that a resume matches the stored run.
+        rank, world_size: this writer's place in a distributed run; a rank > 0 joins the run that
+        rank 0's writer prepared and needs that writer's run_id and first_shard_id."""
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
         if compression not in COMPRESSIONS:
@@ -424,6 +490,15 @@ class RunWriter:
             raise ValueError(f"shard_prefix must be a plain file-name prefix, got {shard_prefix!r}")
         if max_shard_seconds is not None and not max_shard_seconds > 0:
             raise ValueError(f"max_shard_seconds must be positive, got {max_shard_seconds!r}")
+        for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"rank {rank} is not below world_size {world_size}")
+        if rank > 0 and (not run_id or not isinstance(first_shard_id, int) or first_shard_id < 0):
+            raise ValueError(f"rank {rank} joins rank 0's run: pass rank 0's writer's run_id and first_shard_id (got {run_id!r}, {first_shard_id!r})")
+        if rank > 0 and overwrite:
+            raise ValueError(f"only rank 0 may overwrite a run (rank {rank} was asked to)")
 
         self.run_dir = Path(run_dir)
         self.config = _jsonable(config)
@@ -451,12 +526,18 @@ class RunWriter:
         self._closed = False
         self._open: _OpenShard | None = None
         self._overflow_warned = False
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._fragment = self.rank > 0  # lists its shards in a fragment; rank 0 merges them
+        self.run_id: str | None = run_id  # identifies the run; rank 0's is read or made on open
+        self.first_shard_id = first_shard_id
+        self._base_files: set[str] = set()  # a rank > 0's view of the shards listed before it joined
 
         self._prepare_directory(resume=resume, overwrite=overwrite)
         self._claimed = _merge((s.start, s.stop) for s in self._shards)
 
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=int(queue_size))
         self._final_status: bool | None = None
+        self._merge_on_close = True
         self._thread = threading.Thread(target=self._run, name=f"fastattr-writer:{self.run_dir.name}", daemon=True)
         self._thread.start()
 
@@ -490,7 +571,7 @@ class RunWriter:
     def _acquire_lock(self) -> None:
         if fcntl is None:  # pragma: no cover - non-POSIX
             return
-        path = self.run_dir / LOCK_NAME
+        path = self.run_dir / (RANK_LOCK_FORMAT.format(self.rank) if self._fragment else LOCK_NAME)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -501,8 +582,33 @@ class RunWriter:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise StoreError(f"run directory {self.run_dir} is in use by another RunWriter (lock {path}); close() it first") from exc
+            who = f"another process writing as rank {self.rank}" if self._fragment else "another RunWriter"
+            raise StoreError(f"run directory {self.run_dir} is in use by {who} (lock {path}); close() it first") from exc
         self._lock_fd = fd
+        if not self._fragment:
+            try:
+                self._check_rank_locks()
+            except BaseException:
+                self._release_lock()
+                raise
+
+    def _check_rank_locks(self) -> None:
+        """The coordinator is about to merge fragments and delete untrusted files: refuse while a
+        rank of an earlier launch still writes here (its process holds its rank lock)."""
+        for p in self.run_dir.iterdir():
+            m = _RANK_LOCK.fullmatch(p.name)
+            if m is None:
+                continue
+            try:
+                fd = os.open(p, os.O_RDWR)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise StoreError(f"run directory {self.run_dir} is in use: rank {int(m.group(1))} of a distributed run still writes into it (lock {p})") from exc
+            finally:
+                os.close(fd)  # drops the probe lock
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -512,6 +618,11 @@ class RunWriter:
     def _load_or_create(self, *, resume: bool, overwrite: bool) -> None:
         d = self.run_dir
         manifest_path = d / MANIFEST_NAME
+        if self._fragment:
+            self._join(manifest_path)
+            assert self.first_shard_id is not None  # checked in __init__
+            self._next_id = self.first_shard_id + self.rank
+            return
         existing = manifest_path.exists()
         if existing and not overwrite and not resume:
             raise StoreError(f"{d} already holds a run ({manifest_path} exists); pass resume=True or overwrite=True")
@@ -520,17 +631,79 @@ class RunWriter:
             logger.info("deleting unfinished file %s", p)
             p.unlink(missing_ok=True)
 
-        if existing and overwrite:
-            self._discard_existing(manifest_path)
-        elif existing:
+        if existing and not overwrite:
             self._resume_from(manifest_path)
+            had_id = self.run_id is not None
+            if self.run_id is None:  # a manifest from before run ids: the ranks need one to join
+                self.run_id = uuid.uuid4().hex
+            found = self._absorb_fragments()
+            if found or not had_id:
+                self._write_manifest()  # lists the fragments' shards before the fragments go
+                for p in found:
+                    p.unlink(missing_ok=True)
         else:
-            # Write the manifest before any shard: the directory is then recognisably this run,
-            # and a crash before the first shard still leaves something resume can check.
-            self._write_manifest()
+            # Fragments go first: once the new manifest exists their shards are mere orphans.
+            for p in d.iterdir():
+                if _FRAGMENT.fullmatch(p.name):
+                    p.unlink(missing_ok=True)
+            self.run_id = uuid.uuid4().hex  # a new run: fragments of any other are ignored
+            if existing:
+                self._discard_existing(manifest_path)
+            else:
+                # Write the manifest before any shard: the directory is then recognisably this run,
+                # and a crash before the first shard still leaves something resume can check.
+                self._write_manifest()
         self._delete_orphans()
         ids = [i for i in (_shard_id(s.file) for s in self._shards) if i is not None]
-        self._next_id = max(ids) + 1 if ids else 0
+        self.first_shard_id = max(ids) + 1 if ids else 0
+        self._next_id = self.first_shard_id
+
+    def _join(self, manifest_path: Path) -> None:
+        """A rank > 0 joins the run rank 0 prepared: same run id and config; deletes nothing."""
+        if not manifest_path.is_file():
+            raise StoreError(
+                f"rank {self.rank}: no {manifest_path}; rank 0 writes it before the other ranks start, "
+                "so the run directory must be on a filesystem that every rank (every node) shares"
+            )
+        man = _read_manifest(manifest_path)
+        if man.get("run_id") != self.run_id:
+            raise StoreError(
+                f"rank {self.rank}: {manifest_path} is run {man.get('run_id')!r}, not run {self.run_id!r} that rank 0 prepared; "
+                "is the run directory on a filesystem that every rank shares, and written by this job only?"
+            )
+        diffs = _config_diff(man["config"], self.config, self._volatile)
+        if man["total"] != self.total:
+            diffs.insert(0, "total")
+        if diffs:
+            raise RunMismatchError(f"rank {self.rank}: its run differs from rank 0's in: {', '.join(diffs)} (every rank must load the same model, data and settings)")
+        self._shards = list(man["shards"])
+        self._base_files = {s.file for s in self._shards}
+        self._created = str(man.get("created") or self._created)
+        if self._shards:
+            self._expect = self._shapes_of(self.run_dir / self._shards[0].file)
+
+    def _absorb_fragments(self) -> list[Path]:
+        """Coordinator: adopt the shards listed by this run's rank fragments. Returns every fragment
+        file found (this run's and stale ones), to delete once manifest.json lists those shards."""
+        ours, stale = _read_fragments(self.run_dir, self.run_id, self.total)
+        for p in stale:
+            logger.warning("ignoring %s: it belongs to another run", p)
+        with self._lock:
+            shards = self._shards
+            for path, frag in ours:
+                for s in frag["shards"]:
+                    f = self.run_dir / s.file
+                    if not f.is_file() or f.stat().st_size <= 0:
+                        raise StoreError(f"{f}: listed in {path} but missing or empty; pass overwrite=True to start afresh")
+                shards = _union(shards, frag["shards"], path)
+            if pairs := _overlaps(shards):
+                a, b = pairs[0]
+                raise StoreError(f"{self.run_dir}: shards {a.file} [{a.start}, {a.stop}) and {b.file} [{b.start}, {b.stop}) overlap")
+            added = len(shards) - len(self._shards)
+            self._shards = shards
+        if added:
+            logger.info("merged %d shards from %d rank fragments into %s", added, len(ours), self.run_dir / MANIFEST_NAME)
+        return [p for p, _ in ours] + stale
 
     def _discard_existing(self, manifest_path: Path) -> None:
         """overwrite=True: replace the manifest first (atomically, with an empty shard list), then
@@ -571,6 +744,7 @@ class RunWriter:
         self._shards = list(shards)
         self._status = man["status"]
         self._created = str(man.get("created") or self._created)
+        self.run_id = man.get("run_id") if isinstance(man.get("run_id"), str) else None
         if shards:
             self._expect = self._shapes_of(self.run_dir / shards[0].file)
         logger.info("resuming %s: %d of %d samples already stored in %d shards", self.run_dir, sum(s.rows for s in shards), self.total, len(shards))
@@ -609,11 +783,16 @@ class RunWriter:
                 "status": self._status,
                 "config": self.config,
                 "total": self.total,
+                "run_id": self.run_id,
                 "created": self._created,
                 "updated": _now(),
                 "shards": [s.entry() for s in self._shards],
             }
-        _write_json_atomic(self.run_dir / MANIFEST_NAME, man)
+            if self._fragment:  # only this rank's own shards; never "complete": rank 0 decides
+                man.update(status="running", rank=self.rank, world_size=self.world_size)
+                man["shards"] = [s.entry() for s in self._shards if s.file not in self._base_files]
+        name = FRAGMENT_FORMAT.format(self.rank) if self._fragment else MANIFEST_NAME
+        _write_json_atomic(self.run_dir / name, man)
 
     # -- public state ------------------------------------------------------------------------------
 
@@ -752,9 +931,11 @@ class RunWriter:
                     self._raise_if_failed()
                     raise StoreError(f"the writer thread for {self.run_dir} has stopped") from None
 
-    def close(self, *, complete: bool | None = None) -> None:
+    def close(self, *, complete: bool | None = None, merge_fragments: bool = True) -> None:
         """Write everything queued, finalize the open shard, stop the thread, and write the manifest
-        with status "complete" if nothing is missing (or as given), else "running".
+        with status "complete" if nothing is missing (or as given), else "running". A coordinator
+        (rank 0) first merges the other ranks' fragments unless merge_fragments=False (after a
+        failure, when other ranks may still be closing: the next open merges them instead).
 
         Re-raises (as StoreError) an error the writer thread hit; calling close() again is a no-op,
         or raises that error again."""
@@ -764,6 +945,7 @@ class RunWriter:
         # The writer thread finalizes, writes the manifest and only then drops the directory
         # lock, so an interrupted close() can never let a second writer in while it still works.
         self._final_status = complete
+        self._merge_on_close = merge_fragments
         self._enqueue(_CLOSE)
         self._thread.join()
         self._closed = True  # only once the thread is done: an interrupted close() can be retried
@@ -823,6 +1005,11 @@ class RunWriter:
             self._release_lock()  # the thread owns the directory until its last write is done
 
     def _write_final_manifest(self) -> None:
+        if self._fragment:
+            if any(s.file not in self._base_files for s in self._shards):  # else no fragment to leave behind
+                self._write_manifest()
+            return
+        found = self._absorb_fragments() if self._merge_on_close else []  # the other ranks closed first
         missing = self.missing()
         complete = not missing if self._final_status is None else self._final_status
         if complete and missing:
@@ -831,6 +1018,8 @@ class RunWriter:
             self._write_manifest("complete" if complete else "running")
         except OSError as exc:
             raise StoreError(f"cannot write {self.run_dir / MANIFEST_NAME}: {exc}") from exc
+        for p in found:  # listed in manifest.json now
+            p.unlink(missing_ok=True)
 
     def _write_block(self, block: Block) -> None:
         pos = block.start
@@ -853,9 +1042,10 @@ class RunWriter:
         return max(1, min(self.shard_rows, CHUNK_TARGET_BYTES // row_bytes))
 
     def _new_shard(self, start: int, block: Block) -> _OpenShard:
-        name = f"{self.shard_prefix}-{self._next_id:05d}.h5"
-        self._next_id += 1
-        shard = _OpenShard(self.run_dir / (name + PARTIAL_SUFFIX), self._next_id - 1, start)
+        shard_id = self._next_id
+        self._next_id += self.world_size  # each rank its own residue class: names never collide
+        name = f"{self.shard_prefix}-{shard_id:05d}.h5"
+        shard = _OpenShard(self.run_dir / (name + PARTIAL_SUFFIX), shard_id, start)
         # A chunk cache larger than the largest chunk (1 MiB) keeps a block's trailing partial
         # chunk in memory until the next block completes it, instead of recompressing it twice.
         f = h5py.File(shard.path, "w", rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES)
@@ -999,7 +1189,7 @@ class RunReader:
 
     def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64) -> None:
         self.run_dir = Path(run_dir)
-        man = _read_manifest(self.run_dir / MANIFEST_NAME)
+        man = _read_listing(self.run_dir)  # manifest.json plus unmerged rank fragments
         self._manifest = man
         self._shards: list[_Shard] = man["shards"]
         self.total: int = man["total"]
@@ -1279,7 +1469,7 @@ def verify_run(run_dir: str | os.PathLike[str]) -> VerifyReport:
     non-finite counts and residual statistics. Never raises for a damaged run: it reports."""
     d = Path(run_dir)
     try:
-        man = _read_manifest(d / MANIFEST_NAME)
+        man = _read_listing(d)
     except StoreError as exc:
         return VerifyReport(ok=False, problems=[str(exc)], samples=0, total=0)
     shards: list[_Shard] = man["shards"]
@@ -1316,6 +1506,8 @@ def verify_run(run_dir: str | os.PathLike[str]) -> VerifyReport:
         (problems if status == "complete" else warnings).append(text)
     if nonfinite:
         warnings.append(f"{nonfinite} non-finite attribution values")
+    if man["fragments"]:
+        warnings.append(f"{len(man['fragments'])} rank fragments not merged into {MANIFEST_NAME} yet (a distributed run that stopped early; resuming merges them)")
     listed = {s.file for s in shards}
     for p in sorted(d.iterdir()):
         if p.name.endswith(PARTIAL_SUFFIX) or (p.suffix == ".h5" and p.name not in listed):

@@ -1,0 +1,103 @@
+"""Dataset runs of every method: what is stored equals the in-memory API on the same samples,
+and a method's options are checked before the run directory is touched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def data(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 6)).astype(np.float32)
+
+
+def test_adaptive_run_stores_per_sample_steps_and_convergence(tmp_path):
+    model, x = mlp(), data(37)
+    summary = fastattr.run(model, x, tmp_path / "run", target=1, n_steps="auto", tolerance=0.02, max_steps=65, examples_per_batch=10, progress=False)
+    assert summary.complete and summary.computed == 37
+    ref = fastattr.IntegratedGradients(model).attribute_batch(torch.from_numpy(x), None, 1, n_steps="auto", tolerance=0.02, max_steps=65)
+    got = fastattr.open(tmp_path / "run")[0:37]
+    np.testing.assert_array_equal(got["n_steps"], ref.n_steps.numpy())
+    np.testing.assert_array_equal(got["extras"]["converged"], ref.extras["converged"].numpy())
+    np.testing.assert_allclose(got["attributions"]["x"], ref.attributions[0].numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got["delta"], ref.delta.numpy(), rtol=1e-4, atol=1e-6)
+    assert len(set(got["n_steps"].tolist())) > 1  # samples really refine independently
+    ok = got["extras"]["converged"]
+    bound = 0.02 * np.abs(got["output"] - got["baseline_output"])
+    assert (np.abs(got["delta"][ok]) <= np.maximum(bound[ok], 1e-6) * (1 + 1e-4)).all()
+    meta = fastattr.open(tmp_path / "run").metadata
+    assert meta["params"]["n_steps"] == "auto" and meta["params"]["tolerance"] == 0.02
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_steps": 16, "tolerance": 0.01}, "only apply with n_steps='auto'"),
+        ({"n_steps": "auto", "tolerance": -1.0}, "tolerance"),
+        ({"n_steps": "many"}, "n_steps"),
+        ({"method": "no_such_method"}, "unknown method"),
+    ],
+)
+def test_bad_method_options_fail_before_the_directory_is_made(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastattr.run(mlp(), data(4), tmp_path / "run", target=0, progress=False, **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("base", ["integrated_gradients", "saliency"])
+def test_noise_tunnel_run_equals_api_and_does_not_depend_on_batching(tmp_path, base):
+    model, x = mlp(), data(23)
+    opts = {"nt_type": "smoothgrad_sq", "nt_samples": 4, "stdevs": 0.3, "seed": 7, "base_method": base}
+    fastattr.run(model, x, tmp_path / "a", method="noise_tunnel", target=2, n_steps=8, examples_per_batch=5, progress=False, **opts)
+    fastattr.run(model, x, tmp_path / "b", method="smoothgrad", target=2, n_steps=8, examples_per_batch=23, progress=False, **opts)
+    a, b = fastattr.open(tmp_path / "a")[0:23], fastattr.open(tmp_path / "b")[0:23]
+    np.testing.assert_allclose(a["attributions"]["x"], b["attributions"]["x"], rtol=1e-5, atol=1e-7)  # noise keyed by (seed, index)
+    inner = fastattr.IntegratedGradients(model) if base == "integrated_gradients" else fastattr.Saliency(model)
+    extra = {"n_steps": 8} if base == "integrated_gradients" else {}
+    ref = fastattr.NoiseTunnel(inner).attribute_batch(
+        torch.from_numpy(x[10:15]), "smoothgrad_sq", 4, None, 0.3, seed=7, sample_ids=torch.arange(10, 15), target=2, **extra
+    )
+    np.testing.assert_allclose(a["attributions"]["x"][10:15], ref.attributions[0].numpy(), rtol=1e-5, atol=1e-7)
+    params = fastattr.open(tmp_path / "a").metadata["params"]
+    assert params["seed"] == 7 and params["nt_samples"] == 4 and params["base_method"] == base
+
+
+def test_gradient_shap_run_with_array_and_dataset_references(tmp_path):
+    model, x = mlp(), data(19)
+    refs = data(11, seed=5)
+    np.save(tmp_path / "refs.npy", refs)
+    fastattr.run(model, x, tmp_path / "a", method="gradient_shap", target=0, references=refs, n_samples=6, seed=3, examples_per_batch=4, progress=False)
+    fastattr.run(model, x, tmp_path / "b", method="expected_gradients", target=0, references=str(tmp_path / "refs.npy"), n_samples=6, seed=3, progress=False)
+    a, b = fastattr.open(tmp_path / "a")[0:19], fastattr.open(tmp_path / "b")[0:19]
+    np.testing.assert_allclose(a["attributions"]["x"], b["attributions"]["x"], rtol=1e-5, atol=1e-7)
+    ref = fastattr.GradientShap(model).attribute_batch(torch.from_numpy(x), torch.from_numpy(refs), 6, 0.0, 0, seed=3, sample_ids=torch.arange(19))
+    np.testing.assert_allclose(a["attributions"]["x"], ref.attributions[0].numpy(), rtol=1e-5, atol=1e-7)
+    assert (a["n_steps"] == 6).all() and "sem" in a["extras"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "noise_tunnel", "nt_samples": 0}, "nt_samples"),
+        ({"method": "noise_tunnel", "nt_type": "smooth"}, "nt_type"),
+        ({"method": "noise_tunnel", "seed": 1.5}, "seed"),
+        ({"method": "noise_tunnel", "n_samples": 3}, "does not take option"),
+        ({"method": "gradient_shap"}, "references"),
+        ({"method": "saliency", "nt_samples": 3}, "does not take option"),
+    ],
+)
+def test_bad_family_options_fail_before_the_directory_is_made(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastattr.run(mlp(), data(4), tmp_path / "run", target=0, progress=False, **kwargs)
+    assert not (tmp_path / "run").exists()
