@@ -15,6 +15,7 @@ import sys
 from . import __version__
 from .precision import PRECISIONS
 from .quadrature import RULES
+from .run_methods import METHOD_NAMES
 
 logger = logging.getLogger("fastattr")
 
@@ -24,6 +25,9 @@ RUN_EXAMPLES = """examples:
                --steps 32 --precision bf16 --storage-dtype float16 --out runs/ig-bf16
   fastattr run ... --baseline mean --out runs/ig-mean   # baseline: the data's mean sample
   fastattr run ... --out runs/ig            # rerun after a crash: resumes, each sample once
+  fastattr run ... --steps auto --tolerance 0.01 --out runs/ig-auto   # per-sample steps to a completeness tolerance
+  fastattr run ... --method smoothgrad --nt-samples 16 --stdevs 0.15 --seed 0 --out runs/sg
+  fastattr run ... --method gradient_shap --references refs.npy --n-samples 32 --out runs/gs
 """
 
 
@@ -63,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     summary = run(
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
-        tolerance=args.tolerance, max_steps=args.max_steps,
+        tolerance=args.tolerance, max_steps=args.max_steps, **_method_options(args),
         rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
@@ -71,6 +75,24 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
     return 0
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """The method's own options given on the command line (run() rejects those it does not take)."""
+    opts = {
+        "nt_type": args.nt_type, "nt_samples": args.nt_samples, "base_method": args.base_method, "seed": args.seed,
+        "n_samples": args.n_samples, "references": args.references,
+        "stdevs": None if args.stdevs is None else _floats(args.stdevs, "--stdevs"),
+    }  # fmt: skip
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def _floats(value: str, flag: str) -> float | tuple[float, ...]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} must be a number or comma-separated numbers (one per input), got {value!r}") from None
+    return parts[0] if len(parts) == 1 else parts
 
 
 def _steps(value: str) -> int | str:
@@ -227,11 +249,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help="file.npy, file.h5:dataset or package.module:factory")
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
-    run.add_argument("--method", default="ig", choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"])
+    run.add_argument("--method", default="ig", choices=list(METHOD_NAMES), help="attribution method (default ig)")
     run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
     run.add_argument("--max-steps", type=int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default="gausslegendre", choices=RULES)
+    fam = run.add_argument_group("noise_tunnel (smoothgrad) and gradient_shap (expected_gradients)")
+    fam.add_argument("--nt-type", default=None, choices=["smoothgrad", "smoothgrad_sq", "vargrad"], help="noise_tunnel: how copies combine (default smoothgrad)")
+    fam.add_argument("--nt-samples", type=int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")
+    fam.add_argument("--base-method", default=None, choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"], help="noise_tunnel: the method run on each copy (default ig)")
+    fam.add_argument("--stdevs", default=None, help="noise standard deviation, or one per input comma-separated (noise_tunnel default 1.0, gradient_shap 0.0)")
+    fam.add_argument("--references", default=None, help="gradient_shap: reference samples, file.npy or file.h5:dataset")
+    fam.add_argument("--n-samples", type=int, default=None, help="gradient_shap: random points per sample (default 5)")
+    fam.add_argument("--seed", type=int, default=None, help="noise_tunnel / gradient_shap: seed of the draws, recorded in the run (default 0)")
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")

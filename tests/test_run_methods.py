@@ -101,3 +101,37 @@ def test_bad_family_options_fail_before_the_directory_is_made(tmp_path, kwargs, 
     with pytest.raises(ValueError, match=match):
         fastattr.run(mlp(), data(4), tmp_path / "run", target=0, progress=False, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_runs_auto_steps_and_smoothgrad(tmp_path):
+    """The CLI's method flags reach the run: the stored config says what was asked."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "cli_mlp.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from torch import nn
+
+        def mlp():
+            torch.manual_seed(0)
+            return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        """
+    ))  # fmt: skip
+    np.save(tmp_path / "x.npy", data(9))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    cmd = [shutil.which("fastattr")] if shutil.which("fastattr") else [sys.executable, "-m", "fastattr"]
+    common = ["-q", "run", "--model", "cli_mlp:mlp", "--data", "x.npy", "--target", "1"]
+    r = subprocess.run([*cmd, *common, "--out", "auto", "--steps", "auto", "--tolerance", "0.05", "--max-steps", "33"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    params = fastattr.open(tmp_path / "auto").metadata["params"]
+    assert params["n_steps"] == "auto" and params["tolerance"] == 0.05 and params["max_steps"] == 33
+    r = subprocess.run([*cmd, *common, "--out", "sg", "--method", "smoothgrad", "--nt-samples", "3", "--stdevs", "0.2", "--seed", "4", "--steps", "4"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    meta = fastattr.open(tmp_path / "sg").metadata
+    assert meta["method"] == "noise_tunnel" and meta["params"]["nt_samples"] == 3 and meta["params"]["seed"] == 4
+    r = subprocess.run([*cmd, *common, "--out", "bad", "--method", "saliency", "--nt-samples", "3"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and "does not take option" in r.stderr and r.stderr.count("\n") == 1
