@@ -6,62 +6,75 @@ its own until it meets the tolerance or reaches the cap.
 
 Entry point (generic over what the path runs through, so layer IG reuses it)::
 
-    settings = AdaptiveSettings.check(tolerance=0.01, max_steps=257, abs_tolerance=1e-6, rule="simpson")
+    settings = AdaptiveSettings.check(tolerance=0.01, max_steps=257, abs_tolerance=1e-6, rule="gausslegendre")
     res = integrate_adaptive(engine, problem, settings, f_x=None, f_x0=None, node_engine=None)
     res.accs        # per input, (B, F) flat accumulators in the working layout, like Engine.integrate
-    res.n_steps     # (B,) int64 gradient evaluations per sample (= points of its final grid)
-    res.bound       # (B,) sum of |per-panel completeness residuals| at the final level
+    res.n_steps     # (B,) int64 gradient evaluations per sample (all levels' points)
+    res.bound       # (B,) completeness bound: |delta| (gausslegendre) or sum of |panel residuals|
     res.converged   # (B,) bool; False where the cap (or a non-finite value) stopped refinement
     res.output, res.baseline_output   # F(x), F(x0) per sample
 
 ``problem`` is an engine ``Problem`` with baselines (inputs, or a layer's activations);
-``engine`` runs the gradient passes under its precision policy and row budget. F at the grid
-points comes free from the gradient forwards when the policy is fp32 (or the inputs are
-float64); otherwise ``node_engine`` (an fp32 Engine) evaluates F at the points forward-only,
-so residuals are measured against the real model. ``f_x`` / ``f_x0``, when given, replace the
-endpoint values (the caller's fp32 forwards).
+``engine`` runs the gradient passes under its precision policy and row budget; under bf16 /
+fp16 ``node_engine`` (an fp32 Engine) does the forward-only evaluations of F, so residuals are
+measured against the real model. ``f_x`` / ``f_x0``, when given, replace the endpoint values.
 
-Rule: nested composite Newton-Cotes on a dyadic grid. A sample at level k has evaluated the
-2^k + 1 points alpha = j / 2^k; going to level k + 1 evaluates only the 2^k new midpoints, so
-every gradient evaluation is reused and the steps reported equal the gradient evaluations
-made (n = 5, 9, 17, 33, ...). Three accumulators per sample hold the endpoint gradients (E),
-the interior of the previous level (I) and the newest midpoints (N); the trapezoid rule is
-h (E/2 + I + N) and composite Simpson (one Romberg step) h/3 (E + 2I + 4N). Each round packs
-the (sample, new point) pairs of every sample still refining into one pass
-(``Engine.integrate_pairs``), chunked under the row budget, so samples share forwards.
+Rules (``method``): "gausslegendre" (the default), "simpson", "trapezoid".
 
-Convergence criterion: the scalar integrand along the path is dF/dalpha = g . (x - x0), whose
-exact integral over any panel [a, b] is F(b) - F(a), and F is known at every grid point. So
-each panel's completeness residual r_p = rule_p(dF/dalpha) - (F(b) - F(a)) is known exactly,
-and a sample stops when sum_p |r_p| <= max(tolerance |F(x) - F(x0)|, abs_tolerance). The
-reported delta is sum_p r_p, so |delta| <= the bound: the tolerance holds for every sample
-that stops before the cap. Summing absolute panel residuals removes the cancellation that
-makes the global residual small while the attribution is still wrong (Captum issue #1334:
-the residual is not monotone in n_steps); cancellation inside one panel remains possible,
-which is why refinement starts at ``min_steps`` points (default 5) rather than at 2-3.
+gausslegendre: per-sample Gauss-Legendre doubling. Level k evaluates the n0 2^k points of the
+Gauss-Legendre rule (n0 = ``min_steps``, default 8) for every sample still refining; the
+levels are not nested, so a sample that stops after level k has made n0 (2^(k+1) - 1) gradient
+evaluations (8, 24, 56, 120, 248, ...), all reported in ``n_steps``, and its attribution is the
+last level's rule. F(x) and F(x0) cost 2 forward-only fp32 rows per sample (Gauss points
+exclude the endpoints); nothing else is evaluated forward-only. A sample stops once BOTH its
+completeness residual |delta_k| <= max(tolerance |F(x) - F(x0)|, abs_tolerance) AND the
+attribution has settled, ||(A_k - A_{k-1})|| <= tolerance ||A_k|| + abs_tolerance (L2 over
+all inputs' features), so every sample needs two levels. The vector condition is the one that
+tracks the attribution error: the scalar residual cancels (on the ReLU CNN below, Gauss-
+Legendre's residual plateaus near 1e-3 of |dF| while the attribution error keeps falling).
 
-A second, vector-level check (``agreement``, on by default) also requires the trapezoid and
-Simpson attributions on the same points to agree: ||(S - T)(x - x0)|| <= tolerance ||A (x - x0)||
-+ abs_tolerance. It costs no model work; on the benchmark models it changed no result
-measurably (the panel bound was always the binding condition), and it is kept as a guard for
-paths where the scalar projection hides vector error.
+simpson / trapezoid: nested composite Newton-Cotes on a dyadic grid. A sample at level k has
+evaluated the 2^k + 1 points alpha = j / 2^k; going to level k + 1 evaluates only the 2^k new
+midpoints, so every gradient evaluation is reused (n = 5, 9, 17, 33, ...). Three accumulators
+per sample hold the endpoint gradients (E), the interior of the previous level (I) and the
+newest midpoints (N); trapezoid h (E/2 + I + N), Simpson h/3 (E + 2I + 4N). F at every grid
+point comes from the gradient forwards under fp32 (under bf16/fp16 ``node_engine`` evaluates
+it forward-only in fp32). Each panel's completeness residual r_p = rule_p(dF/dalpha) -
+(F(b) - F(a)) is exact, and a sample stops when sum_p |r_p| <= max(tolerance |F(x) - F(x0)|,
+abs_tolerance) and the trapezoid and Simpson attributions agree to the tolerance
+(``agreement``). The reported delta is sum_p r_p, so |delta| <= the bound.
 
-Choice of rule, measured (benchmarks/bench_adaptive.py --rule-study, 16 samples of the demo's
-trained 1x24x24 CNN; relative L2 error against a float64 Gauss-Legendre 2048-step reference,
-every sample pinned to n points):
+Every round packs the (sample, point) pairs of all samples still refining into one pass
+(``Engine.integrate_pairs``), chunked under the row budget, so samples share forwards. For
+every rule, a sample that stops before the cap meets |delta| <= max(tolerance |dF|,
+abs_tolerance); samples at the cap are reported (``converged`` False, logged).
 
-    n points                      5        9        17       33       65
-    ReLU CNN (max pool) trapezoid 1.2e-1   5.8e-2   2.5e-2   1.2e-2   6.6e-3
-                        simpson   9.2e-2   5.2e-2   2.1e-2   1.2e-2   6.6e-3
-    GELU CNN (avg pool) trapezoid 1.2e-2   3.1e-3   8.0e-4   2.0e-4   5.0e-5
-                        simpson   1.3e-2   6.4e-4   2.7e-5   1.6e-6   1.3e-7
+Choice of rule, measured on the demo's trained 1x24x24 CNN (ReLU, max pool) and its GELU /
+average-pool twin, 16 samples, relative L2 error against float64 Gauss-Legendre 2048 steps
+(benchmarks/results/adaptive.md; mean gradient evaluations per sample, error):
 
-Simpson is never worse and on the smooth model 5-100x more accurate at equal evaluations, so
-it is the default. Adaptive at tolerance 0.01 on the GELU CNN: Simpson 10 steps on average
-(error 7.8e-4), trapezoid 22 (2.4e-3). Not hidden: a fixed Gauss-Legendre rule with the same
-number of points is more accurate still on both models (GL-8: 3.2e-2 ReLU, 3.7e-4 GELU;
-GL-16 on GELU: 2.7e-6) but is not nested, so it cannot be refined per sample without
-discarding evaluations; a nested Gauss-Kronrod-Patterson family is the next lever.
+    fixed Gauss-Legendre n     8        16       32       50       64
+      ReLU                     3.0e-2   1.7e-2   9.0e-3   5.8e-3   4.3e-3
+      GELU                     3.8e-4   3.0e-6   5.5e-8   5.8e-8   5.3e-8
+    auto gausslegendre (n0 = 8), tolerance 0.1 / 0.03 / 0.01 / 1e-4
+      ReLU                     24, 1.7e-2 / 50, 1.1e-2 / 176, 3.2e-3 / 248 (cap), 2.2e-3
+      GELU                     24, 3.1e-6 / 24, 3.1e-6 / 24, 3.1e-6 / 46, 1.5e-7
+    auto simpson, tolerance 0.1 / 0.03 / 0.01 / 1e-4
+      ReLU                     7, 6.3e-2 / 18, 2.5e-2 / 65, 7.5e-3 / 257 (cap), 1.4e-3
+      GELU                     5, 1.3e-2 / 6, 1.1e-2 / 8, 6.2e-4 / 59, 1.2e-7
+
+On the smooth model Gauss doubling wins clearly (3e-6 in 24 evaluations; Simpson needs about
+33 fixed points for that); on the ReLU model both adaptive rules sit on or above fixed
+Gauss-Legendre's error-per-evaluation curve. Levers measured and rejected (scratch studies,
+numbers in benchmarks/results/adaptive.md): composite Gauss on panels bisected by their exact
+completeness residual (F at panel ends forward-only) was 2-5x worse than fixed GL on ReLU at
+equal evaluations (the scalar residual does not locate the vector error); fixed warps
+alpha = t^p with midpoint or Gauss rules gained at most 1.3x on ReLU and lost on GELU; a
+kink-matching trapezoid (one kink per interval solved from F) gained nothing (about 180
+gradient jumps per path). Why the ReLU model resists: the gradient along each path is piecewise
+constant with ~180 jumps spread over alpha in [0, 0.6] (half the vector variation below 0.14),
+and every sample is about equally hard (per-sample GL-16 errors within 0.9-2.6%), so neither
+per-sample allocation nor point placement has much to exploit; every rule converges O(1/n).
 """
 
 from __future__ import annotations
@@ -73,17 +86,20 @@ from dataclasses import dataclass, field
 import torch
 
 from .engine import Engine, Problem
+from .quadrature import points_and_weights
 
 logger = logging.getLogger(__name__)
 
-RULES = ("simpson", "trapezoid")
-# Chosen by measurement (benchmarks/results/adaptive.md): at equal gradient evaluations Simpson
-# was as accurate as the trapezoid rule on ReLU models (both O(1/n) at kinks) and far more
-# accurate on GELU models (O(h^4) on smooth paths).
-DEFAULT_RULE = "simpson"
+RULES = ("simpson", "trapezoid", "gausslegendre")
+NESTED = ("simpson", "trapezoid")  # dyadic-grid rules (every evaluation reused)
+# Chosen by measurement (benchmarks/results/adaptive.md): on the GELU CNN Gauss-Legendre doubling
+# reached 3e-6 in 24 evaluations and 1.5e-7 in 46 (Simpson: 1.6e-5 in 18, 1.2e-7 in 59); on the
+# ReLU CNN the two were on the same error-vs-evaluations curve (both O(1/n) at kinks).
+DEFAULT_RULE = "gausslegendre"
 DEFAULT_TOLERANCE = 0.01
 DEFAULT_MAX_STEPS = 257
-DEFAULT_MIN_STEPS = 5
+DEFAULT_MIN_STEPS = 5  # dyadic rules: first grid 2^k + 1 >= 5 points
+DEFAULT_GAUSS_START = 8  # gausslegendre: first level's points (levels n0, 2 n0, 4 n0, ...)
 DEFAULT_ABS_TOLERANCE = 1e-6
 
 
@@ -101,15 +117,29 @@ class AdaptiveSettings:
     max_level: int = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.rule == "gausslegendre":
+            # levels k = 0, 1, ...: n0 2^k fresh points, n0 (2^(k+1) - 1) evaluations in all;
+            # a sample needs two levels (the vector check compares consecutive ones)
+            n0 = self.min_steps
+            object.__setattr__(self, "start_level", 1)
+            object.__setattr__(self, "max_level", int(math.floor(math.log2(self.max_steps / n0 + 1))) - 1)
+            return
         # levels: 2^k + 1 points; start at the smallest level with >= min_steps points,
         # stop at the largest with <= max_steps points
         object.__setattr__(self, "start_level", max(1, math.ceil(math.log2(self.min_steps - 1))))
         object.__setattr__(self, "max_level", int(math.floor(math.log2(self.max_steps - 1))))
 
+    def steps_at(self, level: int) -> int:
+        """Gradient evaluations a sample has made once it finished ``level``."""
+        if self.rule == "gausslegendre":
+            return self.min_steps * (2 ** (level + 1) - 1)
+        return 2**level + 1
+
     @property
     def cap(self) -> int:
-        """Largest step count a sample can use (the largest 2^k + 1 <= max_steps)."""
-        return 2**self.max_level + 1
+        """Largest step count a sample can use (dyadic: the largest 2^k + 1 <= max_steps;
+        gausslegendre: the largest n0 (2^(k+1) - 1) <= max_steps)."""
+        return self.steps_at(self.max_level)
 
     @classmethod
     def check(
@@ -125,8 +155,9 @@ class AdaptiveSettings:
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
         abs_tolerance = DEFAULT_ABS_TOLERANCE if abs_tolerance is None else abs_tolerance
-        min_steps = DEFAULT_MIN_STEPS if min_steps is None else min_steps
         rule = DEFAULT_RULE if rule is None else rule
+        if min_steps is None:
+            min_steps = DEFAULT_GAUSS_START if rule == "gausslegendre" else DEFAULT_MIN_STEPS
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance <= 0:
             raise ValueError(f"tolerance must be a positive finite number (relative to |F(x) - F(x0)|), got {tolerance!r}")
         if isinstance(abs_tolerance, bool) or not isinstance(abs_tolerance, (int, float)) or not math.isfinite(abs_tolerance) or abs_tolerance < 0:
@@ -140,6 +171,8 @@ class AdaptiveSettings:
             raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {', '.join(RULES)}")
         settings = cls(float(tolerance), max_steps, float(abs_tolerance), min_steps, rule, bool(agreement))
         if settings.max_level < settings.start_level:
+            if rule == "gausslegendre":
+                raise ValueError(f"max_steps={max_steps} leaves no level: gausslegendre needs two levels, min_steps + 2 min_steps = {3 * min_steps} evaluations")
             raise ValueError(f"max_steps={max_steps} leaves no level at or above min_steps={min_steps}: grids have 2^k + 1 points")
         return settings
 
@@ -201,6 +234,8 @@ def integrate_adaptive(
     """Refine each sample's dyadic grid until its panel residuals meet the tolerance (see module doc)."""
     if problem.baselines is None:
         raise ValueError("adaptive integration needs a path: the problem has no baselines")
+    if settings.rule == "gausslegendre":
+        return _integrate_gauss(engine, problem, settings, f_x, f_x0, node_engine)
     batch, device = problem.batch, problem.device
     acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
     # F along the path from the gradient forwards only when they run in full precision
@@ -281,6 +316,83 @@ def integrate_adaptive(
         logger.info("adaptive IG: %d of %d sample(s) did not reach tolerance %g within %d steps", hit_cap, batch, settings.tolerance, settings.cap)
     assert f_ref is not None and f_x0_ref is not None
     return AdaptiveResult(tuple(accs), n_steps, bound, converged, f_ref, f_x0_ref, rounds)
+
+
+def _integrate_gauss(
+    engine: Engine,
+    problem: Problem,
+    settings: AdaptiveSettings,
+    f_x: torch.Tensor | None,
+    f_x0: torch.Tensor | None,
+    node_engine: Engine | None,
+) -> AdaptiveResult:
+    """Per-sample Gauss-Legendre doubling (see module doc): level k evaluates n0 2^k fresh points;
+    a sample stops once its completeness residual and the vector change from the previous level
+    both meet the tolerance."""
+    batch, device = problem.batch, problem.device
+    acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
+    if engine.precision.name != "fp32" and acc_dtype != torch.float64 and node_engine is None:
+        raise ValueError(f"precision {engine.precision.name!r} needs an fp32 node_engine to evaluate F(x) and F(x0)")
+    # F(x), F(x0): the caller's, else 2 forward-only rows per sample in fp32 (GL has no endpoints)
+    if f_x is None or f_x0 is None:
+        ends = (node_engine or engine).outputs_pairs(
+            problem, torch.arange(batch, device=device).repeat(2), torch.cat([torch.ones(batch), torch.zeros(batch)]).to(device)
+        )
+        f_x = ends[:batch] if f_x is None else f_x
+        f_x0 = ends[batch:] if f_x0 is None else f_x0
+    f_x, f_x0 = f_x.to(device=device, dtype=acc_dtype), f_x0.to(device=device, dtype=acc_dtype)
+    d_f = f_x - f_x0
+    scale = torch.clamp(d_f.abs() * settings.tolerance, min=settings.abs_tolerance)
+    # two accumulator slots per input: PREV (the last finished level) and CUR (this level)
+    stacks = tuple(torch.zeros(2 * batch, lay.flat(x).shape[1], dtype=acc_dtype, device=device) for lay, x in zip(problem.layouts, problem.inputs))
+    diffs = [(lay.flat(x) - lay.flat(b)).to(acc_dtype) for lay, x, b in zip(problem.layouts, problem.inputs, problem.baselines)]
+    level = torch.zeros(batch, dtype=torch.long, device=device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=device)
+    bound = torch.full((batch,), math.inf, dtype=acc_dtype, device=device)
+    active = torch.arange(batch, device=device)
+    rounds: list[int] = []
+    k = 0
+    while active.numel():
+        n_act = active.numel()
+        rounds.append(n_act)
+        a, w = points_and_weights("gausslegendre", settings.min_steps * 2**k)
+        n = len(a)
+        # node-major pairs: a chunk holds one point for many samples, like Engine.integrate
+        ex = active.repeat(n)
+        alphas = torch.tensor(a, dtype=acc_dtype, device=device).repeat_interleave(n_act)
+        weights = torch.tensor(w, dtype=acc_dtype, device=device).repeat_interleave(n_act)
+        for st in stacks:
+            st[batch + active] = 0
+        _, dots = engine.integrate_pairs(problem, ex, alphas, weights, stacks, dest=batch + ex)
+        # completeness residual of this level's rule, exact per sample
+        integral = torch.zeros(batch, dtype=acc_dtype, device=device).index_add_(0, ex, dots * weights)
+        resid = (integral - d_f)[active]
+        bound[active] = resid.abs()
+        done = resid.abs() <= scale[active]
+        if k >= 1:  # the attribution itself must also have settled: ||(A_k - A_{k-1})|| <= tol ||A_k||
+            num = den = torch.zeros(n_act, dtype=acc_dtype, device=device)
+            for st, d in zip(stacks, diffs):
+                cur, dd = st[batch + active], d[active]
+                num = num + ((cur - st[active]) * dd).square().sum(1)
+                den = den + (cur * dd).square().sum(1)
+            done &= num.sqrt() <= settings.tolerance * den.sqrt() + settings.abs_tolerance
+        else:
+            done &= False
+        finite = torch.isfinite(resid)
+        converged[active] = done
+        level[active] = k
+        stop = done | ~finite | (k >= settings.max_level)
+        if bool((~finite).any()):
+            logger.warning("%d sample(s) have non-finite outputs or gradients along the path; not refined further", int((~finite).sum()))
+        active = active[~stop]
+        for st in stacks:  # the samples going on keep this level as the one to compare against
+            st[active] = st[batch + active]
+        k += 1
+    n_steps = settings.min_steps * (torch.pow(2, level + 1) - 1)
+    hit_cap = int((~converged).sum())
+    if hit_cap:
+        logger.info("adaptive IG: %d of %d sample(s) did not reach tolerance %g within %d steps", hit_cap, batch, settings.tolerance, settings.cap)
+    return AdaptiveResult(tuple(st[batch:] for st in stacks), n_steps, bound, converged, f_x, f_x0, rounds)
 
 
 def summarize_steps(n_steps: torch.Tensor, converged: torch.Tensor) -> dict[str, object]:

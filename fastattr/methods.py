@@ -263,10 +263,10 @@ class IntegratedGradients(_GradientAttribution):
     ) -> BatchResult:
         """attribute() with everything a dataset run stores: F(x), F(x0), delta, stats.
 
-        n_steps="auto": per-sample adaptive steps until sum of |panel residuals| <=
-        max(tolerance |F(x) - F(x0)|, abs_tolerance), at most max_steps (fastattr/adaptive.py);
-        ``method`` then names the adaptive rule ("simpson", "trapezoid"; the default
-        "gausslegendre" means the measured default). n_steps comes back as a (B,) tensor and
+        n_steps="auto": per-sample adaptive steps until |delta| <= max(tolerance |F(x) - F(x0)|,
+        abs_tolerance) (and the rule's vector check holds), at most max_steps (fastattr/adaptive.py);
+        ``method`` then names the adaptive rule ("gausslegendre", the default: Gauss-Legendre
+        doubling; "simpson", "trapezoid": nested dyadic grids). n_steps comes back as a (B,) tensor and
         ``extras["converged"]`` says which samples met the tolerance before the cap.
         """
         adaptive_given = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
@@ -336,9 +336,9 @@ class IntegratedGradients(_GradientAttribution):
         **settings: Any,
     ) -> BatchResult:
         """n_steps='auto' (see attribute_batch and fastattr/adaptive.py)."""
-        rule = None if method == "gausslegendre" else method
-        if rule is not None and rule not in adaptive.RULES:
-            raise ValueError(f"n_steps='auto' refines nested rules only: method must be one of {', '.join(adaptive.RULES)} (or the default), got {method!r}")
+        rule = method
+        if rule not in adaptive.RULES:
+            raise ValueError(f"n_steps='auto' refines only the rules {', '.join(adaptive.RULES)}, got method={method!r}")
         config = adaptive.AdaptiveSettings.check(rule=rule, **settings)
         policy = get_precision(precision)
         problem, is_tuple = self._problem(
