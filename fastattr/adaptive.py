@@ -356,17 +356,17 @@ def _integrate_gauss(
         n_act = active.numel()
         rounds.append(n_act)
         a, w = points_and_weights("gausslegendre", settings.min_steps * 2**k)
-        n = len(a)
-        # node-major pairs: a chunk holds one point for many samples, like Engine.integrate
-        ex = active.repeat(n)
-        alphas = torch.tensor(a, dtype=acc_dtype, device=device).repeat_interleave(n_act)
-        weights = torch.tensor(w, dtype=acc_dtype, device=device).repeat_interleave(n_act)
-        for st in stacks:
-            st[batch + active] = 0
-        _, dots = engine.integrate_pairs(problem, ex, alphas, weights, stacks, dest=batch + ex)
+        # every sample still refining is at level k: one rectangular pass over them (the engine's
+        # fast path, chunked under the row budget like any other) instead of per-pair scatters
+        sub = problem if n_act == batch else _subset(problem, active)
+        level_accs = engine.integrate(sub, a, w)
+        problem.target_checked = problem.target_checked or sub.target_checked
+        integral = torch.zeros(n_act, dtype=acc_dtype, device=device)
+        for st, acc, d in zip(stacks, level_accs, diffs):
+            st[batch + active] = acc.to(acc_dtype)
+            integral += (acc.to(acc_dtype) * d[active]).sum(1)  # sum_j w_j dF/dalpha(alpha_j): this level's integral of dF
         # completeness residual of this level's rule, exact per sample
-        integral = torch.zeros(batch, dtype=acc_dtype, device=device).index_add_(0, ex, dots * weights)
-        resid = (integral - d_f)[active]
+        resid = integral - d_f[active]
         bound[active] = resid.abs()
         done = resid.abs() <= scale[active]
         if k >= 1:  # the attribution itself must also have settled: ||(A_k - A_{k-1})|| <= tol ||A_k||
@@ -393,6 +393,15 @@ def _integrate_gauss(
     if hit_cap:
         logger.info("adaptive IG: %d of %d sample(s) did not reach tolerance %g within %d steps", hit_cap, batch, settings.tolerance, settings.cap)
     return AdaptiveResult(tuple(st[batch:] for st in stacks), n_steps, bound, converged, f_x, f_x0, rounds)
+
+
+def _subset(problem: Problem, idx: torch.Tensor) -> Problem:
+    """The problem restricted to examples ``idx`` (inputs, baselines, targets, batch-dim forward args)."""
+    take = idx.to(problem.device)
+    baselines = None if problem.baselines is None else tuple(b.index_select(0, take) for b in problem.baselines)
+    target = None if problem.target is None else problem.target.index_select(0, take.to(problem.target.device))
+    args = Engine._rows_of_args(problem.forward_args, problem.batch, take)
+    return Problem(tuple(x.index_select(0, take) for x in problem.inputs), baselines, target, args, problem.target_checked, problem.channels_last)
 
 
 def summarize_steps(n_steps: torch.Tensor, converged: torch.Tensor) -> dict[str, object]:
