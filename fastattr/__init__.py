@@ -14,8 +14,10 @@ import logging
 __version__ = "0.1.0"
 
 from . import store  # noqa: E402, F401 - fastattr.store.verify_run etc.
+from .activations import LayerActivation  # noqa: E402
 from .gradient_shap import GradientShap  # noqa: E402
 from .inputs import AttributionInputError, NoGradientError  # noqa: E402
+from .layer_methods import LayerIntegratedGradients  # noqa: E402
 from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
 from .noise_tunnel import NoiseTunnel  # noqa: E402
 from .precision import PRECISIONS  # noqa: E402
@@ -28,6 +30,8 @@ __all__ = [
     "GradientShap",
     "InputXGradient",
     "IntegratedGradients",
+    "LayerActivation",
+    "LayerIntegratedGradients",
     "NoGradientError",
     "NoiseTunnel",
     "PRECISIONS",

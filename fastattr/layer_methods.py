@@ -1,0 +1,340 @@
+"""Layer integrated gradients (Captum's LayerIntegratedGradients) on fastattr's engine.
+
+IG over a layer's activations: attr = (a(x) - a(x0)) * sum_s w_s dF/da at
+a(x0) + alpha_s (a(x) - a(x0)), where a is the layer's output (or its input with
+``attribute_to_layer_input=True``) and the baselines x0 are *model inputs*, as in Captum
+(None: zeros, e.g. token id 0). How it runs:
+
+1. one forward-only pass (fp32, chunks of at most the row cap) over x and x0 stacked
+   captures a(x), a(x0) with hooks, and F(x), F(x0) from the same forwards;
+2. the engine integrates over a problem whose "inputs" are a(x), whose baselines are
+   a(x0), and whose forward is the model run on the original inputs (gathered per row
+   like any forward arg) with a hook that swaps the layer's value for the interpolated
+   rows. Chunking, the row budget, precision policies, the kernels and finalize are the
+   engine's, so no forward sees more rows than the cap in either pass.
+
+The delta is sum over all layers' attributions - (F(x) - F(x0)) with F(x0) the model at
+the baseline *inputs* (Captum's definition), so it also shows dependence on x that
+bypasses the layer. Tuple-valued layers: every floating-point tensor part is attributed
+(Captum's behaviour when all parts are float tensors); other parts (int/bool tensors,
+None) pass through unchanged instead of failing. A layer that runs twice per forward is
+an error. ``device_ids`` (DataParallel) is not supported.
+
+Dataset-run entry point (the lead's runner stores everything in the BatchResult)::
+
+    LayerIntegratedGradients(model, layer, multiply_by_inputs=True).attribute_batch(
+        inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
+        method="gausslegendre", internal_batch_size=None, with_delta=True,
+        attribute_to_layer_input=False, *, reduce=None, lengths=None, precision="fp32",
+        memory_budget=None, allow_nonfinite=False, kernel_backend=None, channels_last=None,
+    ) -> BatchResult
+
+- ``attributions``: one tensor per attributed part, ``names`` the layer's qualified name
+  (``name[j]`` for part j of a tuple-valued layer); full shape, e.g. (B, T, D) for an
+  embedding, or with ``reduce`` = "sum" | "l2" | "abs" the last dim reduced by
+  ``fastattr.kernels.channel_reduce``: (B, T) per-token attributions.
+- ``stats`` and ``delta`` are always over the *full* attributions (so delta =
+  stats.sum - (F(x) - F(x0)) holds whatever ``reduce`` stores).
+- ``lengths``: (B,) ints (real tokens per padded row; ``lengths_from_mask(mask)``
+  derives them from an attention mask); returned as ``extras["lengths"]`` so a store
+  can keep padded rows plus their lengths. Values are not changed by it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from . import kernels
+from .activations import LayerSlot, capture, check_lengths, fresh_slots, lengths_from_mask, make_slots
+from .engine import Engine, Problem, frozen_parameters, use_channels_last
+from .inputs import (
+    AttributionInputError,
+    NoGradientError,
+    TensorOrTuple,
+    as_tuple,
+    check_inputs,
+    expand_baselines,
+    normalize_forward_args,
+    normalize_target,
+)
+from .methods import BatchResult, combine_stats
+from .precision import get_precision
+from .quadrature import points_and_weights
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LayerIntegratedGradients", "lengths_from_mask", "REDUCTIONS"]
+
+REDUCTIONS = ("sum", "l2", "abs")
+
+
+class _PatchedForward:
+    """forward(*activation_rows, *model_inputs, *forward_args): the model on its own inputs,
+    with each hooked layer's float parts replaced by the given activation rows.
+
+    One object per (layer structure, input/output), kept on the attribution object, so the
+    row planner's per-forward cache (keyed by the forward's id) settles once across batches.
+    """
+
+    def __init__(self, forward_func: Callable[..., Any], slots: Sequence[LayerSlot], to_input: bool) -> None:
+        self.forward_func = forward_func
+        self.slots = list(slots)
+        self.to_input = to_input
+        self.n_acts = sum(len(s.parts) for s in slots)
+
+    def __call__(self, *args: Any) -> Any:
+        acts, rest = args[: self.n_acts], args[self.n_acts :]
+        calls = [0] * len(self.slots)
+        handles = []
+        i = 0
+        try:
+            for k, s in enumerate(self.slots):
+                hook = self._hook(k, s, acts[i : i + len(s.parts)], calls)
+                i += len(s.parts)
+                handles.append(
+                    s.module.register_forward_pre_hook(hook) if self.to_input else s.module.register_forward_hook(hook)
+                )
+            y = self.forward_func(*rest)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [s.name for s, c in zip(self.slots, calls) if c == 0]
+        if missing:
+            raise AttributionInputError(f"layer(s) {missing} did not run during the model's forward")
+        return y
+
+    def _hook(self, k: int, slot: LayerSlot, mine: Sequence[torch.Tensor], calls: list[int]) -> Callable[..., Any]:
+        def hook(_module: torch.nn.Module, args: Any, out: Any = None) -> Any:
+            calls[k] += 1
+            if calls[k] > 1:
+                raise AttributionInputError(
+                    f"layer {slot.name!r} ran {calls[k]} times in one forward; layer attribution needs a layer that runs once per forward"
+                )
+            value = args if self.to_input else out
+            items = [value] if slot.bare else list(value)
+            for j, new in zip(slot.parts, mine):
+                if items[j].shape != new.shape:
+                    raise AttributionInputError(
+                        f"layer {slot.name!r} produced shape {tuple(items[j].shape)} but {tuple(new.shape)} was captured for these rows"
+                    )
+                items[j] = new
+            if slot.bare:
+                return items[0]
+            if isinstance(value, list):
+                return items
+            return value._make(items) if hasattr(value, "_make") else tuple(items)  # namedtuples keep their type
+
+        return hook
+
+
+class LayerIntegratedGradients:
+    """Integrated gradients with respect to a layer's output or input (Captum-compatible)."""
+
+    def __init__(
+        self,
+        forward_func: Callable[..., Any],
+        layer: Any,
+        device_ids: list[int] | None = None,
+        multiply_by_inputs: bool = True,
+    ) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
+        if device_ids:
+            raise ValueError(
+                "device_ids (DataParallel) is not supported; run one process per device (torchrun) instead"
+            )
+        self.forward_func = forward_func
+        self.slots, self.is_list = make_slots(forward_func, layer)
+        self._multiply_by_inputs = multiply_by_inputs
+        self._patched: dict[tuple, _PatchedForward] = {}
+        self._lock = threading.Lock()
+        if len(self.slots) > 1:
+            logger.info("several layers: none may feed another, or the upstream one gets no gradient (as in Captum)")
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        attribute_to_layer_input: bool = False,
+        *,
+        precision: str = "fp32",
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+        channels_last: bool | None = None,
+    ) -> Any:
+        """Captum's result: per layer a tensor of the layer's shape (a tuple for a tuple-valued
+        layer), a list of those when a list of layers was given; plus the (B,) delta on request."""
+        res, slots = self._attribute(
+            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
+            attribute_to_layer_input, None, None, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last,
+        )  # fmt: skip
+        per_layer: list[Any] = []
+        i = 0
+        for s in slots:
+            n = len(s.parts)
+            per_layer.append(res.attributions[i] if n == 1 else tuple(res.attributions[i : i + n]))
+            i += n
+        result = per_layer if self.is_list else per_layer[0]
+        return (result, res.delta) if return_convergence_delta else result
+
+    def attribute_batch(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 50,
+        method: str = "gausslegendre",
+        internal_batch_size: int | None = None,
+        with_delta: bool = True,
+        attribute_to_layer_input: bool = False,
+        *,
+        reduce: str | None = None,
+        lengths: Any = None,
+        precision: str = "fp32",
+        memory_budget: Any = None,
+        allow_nonfinite: bool = False,
+        kernel_backend: str | None = None,
+        channels_last: bool | None = None,
+    ) -> BatchResult:
+        """attribute() with everything a dataset run stores; see the module docstring."""
+        return self._attribute(
+            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, with_delta,
+            attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last,
+        )[0]  # fmt: skip
+
+    # ------------------------------------------------------------------ internals
+    def _forward_for(self, slots: Sequence[LayerSlot], to_input: bool) -> _PatchedForward:
+        key = (to_input, tuple((s.name, s.bare, tuple(s.parts), s.length) for s in slots))
+        with self._lock:
+            if key not in self._patched:
+                self._patched[key] = _PatchedForward(self.forward_func, slots, to_input)
+            return self._patched[key]
+
+    def _attribute(
+        self,
+        inputs: TensorOrTuple,
+        baselines: Any,
+        target: Any,
+        additional_forward_args: Any,
+        n_steps: int,
+        method: str,
+        internal_batch_size: int | None,
+        with_delta: bool,
+        to_input: bool,
+        reduce: str | None,
+        lengths: Any,
+        precision: str,
+        memory_budget: Any,
+        allow_nonfinite: bool,
+        kernel_backend: str | None,
+        channels_last: bool | None,
+    ) -> tuple[BatchResult, list[LayerSlot]]:
+        # ---- validation, before any model work
+        alphas, weights = points_and_weights(method, n_steps)
+        policy, fp32 = get_precision(precision), get_precision("fp32")
+        if reduce is not None and reduce not in REDUCTIONS:
+            raise ValueError(f"reduce must be None (full tensor) or one of {REDUCTIONS}, got {reduce!r}")
+        xs, _ = as_tuple(inputs)
+        xs = tuple(x.detach() for x in xs)
+        batch = check_inputs(xs, need_float=False, allow_nonfinite=allow_nonfinite)
+        x0s = expand_baselines(baselines, xs, allow_nonfinite=allow_nonfinite)
+        device = xs[0].device
+        tgt = normalize_target(target, batch, device)
+        fargs = normalize_forward_args(additional_forward_args)
+        lens = check_lengths(lengths, batch, device)
+        selector = Engine(
+            self.forward_func,
+            fp32,
+            max_rows=internal_batch_size,
+            memory_budget=memory_budget,
+            kernel_backend=kernel_backend,
+        )
+        select_problem = Problem(xs, None, tgt, fargs, channels_last=False)  # validates the target on the first output
+        slots = fresh_slots(self.slots)
+        f_both: list[torch.Tensor] = []
+
+        def on_output(y: Any, ex: torch.Tensor, r0: int, r1: int) -> None:
+            if not f_both:
+                dtype = torch.float64 if isinstance(y, torch.Tensor) and y.dtype == torch.float64 else torch.float32
+                f_both.append(torch.empty(2 * batch, dtype=dtype, device=device))
+            f_both[0][r0:r1] = selector._select(y, ex, select_problem).to(f_both[0].dtype)
+
+        with frozen_parameters(self.forward_func):
+            # ---- 1. a(x), a(x0) and F(x), F(x0): forward only, fp32, x and x0 stacked
+            stacked = tuple(torch.cat([x, x0]) for x, x0 in zip(xs, x0s))
+            parts = capture(
+                self.forward_func, slots, stacked, fargs, batch,
+                max_rows=internal_batch_size, to_input=to_input, precision=fp32, on_output=on_output,
+            )  # fmt: skip
+            empty = [s.name for s in slots if not s.parts]
+            if empty:
+                kind = "input" if to_input else "output"
+                raise AttributionInputError(
+                    f"layer(s) {empty} have no floating-point tensor {kind} to attribute (integer inputs such as token ids cannot be interpolated; attribute to the layer's output)"
+                )
+            acts = [t for p in parts for t in p]
+            if reduce is not None and any(a.dim() < 2 for a in acts):
+                raise AttributionInputError(
+                    f"reduce={reduce!r} reduces the last dim, but a layer value has shape {[tuple(a.shape) for a in acts]}"
+                )
+            f_x, f_x0 = f_both[0].split(batch)
+            # ---- 2. IG over the activations, the model patched at the layer
+            problem = Problem(
+                tuple(a[:batch] for a in acts), tuple(a[batch:] for a in acts), select_problem.target, (*xs, *fargs),
+                target_checked=True, channels_last=use_channels_last(channels_last, device, policy),
+            )  # fmt: skip
+            forward = self._forward_for(slots, to_input)
+            engine = Engine(
+                forward,
+                policy,
+                max_rows=internal_batch_size,
+                memory_budget=memory_budget,
+                kernel_backend=kernel_backend,
+            )
+            try:
+                accs = engine.integrate(problem, alphas, weights)
+            except NoGradientError as e:
+                names = [n for s in slots for n in s.part_names()]
+                raise NoGradientError(
+                    f"{e}; the attributed parts are, in order, {names}. A layer off the path to the output, or one that only "
+                    "feeds another listed layer, gets no gradient (listed layers must not depend on each other)"
+                ) from None
+        attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
+        combined = combine_stats(stats)
+        delta = None
+        if with_delta:
+            sums = combined.sum if attrs[0].dtype != torch.float64 else sum(a.reshape(batch, -1).sum(1) for a in attrs)
+            delta = sums.to(f_x.dtype) - (f_x - f_x0)
+            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        if reduce is not None:
+            # per-token (per-position) attributions: the last (embedding / channel) dim reduced
+            attrs = [
+                kernels.channel_reduce(a.contiguous(), a.dim() - 1, reduce, out_dtype=a.dtype, backend=kernel_backend)
+                for a in attrs
+            ]
+        extras = {} if lens is None else {"lengths": lens}
+        names = [n for s in slots for n in s.part_names()]
+        result = BatchResult(
+            attrs, len(attrs) > 1, combined, f_x, f_x0, delta, n_steps, problem.target, names=names, extras=extras
+        )
+        return result, slots
