@@ -28,6 +28,8 @@ RUN_EXAMPLES = """examples:
   fastattr run ... --steps auto --tolerance 0.01 --out runs/ig-auto   # per-sample steps to a completeness tolerance
   fastattr run ... --method smoothgrad --nt-samples 16 --stdevs 0.15 --seed 0 --out runs/sg
   fastattr run ... --method gradient_shap --references refs.npy --n-samples 32 --out runs/gs
+  fastattr run --model text:classifier --data text:tokens --forward-args-inputs 1 --method layer_ig --layer embed \\
+               --layer-reduce sum --lengths mask --baseline 0 --out runs/tokens   # data factory returns (ids, mask)
 """
 
 
@@ -67,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     summary = run(
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
-        tolerance=args.tolerance, max_steps=args.max_steps, **_method_options(args),
+        tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args),
         rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
@@ -81,7 +83,9 @@ def _method_options(args: argparse.Namespace) -> dict:
     """The method's own options given on the command line (run() rejects those it does not take)."""
     opts = {
         "nt_type": args.nt_type, "nt_samples": args.nt_samples, "base_method": args.base_method, "seed": args.seed,
-        "n_samples": args.n_samples, "references": args.references,
+        "n_samples": args.n_samples, "references": args.references, "layer_reduce": args.layer_reduce, "lengths": args.lengths,
+        "pool": args.pool, "channel_dim": args.channel_dim, "attribute_to_layer_input": True if args.layer_input else None,
+        "layer": None if not args.layer else (args.layer[0] if len(args.layer) == 1 else list(args.layer)),
         "stdevs": None if args.stdevs is None else _floats(args.stdevs, "--stdevs"),
     }  # fmt: skip
     return {k: v for k, v in opts.items() if v is not None}
@@ -262,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     fam.add_argument("--references", default=None, help="gradient_shap: reference samples, file.npy or file.h5:dataset")
     fam.add_argument("--n-samples", type=int, default=None, help="gradient_shap: random points per sample (default 5)")
     fam.add_argument("--seed", type=int, default=None, help="noise_tunnel / gradient_shap: seed of the draws, recorded in the run (default 0)")
+    lay = run.add_argument_group("layer_integrated_gradients (layer_ig) and activations")
+    lay.add_argument("--layer", action="append", default=[], metavar="NAME", help="qualified layer name (see `fastattr layers`); repeat for several")
+    lay.add_argument("--layer-input", action="store_true", help="attribute to / capture the layer's input instead of its output")
+    lay.add_argument("--layer-reduce", default=None, choices=["sum", "l2", "abs"], help="layer_ig: store the last dim reduced (per-token attributions); default: the full tensor")
+    lay.add_argument("--pool", default=None, choices=["mean", "max", "sum", "l2"], help="activations: one value per channel (default: the full activation)")
+    lay.add_argument("--channel-dim", type=int, default=None, help="activations: the channel dim for --pool (default 1; -1 for (B, T, D) token models)")
+    lay.add_argument("--lengths", default=None, choices=["mask"], help="store extras/lengths: real tokens per padded row, from the attention mask (the first forward-arg input)")
+    run.add_argument("--forward-args-inputs", type=int, default=0, metavar="K",
+                     help="the last K inputs of each sample go to the model as forward args, not attributed (e.g. an attention mask)")
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")

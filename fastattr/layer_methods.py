@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from . import kernels
+from . import adaptive, kernels
 from .activations import LayerSlot, capture, check_lengths, fresh_slots, lengths_from_mask, make_slots
 from .engine import Engine, Problem, frozen_parameters, use_channels_last
 from .inputs import (
@@ -169,7 +169,7 @@ class LayerIntegratedGradients:
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
@@ -180,12 +180,18 @@ class LayerIntegratedGradients:
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+        abs_tolerance: float | None = None,
+        min_steps: int | None = None,
     ) -> Any:
         """Captum's result: per layer a tensor of the layer's shape (a tuple for a tuple-valued
-        layer), a list of those when a list of layers was given; plus the (B,) delta on request."""
+        layer), a list of those when a list of layers was given; plus the (B,) delta on request.
+        n_steps="auto" with tolerance / max_steps / abs_tolerance / min_steps: adaptive steps."""
+        auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
         res, slots = self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
-            attribute_to_layer_input, None, None, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last,
+            attribute_to_layer_input, None, None, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
         )  # fmt: skip
         per_layer: list[Any] = []
         i = 0
@@ -202,7 +208,7 @@ class LayerIntegratedGradients:
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         with_delta: bool = True,
@@ -210,16 +216,23 @@ class LayerIntegratedGradients:
         *,
         reduce: str | None = None,
         lengths: Any = None,
+        tolerance: float | None = None,
+        max_steps: int | None = None,
+        abs_tolerance: float | None = None,
+        min_steps: int | None = None,
         precision: str = "fp32",
         memory_budget: Any = None,
         allow_nonfinite: bool = False,
         kernel_backend: str | None = None,
         channels_last: bool | None = None,
     ) -> BatchResult:
-        """attribute() with everything a dataset run stores; see the module docstring."""
+        """attribute() with everything a dataset run stores; see the module docstring.
+        n_steps="auto" (with tolerance, max_steps, abs_tolerance, min_steps) refines each sample
+        to the completeness tolerance as IntegratedGradients does (fastattr/adaptive.py)."""
+        auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
         return self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, with_delta,
-            attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last,
+            attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
         )[0]  # fmt: skip
 
     # ------------------------------------------------------------------ internals
@@ -236,7 +249,7 @@ class LayerIntegratedGradients:
         baselines: Any,
         target: Any,
         additional_forward_args: Any,
-        n_steps: int,
+        n_steps: int | str,
         method: str,
         internal_batch_size: int | None,
         with_delta: bool,
@@ -248,9 +261,18 @@ class LayerIntegratedGradients:
         allow_nonfinite: bool,
         kernel_backend: str | None,
         channels_last: bool | None,
+        auto: dict[str, Any] | None = None,
     ) -> tuple[BatchResult, list[LayerSlot]]:
         # ---- validation, before any model work
-        alphas, weights = points_and_weights(method, n_steps)
+        settings = None
+        if isinstance(n_steps, str):  # n_steps="auto": per-sample adaptive steps (fastattr/adaptive.py)
+            if n_steps != "auto":
+                raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+            settings = adaptive.AdaptiveSettings.check(rule=method, **(auto or {}))
+        elif auto:
+            raise ValueError(f"{', '.join(auto)} only apply with n_steps='auto', got n_steps={n_steps!r}")
+        else:
+            alphas, weights = points_and_weights(method, n_steps)
         policy, fp32 = get_precision(precision), get_precision("fp32")
         if reduce is not None and reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be None (full tensor) or one of {REDUCTIONS}, got {reduce!r}")
@@ -312,7 +334,12 @@ class LayerIntegratedGradients:
                 kernel_backend=kernel_backend,
             )
             try:
-                accs = engine.integrate(problem, alphas, weights)
+                if settings is None:
+                    accs = engine.integrate(problem, alphas, weights)
+                else:  # the caller's F(x), F(x0) are the fp32 values from step 1
+                    node_engine = None if policy.name == "fp32" else Engine(forward, fp32, max_rows=internal_batch_size, memory_budget=memory_budget, kernel_backend=kernel_backend)
+                    adapted = adaptive.integrate_adaptive(engine, problem, settings, f_x=f_x, f_x0=f_x0, node_engine=node_engine)
+                    accs = adapted.accs
             except NoGradientError as e:
                 names = [n for s in slots for n in s.part_names()]
                 raise NoGradientError(
@@ -333,6 +360,8 @@ class LayerIntegratedGradients:
                 for a in attrs
             ]
         extras = {} if lens is None else {"lengths": lens}
+        if settings is not None:
+            n_steps, extras["converged"] = adapted.n_steps, adapted.converged
         names = [n for s in slots for n in s.part_names()]
         result = BatchResult(
             attrs, len(attrs) > 1, combined, f_x, f_x0, delta, n_steps, problem.target, names=names, extras=extras

@@ -19,7 +19,7 @@ import torch
 
 from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
 
-ALIASES = {"ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap"}
+ALIASES = {"ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap", "layer_ig": "layer_integrated_gradients"}
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Batch:
     start: int  # global index of the first sample
     stop: int
     max_rows: int | None  # rows per forward (None: the engine's planner decides)
+    forward_args: tuple = ()  # per-sample additional_forward_args (e.g. an attention mask), not attributed
 
 
 @dataclass
@@ -40,6 +41,7 @@ class MethodPlan:
     params: dict[str, Any]  # recorded in the run's config
     attribute: Callable[[Batch], BatchResult]
     rows_per_sample: int  # gradient rows one sample costs (the OOM fallback halves from there)
+    uses_target: bool = True  # False: forward-only capture, no target to resolve per batch
 
 
 def describe(value: Any) -> Any:
@@ -68,7 +70,7 @@ def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any
 
     def attribute(b: Batch) -> BatchResult:
         inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return ig.attribute_batch(inputs, b.baselines, b.target, None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
+        return ig.attribute_batch(inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
 
     params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"], **auto}
     # an adaptive sample costs at most max_steps rows; start the OOM fallback from the fixed default
@@ -80,7 +82,7 @@ def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
 
     def attribute(b: Batch) -> BatchResult:
         inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return sal.attribute_batch(inputs, b.target, absolute, None, True, max_rows=b.max_rows, **engine_opts)
+        return sal.attribute_batch(inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
 
     return MethodPlan("saliency", {"abs": absolute}, attribute, 1)
 
@@ -90,7 +92,7 @@ def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts:
 
     def attribute(b: Batch) -> BatchResult:
         inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return ixg.attribute_batch(inputs, b.target, None, True, max_rows=b.max_rows, **engine_opts)
+        return ixg.attribute_batch(inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
 
     return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1)
 
@@ -137,7 +139,7 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
         path = {"baselines": b.baselines} if base == "integrated_gradients" else {}
         return nt.attribute_batch(
             inputs, opts["nt_type"], nt_samples, opts["nt_samples_batch_size"], stdevs, seed=seed, sample_ids=_sample_ids(b),
-            target=b.target, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts,
+            target=b.target, additional_forward_args=b.forward_args or None, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts,
         )  # fmt: skip
 
     params = {"base_method": base, "base_params": inner_plan.params, "nt_type": opts["nt_type"], "nt_samples": nt_samples,
@@ -181,12 +183,83 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
                 on_device[dev] = moved if len(moved) > 1 else moved[0]
             baselines = on_device[dev]
         return gs.attribute_batch(
-            inputs, baselines, n_samples, stdevs, b.target, None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
+            inputs, baselines, n_samples, stdevs, b.target, b.forward_args or None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
         )
 
     params = {"multiply_by_inputs": opts["multiply_by_inputs"], "references": desc, "n_samples": n_samples,
               "stdevs": list(stdevs) if isinstance(stdevs, tuple) else stdevs, "seed": seed}  # fmt: skip
     return MethodPlan("gradient_shap", params, attribute, n_samples)
+
+
+LAYER_DEFAULTS = {"layer": None, "attribute_to_layer_input": False, "layer_reduce": None, "lengths": None}
+ACTIVATION_DEFAULTS = {"layer": None, "attribute_to_layer_input": False, "pool": None, "channel_dim": 1, "lengths": None}
+
+
+def _layer_names(model: torch.nn.Module, layer: Any) -> list[str]:
+    """Qualified layer names (recorded in the run) for a name, a module or a list of those."""
+    from .layers import resolve_layers
+
+    if layer is None:
+        raise ValueError("this method needs layer=: a layer's qualified name (see `fastattr layers`), a module, or a list of those")
+    return [name for name, _ in resolve_layers(model, layer)[0]]
+
+
+def _lengths(option: Any, b: Batch) -> torch.Tensor | None:
+    """lengths="mask": real tokens per padded row, counted from the first forward-arg input (an attention mask)."""
+    if option is None:
+        return None
+    from .activations import lengths_from_mask
+
+    return lengths_from_mask(b.forward_args[0])
+
+
+def _check_lengths_option(option: Any) -> None:
+    if option not in (None, "mask"):
+        raise ValueError(f"lengths must be None or 'mask' (count the real tokens of the attention mask passed as the first forward-arg input), got {option!r}")
+
+
+def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    from .layer_methods import REDUCTIONS, LayerIntegratedGradients
+
+    names = _layer_names(model, opts["layer"])
+    if opts["layer_reduce"] is not None and opts["layer_reduce"] not in REDUCTIONS:
+        raise ValueError(f"layer_reduce must be None (store the full tensor) or one of {', '.join(REDUCTIONS)}, got {opts['layer_reduce']!r}")
+    _check_lengths_option(opts["lengths"])
+    plan = _ig(model, opts, engine_opts)  # the same n_steps / rule / tolerance checks as IG
+    lig = LayerIntegratedGradients(model, names if isinstance(opts["layer"], (list, tuple)) else names[0], multiply_by_inputs=opts["multiply_by_inputs"])
+    n_steps, rule, to_input = opts["n_steps"], opts["rule"], bool(opts["attribute_to_layer_input"])
+    auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
+
+    def attribute(b: Batch) -> BatchResult:
+        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
+        return lig.attribute_batch(
+            inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, to_input,
+            reduce=opts["layer_reduce"], lengths=_lengths(opts["lengths"], b), **auto, **engine_opts,
+        )  # fmt: skip
+
+    params = {**plan.params, "layer": names, "attribute_to_layer_input": to_input, "layer_reduce": opts["layer_reduce"], "lengths": opts["lengths"]}
+    return MethodPlan("layer_integrated_gradients", params, attribute, plan.rows_per_sample + 2)
+
+
+def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    from .activations import POOLS, LayerActivation
+
+    names = _layer_names(model, opts["layer"])
+    if opts["pool"] is not None and opts["pool"] not in POOLS:
+        raise ValueError(f"pool must be None (store the full activation) or one of {', '.join(POOLS)}, got {opts['pool']!r}")
+    _check_lengths_option(opts["lengths"])
+    act = LayerActivation(model, names if isinstance(opts["layer"], (list, tuple)) else names[0])
+    to_input = bool(opts["attribute_to_layer_input"])
+
+    def attribute(b: Batch) -> BatchResult:
+        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
+        return act.attribute_batch(
+            inputs, b.forward_args or None, to_input, pool=opts["pool"], channel_dim=opts["channel_dim"], lengths=_lengths(opts["lengths"], b),
+            max_rows=b.max_rows, precision=engine_opts["precision"],
+        )  # fmt: skip
+
+    params = {"layer": names, "attribute_to_layer_input": to_input, "pool": opts["pool"], "channel_dim": opts["channel_dim"], "lengths": opts["lengths"]}
+    return MethodPlan("activations", params, attribute, 1, uses_target=False)
 
 
 PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], MethodPlan]] = {
@@ -195,9 +268,16 @@ PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], Met
     "input_x_gradient": _input_x_gradient,
     "noise_tunnel": _noise_tunnel,
     "gradient_shap": _gradient_shap,
+    "layer_integrated_gradients": _layer_ig,
+    "activations": _activations,
 }
 # options a method takes beyond the common ones (n_steps, rule, baselines, multiply_by_inputs, abs, tolerance, ...)
-EXTRA_OPTIONS: dict[str, dict[str, Any]] = {"noise_tunnel": NT_DEFAULTS, "gradient_shap": GS_DEFAULTS}
+EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
+    "noise_tunnel": NT_DEFAULTS,
+    "gradient_shap": GS_DEFAULTS,
+    "layer_integrated_gradients": LAYER_DEFAULTS,
+    "activations": ACTIVATION_DEFAULTS,
+}
 METHOD_NAMES = (*PLANS, *ALIASES)
 
 

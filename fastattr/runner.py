@@ -183,6 +183,7 @@ def run(
     progress: bool | None = None,
     multiply_by_inputs: bool = True,
     abs: bool = True,  # noqa: A002 - Saliency's name
+    forward_args_inputs: int = 0,
     **method_options: Any,
 ) -> RunSummary:
     """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
@@ -192,6 +193,8 @@ def run(
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
 
+    forward_args_inputs: the last k inputs of each sample go to the model as per-sample
+    additional_forward_args (e.g. an attention mask after token ids): passed, not attributed.
     method_options: a method's own options (fastattr/run_methods.py EXTRA_OPTIONS), e.g.
     noise_tunnel: nt_type, nt_samples, stdevs, base_method, seed; gradient_shap: references,
     n_samples, stdevs, seed. Seeds are recorded; a sample's draws depend only on (seed, index).
@@ -212,17 +215,22 @@ def run(
     source = open_source(data, labels)
     total = len(source)
     targets = _Targets(target, source, total)
+    n_inputs = len(source.sample_shapes)
+    if isinstance(forward_args_inputs, bool) or not isinstance(forward_args_inputs, int) or not 0 <= forward_args_inputs < n_inputs:
+        raise ValueError(f"forward_args_inputs must be an int in [0, {n_inputs}) for data with {n_inputs} input(s) per sample, got {forward_args_inputs!r}")
     config = {
         "method": plan.name,
         "params": plan.params,
         "precision": precision,
-        "target": describe(target),
+        "target": describe(target) if plan.uses_target else None,
         "storage_dtype": storage_dtype,
         "compression": compression,
         "shard_size": shard_size,
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
+    if forward_args_inputs:  # only when used, so runs made before the option still resume
+        config["forward_args_inputs"] = forward_args_inputs
     # Under torchrun each rank runs this on its share of the samples (fastattr/distributed.py);
     # without it (or at world size 1) ctx changes nothing.
     dev = local_device(dev)  # cuda -> cuda:LOCAL_RANK under torchrun
@@ -237,7 +245,8 @@ def run(
     writer: RunWriter | None = None
     try:
         writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
-        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total, ctx=ctx)
+        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
+                            ctx=ctx, forward_args_inputs=forward_args_inputs)  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:
@@ -250,7 +259,7 @@ def run(
 def _run_batches(
     writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
-    ctx: Context = LOCAL,
+    ctx: Context = LOCAL, forward_args_inputs: int = 0,
 ) -> RunSummary:
     work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
     if work.complete:
@@ -262,7 +271,8 @@ def _run_batches(
     todo = work.todo
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)  # this rank's
-    baselines = _Baselines(baselines, total, source.sample_shapes, dev, model_dtype)
+    n_attributed = len(source.sample_shapes) - forward_args_inputs  # the rest are forward args
+    baselines = _Baselines(baselines, total, source.sample_shapes[:n_attributed], dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
     from tqdm.auto import tqdm
@@ -275,9 +285,10 @@ def _run_batches(
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
-            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev)
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev) if plan.uses_target else None
             base = baselines.for_batch(start, stop)
-            res, max_rows = _attribute_with_retry(plan, Batch(xs, tgt, base, start, stop, max_rows))
+            batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:])
+            res, max_rows = _attribute_with_retry(plan, batch)
             copied = _to_host(res, dev)
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted

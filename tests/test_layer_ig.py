@@ -189,3 +189,19 @@ def test_layer_errors(tok):
     reused = Reused()
     with pytest.raises(fastattr.AttributionInputError, match="ran 2 times in one forward"):
         LayerIntegratedGradients(reused, reused.lin).attribute(torch.randn(3, 6), target=0, n_steps=4)
+
+
+def test_adaptive_steps_on_the_embedding(tok):
+    """n_steps='auto' refines each sample to the completeness tolerance, as IntegratedGradients does,
+    and converges towards a many-step fixed rule."""
+    model, ids, mask, _ = tok
+    lig = LayerIntegratedGradients(model, "embed")
+    res = lig.attribute_batch(ids, None, TARGET, (mask,), n_steps="auto", tolerance=1e-3, max_steps=120)
+    ok = res.extras["converged"]
+    scale = torch.clamp(1e-3 * (res.output - res.baseline_output).abs(), min=1e-6)
+    assert ok.any() and (res.delta[ok].abs() <= scale[ok] * (1 + 1e-3)).all()
+    assert res.n_steps.shape == (B,) and (res.n_steps >= 24).all()
+    ref = lig.attribute(ids, None, TARGET, (mask,), n_steps=256)
+    assert rel_l2(res.attributions[0], ref) < 1e-3
+    with pytest.raises(ValueError, match="only apply with n_steps='auto'"):
+        lig.attribute(ids, None, TARGET, (mask,), n_steps=8, tolerance=0.1)

@@ -135,3 +135,114 @@ def test_cli_runs_auto_steps_and_smoothgrad(tmp_path):
     assert meta["method"] == "noise_tunnel" and meta["params"]["nt_samples"] == 3 and meta["params"]["seed"] == 4
     r = subprocess.run([*cmd, *common, "--out", "bad", "--method", "saliency", "--nt-samples", "3"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and "does not take option" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _token_data(n: int = 21, t: int = 10):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from token_models import TokenClassifier, token_batch
+
+    model = TokenClassifier().eval()
+    ids, mask, lengths = token_batch(n, t, seed=3)
+    return model, ids, mask, lengths
+
+
+@pytest.mark.parametrize("reduce", ["sum", None])
+def test_layer_ig_token_run_with_variable_lengths_read_with_plain_h5py(tmp_path, reduce):
+    """A text classifier's (ids, mask) data: the mask goes to the model as a forward arg, IG runs on
+    the embedding, per-token attributions are stored as padded rows plus extras/lengths."""
+    import h5py
+
+    model, ids, mask, lengths = _token_data()
+    summary = fastattr.run(
+        model, (ids.numpy(), mask.numpy()), tmp_path / "run", method="layer_ig", layer="embed", layer_reduce=reduce, lengths="mask",
+        forward_args_inputs=1, baselines=0, target="predicted", n_steps=16, examples_per_batch=8, shard_size=16, progress=False,
+    )  # fmt: skip
+    assert summary.complete
+    lig = fastattr.LayerIntegratedGradients(model, "embed")
+    with torch.no_grad():
+        pred = model(ids, mask).argmax(1)
+    ref = lig.attribute_batch(ids, 0, pred, (mask,), 16, reduce=reduce)
+    got_attr, got_len, got_delta = [], [], []
+    for shard in sorted((tmp_path / "run").glob("shard-*.h5")):  # plain h5py, no fastattr
+        with h5py.File(shard, "r") as f:
+            got_attr.append(f["attributions/embed"][()])
+            got_len.append(f["extras/lengths"][()])
+            got_delta.append(f["delta"][()])
+    attr = np.concatenate(got_attr)
+    assert attr.shape == ((21, 10) if reduce else (21, 10, 32))
+    np.testing.assert_allclose(attr, ref.attributions[0].numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate(got_len), lengths.numpy())
+    np.testing.assert_allclose(np.concatenate(got_delta), ref.delta.numpy(), rtol=1e-3, atol=1e-5)
+    meta = fastattr.open(tmp_path / "run").metadata
+    assert meta["params"]["layer"] == ["embed"] and meta["forward_args_inputs"] == 1
+
+
+def test_activation_capture_run_pooled_per_channel(tmp_path):
+    model, ids, mask, lengths = _token_data()
+    fastattr.run(
+        model, (ids.numpy(), mask.numpy()), tmp_path / "run", method="activations", layer=["embed", "blocks.0"], pool="mean", channel_dim=-1,
+        lengths="mask", forward_args_inputs=1, examples_per_batch=8, progress=False,
+    )  # fmt: skip
+    got = fastattr.open(tmp_path / "run")[0:21]
+    ref = fastattr.LayerActivation(model, ["embed", "blocks.0"]).attribute_batch(ids, (mask,), pool="mean", channel_dim=-1, lengths=lengths)
+    for name, want in zip(ref.names, ref.attributions):
+        np.testing.assert_allclose(got["attributions"][name], want.numpy(), rtol=1e-5, atol=1e-6)
+    assert got["attributions"]["embed"].shape == (21, 32)
+    assert (got["target"] == -1).all() and np.isnan(got["delta"]).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "layer_ig"}, "needs layer="),
+        ({"method": "layer_ig", "layer": "no_such_layer"}, "not a submodule"),
+        ({"method": "layer_ig", "layer": "embed", "layer_reduce": "mean"}, "layer_reduce"),
+        ({"method": "activations", "layer": "embed", "pool": "median"}, "pool"),
+        ({"method": "activations", "layer": "embed", "lengths": "auto"}, "lengths"),
+        ({"method": "layer_ig", "layer": "embed", "forward_args_inputs": 2}, "forward_args_inputs"),
+    ],
+)
+def test_bad_layer_options_fail_before_the_directory_is_made(tmp_path, kwargs, match):
+    model, ids, mask, _ = _token_data(4)
+    with pytest.raises(ValueError, match=match):
+        fastattr.run(model, (ids.numpy(), mask.numpy()), tmp_path / "run", progress=False, **{"forward_args_inputs": 1, **kwargs})
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_layer_ig_on_a_token_model(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    (tmp_path / "tok_cli.py").write_text(textwrap.dedent(
+        """
+        from token_models import TokenClassifier, token_batch
+
+        def model():
+            return TokenClassifier().eval()
+
+        def tokens():
+            ids, mask, _ = token_batch(13, 8, seed=1)
+            return ids.numpy(), mask.numpy()
+        """
+    ))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)]), "OMP_NUM_THREADS": "1"}
+    cmd = [shutil.which("fastattr")] if shutil.which("fastattr") else [sys.executable, "-m", "fastattr"]
+    r = subprocess.run(
+        [*cmd, "-q", "run", "--model", "tok_cli:model", "--data", "tok_cli:tokens", "--forward-args-inputs", "1", "--method", "layer_ig",
+         "--layer", "embed", "--layer-reduce", "l2", "--lengths", "mask", "--baseline", "0", "--steps", "8", "--out", "tok"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    got = fastattr.open(tmp_path / "tok")[0:13]
+    assert got["attributions"]["embed"].shape == (13, 8) and (got["attributions"]["embed"] >= 0).all()  # L2 per token
+    sys.path.insert(0, str(Path(__file__).parent))
+    from token_models import token_batch
+
+    np.testing.assert_array_equal(got["extras"]["lengths"], token_batch(13, 8, seed=1)[2].numpy())
