@@ -99,8 +99,12 @@ def run_model(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor
     points.append(Point(name, "fastattr fp32", "gausslegendre 50", sec, rel_err(out, ref), 50))
     for precision, rule in [(p, r) for p in args.precisions for r in args.rules]:
         for tol in args.tolerances:
+            # "gausslegendre@12": the rule with min_steps=12 (the first level's points)
+            name, _, n0 = rule.partition("@")
+            extra = {"min_steps": int(n0)} if n0 else {}
             sec, res = timed(
-                lambda t=tol, p=precision, r=rule: ig.attribute_batch(x, target=target, n_steps="auto", method=r, tolerance=t, max_steps=args.max_steps, precision=p), args.repeats
+                lambda t=tol, p=precision, r=name, e=extra: ig.attribute_batch(x, target=target, n_steps="auto", method=r, tolerance=t, max_steps=args.max_steps, precision=p, **e),
+                args.repeats,
             )
             summary = adaptive.summarize_steps(res.n_steps, res.extras["converged"])
             rel_delta = res.delta.abs() / (res.output - res.baseline_output).abs().clamp_min(1e-12)
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref-steps", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tolerances", default="0.1,0.03,0.01,0.001,0.0001")
-    parser.add_argument("--rules", default="gausslegendre,simpson", help="adaptive rules to time")
+    parser.add_argument("--rules", default="gausslegendre,simpson", help="adaptive rules to time; rule@n sets min_steps=n")
     parser.add_argument("--captum-steps", default="16,32,50,64,128,256")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--max-steps", type=int, default=257)

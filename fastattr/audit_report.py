@@ -32,14 +32,12 @@ class AuditReportError(RuntimeError):
 
 def require_matplotlib() -> Any:
     """matplotlib.pyplot on the Agg backend, or AuditReportError naming the fix."""
-    try:
-        import matplotlib
+    from .render import RenderError, pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
+    try:
+        return pyplot()
+    except RenderError as exc:
         raise AuditReportError("audit reports need matplotlib for their plots: pip install matplotlib (or fastattr[render])") from exc
-    return plt
 
 
 def _strict(obj: Any) -> Any:

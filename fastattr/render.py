@@ -17,14 +17,15 @@ class RenderError(RuntimeError):
     """Rendering is impossible (matplotlib missing, nothing to draw)."""
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed), or RenderError naming the fix."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise RenderError("rendering needs matplotlib: pip install matplotlib (or fastattr[bench])") from exc
+        raise RenderError("rendering needs matplotlib: pip install matplotlib (or fastattr[render])") from exc
     return plt
 
 
@@ -43,7 +44,7 @@ def render_grid(
     attributions (N, C, H, W) or (N, H, W): heatmaps (channels summed), overlaid on the
     inputs when given; (N, F) or (N, T, D): bar charts (D summed, per token).
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = attributions.shape[0]
     if n == 0:
         raise RenderError("no samples to render")
