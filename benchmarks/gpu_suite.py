@@ -6,6 +6,9 @@
    rule, the Triton kernel path vs the torch reference path, mixed-precision error.
 2. Triton kernels: benchmarks/bench_kernels.py (GPU correctness + bandwidth).
 3. fastattr vs Captum: benchmarks/bench_captum.py on CUDA (MLP, CNN, ResNet-18 224x224).
+4. The gradient family on CUDA: bench_noise.py (SmoothGrad over IG, GradientShap, incl. the
+   out-of-memory contrast) and bench_layer.py (LayerIG on a token classifier).
+5. Scale-out: bench_distributed.py at 1 and K ranks when K > 1 GPUs are visible (skipped on one).
 Each stage's results go to DIR as JSON, and a markdown summary is printed last.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -104,10 +108,23 @@ def layout_budget_sweep() -> list[dict]:
     return rows
 
 
+def _script(name: str, *argv: str) -> None:
+    """Run another benchmark script of this folder in its own process; raise if it fails."""
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), name), *argv], check=True)
+
+
+def _distributed(out: str) -> None:
+    k = torch.cuda.device_count()
+    if k < 2:
+        print(f"   skipped: {k} GPU visible; scaling needs several (benchmarks/bench_distributed.py --ranks 1,K)", flush=True)
+        return
+    _script("bench_distributed.py", "--device", "cuda", "--ranks", f"1,{k}", "--out", os.path.join(out, "distributed.json"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
-    parser.add_argument("--skip", default="", help="comma-separated stages to skip: engine,sweep,kernels,captum")
+    parser.add_argument("--skip", default="", help="comma-separated stages to skip: engine,sweep,kernels,captum,noise,layer,distributed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: the GPU suite needs one")
@@ -121,6 +138,11 @@ def main() -> int:
         ("sweep", lambda: layout_budget_sweep()),
         ("kernels", lambda: bench_kernels.run(os.path.join(args.out, "kernels.json"))),
         ("captum", lambda: bench_captum.run("cuda", None, 3, os.path.join(args.out, "captum.json"))),
+        # the gradient family, each its own script and process (JSON into --out)
+        ("noise", lambda: _script("bench_noise.py", "--device", "cuda", "--json", os.path.join(args.out, "noise.json"))),
+        ("layer", lambda: _script("bench_layer.py", "--device", "cuda", "--json", os.path.join(args.out, "layer.json"))),
+        # throughput at 1 and K ranks under torchrun: only meaningful with K > 1 GPUs
+        ("distributed", lambda: _distributed(args.out)),
     ]
     for name, fn in stages:
         if name in skip:
