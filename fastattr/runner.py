@@ -46,6 +46,7 @@ class RunSummary:
     seconds: float
     complete: bool
     residual: dict = field(default_factory=dict)  # over this call's samples
+    steps: dict = field(default_factory=dict)  # adaptive runs: per-sample steps over the whole stored run
 
     @property
     def throughput(self) -> float:
@@ -63,6 +64,15 @@ class RunSummary:
                 f"completeness residual |delta|: median {r['median_abs']:.2e}, p99 {r['p99_abs']:.2e}, max {r['max_abs']:.2e}; "
                 f"relative to |F(x) - F(x0)|: median {r['median_rel']:.2e}"
             )
+        if self.steps:
+            st = self.steps
+            line = f"adaptive steps over {st['samples']} samples: mean {st['mean']:.1f}, median {st['median']:g}, p90 {st['p90']:g}, max {st['max']:g}"
+            if st["capped"]:
+                shown = ", ".join(map(str, st["capped_index"]))
+                line += f"; {st['capped']} hit the cap before the tolerance (index {shown}{', ...' if st['capped'] > len(st['capped_index']) else ''})"
+            else:
+                line += "; every sample met the tolerance"
+            out.append(line)
         return out
 
 
@@ -315,6 +325,8 @@ def _run_batches(
     bar.close()
     seconds = time.perf_counter() - t0
     summary = RunSummary(out, total, outcome.computed, seconds, outcome.complete, outcome.residual)
+    if ctx.rank == 0 and plan.params.get("n_steps") == "auto":
+        summary.steps = _steps_summary(out)
     if ctx.rank == 0:
         for line in summary.lines():
             logger.info(line)
@@ -437,6 +449,29 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
         d = np.abs(block.delta)
         deltas.append(d)
         rels.append(d / np.maximum(np.abs(block.output - block.baseline_output), 1e-12))
+
+
+def _steps_summary(run_dir: str, shown: int = 10) -> dict:
+    """Distribution of per-sample steps and the samples that hit the cap, read back from the
+    stored run (n_steps and extras/converged: 5 bytes a sample), so it covers every rank."""
+    from .store import open_run
+
+    with open_run(run_dir) as store:
+        steps, index = store.field("n_steps"), store.field("index")
+        converged = store.field("extras/converged") if len(store) else np.zeros(0, bool)
+    if not steps.size:
+        return {}
+    capped = index[~converged.astype(bool)]
+    return {
+        "samples": int(steps.size),
+        "mean": float(steps.mean()),
+        "median": float(np.median(steps)),
+        "p90": float(np.percentile(steps, 90)),
+        "max": int(steps.max()),
+        "histogram": {int(v): int(c) for v, c in zip(*np.unique(steps, return_counts=True))},
+        "capped": int(capped.size),
+        "capped_index": capped[:shown].tolist(),
+    }
 
 
 def _residual_stats(deltas: list, rels: list) -> dict:

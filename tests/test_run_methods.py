@@ -38,6 +38,19 @@ def test_adaptive_run_stores_per_sample_steps_and_convergence(tmp_path):
     assert (np.abs(got["delta"][ok]) <= np.maximum(bound[ok], 1e-6) * (1 + 1e-4)).all()
     meta = fastattr.open(tmp_path / "run").metadata
     assert meta["params"]["n_steps"] == "auto" and meta["params"]["tolerance"] == 0.02
+    # the end-of-run summary: the distribution of steps and the samples that hit the cap
+    st = summary.steps
+    assert st["samples"] == 37 and st["max"] == got["n_steps"].max() and st["mean"] == pytest.approx(got["n_steps"].mean())
+    assert st["capped"] == int((~ok).sum()) and st["capped_index"] == np.flatnonzero(~ok)[:10].tolist()
+    assert sum(st["histogram"].values()) == 37
+    assert any(line.startswith("adaptive steps over 37 samples") for line in summary.lines())
+
+
+def test_adaptive_run_reports_samples_at_the_cap(tmp_path):
+    model, x = mlp(), data(12)
+    summary = fastattr.run(model, x, tmp_path / "run", target=1, n_steps="auto", tolerance=1e-7, abs_tolerance=0.0, max_steps=24, progress=False)
+    assert summary.steps["capped"] == 12 and summary.steps["capped_index"] == list(range(10))
+    assert "12 hit the cap before the tolerance (index 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, ...)" in summary.lines()[-1]
 
 
 @pytest.mark.parametrize(
