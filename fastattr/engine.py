@@ -162,9 +162,38 @@ class Engine:
         return output.reshape(n_rows, -1).gather(1, flat[:, None]).squeeze(1)
 
     @staticmethod
-    def _rows_of_args(args: tuple, batch: int, example_idx: torch.Tensor) -> tuple:
-        """Additional forward args for the chunk: batch-dim tensors are gathered per row."""
-        return tuple(a.index_select(0, example_idx.to(a.device)) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch else a for a in args)
+    def _rows_of_args(args: tuple, batch: int, example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> tuple:
+        """Additional forward args for the chunk: batch-dim tensors are gathered per row.
+        ``seq`` = (T, L): gathered args whose dim 1 has the inputs' length T are cut to L."""
+        out = []
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+                if seq is not None and a.dim() > 1 and a.shape[1] == seq[0]:
+                    a = a[:, : seq[1]]  # cut before gathering: fewer bytes copied
+                a = a.index_select(0, example_idx.to(a.device))
+            out.append(a)
+        return tuple(out)
+
+    @staticmethod
+    def _seq_plan(problem: Problem, seq_lengths: torch.Tensor | None) -> tuple[int, list[int]] | None:
+        """(T, per-position columns of each flat input) for a sequence-trimmed pass, validated."""
+        if seq_lengths is None:
+            return None
+        t = problem.inputs[0].shape[1] if problem.inputs[0].dim() > 1 else -1
+        bad = [tuple(x.shape) for x in problem.inputs if x.dim() < 2 or x.shape[1] != t]
+        if bad or any(lay.channels_last for lay in problem.layouts):
+            raise ValueError(
+                "seq_lengths needs every input laid out as (B, T, ...) with the same T in dim 1 and no channels-last layout; "
+                f"got shapes {[tuple(x.shape) for x in problem.inputs]}"
+            )
+        if seq_lengths.shape != (problem.batch,) or bool((seq_lengths > t).any()):
+            raise ValueError(f"seq_lengths must be ({problem.batch},) values <= {t}, got shape {tuple(seq_lengths.shape)} max {int(seq_lengths.max())}")
+        return t, [x[0, 0].numel() for x in problem.inputs]
+
+    @staticmethod
+    def _chunk_len(seq_lengths: torch.Tensor, ex: torch.Tensor) -> int:
+        """Positions a chunk keeps: its longest real length (at least one, so no tensor is empty)."""
+        return max(1, int(seq_lengths.index_select(0, ex).max()))
 
     # -------------------------------------------------------------- forward only
     def outputs(self, problem: Problem, rows_inputs: Sequence[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
@@ -271,6 +300,8 @@ class Engine:
         weights: torch.Tensor,
         accs: Sequence[torch.Tensor],
         dest: torch.Tensor | None = None,
+        *,
+        seq_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A gradient pass over an arbitrary list of P (example, alpha, weight) pairs.
 
@@ -281,8 +312,16 @@ class Engine:
         different refinement levels share forwards. Returns, per pair, the selected output
         F (under the policy; free from the forward) and the directional derivative
         dF/dalpha = sum over inputs of g . (x - x0), both in the accumulator dtype.
+
+        ``seq_lengths`` (B,): padding-aware pass for token inputs laid out (B, T, ...). Each
+        chunk runs with dim 1 of its inputs (and of the batch-dim forward args of length T
+        in dim 1) cut to the chunk's longest length L; gradients fill positions [0, L) of the
+        accumulators and nothing is added past L. Exact only for a model whose output ignores
+        positions past each row's length (the caller checks that); order the pairs so a chunk
+        holds rows of similar length.
         """
         self._check_pairs(problem, example_idx, alphas)
+        seq = self._seq_plan(problem, seq_lengths)
         device, total = problem.device, example_idx.shape[0]
         starts, diffs, acc_dtype = self._path_parts(problem)
         example_idx = example_idx.to(device=device, dtype=torch.long)
@@ -293,30 +332,40 @@ class Engine:
         dots = torch.zeros(total, dtype=acc_dtype, device=device)
         row_bytes = sum(d.shape[1] * d.element_size() for d in diffs)
         key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        if seq is not None:  # trimmed rows cost less than full ones: tune them apart
+            key = (*key, "seq-trimmed")
         planner = RowPlanner(device, max(total, 1), self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key)
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
             planner.begin()
             ex = example_idx[p0:p1]
+            cut = None if seq is None else self._chunk_len(seq_lengths, ex)
+            cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
             leaves = [
-                lay.rows(torch.addcmul(s.index_select(0, ex), a[p0:p1].view(-1, 1), d.index_select(0, ex))).detach().requires_grad_(True)
-                for lay, s, d, a in zip(problem.layouts, starts, diffs, alpha_ts)
+                self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d[:, :n].index_select(0, ex)), cut)
+                .detach()
+                .requires_grad_(True)
+                for lay, s, d, a, n in zip(problem.layouts, starts, diffs, alpha_ts, cols)
             ]
-            grads, selected = self._grad_chunk(problem, leaves, ex)
+            grads, selected = self._grad_chunk(problem, leaves, ex, None if seq is None else (seq[0], cut))
             outs[p0:p1] = selected.to(acc_dtype)
-            for acc, g, lay, d in zip(accs, grads, problem.layouts, diffs):
-                g = lay.flat(g).to(acc_dtype)
-                dots[p0:p1] += (g * d.index_select(0, ex).to(acc_dtype)).sum(1)
-                acc.index_add_(0, dest[p0:p1], g * weights[p0:p1, None])
+            for acc, g, lay, d, n in zip(accs, grads, problem.layouts, diffs, cols):
+                g = g.reshape(g.shape[0], -1).to(acc_dtype) if cut is not None else lay.flat(g).to(acc_dtype)
+                dots[p0:p1] += (g * d[:, :n].index_select(0, ex).to(acc_dtype)).sum(1)
+                acc[:, :n].index_add_(0, dest[p0:p1], g * weights[p0:p1, None])  # a view: positions >= L get nothing
             planner.end(p1 - p0)
             p0 = p1
         return outs, dots
 
-    def outputs_pairs(self, problem: Problem, example_idx: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    def outputs_pairs(
+        self, problem: Problem, example_idx: torch.Tensor, alphas: torch.Tensor, *, seq_lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Selected outputs (forward only, under this engine's policy) at P (example, alpha)
-        path points, in forwards of at most the row budget; (P,) in the accumulator dtype."""
+        path points, in forwards of at most the row budget; (P,) in the accumulator dtype.
+        ``seq_lengths``: each chunk cut to its longest length, as in integrate_pairs."""
         self._check_pairs(problem, example_idx, alphas)
+        seq = self._seq_plan(problem, seq_lengths)
         device, total = problem.device, example_idx.shape[0]
         starts, diffs, acc_dtype = self._path_parts(problem)
         example_idx = example_idx.to(device=device, dtype=torch.long)
@@ -327,8 +376,13 @@ class Engine:
             for p0 in range(0, total, rows):
                 p1 = min(total, p0 + rows)
                 ex = example_idx[p0:p1]
-                xs = [lay.rows(torch.addcmul(s.index_select(0, ex), a[p0:p1].view(-1, 1), d.index_select(0, ex))) for lay, s, d, a in zip(problem.layouts, starts, diffs, alpha_ts)]
-                y = self.forward_func(*xs, *self._rows_of_args(problem.forward_args, problem.batch, ex))
+                cut = None if seq is None else self._chunk_len(seq_lengths, ex)
+                cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
+                xs = [
+                    self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d[:, :n].index_select(0, ex)), cut)
+                    for lay, s, d, a, n in zip(problem.layouts, starts, diffs, alpha_ts, cols)
+                ]
+                y = self.forward_func(*xs, *self._rows_of_args(problem.forward_args, problem.batch, ex, None if seq is None else (seq[0], cut)))
                 out[p0:p1] = self._select(y, ex, problem).to(acc_dtype)
         return out
 
@@ -346,8 +400,15 @@ class Engine:
             stats.append(st)
         return attrs, stats
 
-    def _grad_chunk(self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        args = self._rows_of_args(problem.forward_args, problem.batch, example_idx)
+    @staticmethod
+    def _rows(lay: Layout, flat: torch.Tensor, cut: int | None) -> torch.Tensor:
+        """Flat rows -> the model's view: the full layout, or (N, cut, ...) for a trimmed chunk."""
+        return lay.rows(flat) if cut is None else flat.view(flat.shape[0], cut, *lay.shape[1:])
+
+    def _grad_chunk(
+        self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        args = self._rows_of_args(problem.forward_args, problem.batch, example_idx, seq)
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
             with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):

@@ -37,13 +37,29 @@ Dataset-run entry point (the lead's runner stores everything in the BatchResult)
   stats.sum - (F(x) - F(x0)) holds whatever ``reduce`` stores).
 - ``lengths``: (B,) ints (real tokens per padded row; ``lengths_from_mask(mask)``
   derives them from an attention mask); returned as ``extras["lengths"]`` so a store
-  can keep padded rows plus their lengths. Values are not changed by it.
+  can keep padded rows plus their lengths. With ``trim_padding`` (below) off, values are not
+  changed by it.
+
+Padding-aware pass (``trim_padding``; ``attribute(..., lengths=, trim_padding=True)``, and
+``attribute_batch`` by default whenever ``lengths`` are given): step 2 enumerates the
+(example, step) pairs example-major over the examples sorted by length, and runs each chunk
+(``Engine.integrate_pairs(seq_lengths=)``, still at most the row cap) with dim 1 of the
+activation rows, of the model inputs and of the batch-dim forward args of length T cut to the
+chunk's longest real length; gradients are zero past it, and positions past each row's own
+length get attribution exactly 0. Exact for models whose output ignores trailing padding
+(key-masked attention, masked pooling). Before trusting it, F at the trimmed x and x0 (2B
+forward-only fp32 rows, sorted by length, in at most 16 forwards, so rows are cut near their
+own lengths) must match the capture pass's full-length F within ``TRIM_RTOL`` of the batch's
+largest |F|. On a mismatch ``trim_padding=True`` raises ``PaddingNotIgnoredError``; the
+default (None) warns and runs the full-length pass. Not combined with ``n_steps="auto"``
+(full-length pass); every attributed value must be (B, T, ...) with lengths <= T.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -68,7 +84,7 @@ from .quadrature import points_and_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LayerIntegratedGradients", "lengths_from_mask", "REDUCTIONS"]
+__all__ = ["LayerIntegratedGradients", "PaddingNotIgnoredError", "lengths_from_mask", "REDUCTIONS"]
 
 REDUCTIONS = ("sum", "l2", "abs")
 
@@ -175,6 +191,8 @@ class LayerIntegratedGradients:
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
         *,
+        lengths: Any = None,
+        trim_padding: bool = False,
         precision: str = "fp32",
         memory_budget: Any = None,
         allow_nonfinite: bool = False,
@@ -187,11 +205,14 @@ class LayerIntegratedGradients:
     ) -> Any:
         """Captum's result: per layer a tensor of the layer's shape (a tuple for a tuple-valued
         layer), a list of those when a list of layers was given; plus the (B,) delta on request.
-        n_steps="auto" with tolerance / max_steps / abs_tolerance / min_steps: adaptive steps."""
+        n_steps="auto" with tolerance / max_steps / abs_tolerance / min_steps: adaptive steps.
+        ``trim_padding=True`` with ``lengths`` (B,): the padding-aware pass (module docstring);
+        raises PaddingNotIgnoredError if the model's output depends on the padding."""
         auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
         res, slots = self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
-            attribute_to_layer_input, None, None, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
+            attribute_to_layer_input, None, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
+            trim_padding,
         )  # fmt: skip
         per_layer: list[Any] = []
         i = 0
@@ -216,6 +237,7 @@ class LayerIntegratedGradients:
         *,
         reduce: str | None = None,
         lengths: Any = None,
+        trim_padding: bool | None = None,
         tolerance: float | None = None,
         max_steps: int | None = None,
         abs_tolerance: float | None = None,
@@ -228,11 +250,15 @@ class LayerIntegratedGradients:
     ) -> BatchResult:
         """attribute() with everything a dataset run stores; see the module docstring.
         n_steps="auto" (with tolerance, max_steps, abs_tolerance, min_steps) refines each sample
-        to the completeness tolerance as IntegratedGradients does (fastattr/adaptive.py)."""
+        to the completeness tolerance as IntegratedGradients does (fastattr/adaptive.py).
+        ``trim_padding``: None (default) trims when ``lengths`` are given and falls back to the
+        full-length pass with a warning where trimming would not be exact; True requires it
+        (errors instead); False never trims."""
         auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
         return self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, with_delta,
             attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
+            trim_padding,
         )[0]  # fmt: skip
 
     # ------------------------------------------------------------------ internals
@@ -262,6 +288,7 @@ class LayerIntegratedGradients:
         kernel_backend: str | None,
         channels_last: bool | None,
         auto: dict[str, Any] | None = None,
+        trim_padding: bool | None = False,
     ) -> tuple[BatchResult, list[LayerSlot]]:
         # ---- validation, before any model work
         settings = None
@@ -284,6 +311,16 @@ class LayerIntegratedGradients:
         tgt = normalize_target(target, batch, device)
         fargs = normalize_forward_args(additional_forward_args)
         lens = check_lengths(lengths, batch, device)
+        if trim_padding not in (None, True, False):
+            raise ValueError(
+                f"trim_padding must be True, False or None (trim when lengths are given), got {trim_padding!r}"
+            )
+        if trim_padding and lens is None:
+            raise ValueError("trim_padding=True needs lengths= (B,): the real tokens per padded row")
+        if trim_padding and settings is not None:
+            raise ValueError("trim_padding=True is not supported with n_steps='auto'; use a fixed n_steps")
+        # None: trim when it can apply (lengths given, fixed steps); True: required, errors instead of falling back
+        want_trim = lens is not None and settings is None and trim_padding is not False
         selector = Engine(
             self.forward_func,
             fp32,
@@ -320,10 +357,16 @@ class LayerIntegratedGradients:
                     f"reduce={reduce!r} reduces the last dim, but a layer value has shape {[tuple(a.shape) for a in acts]}"
                 )
             f_x, f_x0 = f_both[0].split(batch)
+            why_not = _trim_obstacle(acts, lens) if want_trim else None
+            if why_not is not None:
+                if trim_padding:
+                    raise AttributionInputError(f"trim_padding=True cannot apply: {why_not}")
+                logger.debug("padding not trimmed: %s", why_not)
+            trim = want_trim and why_not is None
             # ---- 2. IG over the activations, the model patched at the layer
             problem = Problem(
                 tuple(a[:batch] for a in acts), tuple(a[batch:] for a in acts), select_problem.target, (*xs, *fargs),
-                target_checked=True, channels_last=use_channels_last(channels_last, device, policy),
+                target_checked=True, channels_last=False if trim else use_channels_last(channels_last, device, policy),
             )  # fmt: skip
             forward = self._forward_for(slots, to_input)
             engine = Engine(
@@ -333,8 +376,22 @@ class LayerIntegratedGradients:
                 memory_budget=memory_budget,
                 kernel_backend=kernel_backend,
             )
+            if trim:
+                trim = _padding_ignored(
+                    forward, problem, lens, f_x, f_x0,
+                    cap=internal_batch_size, kernel_backend=kernel_backend, required=bool(trim_padding),
+                )  # fmt: skip
             try:
-                if settings is None:
+                if trim:
+                    trim_engine = Engine(
+                        forward,
+                        policy,
+                        max_rows=_trim_rows(internal_batch_size, len(alphas), device),
+                        memory_budget=memory_budget,
+                        kernel_backend=kernel_backend,
+                    )
+                    accs = _integrate_trimmed(trim_engine, problem, lens, alphas, weights)
+                elif settings is None:
                     accs = engine.integrate(problem, alphas, weights)
                 else:  # the caller's F(x), F(x0) are the fp32 values from step 1
                     node_engine = None if policy.name == "fp32" else Engine(forward, fp32, max_rows=internal_batch_size, memory_budget=memory_budget, kernel_backend=kernel_backend)
@@ -367,3 +424,124 @@ class LayerIntegratedGradients:
             attrs, len(attrs) > 1, combined, f_x, f_x0, delta, n_steps, problem.target, names=names, extras=extras
         )
         return result, slots
+
+
+# ---------------------------------------------------------------------- padding-aware pass
+# Tolerance of the exactness check, relative to the batch's largest |F|. Measured max deviation
+# of trimmed vs full-length F (tests/token_models.py's TokenClassifier at B=4/40, T=12 and the
+# benchmarks/bench_layer.py model at B=32, T=64, 3 seeds each): fp32 2.8e-7, fp64 4.2e-16 when the
+# padding is ignored; mean pooling over all positions: 0.33 to 1.6.
+TRIM_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+TRIM_CHECK_FORWARDS = 16  # forwards of the check: more cut rows closer to their own length, each costs overhead
+
+
+# CPU rows per forward of the trimmed pass when the caller sets no cap: a chunk should span
+# only ~2 examples' steps, or it runs at the longest of many lengths. The row planner cannot
+# judge this (its rate rises as sorted rows get shorter, so it kept doubling to 512-576 rows);
+# measured on benchmarks/bench_layer.py's case (1 thread, GL-50, min of 5): 64-100 rows 0.63 s,
+# 32 rows 0.67 s, 256 rows 0.70 s, unbounded planner 0.70 s. CUDA keeps the memory probe.
+TRIM_CPU_MIN_ROWS = 64
+TRIM_CPU_STEPS = 2
+
+
+def _trim_rows(cap: int | None, n_steps: int, device: torch.device) -> int | None:
+    """Row cap of the trimmed pass: the caller's cap, on CPU also at most ~2 examples' steps."""
+    if device.type == "cuda":
+        return cap
+    bound = max(TRIM_CPU_MIN_ROWS, TRIM_CPU_STEPS * n_steps)
+    return bound if cap is None else min(cap, bound)
+
+
+class PaddingNotIgnoredError(AttributionInputError):
+    """trim_padding=True, but the model's output changes when trailing padding is cut off."""
+
+
+def _trim_obstacle(acts: Sequence[torch.Tensor], lens: torch.Tensor) -> str | None:
+    """Why the attributed values cannot be cut along dim 1 to the lengths, or None if they can."""
+    t = acts[0].shape[1] if acts[0].dim() > 1 else None
+    if t is None or any(a.dim() < 2 or a.shape[1] != t for a in acts):
+        return (
+            "every attributed layer value must be (B, T, ...) with the sequence in dim 1 and one T for all; "
+            f"got {[tuple(a.shape[1:]) for a in acts]} per row"
+        )
+    if bool((lens > t).any()):
+        return f"lengths go up to {int(lens.max())} but the layer's sequence dim has {t} positions"
+    return None
+
+
+def _padding_ignored(
+    forward: _PatchedForward,
+    problem: Problem,
+    lens: torch.Tensor,
+    f_x: torch.Tensor,
+    f_x0: torch.Tensor,
+    *,
+    cap: int | None,
+    kernel_backend: str | None,
+    required: bool,
+) -> bool:
+    """Whether F at trimmed x and x0 matches F at full length from the capture pass.
+
+    Trimming is exact only for a model whose output ignores positions past each row's
+    length (key-masked attention, masked pooling). The check is one fp32 forward-only pass
+    over the 2B rows sorted by length, x and x0 of an example side by side, in at most
+    TRIM_CHECK_FORWARDS chunks, each cut to its longest row: every row loses its padding
+    past that length (all of it for B <= TRIM_CHECK_FORWARDS). A mismatch raises
+    PaddingNotIgnoredError when trimming was required, else warns and returns False (the
+    caller then runs the full-length pass)."""
+    batch = problem.batch
+    order = torch.argsort(lens, descending=True, stable=True)
+    ex = order.repeat_interleave(2)
+    ends = torch.tensor([1.0, 0.0], dtype=problem.inputs[0].dtype, device=problem.device).repeat(batch)
+    rows = 2 * -(-batch // TRIM_CHECK_FORWARDS)  # x and x0 of ceil(B / forwards) examples
+    check = Engine(
+        forward, get_precision("fp32"), max_rows=rows if cap is None else min(cap, rows), kernel_backend=kernel_backend
+    )
+    try:
+        got = check.outputs_pairs(problem, ex, ends, seq_lengths=lens)
+    except (AttributionInputError, RuntimeError) as e:  # e.g. a model that cannot run on cut inputs
+        got, failure = None, f"the model failed on trimmed inputs ({type(e).__name__}: {e})"
+    want = torch.stack([f_x[order], f_x0[order]], 1).reshape(-1).to(torch.float64)
+    if got is not None:
+        err = (got.to(torch.float64) - want).abs()
+        tol = TRIM_RTOL.get(f_x.dtype, 1e-5) * float(want.abs().max().clamp(min=1e-30))
+        if bool((err <= tol).all()):
+            return True
+        worst = int(err.argmax())
+        failure = (
+            f"the model's output changes when trailing padding is cut off (example {int(ex[worst])}, length "
+            f"{int(lens[ex[worst]])}, {'F(x0)' if worst % 2 else 'F(x)'}: {float(want[worst]):.6g} at full length vs "
+            f"{float(got[worst]):.6g} trimmed; tolerance {tol:.3g}); trimming is exact only for a model that ignores "
+            "positions past each row's length (masked attention keys and pooling)"
+        )
+    if required:
+        raise PaddingNotIgnoredError(f"trim_padding=True: {failure}")
+    warnings.warn(f"padding not trimmed, full-length pass instead: {failure}", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def _integrate_trimmed(
+    engine: Engine, problem: Problem, lens: torch.Tensor, alphas: Sequence[float], weights: Sequence[float]
+) -> tuple[torch.Tensor, ...]:
+    """The IG pass with chunks cut to their longest real length.
+
+    Pairs are enumerated example-major over the examples sorted by length (longest first),
+    so a chunk holds consecutive steps of a few rows of similar length; step-major chunks of
+    B or more rows would span every length and could not be cut. The engine's
+    ``integrate_pairs`` keeps the row budget and precision policy. Accumulators are (B, F)
+    in the original example order; positions past a row's own length are set to 0, which is
+    their exact gradient for a model that ignores them (and makes the result independent of
+    which rows share a chunk)."""
+    batch, n_steps, device = problem.batch, len(alphas), problem.device
+    acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
+    order = torch.argsort(lens, descending=True, stable=True)
+    ex = order.repeat_interleave(n_steps)
+    al = torch.tensor(alphas, dtype=torch.float64, device=device).repeat(batch)
+    w = torch.tensor(weights, dtype=acc_dtype, device=device).repeat(batch)
+    accs = tuple(torch.zeros((batch, x[0].numel()), dtype=acc_dtype, device=device) for x in problem.inputs)
+    engine.integrate_pairs(problem, ex, al, w, accs, seq_lengths=lens)
+    t = problem.inputs[0].shape[1]
+    past = torch.arange(t, device=device)[None, :] >= lens[:, None]  # (B, T)
+    for acc in accs:
+        acc.view(batch, t, -1).masked_fill_(past[:, :, None], 0)
+    return accs

@@ -4,14 +4,17 @@ the row cap in every forward, per-token reductions, lengths, and clear early err
 
 from __future__ import annotations
 
+import warnings
+
 import captum.attr as ca
 import pytest
 import torch
+import torch.nn.functional as F
 from models import CLASSES, assert_attr_close, make, make_inputs, rel_l2
 from token_models import PAD, Reused, RowCounter, TokenClassifier, token_batch
 
 import fastattr
-from fastattr.layer_methods import LayerIntegratedGradients, lengths_from_mask
+from fastattr.layer_methods import LayerIntegratedGradients, PaddingNotIgnoredError, lengths_from_mask
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("single_thread")]
 
@@ -205,3 +208,156 @@ def test_adaptive_steps_on_the_embedding(tok):
     assert rel_l2(res.attributions[0], ref) < 1e-3
     with pytest.raises(ValueError, match="only apply with n_steps='auto'"):
         lig.attribute(ids, None, TARGET, (mask,), n_steps=8, tolerance=0.1)
+
+
+# ---------------------------------------------------------------- padding-aware pass (trim_padding)
+class ShapeSpy(torch.nn.Module):
+    """Wraps a token model and records (rows, positions) of every forward."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.shapes: list[tuple[int, int]] = []
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(ids.shape))
+        return self.model(ids, mask)
+
+
+class MeanOverAll(TokenClassifier):
+    """Pools over every position, padding included: its output depends on the padding."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids) + self.pos(torch.arange(ids.shape[1]))
+        key_bias = ((1 - mask) * -1e4)[:, None, None, :]
+        for block in self.blocks:
+            h = block(h, key_bias)
+        return self.head(F.gelu(self.norm(h).mean(1)))
+
+
+@pytest.fixture(scope="module")
+def tok16():
+    """16 rows of lengths 2..12 padded to 12 (several rows per length, one full row)."""
+    model = TokenClassifier()
+    ids, mask, lengths = token_batch(16, T, seed=5)
+    target = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(6))
+    return model, ids, mask, lengths, target
+
+
+@pytest.mark.parametrize("mbi", [True, False])
+@pytest.mark.parametrize("cap", [None, 7])
+def test_trim_padding_equals_the_full_length_pass(tok16, mbi, cap):
+    model, ids, mask, lengths, target = tok16
+    spy = ShapeSpy(model)
+    lig = LayerIntegratedGradients(spy, spy.model.embed, multiply_by_inputs=mbi)
+    kw = {"n_steps": 8, "internal_batch_size": cap}
+    full = lig.attribute_batch(ids, None, target, (mask,), trim_padding=False, **kw)
+    spy.shapes.clear()
+    got = lig.attribute_batch(ids, None, target, (mask,), lengths=lengths, trim_padding=True, **kw)
+    assert min(t for _, t in spy.shapes) < T  # forwards really ran cut
+    if cap is not None:
+        assert max(r for r, _ in spy.shapes) <= cap
+    torch.testing.assert_close(got.attributions[0], full.attributions[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.delta, full.delta, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.stats.l2, full.stats.l2, rtol=1e-5, atol=1e-7)
+    assert torch.equal(got.output, full.output) and torch.equal(got.baseline_output, full.baseline_output)
+    # positions past a row's length get exactly 0, whatever rows shared its chunks
+    past = torch.arange(T)[None, :] >= lengths[:, None]
+    assert bool((got.attributions[0][past] == 0).all())
+
+
+def test_trim_padding_keeps_the_original_order(tok16):
+    """Rows are integrated sorted by length; results come back in the caller's order."""
+    model, ids, mask, lengths, target = tok16
+    lig = LayerIntegratedGradients(model, model.embed)
+    res = lig.attribute_batch(ids, None, target, (mask,), n_steps=6, lengths=lengths, trim_padding=True)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(9))
+    shuffled = lig.attribute_batch(
+        ids[perm], None, target[perm], (mask[perm],), n_steps=6, lengths=lengths[perm], trim_padding=True
+    )
+    torch.testing.assert_close(shuffled.attributions[0], res.attributions[0][perm], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(shuffled.delta, res.delta[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_trim_padding_parity_with_captum(tok):
+    model, ids, mask, lengths = tok
+    got, delta = LayerIntegratedGradients(model, model.embed).attribute(
+        ids, None, TARGET, (mask,), n_steps=8, return_convergence_delta=True, lengths=lengths, trim_padding=True
+    )
+    ref, ref_delta = ca.LayerIntegratedGradients(model, model.embed).attribute(
+        ids, None, TARGET, (mask,), n_steps=8, return_convergence_delta=True
+    )
+    assert_attr_close(got, ref)
+    torch.testing.assert_close(delta, ref_delta, rtol=1e-5, atol=2e-6)
+
+
+def test_trim_padding_row_cap_and_forward_count(tok16):
+    """The check (2B rows, in <= 16 forwards) and the IG grid are the only extra rows; none above the cap."""
+    model, ids, mask, lengths, target = tok16
+    counted = RowCounter(model)
+    cap = 5
+    LayerIntegratedGradients(counted, counted.model.embed).attribute_batch(
+        ids, None, target, (mask,), n_steps=7, internal_batch_size=cap, lengths=lengths, trim_padding=True
+    )
+    assert max(counted.rows) <= cap
+    assert sum(counted.rows) == 2 * 16 + 2 * 16 + 7 * 16  # capture, exactness check, gradient grid
+
+
+def test_trim_padding_under_bf16(tok16):
+    model, ids, mask, lengths, target = tok16
+    lig = LayerIntegratedGradients(model, model.embed)
+    ref = lig.attribute(ids, None, target, (mask,), n_steps=16)
+    got = lig.attribute(ids, None, target, (mask,), n_steps=16, precision="bf16", lengths=lengths, trim_padding=True)
+    assert rel_l2(got, ref) < 2e-2
+
+
+def test_attribute_batch_trims_by_default_with_lengths(tok16):
+    model, ids, mask, lengths, target = tok16
+    spy = ShapeSpy(model)
+    lig = LayerIntegratedGradients(spy, spy.model.embed)
+    lig.attribute_batch(ids, None, target, (mask,), n_steps=4)
+    assert min(t for _, t in spy.shapes) == T  # no lengths: never cut
+    spy.shapes.clear()
+    lig.attribute_batch(ids, None, target, (mask,), n_steps=4, lengths=lengths)
+    assert min(t for _, t in spy.shapes) < T
+    spy.shapes.clear()
+    lig.attribute(ids, None, target, (mask,), n_steps=4, lengths=lengths)  # attribute(): off unless asked
+    assert min(t for _, t in spy.shapes) == T
+
+
+def test_padding_dependent_model_is_detected(tok16):
+    _, ids, mask, lengths, target = tok16
+    model = MeanOverAll()
+    lig = LayerIntegratedGradients(model, model.embed, multiply_by_inputs=False)  # gradients: nonzero at the padding
+    with pytest.raises(PaddingNotIgnoredError, match="changes when trailing padding is cut off"):
+        lig.attribute(ids, None, target, (mask,), n_steps=4, lengths=lengths, trim_padding=True)
+    # the default of attribute_batch falls back to the full-length pass, with a warning
+    full = lig.attribute_batch(ids, None, target, (mask,), n_steps=4, trim_padding=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = lig.attribute_batch(ids, None, target, (mask,), n_steps=4, lengths=lengths)
+    assert any("full-length pass instead" in str(w.message) for w in caught)
+    torch.testing.assert_close(res.attributions[0], full.attributions[0])
+    assert float(res.attributions[0][torch.arange(T)[None, :] >= lengths[:, None]].abs().max()) > 0
+
+
+def test_trim_padding_errors(tok):
+    model, ids, mask, lengths = tok
+    counted = RowCounter(model)
+    lig = LayerIntegratedGradients(counted, counted.model.embed)
+    with pytest.raises(ValueError, match="trim_padding=True needs lengths"):
+        lig.attribute(ids, None, TARGET, (mask,), n_steps=4, trim_padding=True)
+    with pytest.raises(ValueError, match="not supported with n_steps='auto'"):
+        lig.attribute_batch(ids, None, TARGET, (mask,), n_steps="auto", lengths=lengths, trim_padding=True)
+    with pytest.raises(ValueError, match="trim_padding must be"):
+        lig.attribute_batch(ids, None, TARGET, (mask,), n_steps=4, lengths=lengths, trim_padding="yes")
+    assert counted.rows == []  # all before any forward
+    # a block's input (h, key_bias (B, 1, 1, T)) has no common sequence dim 1
+    with pytest.raises(fastattr.AttributionInputError, match="cannot apply: every attributed layer value"):
+        LayerIntegratedGradients(model, model.blocks[0]).attribute(
+            ids, None, TARGET, (mask,), n_steps=4, attribute_to_layer_input=True, lengths=lengths, trim_padding=True
+        )
+    with pytest.raises(fastattr.AttributionInputError, match="lengths go up to 13"):
+        LayerIntegratedGradients(model, model.embed).attribute(
+            ids, None, TARGET, (mask,), n_steps=4, lengths=torch.full((B,), T + 1), trim_padding=True
+        )
