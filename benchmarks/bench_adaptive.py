@@ -100,10 +100,10 @@ def run_model(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor
     for precision, rule in [(p, r) for p in args.precisions for r in args.rules]:
         for tol in args.tolerances:
             # "gausslegendre@12": the rule with min_steps=12 (the first level's points)
-            name, _, n0 = rule.partition("@")
+            rule_name, _, n0 = rule.partition("@")
             extra = {"min_steps": int(n0)} if n0 else {}
             sec, res = timed(
-                lambda t=tol, p=precision, r=name, e=extra: ig.attribute_batch(x, target=target, n_steps="auto", method=r, tolerance=t, max_steps=args.max_steps, precision=p, **e),
+                lambda t=tol, p=precision, r=rule_name, e=extra: ig.attribute_batch(x, target=target, n_steps="auto", method=r, tolerance=t, max_steps=args.max_steps, precision=p, **e),
                 args.repeats,
             )
             summary = adaptive.summarize_steps(res.n_steps, res.extras["converged"])
