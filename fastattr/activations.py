@@ -233,18 +233,22 @@ def pool_channels(
     return red / count[:, None].to(red.dtype) if mode == "mean" else red
 
 
+def layer_slots(forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None) -> tuple[list[LayerSlot], bool]:
+    """The constructor checks shared by the layer methods: a callable model, no DataParallel
+    device_ids; returns the layers' slots and whether a list of layers was given."""
+    if not callable(forward_func):
+        raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
+    if device_ids:
+        raise ValueError("device_ids (DataParallel) is not supported; run one process per device (torchrun) instead")
+    return make_slots(forward_func, layer)
+
+
 class LayerActivation:
     """Activations of one or several layers (Captum's LayerActivation), batched under a row cap."""
 
     def __init__(self, forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None = None) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
-        if device_ids:
-            raise ValueError(
-                "device_ids (DataParallel) is not supported; run one process per device (torchrun) instead"
-            )
         self.forward_func = forward_func
-        self.slots, self.is_list = make_slots(forward_func, layer)
+        self.slots, self.is_list = layer_slots(forward_func, layer, device_ids)
 
     def attribute(
         self,

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from . import adaptive, kernels
-from .activations import LayerSlot, capture, check_lengths, fresh_slots, lengths_from_mask, make_slots
+from .activations import LayerSlot, capture, check_lengths, fresh_slots, layer_slots, lengths_from_mask
 from .engine import Engine, Problem, frozen_parameters, use_channels_last
 from .inputs import (
     AttributionInputError,
@@ -158,14 +158,8 @@ class LayerIntegratedGradients:
         device_ids: list[int] | None = None,
         multiply_by_inputs: bool = True,
     ) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
-        if device_ids:
-            raise ValueError(
-                "device_ids (DataParallel) is not supported; run one process per device (torchrun) instead"
-            )
         self.forward_func = forward_func
-        self.slots, self.is_list = make_slots(forward_func, layer)
+        self.slots, self.is_list = layer_slots(forward_func, layer, device_ids)
         self._multiply_by_inputs = multiply_by_inputs
         self._patched: dict[tuple, _PatchedForward] = {}
         self._lock = threading.Lock()
