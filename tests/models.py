@@ -296,3 +296,16 @@ def rel_l2(got, ref) -> float:
     num = sum(float((g.double() - r.double()).square().sum()) for g, r in zip(got, ref))
     den = sum(float(r.double().square().sum()) for r in ref)
     return math.sqrt(num / max(den, 1e-30))
+
+
+class CallCounter(torch.nn.Module):
+    """The MLP, counting its forward calls (tests that errors come before any model work)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = make("mlp")
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.inner(x)

@@ -11,7 +11,7 @@ import captum.attr as ca
 import numpy as np
 import pytest
 import torch
-from models import assert_attr_close, make, make_inputs, make_mask
+from models import CallCounter, assert_attr_close, make, make_inputs, make_mask
 
 import fastattr
 from fastattr.inputs import AttributionInputError
@@ -116,17 +116,6 @@ def test_linear_model_completeness_and_fields():
     # no noise and a single reference row: exactly (x - x0) * w
     one = fastattr.GradientShap(model).attribute(x, refs[:1], n_samples=3, seed=0)
     torch.testing.assert_close(one, (x - refs[:1]) * model.w.detach(), rtol=1e-5, atol=1e-6)
-
-
-class CallCounter(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = make("mlp")
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 ERRORS = {

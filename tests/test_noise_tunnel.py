@@ -11,7 +11,7 @@ import captum.attr as ca
 import numpy as np
 import pytest
 import torch
-from models import assert_attr_close, make, make_inputs, make_mask
+from models import CallCounter, assert_attr_close, make, make_inputs, make_mask
 
 import fastattr
 from fastattr.inputs import AttributionInputError
@@ -189,17 +189,6 @@ def test_batch_result_fields():
     sal = NoiseTunnel(fastattr.Saliency(model)).attribute_batch(x, nt_samples=2, target=target, seed=2)
     assert sal.delta is None and sal.baseline_output is None
     torch.testing.assert_close(sal.output, fx)
-
-
-class CallCounter(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.inner = make("mlp")
-        self.calls = 0
-
-    def forward(self, x):
-        self.calls += 1
-        return self.inner(x)
 
 
 ERRORS = {
