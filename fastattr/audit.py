@@ -641,7 +641,20 @@ def method_from_run(metadata: Mapping[str, Any]) -> AttributeFn:
     if method == "input_x_gradient":
         mbi = bool(params.get("multiply_by_inputs", True))
         return lambda model, x, t: InputXGradient(model, multiply_by_inputs=mbi).attribute(x, target=t)
-    raise AuditError(f"cannot re-attribute the run's method {method!r} for the randomization check; pass attribute_fn=")
+    # any other method: the run's own plan, rebuilt from the manifest (fastattr/run_methods.py)
+    from .run_methods import Batch, plan_from_manifest
+
+    meta = dict(metadata)
+    try:
+        plan_from_manifest(torch.nn.Identity(), meta) if method != "layer_integrated_gradients" else None  # fail before any work
+    except ValueError as exc:
+        raise AuditError(f"{exc}; pass attribute_fn= (API) or --randomization none (CLI) to skip the randomization check") from None
+
+    def generic(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        plan, baselines = plan_from_manifest(model, meta)
+        return plan.attribute(Batch((x,), t, baselines, 0, x.shape[0], None)).attributions[0]
+
+    return generic
 
 
 # ----------------------------------------------------------------------------------------------

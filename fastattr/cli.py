@@ -133,7 +133,7 @@ def _info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
             return 0
-        cfg = meta.get("config", {})
+        cfg = meta  # the run config, flattened with status, total and shards
         print(f"run: {os.path.abspath(args.dir)}")
         print(f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB")
         print(f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}")

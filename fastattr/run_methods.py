@@ -297,3 +297,35 @@ def plan_method(
     opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
     return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget})
+
+
+def _baselines_from_desc(desc: Any) -> Any:
+    """A run's recorded baseline description back to a baseline, where that is possible."""
+    if desc in ("zeros", None):
+        return None
+    if isinstance(desc, (int, float)) and not isinstance(desc, bool):
+        return float(desc)
+    raise ValueError(f"the run used baselines {desc!r} (an array, recorded by its hash), which cannot be rebuilt from the manifest")
+
+
+def plan_from_manifest(model: torch.nn.Module, metadata: dict[str, Any]) -> tuple[MethodPlan, Any]:
+    """The MethodPlan a stored run was made with and its baselines, rebuilt from its manifest
+    (method, params, precision), e.g. to re-attribute samples in an audit. Raises ValueError
+    where the manifest only holds a description (array baselines, reference sets)."""
+    method, params = metadata.get("method"), dict(metadata.get("params") or {})
+    ig_keys = ("n_steps", "rule", "multiply_by_inputs", "tolerance", "max_steps", "abs_tolerance")
+    if method == "noise_tunnel":
+        base = dict(params.get("base_params") or {})
+        options = {k: base[k] for k in (*ig_keys, "abs") if k in base}
+        options["baselines"] = _baselines_from_desc(base.get("baselines"))
+        extra = {k: params[k] for k in ("nt_type", "nt_samples", "stdevs", "seed", "base_method") if k in params}
+    elif method in ("integrated_gradients", "saliency", "input_x_gradient", "layer_integrated_gradients"):
+        options = {k: params[k] for k in (*ig_keys, "abs") if k in params}
+        options["baselines"] = _baselines_from_desc(params.get("baselines"))
+        layer_keys = ("layer", "attribute_to_layer_input", "layer_reduce", "lengths")
+        extra = {k: params[k] for k in layer_keys if k in params} if method == "layer_integrated_gradients" else {}
+    else:
+        raise ValueError(f"the run's method {method!r} cannot be rebuilt from its manifest (its inputs are recorded as descriptions only)")
+    defaults = {"n_steps": 50, "rule": "gausslegendre", "multiply_by_inputs": True, "abs": True}
+    plan = plan_method(model, str(method), {**defaults, **options}, precision=metadata.get("precision", "fp32"), memory_budget=None, extra=extra)
+    return plan, options["baselines"]

@@ -48,6 +48,8 @@ def test_run_info_verify_happy_path(tmp_path, env):
     assert "21 samples" in r.stdout and "completeness residual" in r.stdout
     info = fastattr("info", "runs/ig", env=env, cwd=tmp_path)
     assert info.returncode == 0 and "complete, 21 of 21 samples, 3 shards" in info.stdout
+    assert 'method: integrated_gradients {"multiply_by_inputs": true, "n_steps": 8' in info.stdout and "precision: fp32" in info.stdout
+    assert "model sha256: None" not in info.stdout and "versions: null" not in info.stdout
     ok = fastattr("verify", "runs/ig", env=env, cwd=tmp_path)
     assert ok.returncode == 0 and ok.stdout.startswith("OK")
     again = fastattr("run", "--model", "cli_models:cnn", "--model-arg", "width=4", "--data", "x.npy", "--out", "runs/ig", "--steps", "8", env=env, cwd=tmp_path)

@@ -259,3 +259,18 @@ def test_cli_layer_ig_on_a_token_model(tmp_path):
     from token_models import token_batch
 
     np.testing.assert_array_equal(got["extras"]["lengths"], token_batch(13, 8, seed=1)[2].numpy())
+
+
+def test_manifest_rebuilds_the_run_for_audits(tmp_path):
+    """fastattr.audit re-attributes with the run's own plan, rebuilt from the manifest: for the first
+    samples (global indices 0..k-1, so the same seeded noise) it reproduces the stored values."""
+    from fastattr.audit import AuditError, method_from_run
+
+    model, x = mlp(), data(16)
+    fastattr.run(model, x, tmp_path / "sg", method="smoothgrad", target=1, nt_samples=3, stdevs=0.2, seed=5, n_steps=6, progress=False)
+    store = fastattr.open(tmp_path / "sg")
+    again = method_from_run(store.metadata)(model, torch.from_numpy(x[:8]), torch.full((8,), 1))
+    np.testing.assert_allclose(again.numpy(), store[0:8]["attributions"]["x"], rtol=1e-5, atol=1e-7)
+    fastattr.run(model, x, tmp_path / "gs", method="gradient_shap", target=1, references=data(5, seed=9), progress=False)
+    with pytest.raises(AuditError, match="--randomization none"):
+        method_from_run(fastattr.open(tmp_path / "gs").metadata)
