@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
     run.add_argument("--max-steps", type=int, default=None, help="with --steps auto: the per-sample cap (default 257)")
-    run.add_argument("--rule", default="gausslegendre", choices=RULES)
+    run.add_argument("--rule", default=None, choices=[*RULES, "simpson"], help="integration rule (default gausslegendre; with --steps auto: simpson, or trapezoid / gausslegendre)")
     fam = run.add_argument_group("noise_tunnel (smoothgrad) and gradient_shap (expected_gradients)")
     fam.add_argument("--nt-type", default=None, choices=["smoothgrad", "smoothgrad_sq", "vargrad"], help="noise_tunnel: how copies combine (default smoothgrad)")
     fam.add_argument("--nt-samples", type=int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")

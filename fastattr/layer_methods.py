@@ -180,7 +180,7 @@ class LayerIntegratedGradients:
         target: Any = None,
         additional_forward_args: Any = None,
         n_steps: int | str = 50,
-        method: str = "gausslegendre",
+        method: str | None = None,
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         attribute_to_layer_input: bool = False,
@@ -224,7 +224,7 @@ class LayerIntegratedGradients:
         target: Any = None,
         additional_forward_args: Any = None,
         n_steps: int | str = 50,
-        method: str = "gausslegendre",
+        method: str | None = None,
         internal_batch_size: int | None = None,
         with_delta: bool = True,
         attribute_to_layer_input: bool = False,
@@ -270,7 +270,7 @@ class LayerIntegratedGradients:
         target: Any,
         additional_forward_args: Any,
         n_steps: int | str,
-        method: str,
+        method: str | None,
         internal_batch_size: int | None,
         with_delta: bool,
         to_input: bool,
@@ -289,11 +289,11 @@ class LayerIntegratedGradients:
         if isinstance(n_steps, str):  # n_steps="auto": per-sample adaptive steps (fastattr/adaptive.py)
             if n_steps != "auto":
                 raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
-            settings = adaptive.AdaptiveSettings.check(rule=method, **(auto or {}))
+            settings = adaptive.AdaptiveSettings.check(rule=method or adaptive.DEFAULT_RULE, **(auto or {}))
         elif auto:
             raise ValueError(f"{', '.join(auto)} only apply with n_steps='auto', got n_steps={n_steps!r}")
         else:
-            alphas, weights = points_and_weights(method, n_steps)
+            alphas, weights = points_and_weights(method or "gausslegendre", n_steps)
         policy, fp32 = get_precision(precision), get_precision("fp32")
         if reduce is not None and reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be None (full tensor) or one of {REDUCTIONS}, got {reduce!r}")

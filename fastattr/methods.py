@@ -218,7 +218,7 @@ class IntegratedGradients(_GradientAttribution):
         target: Any = None,
         additional_forward_args: Any = None,
         n_steps: int | str = 50,
-        method: str = "gausslegendre",
+        method: str | None = None,
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         *,
@@ -247,7 +247,7 @@ class IntegratedGradients(_GradientAttribution):
         target: Any = None,
         additional_forward_args: Any = None,
         n_steps: int | str = 50,
-        method: str = "gausslegendre",
+        method: str | None = None,
         internal_batch_size: int | None = None,
         with_delta: bool = True,
         *,
@@ -265,8 +265,9 @@ class IntegratedGradients(_GradientAttribution):
 
         n_steps="auto": per-sample adaptive steps until |delta| <= max(tolerance |F(x) - F(x0)|,
         abs_tolerance) (and the rule's vector check holds), at most max_steps (fastattr/adaptive.py);
-        ``method`` then names the adaptive rule ("gausslegendre", the default: Gauss-Legendre
-        doubling; "simpson", "trapezoid": nested dyadic grids). n_steps comes back as a (B,) tensor and
+        ``method`` then names the adaptive rule ("simpson", the default, and "trapezoid": nested
+        dyadic grids; "gausslegendre": Gauss-Legendre doubling). method=None (the default) means
+        Captum's "gausslegendre" for a fixed n_steps. n_steps comes back as a (B,) tensor and
         ``extras["converged"]`` says which samples met the tolerance before the cap.
         """
         adaptive_given = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
@@ -279,6 +280,7 @@ class IntegratedGradients(_GradientAttribution):
             )  # fmt: skip
         if adaptive_given:
             raise ValueError(f"{', '.join(adaptive_given)} only apply with n_steps='auto', got n_steps={n_steps!r}")
+        method = method or "gausslegendre"  # Captum's default rule
         alphas, weights = points_and_weights(method, n_steps)
         policy = get_precision(precision)
         problem, is_tuple = self._problem(
@@ -324,7 +326,7 @@ class IntegratedGradients(_GradientAttribution):
         baselines: Any,
         target: Any,
         additional_forward_args: Any,
-        method: str,
+        method: str | None,
         internal_batch_size: int | None,
         with_delta: bool,
         *,
@@ -336,7 +338,7 @@ class IntegratedGradients(_GradientAttribution):
         **settings: Any,
     ) -> BatchResult:
         """n_steps='auto' (see attribute_batch and fastattr/adaptive.py)."""
-        rule = method
+        rule = method or adaptive.DEFAULT_RULE
         if rule not in adaptive.RULES:
             raise ValueError(f"n_steps='auto' refines only the rules {', '.join(adaptive.RULES)}, got method={method!r}")
         config = adaptive.AdaptiveSettings.check(rule=rule, **settings)

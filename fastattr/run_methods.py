@@ -56,13 +56,14 @@ def describe(value: Any) -> Any:
 
 def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
     ig = IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"])
-    n_steps, rule = opts["n_steps"], opts["rule"]
+    n_steps = opts["n_steps"]
     auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
-    if n_steps == "auto":
-        # fail before any work: the same checks the first batch would make
-        from .adaptive import AdaptiveSettings
+    from .adaptive import DEFAULT_RULE, AdaptiveSettings
 
-        AdaptiveSettings.check(rule=None if rule == "gausslegendre" else rule, **auto)
+    # rule None: Captum's gausslegendre for fixed steps, the adaptive default for "auto"; recorded resolved
+    rule = opts["rule"] or (DEFAULT_RULE if n_steps == "auto" else "gausslegendre")
+    if n_steps == "auto":
+        AdaptiveSettings.check(rule=rule, **auto)  # fail before any work: the checks the first batch would make
     elif not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
     elif auto:
@@ -129,7 +130,7 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
              "input_x_gradient": lambda: InputXGradient(model, multiply_by_inputs=opts["multiply_by_inputs"])}[base]()  # fmt: skip
     nt = NoiseTunnel(inner)
     stdevs = tuple(opts["stdevs"]) if isinstance(opts["stdevs"], (list, tuple)) else opts["stdevs"]
-    base_kwargs: dict[str, Any] = {"n_steps": opts["n_steps"], "method": opts["rule"]} if base == "integrated_gradients" else {}
+    base_kwargs: dict[str, Any] = {"n_steps": opts["n_steps"], "method": inner_plan.params["rule"]} if base == "integrated_gradients" else {}
     if base == "saliency":
         base_kwargs["abs"] = opts["abs"]
     rows_key = "internal_batch_size" if base == "integrated_gradients" else "max_rows"  # Captum's name for IG
@@ -227,7 +228,7 @@ def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
     _check_lengths_option(opts["lengths"])
     plan = _ig(model, opts, engine_opts)  # the same n_steps / rule / tolerance checks as IG
     lig = LayerIntegratedGradients(model, names if isinstance(opts["layer"], (list, tuple)) else names[0], multiply_by_inputs=opts["multiply_by_inputs"])
-    n_steps, rule, to_input = opts["n_steps"], opts["rule"], bool(opts["attribute_to_layer_input"])
+    n_steps, rule, to_input = opts["n_steps"], plan.params["rule"], bool(opts["attribute_to_layer_input"])
     auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
 
     def attribute(b: Batch) -> BatchResult:

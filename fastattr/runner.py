@@ -176,7 +176,7 @@ def run(
     target: Any = "predicted",
     baselines: Any = None,
     n_steps: int | str = 50,
-    rule: str = "gausslegendre",
+    rule: str | None = None,
     tolerance: float | None = None,
     max_steps: int | None = None,
     abs_tolerance: float | None = None,

@@ -156,7 +156,7 @@ def test_gauss_levels_match_fixed_gauss():
     evaluations, and the result is exactly fastattr's fixed 8-point Gauss-Legendre."""
     model, inputs, target = _case("cnn", 3)
     ig = fastattr.IntegratedGradients(model)
-    res = ig.attribute_batch(inputs, target=target, n_steps="auto", tolerance=1e-9, abs_tolerance=0.0, min_steps=4, max_steps=12)
+    res = ig.attribute_batch(inputs, target=target, n_steps="auto", method="gausslegendre", tolerance=1e-9, abs_tolerance=0.0, min_steps=4, max_steps=12)
     assert res.n_steps.tolist() == [12, 12, 12] and not bool(res.extras["converged"].any())
     torch.testing.assert_close(res.attributions[0], ig.attribute(inputs, target=target, n_steps=8), rtol=1e-4, atol=1e-6)
 
@@ -237,7 +237,7 @@ def test_integrate_pairs_matches_integrate():
         ({"n_steps": "auto", "max_steps": 2}, "max_steps must be"),
         ({"n_steps": "auto", "min_steps": 17, "max_steps": 9}, "must be >= min_steps"),
         ({"n_steps": "auto", "min_steps": 10, "max_steps": 12}, "leaves no level"),
-        ({"n_steps": "auto", "max_steps": 20}, "gausslegendre needs two levels"),
+        ({"n_steps": "auto", "method": "gausslegendre", "max_steps": 20}, "gausslegendre needs two levels"),
         ({"n_steps": "auto", "method": "riemann_left"}, "refines only the rules"),
     ],
 )
@@ -246,3 +246,16 @@ def test_errors_before_work(kwargs, match):
     with grad_rows(model) as rec, pytest.raises(ValueError, match=match):
         fastattr.IntegratedGradients(model).attribute(inputs, target=target, **kwargs)
     assert rec == {"grad": [], "nograd": []}
+
+
+def test_default_rule_is_simpson_and_fixed_steps_keep_captums_default():
+    """method=None: the adaptive default (simpson, chosen by measurement) with n_steps='auto', and
+    Captum's gausslegendre with a fixed n_steps."""
+    model, inputs, target = _case("cnn", 3)
+    ig = fastattr.IntegratedGradients(model)
+    auto = ig.attribute_batch(inputs, target=target, n_steps="auto", tolerance=0.05)
+    simpson = ig.attribute_batch(inputs, target=target, n_steps="auto", method="simpson", tolerance=0.05)
+    torch.testing.assert_close(auto.attributions[0], simpson.attributions[0], rtol=0, atol=0)
+    assert ((auto.n_steps - 1) & (auto.n_steps - 2) == 0).all()  # 2^k + 1 points: the dyadic grid
+    fixed = ig.attribute(inputs, target=target, n_steps=16)
+    torch.testing.assert_close(fixed, ig.attribute(inputs, target=target, n_steps=16, method="gausslegendre"), rtol=0, atol=0)

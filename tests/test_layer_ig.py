@@ -203,7 +203,7 @@ def test_adaptive_steps_on_the_embedding(tok):
     ok = res.extras["converged"]
     scale = torch.clamp(1e-3 * (res.output - res.baseline_output).abs(), min=1e-6)
     assert ok.any() and (res.delta[ok].abs() <= scale[ok] * (1 + 1e-3)).all()
-    assert res.n_steps.shape == (B,) and (res.n_steps >= 24).all()
+    assert res.n_steps.shape == (B,) and (res.n_steps >= 5).all()  # simpson: 2^k + 1 points per sample
     ref = lig.attribute(ids, None, TARGET, (mask,), n_steps=256)
     assert rel_l2(res.attributions[0], ref) < 1e-3
     with pytest.raises(ValueError, match="only apply with n_steps='auto'"):
