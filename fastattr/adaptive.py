@@ -84,6 +84,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -178,6 +179,27 @@ class AdaptiveSettings:
                 raise ValueError(f"max_steps={max_steps} leaves no level: gausslegendre needs two levels, min_steps + 2 min_steps = {3 * min_steps} evaluations")
             raise ValueError(f"max_steps={max_steps} leaves no level at or above min_steps={min_steps}: grids have 2^k + 1 points")
         return settings
+
+
+def given(**settings: Any) -> dict[str, Any]:
+    """The adaptive settings a caller actually passed (None means not given)."""
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def resolve(n_steps: int | str, method: str | None, settings: dict[str, Any]) -> AdaptiveSettings | None:
+    """n_steps="auto": the validated settings for rule ``method`` (None: DEFAULT_RULE); a fixed
+    n_steps: None, refusing adaptive-only ``settings``. Every method that takes n_steps="auto"
+    goes through here, so they all fail alike, before any model work."""
+    if isinstance(n_steps, str):
+        if n_steps != "auto":
+            raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+        rule = method or DEFAULT_RULE
+        if rule not in RULES:
+            raise ValueError(f"n_steps='auto' refines only the rules {', '.join(RULES)}, got method={method!r}")
+        return AdaptiveSettings.check(rule=rule, **settings)
+    if settings:
+        raise ValueError(f"{', '.join(settings)} only apply with n_steps='auto', got n_steps={n_steps!r}")
+    return None
 
 
 @dataclass

@@ -340,19 +340,13 @@ class Engine:
             p1 = min(total, p0 + planner.rows)
             planner.begin()
             ex = example_idx[p0:p1]
-            cut = None if seq is None else self._chunk_len(seq_lengths, ex)
-            cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
-            leaves = [
-                self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d[:, :n].index_select(0, ex)), cut)
-                .detach()
-                .requires_grad_(True)
-                for lay, s, d, a, n in zip(problem.layouts, starts, diffs, alpha_ts, cols)
-            ]
+            points, chunk_diffs, cut, cols = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths)
+            leaves = [p.detach().requires_grad_(True) for p in points]
             grads, selected = self._grad_chunk(problem, leaves, ex, None if seq is None else (seq[0], cut))
             outs[p0:p1] = selected.to(acc_dtype)
-            for acc, g, lay, d, n in zip(accs, grads, problem.layouts, diffs, cols):
+            for acc, g, lay, d, n in zip(accs, grads, problem.layouts, chunk_diffs, cols):
                 g = g.reshape(g.shape[0], -1).to(acc_dtype) if cut is not None else lay.flat(g).to(acc_dtype)
-                dots[p0:p1] += (g * d[:, :n].index_select(0, ex).to(acc_dtype)).sum(1)
+                dots[p0:p1] += (g * d.to(acc_dtype)).sum(1)
                 acc[:, :n].index_add_(0, dest[p0:p1], g * weights[p0:p1, None])  # a view: positions >= L get nothing
             planner.end(p1 - p0)
             p0 = p1
@@ -376,12 +370,7 @@ class Engine:
             for p0 in range(0, total, rows):
                 p1 = min(total, p0 + rows)
                 ex = example_idx[p0:p1]
-                cut = None if seq is None else self._chunk_len(seq_lengths, ex)
-                cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
-                xs = [
-                    self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d[:, :n].index_select(0, ex)), cut)
-                    for lay, s, d, a, n in zip(problem.layouts, starts, diffs, alpha_ts, cols)
-                ]
+                xs, _, cut, _ = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths)
                 y = self.forward_func(*xs, *self._rows_of_args(problem.forward_args, problem.batch, ex, None if seq is None else (seq[0], cut)))
                 out[p0:p1] = self._select(y, ex, problem).to(acc_dtype)
         return out
@@ -399,6 +388,29 @@ class Engine:
             attrs.append(lay.user(attr))
             stats.append(st)
         return attrs, stats
+
+    def _pair_points(
+        self,
+        problem: Problem,
+        starts: list[torch.Tensor],
+        diffs: list[torch.Tensor],
+        alpha_ts: list[torch.Tensor],
+        ex: torch.Tensor,
+        p0: int,
+        p1: int,
+        seq: tuple[int, list[int]] | None,
+        seq_lengths: torch.Tensor | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], int | None, list[int]]:
+        """Path points x0 + alpha (x - x0) of pairs [p0, p1) (examples ``ex``) in the model's view,
+        per input; also each row's x - x0, the trimmed length (None: full) and the flat columns kept."""
+        cut = None if seq is None else self._chunk_len(seq_lengths, ex)
+        cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
+        chunk_diffs = [d[:, :n].index_select(0, ex) for d, n in zip(diffs, cols)]
+        points = [
+            self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d), cut)
+            for lay, s, d, a, n in zip(problem.layouts, starts, chunk_diffs, alpha_ts, cols)
+        ]
+        return points, chunk_diffs, cut, cols
 
     @staticmethod
     def _rows(lay: Layout, flat: torch.Tensor, cut: int | None) -> torch.Tensor:

@@ -78,7 +78,7 @@ from .inputs import (
     normalize_forward_args,
     normalize_target,
 )
-from .methods import BatchResult, combine_stats
+from .methods import BatchResult, combine_stats, completeness_delta
 from .precision import get_precision
 from .quadrature import points_and_weights
 
@@ -202,7 +202,7 @@ class LayerIntegratedGradients:
         n_steps="auto" with tolerance / max_steps / abs_tolerance / min_steps: adaptive steps.
         ``trim_padding=True`` with ``lengths`` (B,): the padding-aware pass (module docstring);
         raises PaddingNotIgnoredError if the model's output depends on the padding."""
-        auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
+        auto = adaptive.given(tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps)
         res, slots = self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
             attribute_to_layer_input, None, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
@@ -248,7 +248,7 @@ class LayerIntegratedGradients:
         ``trim_padding``: None (default) trims when ``lengths`` are given and falls back to the
         full-length pass with a warning where trimming would not be exact; True requires it
         (errors instead); False never trims."""
-        auto = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
+        auto = adaptive.given(tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps)
         return self._attribute(
             inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, with_delta,
             attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
@@ -285,14 +285,8 @@ class LayerIntegratedGradients:
         trim_padding: bool | None = False,
     ) -> tuple[BatchResult, list[LayerSlot]]:
         # ---- validation, before any model work
-        settings = None
-        if isinstance(n_steps, str):  # n_steps="auto": per-sample adaptive steps (fastattr/adaptive.py)
-            if n_steps != "auto":
-                raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
-            settings = adaptive.AdaptiveSettings.check(rule=method or adaptive.DEFAULT_RULE, **(auto or {}))
-        elif auto:
-            raise ValueError(f"{', '.join(auto)} only apply with n_steps='auto', got n_steps={n_steps!r}")
-        else:
+        settings = adaptive.resolve(n_steps, method, auto or {})  # n_steps="auto": per-sample adaptive steps
+        if settings is None:
             alphas, weights = points_and_weights(method or "gausslegendre", n_steps)
         policy, fp32 = get_precision(precision), get_precision("fp32")
         if reduce is not None and reduce not in REDUCTIONS:
@@ -399,11 +393,7 @@ class LayerIntegratedGradients:
                 ) from None
         attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
         combined = combine_stats(stats)
-        delta = None
-        if with_delta:
-            sums = combined.sum if attrs[0].dtype != torch.float64 else sum(a.reshape(batch, -1).sum(1) for a in attrs)
-            delta = sums.to(f_x.dtype) - (f_x - f_x0)
-            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        delta = completeness_delta(attrs, combined, f_x, f_x0) if with_delta else None
         if reduce is not None:
             # per-token (per-position) attributions: the last (embedding / channel) dim reduced
             attrs = [

@@ -122,6 +122,17 @@ def combine_stats(stats: list[Stats]) -> Stats:
     )
 
 
+def completeness_delta(attrs: list[torch.Tensor], combined: Stats, f_x: torch.Tensor, f_x0: torch.Tensor) -> torch.Tensor:
+    """sum(attr) - (F(x) - F(x0)) per sample; NaN where an attribution is non-finite. Sums come
+    from the kernels' float32 stats, or exactly from the attributions when those are float64."""
+    if attrs[0].dtype == torch.float64:
+        sums = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
+    else:
+        sums = combined.sum
+    delta = sums.to(f_x.dtype) - (f_x - f_x0)
+    return torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+
+
 class Saliency(_GradientAttribution):
     """Gradients of the target output with respect to the inputs (absolute by default)."""
 
@@ -270,16 +281,12 @@ class IntegratedGradients(_GradientAttribution):
         Captum's "gausslegendre" for a fixed n_steps. n_steps comes back as a (B,) tensor and
         ``extras["converged"]`` says which samples met the tolerance before the cap.
         """
-        adaptive_given = {k: v for k, v in (("tolerance", tolerance), ("max_steps", max_steps), ("abs_tolerance", abs_tolerance), ("min_steps", min_steps)) if v is not None}
-        if isinstance(n_steps, str):
-            if n_steps != "auto":
-                raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+        settings = adaptive.resolve(n_steps, method, adaptive.given(tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps))
+        if settings is not None:
             return self._adaptive_batch(
-                inputs, baselines, target, additional_forward_args, method, internal_batch_size, with_delta, precision=precision,
-                memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last, **adaptive_given,
+                inputs, baselines, target, additional_forward_args, settings, internal_batch_size, with_delta, precision=precision,
+                memory_budget=memory_budget, allow_nonfinite=allow_nonfinite, kernel_backend=kernel_backend, channels_last=channels_last,
             )  # fmt: skip
-        if adaptive_given:
-            raise ValueError(f"{', '.join(adaptive_given)} only apply with n_steps='auto', got n_steps={n_steps!r}")
         method = method or "gausslegendre"  # Captum's default rule
         alphas, weights = points_and_weights(method, n_steps)
         policy = get_precision(precision)
@@ -310,14 +317,7 @@ class IntegratedGradients(_GradientAttribution):
             accs = engine.integrate(problem, alphas, weights, endpoint_steps=endpoints)
         attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
         combined = combine_stats(stats)
-        delta = None
-        if with_delta:
-            if acc_dtype == torch.float32:
-                sums = combined.sum
-            else:  # the kernels' stats are float32; keep float64 deltas exact
-                sums = sum(a.reshape(batch, -1).sum(1) for a in attrs)
-            delta = sums - (f_x - f_x0)
-            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        delta = completeness_delta(attrs, combined, f_x, f_x0) if with_delta else None
         return BatchResult(attrs, is_tuple, combined, f_x, f_x0, delta, n_steps, problem.target)
 
     def _adaptive_batch(
@@ -326,7 +326,7 @@ class IntegratedGradients(_GradientAttribution):
         baselines: Any,
         target: Any,
         additional_forward_args: Any,
-        method: str | None,
+        config: adaptive.AdaptiveSettings,
         internal_batch_size: int | None,
         with_delta: bool,
         *,
@@ -335,19 +335,13 @@ class IntegratedGradients(_GradientAttribution):
         allow_nonfinite: bool,
         kernel_backend: str | None,
         channels_last: bool | None,
-        **settings: Any,
     ) -> BatchResult:
         """n_steps='auto' (see attribute_batch and fastattr/adaptive.py)."""
-        rule = method or adaptive.DEFAULT_RULE
-        if rule not in adaptive.RULES:
-            raise ValueError(f"n_steps='auto' refines only the rules {', '.join(adaptive.RULES)}, got method={method!r}")
-        config = adaptive.AdaptiveSettings.check(rule=rule, **settings)
         policy = get_precision(precision)
         problem, is_tuple = self._problem(
             inputs, baselines, target, additional_forward_args, need_float=True, allow_nonfinite=allow_nonfinite, with_path=True, precision=policy, channels_last=channels_last
         )
         engine = self._engine(policy, internal_batch_size, memory_budget, kernel_backend)
-        batch = problem.batch
         with frozen_parameters(self.forward_func):
             # under fp32 the grid's endpoints give F(x), F(x0); otherwise an fp32 engine evaluates F
             # along the path forward-only, so residuals are measured against the real model
@@ -355,9 +349,5 @@ class IntegratedGradients(_GradientAttribution):
             res = adaptive.integrate_adaptive(engine, problem, config, node_engine=node_engine)
         attrs, stats = engine.finalize(problem, res.accs, multiply_by_inputs=self._multiply_by_inputs)
         combined = combine_stats(stats)
-        delta = None
-        if with_delta:
-            sums = combined.sum if res.accs[0].dtype == torch.float32 else sum(a.reshape(batch, -1).sum(1) for a in attrs)
-            delta = sums - (res.output - res.baseline_output)
-            delta = torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+        delta = completeness_delta(attrs, combined, res.output, res.baseline_output) if with_delta else None
         return BatchResult(attrs, is_tuple, combined, res.output, res.baseline_output, delta, res.n_steps, problem.target, extras={"converged": res.converged})

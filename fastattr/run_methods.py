@@ -34,6 +34,11 @@ class Batch:
     max_rows: int | None  # rows per forward (None: the engine's planner decides)
     forward_args: tuple = ()  # per-sample additional_forward_args (e.g. an attention mask), not attributed
 
+    @property
+    def model_inputs(self) -> Any:
+        """The inputs as the attribution classes take them: a tensor, or a tuple of several."""
+        return self.inputs if len(self.inputs) > 1 else self.inputs[0]
+
 
 @dataclass
 class MethodPlan:
@@ -42,6 +47,7 @@ class MethodPlan:
     attribute: Callable[[Batch], BatchResult]
     rows_per_sample: int  # gradient rows one sample costs (the OOM fallback halves from there)
     uses_target: bool = True  # False: forward-only capture, no target to resolve per batch
+    attributor: Any = None  # the attribution object (noise_tunnel wraps its base method's)
 
 
 def describe(value: Any) -> Any:
@@ -54,48 +60,49 @@ def describe(value: Any) -> Any:
     return {"array": list(arr.shape), "dtype": str(arr.dtype), "sha256": hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()[:32]}
 
 
-def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
-    ig = IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"])
-    n_steps = opts["n_steps"]
-    auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
-    from .adaptive import DEFAULT_RULE, AdaptiveSettings
+def _ig_settings(opts: dict[str, Any]) -> tuple[int | str, str, dict[str, Any], dict[str, Any]]:
+    """n_steps, the resolved rule, the adaptive settings given, and the params a run records:
+    checked as IG's first batch would check them (IG and layer IG share this)."""
+    from .adaptive import DEFAULT_RULE, given, resolve
 
+    n_steps = opts["n_steps"]
+    auto = given(**{k: opts.get(k) for k in ("tolerance", "max_steps", "abs_tolerance")})
     # rule None: Captum's gausslegendre for fixed steps, the adaptive default for "auto"; recorded resolved
     rule = opts["rule"] or (DEFAULT_RULE if n_steps == "auto" else "gausslegendre")
-    if n_steps == "auto":
-        AdaptiveSettings.check(rule=rule, **auto)  # fail before any work: the checks the first batch would make
-    elif not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
+    if not isinstance(n_steps, str) and (not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1):
         raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
-    elif auto:
-        raise ValueError(f"{', '.join(auto)} only apply with n_steps='auto', got n_steps={n_steps!r}")
+    resolve(n_steps, rule, auto)
+    params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"], **auto}
+    return n_steps, rule, auto, params
+
+
+def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    n_steps, rule, auto, params = _ig_settings(opts)
+    ig = IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"])
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return ig.attribute_batch(inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
+        return ig.attribute_batch(b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
 
-    params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"], **auto}
     # an adaptive sample costs at most max_steps rows; start the OOM fallback from the fixed default
-    return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50)
+    return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50, attributor=ig)
 
 
 def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
     sal, absolute = Saliency(model), opts["abs"]
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return sal.attribute_batch(inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
+        return sal.attribute_batch(b.model_inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
 
-    return MethodPlan("saliency", {"abs": absolute}, attribute, 1)
+    return MethodPlan("saliency", {"abs": absolute}, attribute, 1, attributor=sal)
 
 
 def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
     ixg = InputXGradient(model, multiply_by_inputs=opts["multiply_by_inputs"])
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
-        return ixg.attribute_batch(inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
+        return ixg.attribute_batch(b.model_inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
 
-    return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1)
+    return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1, attributor=ixg)
 
 
 NT_DEFAULTS = {"nt_type": "smoothgrad", "nt_samples": 5, "nt_samples_batch_size": None, "stdevs": 1.0, "base_method": "integrated_gradients", "seed": 0}
@@ -104,6 +111,17 @@ GS_DEFAULTS = {"references": None, "n_samples": 5, "stdevs": 0.0, "seed": 0}
 
 def _sample_ids(b: Batch) -> torch.Tensor:
     return torch.arange(b.start, b.stop)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _stdevs(value: Any) -> Any:
+    """One stdev, or one per input (a list from JSON or the CLI becomes the tuple the methods take)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_seed(seed: Any) -> int:
@@ -120,26 +138,20 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
         raise ValueError(f"base_method for noise_tunnel must be integrated_gradients, saliency or input_x_gradient, got {opts['base_method']!r}")
     if opts["nt_type"] not in NT_TYPES:
         raise ValueError(f"nt_type must be one of {', '.join(NT_TYPES)}, got {opts['nt_type']!r}")
-    nt_samples = opts["nt_samples"]
-    if isinstance(nt_samples, bool) or not isinstance(nt_samples, int) or nt_samples < 1:
-        raise ValueError(f"nt_samples must be a positive int, got {nt_samples!r}")
+    nt_samples = _positive_int("nt_samples", opts["nt_samples"])
     seed = _check_seed(opts["seed"])
     inner_plan = PLANS[base](model, opts, engine_opts)  # validates the base method's own options
-    inner = {"integrated_gradients": lambda: IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"]),
-             "saliency": lambda: Saliency(model),
-             "input_x_gradient": lambda: InputXGradient(model, multiply_by_inputs=opts["multiply_by_inputs"])}[base]()  # fmt: skip
-    nt = NoiseTunnel(inner)
-    stdevs = tuple(opts["stdevs"]) if isinstance(opts["stdevs"], (list, tuple)) else opts["stdevs"]
+    nt = NoiseTunnel(inner_plan.attributor)
+    stdevs = _stdevs(opts["stdevs"])
     base_kwargs: dict[str, Any] = {"n_steps": opts["n_steps"], "method": inner_plan.params["rule"]} if base == "integrated_gradients" else {}
     if base == "saliency":
         base_kwargs["abs"] = opts["abs"]
     rows_key = "internal_batch_size" if base == "integrated_gradients" else "max_rows"  # Captum's name for IG
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
         path = {"baselines": b.baselines} if base == "integrated_gradients" else {}
         return nt.attribute_batch(
-            inputs, opts["nt_type"], nt_samples, opts["nt_samples_batch_size"], stdevs, seed=seed, sample_ids=_sample_ids(b),
+            b.model_inputs, opts["nt_type"], nt_samples, opts["nt_samples_batch_size"], stdevs, seed=seed, sample_ids=_sample_ids(b),
             target=b.target, additional_forward_args=b.forward_args or None, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts,
         )  # fmt: skip
 
@@ -155,9 +167,7 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
     refs = opts["references"]
     if refs is None:
         raise ValueError("gradient_shap needs references=: reference samples (an array or tensor with one row per reference) or a dataset")
-    n_samples = opts["n_samples"]
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+    n_samples = _positive_int("n_samples", opts["n_samples"])
     seed = _check_seed(opts["seed"])
     if isinstance(refs, (torch.Tensor, np.ndarray, tuple)):
         parts = refs if isinstance(refs, tuple) else (refs,)
@@ -170,11 +180,10 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
         source = open_source(refs)
         desc = {"dataset": source.fingerprint()}
     gs = GradientShap(model, multiply_by_inputs=opts["multiply_by_inputs"])
-    stdevs = tuple(opts["stdevs"]) if isinstance(opts["stdevs"], (list, tuple)) else opts["stdevs"]
+    stdevs = _stdevs(opts["stdevs"])
     on_device: dict[torch.device, Any] = {}
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
         dev, dtype = b.inputs[0].device, b.inputs[0].dtype
         if source is not None:
             baselines: Any = source
@@ -184,7 +193,7 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
                 on_device[dev] = moved if len(moved) > 1 else moved[0]
             baselines = on_device[dev]
         return gs.attribute_batch(
-            inputs, baselines, n_samples, stdevs, b.target, b.forward_args or None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
+            b.model_inputs, baselines, n_samples, stdevs, b.target, b.forward_args or None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
         )
 
     params = {"multiply_by_inputs": opts["multiply_by_inputs"], "references": desc, "n_samples": n_samples,
@@ -226,20 +235,18 @@ def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
     if opts["layer_reduce"] is not None and opts["layer_reduce"] not in REDUCTIONS:
         raise ValueError(f"layer_reduce must be None (store the full tensor) or one of {', '.join(REDUCTIONS)}, got {opts['layer_reduce']!r}")
     _check_lengths_option(opts["lengths"])
-    plan = _ig(model, opts, engine_opts)  # the same n_steps / rule / tolerance checks as IG
+    n_steps, rule, auto, ig_params = _ig_settings(opts)
     lig = LayerIntegratedGradients(model, names if isinstance(opts["layer"], (list, tuple)) else names[0], multiply_by_inputs=opts["multiply_by_inputs"])
-    n_steps, rule, to_input = opts["n_steps"], plan.params["rule"], bool(opts["attribute_to_layer_input"])
-    auto = {k: opts[k] for k in ("tolerance", "max_steps", "abs_tolerance") if opts.get(k) is not None}
+    to_input = bool(opts["attribute_to_layer_input"])
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
         return lig.attribute_batch(
-            inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, to_input,
+            b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, to_input,
             reduce=opts["layer_reduce"], lengths=_lengths(opts["lengths"], b), **auto, **engine_opts,
         )  # fmt: skip
 
-    params = {**plan.params, "layer": names, "attribute_to_layer_input": to_input, "layer_reduce": opts["layer_reduce"], "lengths": opts["lengths"]}
-    return MethodPlan("layer_integrated_gradients", params, attribute, plan.rows_per_sample + 2)
+    params = {**ig_params, "layer": names, "attribute_to_layer_input": to_input, "layer_reduce": opts["layer_reduce"], "lengths": opts["lengths"]}
+    return MethodPlan("layer_integrated_gradients", params, attribute, (n_steps if isinstance(n_steps, int) else 50) + 2, attributor=lig)
 
 
 def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -253,9 +260,8 @@ def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict
     to_input = bool(opts["attribute_to_layer_input"])
 
     def attribute(b: Batch) -> BatchResult:
-        inputs = b.inputs if len(b.inputs) > 1 else b.inputs[0]
         return act.attribute_batch(
-            inputs, b.forward_args or None, to_input, pool=opts["pool"], channel_dim=opts["channel_dim"], lengths=_lengths(opts["lengths"], b),
+            b.model_inputs, b.forward_args or None, to_input, pool=opts["pool"], channel_dim=opts["channel_dim"], lengths=_lengths(opts["lengths"], b),
             max_rows=b.max_rows, precision=engine_opts["precision"],
         )  # fmt: skip
 

@@ -453,7 +453,7 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
 
 def _steps_summary(run_dir: str, shown: int = 10) -> dict:
     """Distribution of per-sample steps and the samples that hit the cap, read back from the
-    stored run (n_steps and extras/converged: 5 bytes a sample), so it covers every rank."""
+    stored run (n_steps, index and extras/converged: 13 bytes a sample), so it covers every rank."""
     from .store import open_run
 
     with open_run(run_dir) as store:
