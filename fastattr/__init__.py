@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 from . import store  # noqa: E402, F401 - fastattr.store.verify_run etc.
 from .activations import LayerActivation  # noqa: E402
+from .errors import AttributionInputError, FastattrError, NoGradientError  # noqa: E402
 from .gradient_shap import GradientShap  # noqa: E402
-from .inputs import AttributionInputError, NoGradientError  # noqa: E402
 from .layer_methods import LayerIntegratedGradients  # noqa: E402
 from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
 from .noise_tunnel import NoiseTunnel  # noqa: E402
@@ -27,6 +27,7 @@ from .store import open_run as open  # noqa: E402, A001 - the documented reader:
 
 __all__ = [
     "AttributionInputError",
+    "FastattrError",
     "GradientShap",
     "InputXGradient",
     "IntegratedGradients",

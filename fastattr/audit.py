@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import AuditError  # noqa: F401 - re-exported
 from .store import RunReader, open_run
 
 logger = logging.getLogger(__name__)
@@ -125,10 +126,6 @@ THRESHOLDS: dict[str, str] = {
     "require_beats_random": "deletion and insertion AUC better than the random control (value true)",
     "require_randomization": "the randomization check passes (value true)",
 }
-
-
-class AuditError(ValueError):
-    """An audit cannot run as asked (missing inputs, mismatched runs, shapes, options)."""
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,16 +18,13 @@ from typing import Any
 import numpy as np
 
 from .audit import DEFINITIONS, AuditResult
+from .errors import AuditReportError  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AuditReportError", "require_matplotlib", "summary_lines", "write_report"]
 
 DPI = 100
-
-
-class AuditReportError(RuntimeError):
-    """The report cannot be written (matplotlib missing, unwritable directory)."""
 
 
 def require_matplotlib() -> Any:

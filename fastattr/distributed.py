@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import DistributedRunError, PeerFailedError  # noqa: F401 - re-exported
 from .store import RunWriter, _merge
 
 logger = logging.getLogger(__name__)
@@ -44,14 +45,6 @@ logger = logging.getLogger(__name__)
 TIMEOUT_ENV = "FASTATTR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for process groups
 POLL_S = 0.02  # a store round trip is ~0.1 ms: polling at 50 Hz costs nothing
-
-
-class DistributedRunError(RuntimeError):
-    """The ranks of a distributed run could not agree (a timeout, directories that differ)."""
-
-
-class PeerFailedError(DistributedRunError):
-    """This rank stopped because another one failed; the message names that rank and its error."""
 
 
 _calls = 0  # run() calls in this process: with the restart count, names this call's store keys

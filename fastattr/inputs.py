@@ -13,15 +13,9 @@ from typing import Any
 
 import torch
 
+from .errors import AttributionInputError, NoGradientError  # noqa: F401 - re-exported
+
 TensorOrTuple = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-class AttributionInputError(ValueError):
-    """An argument to ``attribute`` (inputs, baselines, target, ...) is malformed."""
-
-
-class NoGradientError(RuntimeError):
-    """The selected model output does not depend on an input, so it has no gradient."""
 
 
 def as_tuple(inputs: TensorOrTuple, name: str = "inputs") -> tuple[tuple[torch.Tensor, ...], bool]:

@@ -68,6 +68,7 @@ import torch
 from . import adaptive, kernels
 from .activations import LayerSlot, capture, check_lengths, fresh_slots, layer_slots, lengths_from_mask
 from .engine import Engine, Problem, frozen_parameters, use_channels_last
+from .errors import PaddingNotIgnoredError  # noqa: F401 - re-exported
 from .inputs import (
     AttributionInputError,
     NoGradientError,
@@ -434,10 +435,6 @@ def _trim_rows(cap: int | None, n_steps: int, device: torch.device) -> int | Non
         return cap
     bound = max(TRIM_CPU_MIN_ROWS, TRIM_CPU_STEPS * n_steps)
     return bound if cap is None else min(cap, bound)
-
-
-class PaddingNotIgnoredError(AttributionInputError):
-    """trim_padding=True, but the model's output changes when trailing padding is cut off."""
 
 
 def _trim_obstacle(acts: Sequence[torch.Tensor], lens: torch.Tensor) -> str | None:

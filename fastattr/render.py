@@ -12,9 +12,7 @@ from typing import Any
 
 import numpy as np
 
-
-class RenderError(RuntimeError):
-    """Rendering is impossible (matplotlib missing, nothing to draw)."""
+from .errors import RenderError  # noqa: F401 - re-exported
 
 
 def pyplot() -> Any:

@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import SourceError  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 Array = np.ndarray | torch.Tensor
-
-
-class SourceError(ValueError):
-    """The data cannot be used as a source (wrong type, shapes, missing file...)."""
 
 
 def _as_tensor(a: Any) -> torch.Tensor:

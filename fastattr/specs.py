@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-
-class SpecError(ValueError):
-    """A model or data spec cannot be resolved."""
+from .errors import SpecError  # noqa: F401 - re-exported
 
 
 def parse_kv(pairs: Sequence[str]) -> dict[str, Any]:

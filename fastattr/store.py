@@ -54,6 +54,7 @@ try:  # POSIX advisory lock: one writer per run directory; absent on Windows
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
+from .errors import RunMismatchError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +112,6 @@ VOLATILE_CONFIG_KEYS = frozenset(
 )
 
 _SHARD_ID = re.compile(r"-(\d+)\.h5$")
-
-
-class StoreError(RuntimeError):
-    """A run directory or shard is missing, corrupted, unwritable or otherwise unusable."""
-
-
-class RunMismatchError(StoreError):
-    """Resuming into a directory that holds a run with a different config / model / data."""
 
 
 @dataclass

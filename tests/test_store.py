@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -28,7 +27,6 @@ from fastattr.store import (
     verify_run,
 )
 
-STORE_PY = Path(store.__file__).resolve()
 CONFIG = {"method": "integrated_gradients", "n_steps": 8, "fingerprints": {"model": "m0", "data": {"count": 0}}}
 
 # Deterministic data: every field is a function of the global index, so a run rebuilt across
@@ -420,19 +418,15 @@ def test_one_writer_per_directory(tmp_path):
 # crash safety
 # ------------------------------------------------------------------------------------------------
 
-# Loads fastattr/store.py by path rather than `import fastattr.store`: importing the package
-# imports torch (~1.5 s), which would make five kill/restart cycles needlessly slow.
+# The child prints "ready" after its imports, so the random kill delay starts once it can write.
 CRASH_SCRIPT = (
     r"""
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("fastattr_store_under_test", sys.argv[1])
-store = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = store
-spec.loader.exec_module(store)
+import sys, time
+import fastattr.store as store
 """
     + BLOCK_SRC
     + r"""
-run_dir, total, throttle = sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+run_dir, total, throttle = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 config = {"method": "integrated_gradients", "n_steps": 8, "fingerprints": {"model": "m0", "data": {"count": 0}}}
 print("ready", flush=True)
 w = store.RunWriter(run_dir, config=config, total=total, shard_rows=8, queue_size=2, resume=True)
@@ -454,7 +448,7 @@ def test_sigkill_at_random_moments(tmp_path):
     saw_partial = 0
     for _ in range(5):
         proc = subprocess.Popen(
-            [sys.executable, "-c", CRASH_SCRIPT, str(STORE_PY), str(run), str(total), "0"],
+            [sys.executable, "-c", CRASH_SCRIPT, str(run), str(total), "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
