@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistributedRunError, PeerFailedError  # noqa: F401 - re-exported
-from .store import RunWriter, _merge
+from .store import RunWriter
+from .store.ranges import merge_ranges
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def split_ranges(ranges: Sequence[tuple[int, int]], world_size: int) -> list[lis
 
 def _covered_by(inner: Sequence[tuple[int, int]], outer: Sequence[tuple[int, int]]) -> bool:
     """Every [a, b) of inner lies inside the union of outer."""
-    merged = _merge(outer)
+    merged = merge_ranges(outer)
     return all(any(lo <= a and b <= hi for lo, hi in merged) for a, b in inner)
 
 

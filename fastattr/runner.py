@@ -1,7 +1,7 @@
 """Dataset-wide runs: source -> example batches -> engine -> store, resumable.
 
 ``run()`` attributes every sample of a dataset and streams the results to HDF5 shards
-(fastattr/store.py). Batches are read by a prefetch thread (into pinned memory on
+(fastattr/store/). Batches are read by a prefetch thread (into pinned memory on
 CUDA), attributed by the engine under the row budget, copied back asynchronously and
 handed to the store's single writer thread, so the device never waits on the disk.
 Rerunning the same call continues where a crash or kill stopped it: finalized shards

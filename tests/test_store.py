@@ -197,7 +197,7 @@ def test_chunk_rows_rule(tmp_path):
     w = RunWriter(tmp_path / "run", config=CONFIG, total=1, shard_rows=100000)
     try:
         for shape in [(3, 224, 224), (10,), (1000,), (3, 32, 32), (512, 512)]:
-            rows = w._chunk_rows(shape)
+            rows = w._layout.chunk_rows(shape)
             chunk_bytes = rows * int(np.prod(shape)) * 4
             assert rows >= 1
             assert 64 * 1024 <= chunk_bytes <= 1024 * 1024 or rows == 1
@@ -599,7 +599,7 @@ def test_unwritable_directory_simulated(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(store.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(store.fsutil.tempfile, "mkstemp", refuse)
     with pytest.raises(StoreError, match="not writable"):
         RunWriter(tmp_path / "run", config=CONFIG, total=10)
 
@@ -647,10 +647,10 @@ def test_bad_blocks_raise_in_the_caller(tmp_path):
 
 
 def test_writer_thread_error_surfaces(tmp_path, monkeypatch):
-    def failing_append(self, shard, blk, lo, hi):
+    def failing_append(self, blk, lo, hi):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(RunWriter, "_append", failing_append)
+    monkeypatch.setattr(store.shard.OpenShard, "append", failing_append)
     run = tmp_path / "run"
     w = RunWriter(run, config=CONFIG, total=1000, shard_rows=16)
     w.put(block(0, 10))
@@ -675,7 +675,7 @@ def test_error_in_finalize_surfaces_on_close(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     w = RunWriter(run, config=CONFIG, total=20, shard_rows=16)
-    monkeypatch.setattr(store, "_fsync_path", failing_fsync)
+    monkeypatch.setattr(store.fsutil, "fsync_path", failing_fsync)
     w.put(block(0, 5))
     with pytest.raises(StoreError, match="fsync refused"):
         w.close()

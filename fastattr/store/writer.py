@@ -1,0 +1,346 @@
+"""Writing a run: ``RunWriter`` takes ``Block``s from the caller and hands them through a bounded
+queue to ONE writer thread, which appends them to shards (store/shard.py) and lists each finished
+shard in the manifest.
+
+h5py serialises every call behind a global lock, so more threads would not help; the bounded queue
+is the backpressure that keeps memory flat when the disk is the bottleneck. Opening a writer
+prepares the run directory (store/rundir.py): it takes the writer lock, resumes a matching run (or
+refuses a different one), merges rank fragments (coordinator) and deletes files no manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from bisect import bisect_right
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StoreError
+from .block import Block, block_shapes, check_shapes, checked_block
+from .manifest import jsonable_config
+from .ranges import merge_ranges
+from .rundir import RunDirectory
+from .schema import COMPRESSIONS, PARTIAL_SUFFIX, STORAGE_DTYPES, VOLATILE_CONFIG_KEYS
+from .shard import OpenShard, ShardLayout
+
+logger = logging.getLogger(__name__)
+
+_CLOSE = object()  # queue sentinels
+_ABORT = object()
+
+
+class RunWriter:
+    """Writes Blocks of one run into ``run_dir`` through one background thread.
+
+    Creating a writer on a directory that holds a run resumes it (``covered`` / ``missing`` say
+    what is left) if its config and total match, else raises RunMismatchError; ``overwrite=True``
+    starts afresh. One writer per directory at a time (an advisory lock enforces it on POSIX).
+    Use as a context manager, or call close() (or abort()) yourself.
+
+    Distributed runs (``rank``/``world_size``, see fastattr/distributed.py): rank 0's writer is the
+    coordinator. It opens first, holds the directory lock, merges what earlier launches' ranks left
+    in their fragments into manifest.json and deletes untrusted files; its ``run_id`` and
+    ``first_shard_id`` are then handed to the other ranks, whose writers join that run: each holds
+    its own rank lock, deletes nothing, and lists the shards it finalizes in its own fragment
+    ``manifest.rank-XXXXX.json`` (same format as the manifest). Shard ids are
+    ``first_shard_id + rank + k * world_size``, so names never collide across ranks or launches.
+    Rank 0's close() merges every fragment into manifest.json: close it after the other ranks'.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        config: dict[str, Any],
+        total: int,
+        shard_rows: int = 4096,
+        storage_dtype: str = "float32",
+        compression: str = "lzf",
+        queue_size: int = 4,
+        resume: bool = True,
+        overwrite: bool = False,
+        shard_prefix: str = "shard",
+        max_shard_seconds: float | None = None,
+        volatile_keys: Iterable[str] = VOLATILE_CONFIG_KEYS,
+        rank: int = 0,
+        world_size: int = 1,
+        run_id: str | None = None,
+        first_shard_id: int | None = None,
+    ) -> None:
+        """max_shard_seconds: also finalize an open shard once it is this old (after the block that
+        crosses the limit), bounding the work a crash can lose when blocks are slow to come.
+        volatile_keys: config keys ignored when checking that a resume matches the stored run.
+        rank, world_size: this writer's place in a distributed run; a rank > 0 joins the run that
+        rank 0's writer prepared and needs that writer's run_id and first_shard_id."""
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        for name, value, low in (("shard_rows", shard_rows, 1), ("queue_size", queue_size, 1), ("total", total, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not shard_prefix or Path(shard_prefix).name != shard_prefix:
+            raise ValueError(f"shard_prefix must be a plain file-name prefix, got {shard_prefix!r}")
+        if max_shard_seconds is not None and not max_shard_seconds > 0:
+            raise ValueError(f"max_shard_seconds must be positive, got {max_shard_seconds!r}")
+        for name, value, low in (("world_size", world_size, 1), ("rank", rank, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if rank >= world_size:
+            raise ValueError(f"rank {rank} is not below world_size {world_size}")
+        if rank > 0 and (not run_id or not isinstance(first_shard_id, int) or first_shard_id < 0):
+            raise ValueError(f"rank {rank} joins rank 0's run: pass rank 0's writer's run_id and first_shard_id (got {run_id!r}, {first_shard_id!r})")
+        if rank > 0 and overwrite:
+            raise ValueError(f"only rank 0 may overwrite a run (rank {rank} was asked to)")
+
+        self.run_dir = Path(run_dir)
+        self.config = jsonable_config(config)
+        self.total = int(total)
+        self.shard_rows = int(shard_rows)
+        self.storage_dtype = np.dtype(storage_dtype)
+        self.compression = compression
+        self._layout = ShardLayout(storage_dtype, compression, self.shard_rows)
+        self.shard_prefix = shard_prefix
+        self.max_shard_seconds = max_shard_seconds
+        self._volatile = frozenset(volatile_keys)
+        self._method = str(self.config.get("method", ""))
+        self._config_json = json.dumps(self.config, sort_keys=True)
+
+        self.rank, self.world_size = int(rank), int(world_size)
+        self._error: BaseException | None = None
+        self._aborting = False
+        self._closed = False
+        self._open: OpenShard | None = None
+
+        self._dir = RunDirectory(
+            self.run_dir,
+            config=self.config,
+            total=self.total,
+            volatile=self._volatile,
+            shard_prefix=shard_prefix,
+            rank=self.rank,
+            world_size=self.world_size,
+            run_id=run_id,
+            first_shard_id=first_shard_id,
+        )
+        self._dir.open(resume=resume, overwrite=overwrite)
+        assert self._dir.first_shard_id is not None  # known once the directory is open
+        self._next_id = self._dir.first_shard_id + self.rank  # this rank's residue class of shard ids
+        # Shapes every block must keep: {"attributions": {name: feature_shape}, "target": trailing shape}.
+        self._expect: dict[str, Any] | None = self._dir.expect
+        self._claimed: list[tuple[int, int]] = self._dir.covered  # ranges finalized or handed to put(), merged
+
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=int(queue_size))
+        self._final_status: bool | None = None
+        self._merge_on_close = True
+        self._thread = threading.Thread(target=self._run, name=f"fastattr-writer:{self.run_dir.name}", daemon=True)
+        self._thread.start()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str | None:
+        """Identifies the run (rank 0's writer reads or makes it; the other ranks are given it)."""
+        return self._dir.run_id
+
+    @property
+    def first_shard_id(self) -> int | None:
+        """The first shard id of this launch (rank r names its shards first_shard_id + r + k * world_size)."""
+        return self._dir.first_shard_id
+
+    @property
+    def covered(self) -> list[tuple[int, int]]:
+        """Merged, sorted [start, stop) ranges already finalized (listed in the manifest)."""
+        return self._dir.covered
+
+    def missing(self) -> list[tuple[int, int]]:
+        """Sorted [start, stop) ranges of [0, total) not yet finalized."""
+        return self._dir.missing()
+
+    @property
+    def complete(self) -> bool:
+        return self._dir.complete
+
+    @property
+    def queue_maxsize(self) -> int:
+        return self._queue.maxsize
+
+    # -- caller side -------------------------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        err = self._error
+        if err is not None:
+            raise StoreError(f"the writer thread for {self.run_dir} failed: {type(err).__name__}: {err}") from err
+
+    def put(self, block: Block, *, copy: bool = False) -> None:
+        """Hand a block to the writer thread; blocks while the queue is full (backpressure).
+
+        Raises ValueError for a malformed block (before anything is queued) and StoreError for an
+        error the writer thread hit earlier. copy=True copies the arrays first, for callers that
+        reuse their buffers."""
+        self._raise_if_failed()
+        if self._closed:
+            raise StoreError(f"the writer for {self.run_dir} is closed")
+        block = self._checked(block, copy=copy)
+        if block.stop == block.start:
+            return
+        claimed_before = self._claimed
+        self._claim(block.start, block.stop)
+        try:
+            self._enqueue(block)
+        except BaseException:  # not queued (e.g. Ctrl-C while waiting): the samples are free again
+            self._claimed = claimed_before
+            raise
+        self._raise_if_failed()
+
+    def _checked(self, block: Block, *, copy: bool) -> Block:
+        """Validate a block in the caller, so a bad one raises where it was made (not later, in
+        the thread); returns it with numpy arrays."""
+        checked = checked_block(block, total=self.total, copy=copy)
+        shapes = block_shapes(checked)
+        if self._expect is None:
+            self._expect = shapes
+        else:
+            check_shapes(shapes, self._expect)
+        return checked
+
+    def _claim(self, start: int, stop: int) -> None:
+        """Refuse a block overlapping anything finalized or already queued: every sample once."""
+        i = bisect_right(self._claimed, (start, math.inf))
+        for a, b in self._claimed[max(i - 1, 0) : i + 1]:
+            if a < stop and start < b:
+                raise ValueError(f"block [{start}, {stop}) overlaps samples already written or queued ([{a}, {b}))")
+        self._claimed = merge_ranges([*self._claimed, (start, stop)])
+
+    def _enqueue(self, item: Any) -> None:
+        # A plain put() would wait forever if the thread were gone; poll so that cannot hang.
+        while True:
+            try:
+                self._queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    self._raise_if_failed()
+                    raise StoreError(f"the writer thread for {self.run_dir} has stopped") from None
+
+    def close(self, *, complete: bool | None = None, merge_fragments: bool = True) -> None:
+        """Write everything queued, finalize the open shard, stop the thread, and write the manifest
+        with status "complete" if nothing is missing (or as given), else "running". A coordinator
+        (rank 0) first merges the other ranks' fragments unless merge_fragments=False (after a
+        failure, when other ranks may still be closing: the next open merges them instead).
+
+        Re-raises (as StoreError) an error the writer thread hit; calling close() again is a no-op,
+        or raises that error again."""
+        if self._closed:
+            self._raise_if_failed()
+            return
+        # The writer thread finalizes, writes the manifest and only then drops the directory
+        # lock, so an interrupted close() can never let a second writer in while it still works.
+        self._final_status = complete
+        self._merge_on_close = merge_fragments
+        self._enqueue(_CLOSE)
+        self._thread.join()
+        self._closed = True  # only once the thread is done: an interrupted close() can be retried
+        self._raise_if_failed()
+
+    def abort(self) -> None:
+        """Stop without finalizing the open shard: its .partial stays (deleted on the next open).
+        Finalized shards stay listed. Never raises the writer's error."""
+        if self._closed:
+            return
+        self._aborting = True  # the thread now drops queued blocks instead of writing them
+        try:
+            self._enqueue(_ABORT)
+        except StoreError:
+            pass  # the thread is gone already (and has released the lock)
+        self._thread.join()
+        self._closed = True
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def __repr__(self) -> str:
+        return f"RunWriter({str(self.run_dir)!r}, total={self.total}, covered={self.covered})"
+
+    # -- writer thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                try:
+                    if item is _CLOSE or item is _ABORT:
+                        if item is _CLOSE and self._error is None and not self._aborting:
+                            self._finalize_open()
+                            self._dir.write_final_manifest(complete=self._final_status, merge_fragments=self._merge_on_close)
+                        else:
+                            self._abandon_open()
+                        return
+                    if self._error is not None or self._aborting:
+                        continue  # a failed or aborting writer drops blocks (callers see the error)
+                    self._write_block(item)
+                except Exception as exc:
+                    logger.error("writer thread for %s failed: %s: %s", self.run_dir, type(exc).__name__, exc)
+                    self._error = exc
+                    self._abandon_open()
+                    if item is _CLOSE or item is _ABORT:
+                        return
+                finally:
+                    self._queue.task_done()
+        finally:
+            self._dir.release_lock()  # the thread owns the directory until its last write is done
+
+    def _write_block(self, block: Block) -> None:
+        pos = block.start
+        while pos < block.stop:
+            if self._open is not None and self._open.stop != pos:
+                self._finalize_open()  # shards hold contiguous indices only
+            if self._open is None:
+                self._open = self._new_shard(pos, block)
+            n = min(block.stop - pos, self.shard_rows - self._open.rows)
+            lo = pos - block.start
+            self._open.append(block, lo, lo + n)
+            pos += n
+            if self._open.rows >= self.shard_rows:
+                self._finalize_open()
+        if self._open is not None and self.max_shard_seconds is not None and time.monotonic() - self._open.opened >= self.max_shard_seconds:
+            self._finalize_open()
+
+    def _new_shard(self, start: int, block: Block) -> OpenShard:
+        shard_id = self._next_id
+        self._next_id += self.world_size  # each rank its own residue class: names never collide
+        name = f"{self.shard_prefix}-{shard_id:05d}.h5"
+        return self._layout.create(self.run_dir / (name + PARTIAL_SUFFIX), shard_id, start, block)
+
+    def _finalize_open(self) -> None:
+        """Make the open shard durable, then (and only then) list it in the manifest."""
+        shard, self._open = self._open, None
+        if shard is None or shard.file is None:
+            return
+        if shard.rows == 0:  # nothing was written (cannot normally happen): just drop it
+            shard.close_quietly()
+            shard.path.unlink(missing_ok=True)
+            return
+        entry = shard.finish(method=self._method, config_json=self._config_json)
+        self._dir.add_shard(entry)
+        logger.debug("finalized %s [%d, %d)", entry.file, shard.start, shard.stop)
+
+    def _abandon_open(self) -> None:
+        shard, self._open = self._open, None
+        if shard is not None:
+            shard.close_quietly()  # the .partial stays and is deleted on the next open
