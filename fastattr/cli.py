@@ -203,8 +203,7 @@ exit status: 0 all thresholds hold, 1 a threshold is violated (the report is sti
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import audit_run
-    from .audit_report import require_matplotlib, summary_lines, write_report
+    from .audit import audit_run, require_matplotlib, summary_lines, write_report
     from .specs import load_data, load_model, parse_kv
 
     require_matplotlib()  # the report's plots: fail before any audit work

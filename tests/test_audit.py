@@ -1,4 +1,4 @@
-"""Audits of stored attributions (fastattr.audit, fastattr.audit_report, `fastattr audit`).
+"""Audits of stored attributions (the fastattr.audit package, `fastattr audit`).
 
 Each metric is checked against a value computed by hand on a tiny input; the model-based checks
 run on the demo's CNN (trained once per session, a few seconds), where the right answer is known.
@@ -30,9 +30,10 @@ from fastattr.audit import (
     randomization_check,
     rankdata,
     spearman,
+    summary_lines,
     topk_overlap,
+    write_report,
 )
-from fastattr.audit_report import summary_lines, write_report
 from fastattr.store import Block, RunWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,73 @@
+"""What every number in an audit means: the constants, DEFINITIONS (one per number in the JSON
+document, keyed by its path) and THRESHOLDS (the gates an audit can be run with)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["DEFAULT_MAX_SIMILARITY", "DEFINITIONS", "THRESHOLDS", "AttributeFn"]
+
+RESERVOIR = 8192  # values kept per Distribution for quantiles (exact below this many samples)
+QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+REL_EPS = 1e-12  # floor of |F(x) - F(x0)| in the relative residual (the runner's summary uses the same)
+LOG_BINS = np.logspace(-12, 4, 16 * 8 + 1)  # 8 bins per decade from 1e-12 to 1e4 (residuals, errors)
+UNIT_BINS = np.linspace(0.0, 1.0, 51)
+SIGNED_BINS = np.linspace(-1.0, 1.0, 81)
+DEFAULT_MAX_SIMILARITY = 0.5
+
+AttributeFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# Every number in the JSON report is defined here, keyed by its path in the document.
+DEFINITIONS: dict[str, str] = {
+    "samples": "stored samples read (the whole run, streamed shard by shard)",
+    "residual.abs": "completeness residual |delta| = |sum(attr) - (F(x) - F(x0))| per sample, as stored by the run",
+    "residual.rel": f"relative completeness residual |delta| / max(|F(x) - F(x0)|, {REL_EPS:g}) per sample",
+    "residual.undefined": "samples whose method defines no residual (no baseline output, e.g. saliency)",
+    "residual.nonfinite": "samples whose residual is NaN or infinite although the method defines one",
+    "nonfinite.values": "non-finite attribution values (NaN, +-inf) over all stored attributions (sum of stats/nonfinite)",
+    "nonfinite.samples": "samples of the audited attribution with at least one non-finite value (excluded from the per-sample metrics)",
+    "zero_samples": "samples whose audited attribution is all zero (excluded from Gini, entropy, agreement, localization)",
+    "gini": "sparseness: Gini index of |attr| per sample, sum_k (2k - n - 1) a_(k) / (n sum_k a_(k)) over the n values "
+    "sorted ascending (0: uniform, 1 - 1/n: one feature holds everything; Hurley & Rickard 2009, Chalasani et al. 2020)",
+    "entropy": "complexity: Shannon entropy -sum p log p (nats) of p = |attr| / sum|attr| per sample (Bhatt et al. 2020)",
+    "entropy_normalized": "entropy / log(n) per sample: 0 when one feature holds all mass, 1 when the mass is uniform",
+    "class_maps": "per target class: the mean attribution map over the samples with that target (non-finite values as 0); "
+    "maps in class_maps.npz, here the count, the map's sum and its L1 norm",
+    "agreement.spearman": "per sample, Spearman rank correlation between the two runs' attributions (signed values; ties get "
+    "their average rank), samples aligned by global index",
+    "agreement.topk_overlap": "per sample, |top-k(|a|) & top-k(|b|)| / k, the share of the k largest-magnitude features both runs agree on",
+    "agreement.rel_l2": "per sample, ||a - b||_2 / ||b||_2 with b the compared run",
+    "localization.mass_inside": "per sample, sum of |attr| inside the ground-truth mask / sum of |attr|",
+    "localization.pointing_game": "share of samples whose largest attribution value lies inside the mask (Zhang et al. 2018, no tolerance)",
+    "localization.mask_fraction": "mean share of features inside the mask: what a uniform random attribution scores on both measures",
+    "deletion": "Petsiuk et al. 2018: features in descending order of attribution are replaced step by step by the replacement "
+    "(pixels, all channels together, for (C, H, W) inputs; elements otherwise); the curve is the model's score for the "
+    "target after each step, from 0 to all features replaced; lower AUC is better",
+    "insertion": "the reverse: start from the replacement and put the original features back in descending order of "
+    "attribution; higher AUC is better",
+    "auc": "area under the mean-normalised curve: trapezoid over the fraction of features changed in [0, 1], averaged over the sample",
+    "random_control": "the same curves with a uniformly random feature order per sample (fixed seed)",
+    "beats_random": "deletion AUC below the random control's and insertion AUC above it",
+    "randomization": "Adebayo et al. 2018: the sample is re-attributed with the model's parameters replaced by Gaussian noise of "
+    "each tensor's mean and std (a deep copy; 'cascade' from the top layer down, 'all' at once); similarity = mean over "
+    "the sample of the Spearman rank correlation of |attr| between the stored and the re-computed attributions",
+    "randomization.passed": "true when the similarity with every layer randomized is below max_similarity: attributions that "
+    "barely change when the model is destroyed do not explain the model",
+    "randomization.reproduced": "similarity of a re-attribution with the unchanged model to the stored attributions (near 1: "
+    "the re-attribution reproduces the run, so changes come from the randomization)",
+}
+
+# Gating thresholds: name -> (what is compared, description) for check_thresholds and the CLI.
+THRESHOLDS: dict[str, str] = {
+    "max_residual": "largest absolute completeness residual <= value",
+    "max_rel_residual": "median relative completeness residual <= value",
+    "max_nonfinite": "non-finite attribution values <= value",
+    "min_agreement": "mean Spearman correlation with the compared run >= value",
+    "min_topk_overlap": "mean top-k overlap with the compared run >= value",
+    "min_mass_inside": "mean attribution mass inside the masks >= value",
+    "require_beats_random": "deletion and insertion AUC better than the random control (value true)",
+    "require_randomization": "the randomization check passes (value true)",
+}
