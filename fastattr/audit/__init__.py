@@ -41,7 +41,7 @@ from .report import require_matplotlib, summary_lines, write_report
 from .run import audit_run
 from .streaming import StreamingAudit
 from .summaries import Distribution
-from .verdict import AuditResult, check_thresholds
+from .verdict import AuditResult, audit_warnings, check_thresholds
 
 __all__ = [
     "DEFINITIONS",
@@ -52,6 +52,7 @@ __all__ = [
     "Distribution",
     "StreamingAudit",
     "audit_run",
+    "audit_warnings",
     "auc",
     "check_thresholds",
     "entropy",

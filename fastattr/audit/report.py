@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import AuditReportError
 from .definitions import DEFINITIONS
 from .plots import plot_class_maps, plot_localization, plot_pair, plot_perturbation, plot_randomization, plot_residuals
-from .verdict import AuditResult
+from .verdict import AuditResult, named, outcome
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,12 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
     run = doc["run"]
     lines = [f"# fastattr audit: `{run['dir']}`", ""]
     verdict = "PASSED" if doc["passed"] else "FAILED"
+    warnings = doc.get("warnings", [])
     lines += [f"**{verdict}**" + (f" (thresholds: {', '.join(f'{k}={v}' for k, v in doc['thresholds'].items())})" if doc["thresholds"] else " (no thresholds set)"), ""]
     lines += [f"- violation: {v}" for v in doc["violations"]]
+    lines += [f"- warning: {w}" for w in warnings]
+    if warnings and doc["passed"]:
+        lines += ["", "Warnings are checks that did not pass while no threshold requires them; they do not fail the audit."]
     lines += [
         "",
         f"Run: method `{run['method']}` {json.dumps(run['params'])}, precision {run['precision']}, status {run['status']}, "
@@ -98,8 +102,9 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
         *_dist_rows("relative residual", "residual.rel", doc["residual"]["rel"]),
         "",
         f"- samples without a defined residual: {_fmt(doc['residual']['undefined'])} ({DEFINITIONS['residual.undefined']})",
-        f"- non-finite residuals: {_fmt(doc['residual']['nonfinite'])}",
+        f"- non-finite residuals: {_fmt(doc['residual']['nonfinite'])} ({DEFINITIONS['residual.nonfinite']})",
         f"- non-finite attribution values: {_fmt(doc['nonfinite']['values'])}; samples affected: {_fmt(doc['nonfinite']['samples'])}",
+        f"- {_nonfinite_line(doc)}",
         f"- all-zero attributions: {_fmt(doc['zero_samples'])}",
         "",
         f"![residual histograms]({images['residuals']})",
@@ -169,7 +174,7 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
             f"| deletion (lower is better) | {_fmt(p['deletion']['auc'])} | {_fmt(rc['deletion']['auc'])} | {_fmt(p['deletion_beats_random_share'])} |",
             f"| insertion (higher is better) | {_fmt(p['insertion']['auc'])} | {_fmt(rc['insertion']['auc'])} | {_fmt(p['insertion_beats_random_share'])} |",
             "",
-            f"Beats random: **{_fmt(p['beats_random'])}** on {p['samples']} samples, {p['steps']} steps, replacement {p['replacement']}, score {p['score']}.",
+            f"Beats random: **{_fmt(p['beats_random'])}**{'' if p['beats_random'] else ' (' + _short(outcome(doc, 'perturbation')) + ')'} on {p['samples']} samples, {p['steps']} steps, replacement {p['replacement']}, score {p['score']}.",
             "",
             f"![deletion and insertion curves]({images['perturbation']})",
         ]
@@ -189,11 +194,27 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
             lines.append(f"| {'down to ' if r['mode'] == 'cascade' else ''}{layer['layer']} | {_fmt(layer['similarity'])} | {_fmt(layer['signed_similarity'])} |")
         lines += [
             "",
-            f"Result: **{'passed' if r['passed'] else 'FAILED'}** (similarity {_fmt(r['final_similarity'])} with all layers randomized, pass below {r['max_similarity']:g}; {r['samples']} samples).",
+            f"Result: **{outcome(doc, 'randomization')}** (similarity {_fmt(r['final_similarity'])} with all layers randomized, pass below {r['max_similarity']:g}; {r['samples']} samples).",
             "",
             f"![randomization similarity by layer]({images['randomization']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _short(outcome: str) -> str:
+    """An outcome after a statement that already says the check did not pass."""
+    return outcome.removeprefix("did not pass: ")
+
+
+def _nonfinite_line(doc: dict[str, Any]) -> str:
+    nf = doc["nonfinite"]
+    if not nf["flagged"]:
+        return f"non-finite values: {nf['values']} (no sample has a non-finite output, delta or attribution)"
+    return (
+        f"non-finite values: {nf['values']} in attributions; {nf['flagged']} samples with a non-finite output ({nf['output']}), "
+        f"baseline output ({nf['baseline_output']}), delta ({nf['delta']}) or attribution ({nf['attribution_samples']}): "
+        f"{named(nf['flagged_index'], nf['flagged'])}"
+    )
 
 
 def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -233,7 +254,7 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> dict[s
     if "perturbation" in doc:
         png("perturbation", plot_perturbation, doc["perturbation"])
     if "randomization" in doc:
-        png("randomization", plot_randomization, doc["randomization"])
+        png("randomization", plot_randomization, doc["randomization"], outcome(doc, "randomization"))
     paths["markdown"].write_text(_markdown(doc, images), encoding="utf-8")
     logger.info("wrote the audit report to %s", out)
     return paths
@@ -246,8 +267,8 @@ def summary_lines(result: AuditResult) -> list[str]:
     out = [
         f"audit of {doc['run']['dir']}: {doc['samples']:,} samples, method {doc['run']['method']}, attribution {doc['attribution']['name']}",
         f"residual |delta|: median {_fmt(r['abs']['quantiles']['p50'])}, p99 {_fmt(r['abs']['quantiles']['p99'])}, max {_fmt(r['abs']['max'])}; "
-        f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined)",
-        f"non-finite values: {doc['nonfinite']['values']}; all-zero samples: {doc['zero_samples']}",
+        f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined, {r['nonfinite']} non-finite)",
+        _nonfinite_line(doc) + f"; all-zero samples: {doc['zero_samples']}",
         f"sparseness (Gini) mean {_fmt(doc['gini']['mean'])}; normalized entropy mean {_fmt(doc['entropy_normalized']['mean'])}",
         f"per-class maps: {len(doc['class_maps']['classes'])} classes",
     ]
@@ -263,12 +284,18 @@ def summary_lines(result: AuditResult) -> list[str]:
         out.append(
             f"deletion AUC {_fmt(p['deletion']['auc'])} (random {_fmt(rc['deletion']['auc'])}), insertion AUC {_fmt(p['insertion']['auc'])} "
             f"(random {_fmt(rc['insertion']['auc'])}): {'beats' if p['beats_random'] else 'does NOT beat'} random on {p['samples']} samples"
+            + ("" if p["beats_random"] else f": {_short(outcome(doc, 'perturbation'))}")
         )
     if "randomization" in doc:
         rnd = doc["randomization"]
         out.append(
-            f"randomization ({rnd['mode']}): similarity {_fmt(rnd['reproduced'])} unchanged -> {_fmt(rnd['final_similarity'])} all layers randomized: "
-            f"{'passed' if rnd['passed'] else 'FAILED'} (pass below {rnd['max_similarity']:g})"
+            f"randomization ({rnd['mode']}): similarity {_fmt(rnd['reproduced'])} unchanged -> {_fmt(rnd['final_similarity'])} all layers randomized "
+            f"(pass below {rnd['max_similarity']:g}): {outcome(doc, 'randomization')}"
         )
-    out.append("PASSED" if result.passed else f"FAILED: {'; '.join(result.violations)}")
+    out += [f"WARNING: {w}" for w in result.warnings]
+    if not result.passed:
+        out.append(f"FAILED: {'; '.join(result.violations)}")
+    else:
+        n = len(result.warnings)
+        out.append(f"PASSED with {n} warning{'s' if n > 1 else ''}" if n else "PASSED")
     return out

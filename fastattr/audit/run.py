@@ -12,11 +12,19 @@ import torch
 
 from ..errors import AuditError
 from ..store import RunReader, open_run
-from .definitions import DEFAULT_MAX_SIMILARITY, DEFINITIONS, THRESHOLDS, AttributeFn
+from .definitions import (
+    DEFAULT_MAX_SIMILARITY,
+    DEFINITIONS,
+    THRESHOLDS,
+    AttributeFn,
+    defines_delta,
+    defines_output,
+    is_padded,
+)
 from .model_checks import model_checks
 from .randomization import method_from_run
 from .streaming import StreamingAudit
-from .verdict import AuditResult, check_thresholds
+from .verdict import AuditResult, audit_warnings, check_thresholds
 
 __all__ = ["audit_run"]
 
@@ -154,7 +162,9 @@ def audit_run(
                 attribute_fn = method_from_run(reader.metadata)
 
         # 1. attribution-only metrics, streamed.
-        acc = StreamingAudit(name, feature_shape, top_k=top_k, max_class_maps=max_class_maps, seed=seed)
+        meta = reader.metadata
+        acc = StreamingAudit(name, feature_shape, top_k=top_k, max_class_maps=max_class_maps, seed=seed, defines_delta=defines_delta(meta),
+                             defines_output=defines_output(meta), padded=is_padded(meta, first["extras"]))  # fmt: skip
         for batch in reader.iter_batches(batch_size):
             idx = batch["index"]
             lo, hi = int(idx[0]), int(idx[-1]) + 1  # a batch is contiguous: it never spans shards
@@ -163,7 +173,6 @@ def audit_run(
             acc.update(batch, theirs_b, mb)
         doc = acc.result()
         doc["definitions"] = dict(DEFINITIONS)
-        meta = reader.metadata
         doc["run"] = {"dir": str(reader.run_dir), "method": meta.get("method"), "params": meta.get("params"), "precision": meta.get("precision"), "status": meta.get("status"), "total": meta.get("total")}
         if other is not None:
             doc["run"]["compare"] = {"dir": str(other.run_dir), "method": other.metadata.get("method"), "precision": other.metadata.get("precision")}
@@ -174,9 +183,10 @@ def audit_run(
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,
                                      max_similarity=max_similarity, attribute_fn=attribute_fn, max_rows=max_rows, batch_size=batch_size, seed=seed))  # fmt: skip
         doc["thresholds"] = {k: v for k, v in thresholds.items() if v is not None and v is not False}
-        result = AuditResult(doc, acc.class_maps(), check_thresholds(doc, thresholds))
+        result = AuditResult(doc, acc.class_maps(), check_thresholds(doc, thresholds), audit_warnings(doc, thresholds))
         doc["passed"] = result.passed
         doc["violations"] = list(result.violations)
+        doc["warnings"] = list(result.warnings)
         return result
     finally:  # close only what this call opened
         if not isinstance(run, RunReader):

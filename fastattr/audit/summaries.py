@@ -1,15 +1,17 @@
-"""Bounded-memory summaries of one scalar per sample (``Distribution``)."""
+"""Bounded-memory summaries over a run's samples: ``Distribution`` (one scalar per sample) and
+``Flagged`` (how many samples have a problem of each kind, and the first few by global index)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .definitions import QUANTILES, RESERVOIR
+from .definitions import NAMED, QUANTILES, RESERVOIR
 
-__all__ = ["Distribution"]
+__all__ = ["Distribution", "Flagged"]
 
 
 class Distribution:
@@ -77,3 +79,23 @@ class Distribution:
             "quantiles_exact": self.count <= self._cap,
             "histogram": {"edges": self.edges.tolist(), "counts": self.counts.tolist(), "underflow": self.underflow, "overflow": self.overflow},
         }
+
+
+class Flagged:
+    """Per kind of problem: the number of samples that have it and the first ``keep`` of their
+    global indices (so a report can name them), plus the same for samples with any kind."""
+
+    def __init__(self, kinds: Sequence[str], keep: int = NAMED) -> None:
+        self.keep = keep
+        self.count = {k: 0 for k in (*kinds, "any")}
+        self.index: dict[str, list[int]] = {k: [] for k in self.count}
+
+    def add(self, index: np.ndarray, flags: Mapping[str, np.ndarray]) -> None:
+        """``index``: (rows,) global indices; ``flags``: kind -> (rows,) booleans."""
+        index = np.asarray(index).reshape(-1)
+        flags = {**flags, "any": np.logical_or.reduce([np.asarray(f, dtype=bool) for f in flags.values()])}
+        for kind, f in flags.items():
+            self.count[kind] += int(f.sum())
+            room = self.keep - len(self.index[kind])
+            if room > 0 and f.any():
+                self.index[kind].extend(int(i) for i in index[f][:room])
