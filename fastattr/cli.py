@@ -198,13 +198,14 @@ AUDIT_EXAMPLES = """examples:
   fastattr audit runs/ig --compare runs/ig-bf16 --min-agreement 0.9 --report audit/
   fastattr demo --out runs/demo && fastattr audit runs/demo --model fastattr.demo:trained_model \\
                --data runs/demo/inputs.npy --masks runs/demo/masks.npy --require-randomization --report audit/
-exit status: 0 all thresholds hold, 1 a threshold is violated (the report is still written), 2 bad input
+exit status: 0 all thresholds hold, 1 a threshold is violated (the report is still written), 2 bad input;
+a check that no threshold requires (e.g. randomization without --require-randomization) and does not pass
+is a WARNING, never a failure: one verdict, PASSED or FAILED, matching the exit status
 """
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from .audit import audit_run
-    from .audit_report import require_matplotlib, summary_lines, write_report
+    from .audit import audit_run, require_matplotlib, summary_lines, write_report
     from .specs import load_data, load_model, parse_kv
 
     require_matplotlib()  # the report's plots: fail before any audit work
@@ -337,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     gate = audit.add_argument_group("thresholds (exit 1 when one is violated)")
-    gate.add_argument("--max-residual", type=float, default=None, help="largest absolute completeness residual")
-    gate.add_argument("--max-rel-residual", type=float, default=None, help="median relative completeness residual")
-    gate.add_argument("--max-nonfinite", type=int, default=None, help="non-finite attribution values")
+    gate.add_argument("--max-residual", type=float, default=None, help="largest absolute completeness residual (a non-finite residual always violates it)")
+    gate.add_argument("--max-rel-residual", type=float, default=None, help="median relative completeness residual (a non-finite residual always violates it)")
+    gate.add_argument("--max-nonfinite", type=int, default=None, help="non-finite values stored: attribution values plus non-finite outputs, baseline outputs and deltas")
     gate.add_argument("--min-agreement", type=float, default=None, help="mean Spearman correlation with --compare")
     gate.add_argument("--min-topk-overlap", type=float, default=None, help="mean top-k overlap with --compare")
     gate.add_argument("--min-mass-inside", type=float, default=None, help="mean attribution mass inside --masks")

@@ -1,4 +1,4 @@
-"""Audits of stored attributions (fastattr.audit, fastattr.audit_report, `fastattr audit`).
+"""Audits of stored attributions (the fastattr.audit package, `fastattr audit`).
 
 Each metric is checked against a value computed by hand on a tiny input; the model-based checks
 run on the demo's CNN (trained once per session, a few seconds), where the right answer is known.
@@ -6,6 +6,7 @@ run on the demo's CNN (trained once per session, a few seconds), where the right
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import tracemalloc
@@ -30,23 +31,26 @@ from fastattr.audit import (
     randomization_check,
     rankdata,
     spearman,
+    summary_lines,
     topk_overlap,
+    write_report,
 )
-from fastattr.audit_report import summary_lines, write_report
 from fastattr.store import Block, RunWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(path, attrs: np.ndarray, *, target: np.ndarray, output: np.ndarray | None = None, baseline_output: np.ndarray | None = None,
-              delta: np.ndarray | None = None, method: str = "integrated_gradients", shard_rows: int = 64) -> str:  # fmt: skip
+              delta: np.ndarray | None = None, method: str = "integrated_gradients", shard_rows: int = 64, params: dict | None = None,
+              extras: dict[str, np.ndarray] | None = None) -> str:  # fmt: skip
     """A run directory written with RunWriter directly (no model): the audit reads only the store."""
     n = len(attrs)
     output = np.ones(n, np.float32) if output is None else output
     baseline_output = np.zeros(n, np.float32) if baseline_output is None else baseline_output
     flat = attrs.reshape(n, -1).astype(np.float64)
     delta = (flat.sum(1) - (output - baseline_output)).astype(np.float32) if delta is None else delta
-    with RunWriter(path, config={"method": method, "params": {}}, total=n, shard_rows=shard_rows, compression="none") as w:
+    extras = extras or {}
+    with RunWriter(path, config={"method": method, "params": params or {}}, total=n, shard_rows=shard_rows, compression="none") as w:
         for lo in range(0, n, shard_rows):
             hi = min(n, lo + shard_rows)
             f = flat[lo:hi]
@@ -54,7 +58,8 @@ def write_run(path, attrs: np.ndarray, *, target: np.ndarray, output: np.ndarray
             stats = {k: v.astype(np.float32) for k, v in stats.items()}
             stats["nonfinite"] = (~np.isfinite(f)).sum(1).astype(np.int32)
             w.put(Block(lo, hi, {"x": attrs[lo:hi].astype(np.float32)}, target[lo:hi].astype(np.int64), output[lo:hi].astype(np.float32),
-                        baseline_output[lo:hi].astype(np.float32), delta[lo:hi].astype(np.float32), np.full(hi - lo, 8, np.int32), stats))  # fmt: skip
+                        baseline_output[lo:hi].astype(np.float32), delta[lo:hi].astype(np.float32), np.full(hi - lo, 8, np.int32), stats,
+                        extras={k: v[lo:hi] for k, v in extras.items()}))  # fmt: skip
     return str(path)
 
 
@@ -100,6 +105,25 @@ def test_localization_and_auc_by_hand():
     np.testing.assert_allclose(auc(np.array([[1.0, 0.5, 0.0], [1.0, 1.0, 1.0]])), [0.5, 1.0])
 
 
+def test_metrics_count_only_the_first_n_features_of_each_row():
+    """With n (real features per row), every metric equals the metric of the row cut to n, whatever
+    the padding holds."""
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((5, 9)), rng.standard_normal((5, 9))
+    mask = rng.random((5, 9)) < 0.5
+    n = np.array([9, 4, 2, 7, 3])
+    for i, k in enumerate(n):
+        x, y, m = a[i : i + 1, :k], b[i : i + 1, :k], mask[i : i + 1, :k]
+        assert gini(a, n)[i] == pytest.approx(gini(x)[0])
+        assert entropy(a, n)[0][i] == pytest.approx(entropy(x)[0][0]) and entropy(a, n)[1][i] == pytest.approx(entropy(x)[1][0])
+        assert spearman(a, b, n)[i] == pytest.approx(spearman(x, y)[0])
+        assert topk_overlap(a, b, np.minimum(2, n), n)[i] == pytest.approx(topk_overlap(x, y, min(2, k))[0])
+        assert mass_inside(a, mask, n)[i] == pytest.approx(mass_inside(x, m)[0])
+        assert pointing_game(a, mask, n)[i] == pointing_game(x, m)[0]
+    with pytest.raises(AuditError, match="top-k needs 1 <= k <= 2 features, got k=3"):
+        topk_overlap(a, b, 3, n)
+
+
 def test_distribution_exact_then_bounded():
     d = Distribution(np.linspace(0, 10, 11), reservoir=100)
     d.add(np.array([1.0, 2.0, 3.0, np.nan, 12.0]))
@@ -135,7 +159,8 @@ def test_streamed_run_metrics_by_hand(tmp_path):
     assert r["abs"]["quantiles"]["p50"] == pytest.approx(1.5)  # |delta| = 1, 2, 2, 0.5
     # relative to |F(x) - F(x0)| = 2, 2, 2, 0 (floored at 1e-12)
     assert r["rel"]["min"] == pytest.approx(0.5) and r["rel"]["max"] == pytest.approx(0.5 / 1e-12)
-    assert doc["nonfinite"] == {"values": 1, "samples": 1}
+    nf = doc["nonfinite"]
+    assert (nf["values"], nf["samples"], nf["delta"], nf["attribution_samples"], nf["flagged_index"]) == (1, 1, 1, 1, [3])
     assert doc["zero_samples"] == 1
     assert doc["gini"]["count"] == 3
     assert doc["gini"]["mean"] == pytest.approx((0.75 + 0.0 + (1 * 1 + 3 * 3) / (4 * 4)) / 3)  # sample 2 sorted: 0, 0, 1, 3
@@ -333,3 +358,181 @@ def test_cli_audit_exit_codes(tmp_path, capsys):
     assert err.startswith("fastattr: error: --compare: no such file") and err.count("\n") == 1
     assert main(["audit", run, "--report", str(tmp_path / "bad"), "--min-agreement", "0.9"]) == 2
     assert "need a run to compare with" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# one verdict, non-finite samples, padded token runs (issue 13)
+# ----------------------------------------------------------------------------------------------
+
+SQUARES = '''
+import torch
+from torch import nn
+
+
+class Squares(nn.Module):
+    """F(x)_c = s_c * sum(x^2): input x gradient = 2 s_c x^2, ranked like x^2 whatever s is."""
+
+    def __init__(self):
+        super().__init__()
+        self.s = nn.Parameter(torch.tensor([1.0, 2.0]))
+
+    def forward(self, x):
+        return (x * x).sum(1, keepdim=True) * self.s
+
+
+def squares():
+    return Squares()
+'''
+
+
+def test_cli_audit_gives_one_verdict_for_checks_not_required(tmp_path, capsys, monkeypatch):
+    """A randomization check that does not pass but is not required is a warning: the summary,
+    the report and the exit code agree (PASSED, exit 0, no FAILED line); required, it fails all three."""
+    pytest.importorskip("matplotlib")
+    from fastattr.cli import main
+
+    (tmp_path / "sq_models.py").write_text(SQUARES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sq_models
+
+    x = np.random.default_rng(0).standard_normal((16, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    run = str(tmp_path / "run")
+    fastattr.run(sq_models.squares(), x, run, method="input_x_gradient", target=0, progress=False)
+    common = ["--model", "sq_models:squares", "--data", str(tmp_path / "x.npy"), "--sample", "8", "--steps", "4", "--randomization", "all"]
+    assert main(["audit", run, "--report", str(tmp_path / "warn"), *common]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if not line.startswith("report: ")]
+    assert "FAILED" not in out, out
+    assert any(line.startswith("WARNING: randomization check did not pass") for line in lines), out
+    assert lines[-1].startswith("PASSED with") and "warning" in lines[-1], out
+    doc = json.loads((tmp_path / "warn" / "audit.json").read_text())
+    assert doc["passed"] and doc["violations"] == [] and any("randomization" in w for w in doc["warnings"])
+    assert not doc["randomization"]["passed"]  # the measurement itself is unchanged
+    md = (tmp_path / "warn" / "report.md").read_text()
+    assert "FAILED" not in md and "**PASSED**" in md and "- warning: randomization check did not pass" in md
+
+    assert main(["audit", run, "--report", str(tmp_path / "gate"), *common, "--require-randomization"]) == 1
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if not line.startswith("report: ")]
+    assert lines[-1].startswith("FAILED: randomization check failed"), out
+    assert "PASSED" not in out and "WARNING: randomization" not in out
+    assert "**FAILED**" in (tmp_path / "gate" / "report.md").read_text()
+
+
+def test_nonfinite_outputs_and_deltas_are_counted_named_and_gated(tmp_path, capsys):
+    """What a model returning NaN for some samples leaves in a run: NaN output and delta with finite
+    (zero) attributions; NaN at the baseline gives a NaN baseline output and delta, which is not an
+    'undefined' residual for a method that defines one. The audit counts and names them, and
+    --max-residual / --max-nonfinite fail on them."""
+    pytest.importorskip("matplotlib")
+    from fastattr.cli import main
+
+    n = 12
+    a = np.random.default_rng(1).standard_normal((n, 4))
+    output, base = np.full(n, 2.0), np.zeros(n)
+    delta = np.full(n, 1e-4)  # finite residuals are small: only the non-finite ones can fail --max-residual
+    a[[2, 5, 7]] = 0.0  # the gradient of a NaN output at these samples
+    output[[2, 5, 7]] = np.nan
+    base[9] = np.nan  # the model returns NaN at the baseline of sample 9
+    a[10, 1] = np.inf  # a non-finite attribution value
+    delta[[2, 5, 7, 9, 10]] = np.nan
+    run = write_run(tmp_path / "run", a, target=np.zeros(n), output=output, baseline_output=base, delta=delta)
+
+    res = audit_run(run)
+    nf = res.doc["nonfinite"]
+    assert (nf["values"], nf["samples"]) == (1, 1)
+    assert (nf["output"], nf["baseline_output"], nf["delta"], nf["attribution_samples"]) == (3, 1, 5, 1)
+    assert nf["flagged"] == 5 and nf["flagged_index"] == [2, 5, 7, 9, 10]
+    assert res.doc["residual"]["undefined"] == 0 and res.doc["residual"]["nonfinite"] == 5
+    assert res.passed and len(res.warnings) == 1 and "#2, #5, #7, #9, #10" in res.warnings[0]
+
+    gated = audit_run(run, thresholds={"max_residual": 0.01})
+    assert not gated.passed and "5 samples have a non-finite residual" in gated.violations[0] and "#2" in gated.violations[0]
+    assert not audit_run(run, thresholds={"max_rel_residual": 0.01}).passed
+    strict = audit_run(run, thresholds={"max_nonfinite": 0})
+    assert not strict.passed and "10 non-finite values" in strict.violations[0]  # 1 attribution + 3 outputs + 1 baseline + 5 deltas
+
+    assert main(["audit", run, "--report", str(tmp_path / "r1"), "--max-residual", "0.01"]) == 1
+    out = capsys.readouterr().out
+    assert "#2, #5, #7, #9, #10" in out and "FAILED: 5 samples have a non-finite residual" in out
+    assert main(["audit", run, "--report", str(tmp_path / "r2")]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: 5 samples hold non-finite values" in out and "PASSED with 1 warning" in out
+
+    # saliency defines no residual: NaN delta and baseline output are expected there, not flagged
+    sal = write_run(tmp_path / "sal", np.abs(a[:2]), target=np.zeros(2), output=np.ones(2), baseline_output=np.full(2, np.nan),
+                    delta=np.full(2, np.nan), method="saliency")  # fmt: skip
+    doc = audit_run(sal).doc
+    assert doc["residual"]["undefined"] == 2 and doc["nonfinite"]["flagged"] == 0
+
+
+def _real_token_metrics(a: np.ndarray, lengths: np.ndarray) -> dict[str, float]:
+    """Gini and normalized entropy of each sample's real tokens, averaged over the samples."""
+    g, hn = [], []
+    for row, n in zip(a.reshape(len(a), a.shape[1], -1), lengths):
+        real = row[:n].reshape(1, -1)
+        if np.abs(real).sum() > 0:
+            g.append(gini(real)[0])
+            hn.append(entropy(real)[1][0])
+    return {"gini": float(np.mean(g)), "entropy_normalized": float(np.mean(hn))}
+
+
+def test_padded_token_run_metrics_count_only_real_tokens(tmp_path):
+    """Per-token attributions stored as padded rows plus extras/lengths: every per-sample metric
+    (Gini, entropy, agreement, localization, class maps) is computed on the real tokens only."""
+    rng = np.random.default_rng(0)
+    n, t = 6, 8
+    lengths = np.array([8, 3, 5, 2, 6, 4])
+    real = np.arange(t)[None, :] < lengths[:, None]
+    a = np.where(real, rng.standard_normal((n, t)), 0.0)  # trimmed padding: exactly 0
+    b = a + 0.3 * rng.standard_normal((n, t))  # the compared run, with values at the padding too
+    masks = rng.random((n, t)) < 0.4
+    masks[:, 0] = True
+    target = np.array([0, 0, 1, 1, 0, 1])
+    params = {"layer": ["embed"], "layer_reduce": "sum", "lengths": "mask"}
+    kw = {"target": target, "method": "layer_integrated_gradients", "params": params, "extras": {"lengths": lengths.astype(np.int64)}}
+    run = write_run(tmp_path / "a", a, shard_rows=4, **kw)
+    other = write_run(tmp_path / "b", b, shard_rows=4, **kw)
+    doc = audit_run(run, compare=other, masks=masks, top_k=2, batch_size=3).doc
+
+    want = _real_token_metrics(a, lengths)
+    assert doc["gini"]["mean"] == pytest.approx(want["gini"])
+    assert doc["entropy_normalized"]["mean"] == pytest.approx(want["entropy_normalized"])
+    assert doc["gini"]["mean"] != pytest.approx(float(gini(a).mean()))  # padding zeros would make it look sparser
+    rows = [(a[i : i + 1, :k], b[i : i + 1, :k], masks[i : i + 1, :k]) for i, k in enumerate(lengths)]
+    assert doc["agreement"]["spearman"]["mean"] == pytest.approx(np.mean([spearman(x, y)[0] for x, y, _ in rows]))
+    assert doc["agreement"]["topk_overlap"]["mean"] == pytest.approx(np.mean([topk_overlap(x, y, 2)[0] for x, y, _ in rows]))
+    rel = [np.linalg.norm(x - y) / np.linalg.norm(y) for x, y, _ in rows]
+    assert doc["agreement"]["rel_l2"]["mean"] == pytest.approx(np.mean(rel))
+    loc = doc["localization"]
+    assert loc["mass_inside"]["mean"] == pytest.approx(np.mean([mass_inside(x, m)[0] for x, _, m in rows]))
+    assert loc["pointing_game"] == pytest.approx(np.mean([pointing_game(x, m)[0] for x, _, m in rows]))
+    assert loc["mask_fraction"] == pytest.approx(np.mean([m.mean() for _, _, m in rows]))
+    # class maps: per position, the mean over the samples of the class that have a real token there
+    res = audit_run(run)
+    for cls in (0, 1):
+        sel = target == cls
+        want_map = np.where(real[sel].any(0), a[sel].sum(0) / np.maximum(real[sel].sum(0), 1), np.nan)
+        np.testing.assert_allclose(res.class_maps[str(cls)], want_map)
+    if importlib.util.find_spec("matplotlib") is not None:  # NaN positions of a class map still plot
+        paths = write_report(res, tmp_path / "report")
+        assert paths["class_maps"].read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_padded_token_run_from_layer_ig_is_audited_on_real_tokens(tmp_path):
+    """The same through a real run: layer IG over a padded text classifier with lengths="mask"."""
+    from token_models import TokenClassifier, token_batch
+
+    model = TokenClassifier(dim=16, heads=2, layers=1).eval()
+    ids, mask, lengths = token_batch(12, 10, seed=3)
+    fastattr.run(model, (ids.numpy(), mask.numpy()), tmp_path / "run", method="layer_ig", layer="embed", layer_reduce="sum",
+                 lengths="mask", forward_args_inputs=1, baselines=0, target="predicted", n_steps=8, progress=False)  # fmt: skip
+    stored = fastattr.open(tmp_path / "run")[0:12]
+    a = stored["attributions"]["embed"]
+    assert (lengths.numpy() < a.shape[1]).any()
+    doc = audit_run(tmp_path / "run").doc
+    want = _real_token_metrics(a, lengths.numpy())
+    assert doc["gini"]["mean"] == pytest.approx(want["gini"], rel=1e-6)
+    assert doc["entropy_normalized"]["mean"] == pytest.approx(want["entropy_normalized"], rel=1e-6)

@@ -17,19 +17,19 @@ from typing import Any
 
 import numpy as np
 
-from .audit import DEFINITIONS, AuditResult
-from .errors import AuditReportError  # noqa: F401 - re-exported
+from ..errors import AuditReportError
+from .definitions import DEFINITIONS
+from .plots import plot_class_maps, plot_localization, plot_pair, plot_perturbation, plot_randomization, plot_residuals
+from .verdict import AuditResult, named, outcome
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AuditReportError", "require_matplotlib", "summary_lines", "write_report"]
 
-DPI = 100
-
 
 def require_matplotlib() -> Any:
     """matplotlib.pyplot on the Agg backend, or AuditReportError naming the fix."""
-    from .render import RenderError, pyplot
+    from ..render import RenderError, pyplot
 
     try:
         return pyplot()
@@ -62,123 +62,6 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-# ----------------------------------------------------------------------------------------------
-# plots
-# ----------------------------------------------------------------------------------------------
-
-
-def _hist(ax: Any, dist: dict[str, Any], title: str, log: bool = False) -> None:
-    edges = np.asarray(dist["histogram"]["edges"])
-    counts = np.asarray(dist["histogram"]["counts"])
-    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#2e6db4", edgecolor="none")
-    if log:
-        ax.set_xscale("log")
-        nz = np.flatnonzero(counts)
-        if nz.size:  # zoom to the occupied decades
-            ax.set_xlim(edges[max(nz[0] - 2, 0)], edges[min(nz[-1] + 3, len(edges) - 1)])
-    extra = dist["histogram"]["underflow"] + dist["histogram"]["overflow"]
-    note = f" ({dist['histogram']['underflow']} below, {dist['histogram']['overflow']} above the range)" if extra else ""
-    ax.set_title(title + note, fontsize=9)
-    ax.set_ylabel("samples")
-
-
-def _plot_residuals(plt: Any, doc: dict[str, Any], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=DPI)
-    _hist(axes[0], doc["residual"]["abs"], "|delta|", log=True)
-    _hist(axes[1], doc["residual"]["rel"], "|delta| / |F(x) - F(x0)|", log=True)
-    fig.suptitle("completeness residual")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_pair(plt: Any, left: tuple[dict, str], right: tuple[dict, str], title: str, path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=DPI)
-    for ax, (dist, label) in zip(axes, (left, right)):
-        _hist(ax, dist, label)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_localization(plt: Any, loc: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=DPI)
-    _hist(ax, loc["mass_inside"], "share of |attr| inside the mask")
-    ax.axvline(loc["mask_fraction"], color="#c0392b", linestyle="--", label=f"uniform random attribution ({loc['mask_fraction']:.3f})")
-    ax.legend(fontsize=8)
-    fig.suptitle(f"localization (pointing game {loc['pointing_game']:.3f})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_class_maps(plt: Any, maps: dict[str, np.ndarray], path: Path) -> None:
-    keys = list(maps)
-    cols = min(len(keys), 8)
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.5, 2.3 * rows + 0.4), dpi=DPI, squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        m = np.asarray(maps[key], dtype=np.float64)
-        image = m.ndim == 2 or (m.ndim == 3 and m.shape[1] > 1 and m.shape[2] > 1)
-        if image:
-            heat = m.sum(0) if m.ndim == 3 else m
-            lim = float(np.abs(heat).max()) or 1e-12
-            ax.imshow(heat, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        else:
-            bars = m.reshape(-1)
-            ax.bar(np.arange(bars.size), bars, color=np.where(bars >= 0, "#c0392b", "#2e6db4"))
-            ax.axhline(0, color="black", linewidth=0.5)
-        ax.set_title(f"target {key}", fontsize=9)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.suptitle("mean attribution per target class (red positive, blue negative)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_perturbation(plt: Any, pert: dict[str, Any], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=DPI)
-    x = pert["fraction"]
-    for ax, kind, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
-        ax.plot(x, pert[kind]["curve"], color="#c0392b", label=f"attribution order, AUC {pert[kind]['auc']:.3f}")
-        rc = pert["random_control"][kind]
-        ax.plot(x, rc["curve"], color="gray", linestyle="--", label=f"random order, AUC {rc['auc']:.3f}")
-        ax.set_xlabel(f"fraction of features {'removed' if kind == 'deletion' else 'inserted'}")
-        ax.set_ylabel(f"model score ({pert['score']})")
-        ax.set_title(f"{kind} ({better} AUC is better)", fontsize=10)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{pert['samples']} samples, {pert['steps']} steps, replacement: {pert['replacement']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _plot_randomization(plt: Any, rnd: dict[str, Any], path: Path) -> None:
-    labels = ["none (reproduced)"] + [f"{'down to ' if rnd['mode'] == 'cascade' else ''}{r['layer']}" for r in rnd["layers"]]
-    values = [rnd["reproduced"]] + [r["similarity"] for r in rnd["layers"]]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.0), dpi=DPI)
-    ax.plot(range(len(values)), values, marker="o", color="#2e6db4", label="Spearman of |attr| vs stored")
-    ax.axhline(rnd["max_similarity"], color="#c0392b", linestyle="--", label=f"pass below {rnd['max_similarity']:g}")
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(min(-0.1, min((v for v in values if v == v), default=0) - 0.05), 1.05)
-    ax.set_ylabel("similarity")
-    ax.set_title(f"randomization check ({rnd['mode']}): {'passed' if rnd['passed'] else 'FAILED'}", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------
-# the report
-# ----------------------------------------------------------------------------------------------
-
-
 def _cell(text: str) -> str:
     """Text safe inside a Markdown table cell (|x| would end the cell)."""
     return text.replace("|", "\\|")
@@ -200,8 +83,12 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
     run = doc["run"]
     lines = [f"# fastattr audit: `{run['dir']}`", ""]
     verdict = "PASSED" if doc["passed"] else "FAILED"
+    warnings = doc.get("warnings", [])
     lines += [f"**{verdict}**" + (f" (thresholds: {', '.join(f'{k}={v}' for k, v in doc['thresholds'].items())})" if doc["thresholds"] else " (no thresholds set)"), ""]
     lines += [f"- violation: {v}" for v in doc["violations"]]
+    lines += [f"- warning: {w}" for w in warnings]
+    if warnings and doc["passed"]:
+        lines += ["", "Warnings are checks that did not pass while no threshold requires them; they do not fail the audit."]
     lines += [
         "",
         f"Run: method `{run['method']}` {json.dumps(run['params'])}, precision {run['precision']}, status {run['status']}, "
@@ -215,8 +102,9 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
         *_dist_rows("relative residual", "residual.rel", doc["residual"]["rel"]),
         "",
         f"- samples without a defined residual: {_fmt(doc['residual']['undefined'])} ({DEFINITIONS['residual.undefined']})",
-        f"- non-finite residuals: {_fmt(doc['residual']['nonfinite'])}",
+        f"- non-finite residuals: {_fmt(doc['residual']['nonfinite'])} ({DEFINITIONS['residual.nonfinite']})",
         f"- non-finite attribution values: {_fmt(doc['nonfinite']['values'])}; samples affected: {_fmt(doc['nonfinite']['samples'])}",
+        f"- {_nonfinite_line(doc)}",
         f"- all-zero attributions: {_fmt(doc['zero_samples'])}",
         "",
         f"![residual histograms]({images['residuals']})",
@@ -286,7 +174,7 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
             f"| deletion (lower is better) | {_fmt(p['deletion']['auc'])} | {_fmt(rc['deletion']['auc'])} | {_fmt(p['deletion_beats_random_share'])} |",
             f"| insertion (higher is better) | {_fmt(p['insertion']['auc'])} | {_fmt(rc['insertion']['auc'])} | {_fmt(p['insertion_beats_random_share'])} |",
             "",
-            f"Beats random: **{_fmt(p['beats_random'])}** on {p['samples']} samples, {p['steps']} steps, replacement {p['replacement']}, score {p['score']}.",
+            f"Beats random: **{_fmt(p['beats_random'])}**{'' if p['beats_random'] else ' (' + _short(outcome(doc, 'perturbation')) + ')'} on {p['samples']} samples, {p['steps']} steps, replacement {p['replacement']}, score {p['score']}.",
             "",
             f"![deletion and insertion curves]({images['perturbation']})",
         ]
@@ -306,11 +194,27 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
             lines.append(f"| {'down to ' if r['mode'] == 'cascade' else ''}{layer['layer']} | {_fmt(layer['similarity'])} | {_fmt(layer['signed_similarity'])} |")
         lines += [
             "",
-            f"Result: **{'passed' if r['passed'] else 'FAILED'}** (similarity {_fmt(r['final_similarity'])} with all layers randomized, pass below {r['max_similarity']:g}; {r['samples']} samples).",
+            f"Result: **{outcome(doc, 'randomization')}** (similarity {_fmt(r['final_similarity'])} with all layers randomized, pass below {r['max_similarity']:g}; {r['samples']} samples).",
             "",
             f"![randomization similarity by layer]({images['randomization']})",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _short(outcome: str) -> str:
+    """An outcome after a statement that already says the check did not pass."""
+    return outcome.removeprefix("did not pass: ")
+
+
+def _nonfinite_line(doc: dict[str, Any]) -> str:
+    nf = doc["nonfinite"]
+    if not nf["flagged"]:
+        return f"non-finite values: {nf['values']} (no sample has a non-finite output, delta or attribution)"
+    return (
+        f"non-finite values: {nf['values']} in attributions; {nf['flagged']} samples with a non-finite output ({nf['output']}), "
+        f"baseline output ({nf['baseline_output']}), delta ({nf['delta']}) or attribution ({nf['attribution_samples']}): "
+        f"{named(nf['flagged_index'], nf['flagged'])}"
+    )
 
 
 def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -338,19 +242,19 @@ def write_report(result: AuditResult, out_dir: str | os.PathLike[str]) -> dict[s
         paths[kind] = path
         images[kind] = path.name
 
-    png("residuals", _plot_residuals, doc)
-    png("sparseness", _plot_pair, (doc["gini"], "Gini of |attr|"), (doc["entropy_normalized"], "entropy / log n"), "sparseness and complexity")
+    png("residuals", plot_residuals, doc)
+    png("sparseness", plot_pair, (doc["gini"], "Gini of |attr|"), (doc["entropy_normalized"], "entropy / log n"), "sparseness and complexity")
     if result.class_maps:
-        png("class_maps", _plot_class_maps, result.class_maps)
+        png("class_maps", plot_class_maps, result.class_maps)
     if "agreement" in doc:
-        png("agreement", _plot_pair, (doc["agreement"]["spearman"], "Spearman"), (doc["agreement"]["topk_overlap"], f"top-{doc['agreement']['top_k']} overlap"), "agreement per sample")
+        png("agreement", plot_pair, (doc["agreement"]["spearman"], "Spearman"), (doc["agreement"]["topk_overlap"], f"top-{doc['agreement']['top_k']} overlap"), "agreement per sample")
     if "localization" in doc:
         loc = doc["localization"]
-        png("localization", _plot_localization, loc)
+        png("localization", plot_localization, loc)
     if "perturbation" in doc:
-        png("perturbation", _plot_perturbation, doc["perturbation"])
+        png("perturbation", plot_perturbation, doc["perturbation"])
     if "randomization" in doc:
-        png("randomization", _plot_randomization, doc["randomization"])
+        png("randomization", plot_randomization, doc["randomization"], outcome(doc, "randomization"))
     paths["markdown"].write_text(_markdown(doc, images), encoding="utf-8")
     logger.info("wrote the audit report to %s", out)
     return paths
@@ -363,8 +267,8 @@ def summary_lines(result: AuditResult) -> list[str]:
     out = [
         f"audit of {doc['run']['dir']}: {doc['samples']:,} samples, method {doc['run']['method']}, attribution {doc['attribution']['name']}",
         f"residual |delta|: median {_fmt(r['abs']['quantiles']['p50'])}, p99 {_fmt(r['abs']['quantiles']['p99'])}, max {_fmt(r['abs']['max'])}; "
-        f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined)",
-        f"non-finite values: {doc['nonfinite']['values']}; all-zero samples: {doc['zero_samples']}",
+        f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined, {r['nonfinite']} non-finite)",
+        _nonfinite_line(doc) + f"; all-zero samples: {doc['zero_samples']}",
         f"sparseness (Gini) mean {_fmt(doc['gini']['mean'])}; normalized entropy mean {_fmt(doc['entropy_normalized']['mean'])}",
         f"per-class maps: {len(doc['class_maps']['classes'])} classes",
     ]
@@ -380,12 +284,18 @@ def summary_lines(result: AuditResult) -> list[str]:
         out.append(
             f"deletion AUC {_fmt(p['deletion']['auc'])} (random {_fmt(rc['deletion']['auc'])}), insertion AUC {_fmt(p['insertion']['auc'])} "
             f"(random {_fmt(rc['insertion']['auc'])}): {'beats' if p['beats_random'] else 'does NOT beat'} random on {p['samples']} samples"
+            + ("" if p["beats_random"] else f": {_short(outcome(doc, 'perturbation'))}")
         )
     if "randomization" in doc:
         rnd = doc["randomization"]
         out.append(
-            f"randomization ({rnd['mode']}): similarity {_fmt(rnd['reproduced'])} unchanged -> {_fmt(rnd['final_similarity'])} all layers randomized: "
-            f"{'passed' if rnd['passed'] else 'FAILED'} (pass below {rnd['max_similarity']:g})"
+            f"randomization ({rnd['mode']}): similarity {_fmt(rnd['reproduced'])} unchanged -> {_fmt(rnd['final_similarity'])} all layers randomized "
+            f"(pass below {rnd['max_similarity']:g}): {outcome(doc, 'randomization')}"
         )
-    out.append("PASSED" if result.passed else f"FAILED: {'; '.join(result.violations)}")
+    out += [f"WARNING: {w}" for w in result.warnings]
+    if not result.passed:
+        out.append(f"FAILED: {'; '.join(result.violations)}")
+    else:
+        n = len(result.warnings)
+        out.append(f"PASSED with {n} warning{'s' if n > 1 else ''}" if n else "PASSED")
     return out

@@ -1,0 +1,195 @@
+"""``audit_run``: check every option, open the runs, stream the attribution-only metrics, run the
+model-based checks on a sample, and decide the verdict."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import AuditError
+from ..store import RunReader, open_run
+from .definitions import (
+    DEFAULT_MAX_SIMILARITY,
+    DEFINITIONS,
+    THRESHOLDS,
+    AttributeFn,
+    defines_delta,
+    defines_output,
+    is_padded,
+)
+from .model_checks import model_checks
+from .randomization import method_from_run
+from .streaming import StreamingAudit
+from .verdict import AuditResult, audit_warnings, check_thresholds
+
+__all__ = ["audit_run"]
+
+
+def _covered(reader: RunReader) -> list[tuple[int, int]]:
+    return [(s["start"], s["stop"]) for s in reader.metadata["shards"]]
+
+
+def _check_covers(a: RunReader, b: RunReader) -> None:
+    """Every sample stored in a must be stored in b (compared by global index)."""
+    theirs = sorted(_covered(b))
+    for start, stop in _covered(a):
+        pos = start
+        for s, e in theirs:
+            if s <= pos < e:
+                pos = e
+            if pos >= stop:
+                break
+        if pos < stop:
+            raise AuditError(f"the compared run {b.run_dir} does not store samples [{pos}, {stop}) that {a.run_dir} holds")
+
+
+def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...]) -> np.ndarray:
+    if isinstance(masks, (str, os.PathLike)):
+        path = str(masks)
+        if not os.path.isfile(path) or not path.endswith(".npy"):
+            raise AuditError(f"masks must be a .npy file; no such file: {path}")
+        masks = np.load(path, mmap_mode="r")
+    # Memory-mapped masks stay on disk: only each batch's rows are read.
+    m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else masks if isinstance(masks, np.ndarray) else np.asarray(masks)
+    if m.shape[0] < total:
+        raise AuditError(f"masks hold {m.shape[0]} samples; the run has {total}")
+    try:
+        fits = np.broadcast_shapes(m.shape[1:], feature_shape) == feature_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise AuditError(f"a mask has shape {m.shape[1:]}, which does not broadcast to the attribution's {feature_shape}")
+    return m
+
+
+def audit_run(
+    run: str | os.PathLike[str] | RunReader,
+    *,
+    model: torch.nn.Module | None = None,
+    data: Any = None,
+    compare: str | os.PathLike[str] | RunReader | None = None,
+    masks: Any = None,
+    name: str | None = None,
+    sample: int = 256,
+    batch_size: int = 256,
+    top_k: int | None = None,
+    steps: int = 20,
+    replacement: str = "baseline",
+    replacement_value: float = 0.0,
+    blur_sigma: float = 2.0,
+    score: str = "softmax",
+    randomization: str = "cascade",
+    randomization_sample: int = 64,
+    max_similarity: float = DEFAULT_MAX_SIMILARITY,
+    attribute_fn: AttributeFn | None = None,
+    max_rows: int = 2048,
+    max_class_maps: int = 64,
+    thresholds: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> AuditResult:
+    """Audit a run directory (or an open RunReader).
+
+    Attribution-only metrics stream over every stored sample. With ``model`` and ``data`` (the
+    run's data, aligned by global index), deletion/insertion runs on ``sample`` samples drawn at
+    random (fixed ``seed``) and the randomization check ("cascade", "all" or "none") on the first
+    ``randomization_sample`` of them. ``compare``: a second run for agreement; ``masks``: (N, ...)
+    booleans (array or .npy) for localization. Every option is checked before any work.
+    """
+    from ..sources import open_source
+
+    thresholds = dict(thresholds or {})
+    unknown = set(thresholds) - set(THRESHOLDS)
+    if unknown:
+        raise AuditError(f"unknown thresholds {sorted(unknown)}; known: {', '.join(THRESHOLDS)}")
+    if replacement not in ("baseline", "blur"):
+        raise AuditError(f"replacement must be 'baseline' or 'blur', got {replacement!r}")
+    if score not in ("softmax", "logit"):
+        raise AuditError(f"score must be 'softmax' or 'logit', got {score!r}")
+    if randomization not in ("cascade", "all", "none"):
+        raise AuditError(f"randomization must be 'cascade', 'all' or 'none', got {randomization!r}")
+    for label, v in (("sample", sample), ("batch_size", batch_size), ("steps", steps), ("randomization_sample", randomization_sample), ("max_rows", max_rows)):
+        if not isinstance(v, int) or v < 1:
+            raise AuditError(f"{label} must be a positive int, got {v!r}")
+    if blur_sigma <= 0:
+        raise AuditError(f"blur_sigma must be > 0, got {blur_sigma}")
+    if (model is None) != (data is None):
+        raise AuditError("model-based checks need both the model and the run's data (got only one)")
+    needs_model = {"require_beats_random", "require_randomization"} & {k for k, v in thresholds.items() if v}
+    if needs_model and model is None:
+        raise AuditError(f"thresholds {sorted(needs_model)} need the model and data")
+    if thresholds.get("min_agreement") is not None or thresholds.get("min_topk_overlap") is not None:
+        if compare is None:
+            raise AuditError("agreement thresholds need a run to compare with")
+    if thresholds.get("min_mass_inside") is not None and masks is None:
+        raise AuditError("min_mass_inside needs ground-truth masks")
+
+    reader = run if isinstance(run, RunReader) else open_run(run)
+    other = compare if isinstance(compare, RunReader) or compare is None else open_run(compare)
+    try:
+        if len(reader) == 0:
+            raise AuditError(f"{reader.run_dir} stores no samples")
+        name = name or reader.attribution_names[0]
+        if name not in reader.attribution_names:
+            raise AuditError(f"no attribution {name!r} in {reader.run_dir}; it stores {', '.join(reader.attribution_names)}")
+        first = reader[int(reader.metadata["shards"][0]["start"])]
+        feature_shape = tuple(first["attributions"][name].shape)
+        if other is not None:
+            if name not in other.attribution_names:
+                raise AuditError(f"the compared run {other.run_dir} has no attribution {name!r}; it stores {', '.join(other.attribution_names)}")
+            if len(other) == 0:
+                raise AuditError(f"the compared run {other.run_dir} stores no samples")
+            theirs = tuple(other[int(other.metadata["shards"][0]["start"])]["attributions"][name].shape)
+            if theirs != feature_shape:
+                raise AuditError(f"attribution {name!r} has shape {feature_shape} in {reader.run_dir} but {theirs} in {other.run_dir}")
+            _check_covers(reader, other)
+        mask_arr = _load_masks(masks, reader.total, feature_shape) if masks is not None else None
+        source = None
+        if model is not None:
+            source = open_source(data)
+            if len(source) < reader.total:
+                raise AuditError(f"the data holds {len(source)} samples; the run was made from {reader.total}")
+            if len(source.sample_shapes) != 1:
+                raise AuditError(f"model-based checks support single-input models; the data has {len(source.sample_shapes)} inputs")
+            if tuple(source.sample_shapes[0]) != feature_shape:
+                raise AuditError(f"attribution {name!r} has shape {feature_shape} but the data's samples have {source.sample_shapes[0]}: model-based checks need input attributions")
+            if replacement == "blur" and len(feature_shape) < 2:
+                raise AuditError(f"replacement 'blur' needs samples with two spatial dimensions; they have shape {feature_shape}")
+            if randomization != "none" and attribute_fn is None:
+                attribute_fn = method_from_run(reader.metadata)
+
+        # 1. attribution-only metrics, streamed.
+        meta = reader.metadata
+        acc = StreamingAudit(name, feature_shape, top_k=top_k, max_class_maps=max_class_maps, seed=seed, defines_delta=defines_delta(meta),
+                             defines_output=defines_output(meta), padded=is_padded(meta, first["extras"]))  # fmt: skip
+        for batch in reader.iter_batches(batch_size):
+            idx = batch["index"]
+            lo, hi = int(idx[0]), int(idx[-1]) + 1  # a batch is contiguous: it never spans shards
+            theirs_b = other[lo:hi] if other is not None else None
+            mb = np.asarray(mask_arr[lo:hi]) if mask_arr is not None else None
+            acc.update(batch, theirs_b, mb)
+        doc = acc.result()
+        doc["definitions"] = dict(DEFINITIONS)
+        doc["run"] = {"dir": str(reader.run_dir), "method": meta.get("method"), "params": meta.get("params"), "precision": meta.get("precision"), "status": meta.get("status"), "total": meta.get("total")}
+        if other is not None:
+            doc["run"]["compare"] = {"dir": str(other.run_dir), "method": other.metadata.get("method"), "precision": other.metadata.get("precision")}
+
+        # 2. model-based checks on a random sample.
+        if model is not None and source is not None:
+            doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
+                                     blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,
+                                     max_similarity=max_similarity, attribute_fn=attribute_fn, max_rows=max_rows, batch_size=batch_size, seed=seed))  # fmt: skip
+        doc["thresholds"] = {k: v for k, v in thresholds.items() if v is not None and v is not False}
+        result = AuditResult(doc, acc.class_maps(), check_thresholds(doc, thresholds), audit_warnings(doc, thresholds))
+        doc["passed"] = result.passed
+        doc["violations"] = list(result.violations)
+        doc["warnings"] = list(result.warnings)
+        return result
+    finally:  # close only what this call opened
+        if not isinstance(run, RunReader):
+            reader.close()
+        if other is not None and not isinstance(compare, RunReader):
+            other.close()
