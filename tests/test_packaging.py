@@ -67,3 +67,14 @@ def test_channels_last_layout_changes_nothing():
     assert a.is_contiguous() and b.is_contiguous()
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(da, db, rtol=1e-4, atol=1e-6)
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    # setuptools installs only the packages listed in pyproject; a new subpackage left out works in
+    # an editable checkout and is missing from every wheel.
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"fastattr." + p.parent.relative_to(ROOT / "fastattr").as_posix().replace("/", ".") for p in (ROOT / "fastattr").rglob("__init__.py")}
+    found = {"fastattr" if f == "fastattr.." else f for f in found} | {"fastattr.kernels"}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
