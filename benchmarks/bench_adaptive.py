@@ -12,6 +12,7 @@ Markdown table, including the issue-8 target: the accuracy of Captum's default (
 
     python benchmarks/bench_adaptive.py                       # full settings
     python benchmarks/bench_adaptive.py --samples 32 --repeats 1 --ref-steps 512   # quick check
+    python benchmarks/bench_adaptive.py --device cuda       # timings synchronize on the GPU
 """
 
 from __future__ import annotations
@@ -19,25 +20,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
-import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import fastattr
-from fastattr import adaptive
-from fastattr.demo import make_dataset, make_model, train
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+from _harness import RESULTS, rel_err  # noqa: E402
+
+import fastattr  # noqa: E402
+from fastattr import adaptive  # noqa: E402
+from fastattr.demo import make_dataset, make_model, train  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*required_grads has been set automatically.*")
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def gelu_cnn() -> nn.Module:
@@ -64,38 +65,29 @@ class Point:
     max_rel_delta: float | None = None  # max |delta| / |F(x) - F(x0)| over the samples
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
-    out = fn()  # warm-up (and the CPU row tuner settles)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a = a[: ref.shape[0]].double()
-    return float((a - ref).norm() / ref.norm())
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
+    """Median seconds after a warm-up (the CPU row tuner settles), synchronized on CUDA."""
+    seconds, _, out = h.timed(fn, device, repeats, memory=False)
+    return seconds, out
 
 
 def run_model(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor, args: argparse.Namespace) -> list[Point]:
     from captum.attr import IntegratedGradients as CaptumIG
 
-    n = x.shape[0]
+    n, device = x.shape[0], x.device
     ref = fastattr.IntegratedGradients(copy.deepcopy(model).double()).attribute(x[: args.ref_samples].double(), target=target[: args.ref_samples], n_steps=args.ref_steps)
     points: list[Point] = []
     for precision in args.precisions:
         # Captum has no precision option: bf16 runs it under CPU autocast, as a user would
-        cast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
         for method in ("gausslegendre", "riemann_middle"):
             for steps in args.captum_steps:
                 with cast:
-                    sec, out = timed(lambda s=steps, m=method: CaptumIG(model).attribute(x, target=target, n_steps=s, method=m, internal_batch_size=n), args.repeats)
+                    sec, out = timed(lambda s=steps, m=method: CaptumIG(model).attribute(x, target=target, n_steps=s, method=m, internal_batch_size=n), args.repeats, device)
                 points.append(Point(name, f"captum {precision}", f"{method} {steps}", sec, rel_err(out.float(), ref), steps))
                 print(f"  {name} captum {precision} {method} {steps}: {sec:.3f} s", file=sys.stderr, flush=True)
     ig = fastattr.IntegratedGradients(model)
-    sec, out = timed(lambda: ig.attribute(x, target=target, n_steps=50), args.repeats)
+    sec, out = timed(lambda: ig.attribute(x, target=target, n_steps=50), args.repeats, device)
     points.append(Point(name, "fastattr fp32", "gausslegendre 50", sec, rel_err(out, ref), 50))
     for precision, rule in [(p, r) for p in args.precisions for r in args.rules]:
         for tol in args.tolerances:
@@ -105,6 +97,7 @@ def run_model(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor
             sec, res = timed(
                 lambda t=tol, p=precision, r=rule_name, e=extra: ig.attribute_batch(x, target=target, n_steps="auto", method=r, tolerance=t, max_steps=args.max_steps, precision=p, **e),
                 args.repeats,
+                device,
             )
             summary = adaptive.summarize_steps(res.n_steps, res.extras["converged"])
             rel_delta = res.delta.abs() / (res.output - res.baseline_output).abs().clamp_min(1e-12)
@@ -215,7 +208,7 @@ def plot(points: list[Point], path: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--ref-samples", type=int, default=16)
@@ -227,14 +220,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--max-steps", type=int, default=257)
     parser.add_argument("--models", default="relu_cnn,gelu_cnn")
+    parser.add_argument("--train-samples", type=int, default=2000, help="demo images the models are trained on")
     parser.add_argument("--rule-study", action="store_true", help="only compare the nested rules at equal steps")
-    parser.add_argument("--tag", default=time.strftime("%Y-%m-%d") + "-cpu-adaptive")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=RESULTS, help="folder for the JSON and PNG (default benchmarks/results)")
+    parser.add_argument("--tag", default=None, help="result file name (default <date>-<device>-adaptive)")
+    return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    args.tag = args.tag or time.strftime("%Y-%m-%d") + f"-{torch.device(args.device).type}-adaptive"
     args.tolerances = [float(t) for t in args.tolerances.split(",")]
     args.captum_steps = [int(s) for s in args.captum_steps.split(",")]
     args.precisions = args.precisions.split(",")
     args.rules = args.rules.split(",")
-    images, labels, _ = make_dataset(2000, seed=0)
+    return args
+
+
+def run(args: argparse.Namespace) -> tuple[list[Point], list[str]]:
+    """Train each model on the demo data, then the timed points (or, with --rule-study, the study's table lines)."""
+    device = torch.device(args.device)
+    h.true_fp32()
+    images, labels, _ = make_dataset(args.train_samples, seed=0)
     test_x, test_y, _ = make_dataset(args.samples, seed=1)
     builders = {"relu_cnn": make_model, "gelu_cnn": gelu_cnn}
     points: list[Point] = []
@@ -242,22 +250,28 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         model = builders[name]()
         acc = train(model, images, labels)
+        model = model.to(device)
+        x, y = test_x.to(device), test_y.to(device)
         print(f"[{name}: train accuracy {acc:.3f}]", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
-        if args.rule_study:
-            study += rule_study(name, model, test_x, test_y, args)
-            continue
-        points += run_model(name, model, test_x, test_y, args)
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
+        with h.stage_timer(name):
+            if args.rule_study:
+                study += rule_study(name, model, x, y, args)
+            else:
+                points += run_model(name, model, x, y, args)
+    return points, study
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    points, study = run(args)
     if args.rule_study:
         print("| model | rule | error at n points (every sample) | adaptive: tolerance: mean steps, error |\n| --- | --- | --- | --- |")
         print("\n".join(study))
         return 0
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{args.tag}.json"), "w") as f:
-        json.dump({"args": vars(args), "points": [asdict(p) for p in points]}, f, indent=1)
-    plot(points, os.path.join(RESULTS, f"{args.tag}.png"))
-    env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.samples} samples"
+    device = torch.device(args.device)
+    h.write_json(os.path.join(args.out, f"{args.tag}.json"), {"args": vars(args), "points": points}, device)
+    plot(points, os.path.join(args.out, f"{args.tag}.png"))
+    env = f"{h.env_line(h.env(device))}, {args.samples} samples"
     print(f"\n{env}\n\n{table(points)}\n\n" + "\n".join(target_lines(points)))
     return 0
 

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import gc
-import json
 import os
-import statistics
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
 import models  # noqa: E402
+from _harness import Row  # noqa: E402
 
 import fastattr  # noqa: E402
 
@@ -52,92 +50,11 @@ CASES = {
     "mlp": Case("mlp 64-256-256-10", models.mlp, (64,), 1024),
     "cnn": Case("cnn 3x32x32", models.small_cnn, (3, 32, 32), 256, ref_steps=1024),
     "resnet": Case("resnet18 3x224x224", lambda: models.randomize_batchnorm(models.ResNet18()), (3, 224, 224), 64, classes=1000, ref_samples=4, ref_steps=256),
+    # not in the default set: the GPU suite's cases (issue 16: the bf16 contrast between the two)
+    "resnet50": Case("resnet50 3x224x224", models.resnet50, (3, 224, 224), 32, classes=1000, ref_samples=4, ref_steps=256),
+    "vit": Case("vit-s/16 3x224x224", models.ViT, (3, 224, 224), 32, classes=1000, ref_samples=4, ref_steps=256),
 }
-
-
-@dataclass
-class Row:
-    case: str
-    impl: str
-    seconds: float | None
-    peak_mb: float | None
-    rel_err: float | None
-    vs_captum_default: float | None = None
-    vs_captum_best: float | None = None
-    note: str = ""
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class PeakMemory:
-    """Peak memory above the starting point: CUDA allocator stats, or sampled RSS on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.peak = 0
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            _malloc_trim()  # hand freed heap back to the OS so the RSS delta sees this run's allocations
-            self.base = self._rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss() - self.base)
-
-
-def timed(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, float, torch.Tensor]:
-    """(median seconds, peak MB, result). The first run is the warm-up and the memory
-    measurement (the RSS sampler thread would disturb timings); timed runs follow."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    with PeakMemory(device) as mem:
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), mem.peak / 2**20, out
-
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a = a[: ref.shape[0]].double().cpu()
-    return float((a - ref).norm() / ref.norm())
+SWEEP = (1, 2, 5, 10, 25)  # Captum's internal_batch_size sweep, in steps x samples
 
 
 def reference(case: Case, model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -149,7 +66,7 @@ def reference(case: Case, model: torch.nn.Module, x: torch.Tensor, target: torch
     return CaptumIG(m64).attribute(xs, target=ts, n_steps=case.ref_steps, internal_batch_size=ibs).cpu()
 
 
-def run_case(case: Case, device: torch.device, repeats: int, precisions: list[str]) -> list[Row]:
+def run_case(case: Case, device: torch.device, repeats: int, precisions: list[str], sweep: Sequence[int] = SWEEP) -> list[Row]:
     from captum.attr import IntegratedGradients as CaptumIG
 
     torch.manual_seed(0)
@@ -164,25 +81,25 @@ def run_case(case: Case, device: torch.device, repeats: int, precisions: list[st
 
     def attempt(label: str, fn: Callable[[], torch.Tensor], reps: int) -> Row:
         try:
-            seconds, peak, out = timed(fn, device, reps)
+            seconds, peak, out = h.timed(fn, device, reps)
         except torch.OutOfMemoryError:
             gc.collect()
             torch.cuda.empty_cache()
             return Row(case.name, label, None, None, None, note="out of memory")
-        row = Row(case.name, label, seconds, peak, rel_err(out, ref))
+        row = Row(case.name, label, seconds, peak, h.rel_err(out, ref))
         row.out = out  # type: ignore[attr-defined]
         return row
 
     default = attempt("captum (defaults)", captum(None), repeats)
     rows.append(default)
     # sweep Captum's internal_batch_size (it splits steps only: multiples of the batch)
-    sweep = []
-    for steps_per_chunk in (1, 2, 5, 10, 25):
+    timings = []
+    for steps_per_chunk in sweep:
         ibs = steps_per_chunk * case.samples
         r = attempt(f"captum ibs={ibs}", captum(ibs), 1)
         if r.seconds is not None:
-            sweep.append((r.seconds, ibs))
-    best_ibs = min(sweep)[1] if sweep else None
+            timings.append((r.seconds, ibs))
+    best_ibs = min(timings)[1] if timings else None
     best = attempt(f"captum best (ibs={best_ibs})", captum(best_ibs), repeats) if best_ibs else Row(case.name, "captum best", None, None, None, note="all OOM")
     rows.append(best)
     for precision in precisions:
@@ -192,36 +109,16 @@ def run_case(case: Case, device: torch.device, repeats: int, precisions: list[st
             diff = (r.out - default.out).abs().max().item()  # type: ignore[attr-defined]
             r.note = f"max |fastattr - captum| = {diff:.1e}"
         rows.append(r)
+    h.speedups(rows, default, best)
     for r in rows:
-        if r.seconds:
-            r.vs_captum_default = default.seconds / r.seconds if default.seconds else None
-            r.vs_captum_best = best.seconds / r.seconds if best.seconds else None
         r.__dict__.pop("out", None)
     gc.collect()
     return rows
 
 
-def table(rows: list[Row]) -> str:
-    def f(v: float | None, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    lines = [
-        "| case | implementation | time (s) | x vs Captum default | x vs Captum best | peak mem (MB) | rel. error vs fp64 | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.case} | {r.impl} | {f(r.seconds, '.3f')} | {f(r.vs_captum_default, '.2f')} | {f(r.vs_captum_best, '.2f')} | {f(r.peak_mb, '.0f')} | {f(r.rel_err, '.2e')} | {r.note} |"
-        )
-    return "\n".join(lines)
-
-
 def run(device: str = "cpu", cases: list[str] | None = None, repeats: int = 3, json_path: str | None = None) -> list[Row]:
     dev = torch.device(device)
-    # Captum runs under torch's global flags; make its "fp32" true fp32 (cuDNN defaults to
-    # TF32 convolutions), so both sides compute the same thing. fastattr tf32 is its own row.
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    h.true_fp32()  # Captum runs under torch's global flags: its fp32 must be fp32 (fastattr tf32 is its own row)
     cases = cases or (["mlp", "cnn", "resnet"] if dev.type == "cuda" else ["mlp", "cnn"])
     precisions = ["fp32", "tf32", "bf16", "fp16"] if dev.type == "cuda" else ["fp32", "bf16", "fp16"]
     rows: list[Row] = []
@@ -230,8 +127,7 @@ def run(device: str = "cpu", cases: list[str] | None = None, repeats: int = 3, j
         rows += run_case(CASES[name], dev, repeats, precisions)
         print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
+        h.write_json(json_path, {"rows": rows}, dev)
     return rows
 
 
@@ -246,8 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         print("CUDA requested but not available", file=sys.stderr)
         return 2
     rows = run(args.device, args.cases.split(",") if args.cases else None, args.repeats, args.json)
-    env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + (torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU")
-    print(f"\n{env}\n\n{table(rows)}")
+    print(f"\n{h.env_line(h.env(args.device))}\n\n{h.table(rows)}")
     return 0
 
 

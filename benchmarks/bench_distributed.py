@@ -29,6 +29,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -51,7 +52,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(ranks: int, args: argparse.Namespace, data: str, out: str) -> dict:
-    cmd = [shutil.which("torchrun") or "torchrun", "--standalone", f"--nproc_per_node={ranks}", os.path.abspath(__file__), "--worker",
+    # torchrun as a module of this interpreter: a venv's bin/ need not be on PATH
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", os.path.abspath(__file__), "--worker",
            "--data", data, "--out", out, "--device", args.device, "--steps", str(args.steps), "--precision", args.precision]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def compare(a_dir: str, b_dir: str) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -90,7 +92,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help="JSON results file (worker mode: the run directory)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
@@ -123,11 +125,9 @@ def main() -> int:
                 r["efficiency"] = r["speedup"] / r["ranks"]
                 r["vs_1_rank"] = compare(os.path.join(work, "run-1"), os.path.join(work, f"run-{r['ranks']}"))
                 print(f"{r['ranks']} ranks: speedup {r['speedup']:.2f}x, efficiency {r['efficiency']:.0%}, store vs 1 rank: {r['vs_1_rank']}", flush=True)
-        meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "samples": args.samples,
-                "steps": args.steps, "precision": args.precision, "model": "small_cnn 3x32x32", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+        meta = {"samples": args.samples, "steps": args.steps, "precision": args.precision, "model": "small_cnn 3x32x32"}
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            h.write_json(args.out, {"meta": meta, "rows": rows}, args.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

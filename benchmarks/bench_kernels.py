@@ -6,46 +6,47 @@ triton.testing.do_bench (median), and report GB/s (each input read once, each ou
 written once), % of device-to-device copy bandwidth, and the speedup over torch.
 
     python benchmarks/bench_kernels.py [--json results.json]
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --quick   # CPU smoke: tiny sizes, interpreter
 
-On a machine without CUDA it prints a skip message and exits 0. From another script:
-``from benchmarks.bench_kernels import run; rows = run()``.
+On a machine without CUDA it prints a skip message and exits 0 (unless --quick under
+TRITON_INTERPRET=1: then the correctness checks run in the interpreter on tiny sizes, and the
+times, taken with a plain clock, say nothing about the kernels). From another script:
+``bench_kernels.run(json_path, quick=False)``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+from _harness import max_rel as _max_rel  # noqa: E402
+
 WARMUP, REP = 25, 100
 F_IMG = 3 * 224 * 224  # 150528
+DEVICE = "cuda"  # "cpu" only in --quick mode under the interpreter
 
 
 def _do_bench(fn: Callable[[], object]) -> float:
+    """Median milliseconds: triton's do_bench on CUDA, one timed call after a warm-up on CPU."""
+    if DEVICE == "cpu":
+        return 1e3 * h.timed(fn, "cpu", 1, memory=False)[0]
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=WARMUP, rep=REP, return_mode="median")
 
 
-def _copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written) on ~2 GB."""
-    src = torch.empty(2**29, dtype=torch.float32, device="cuda").normal_()  # 2 GiB
+def _copy_bandwidth(quick: bool = False) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + written) on ~2 GB (quick: 64 MB)."""
+    src = torch.empty(2**24 if quick else 2**29, dtype=torch.float32, device=DEVICE).normal_()  # 2 GiB
     dst = torch.empty_like(src)
     ms = _do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-
-
-def _max_rel(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | float | None = None) -> float:
-    """max |got - ref| / scale, scale defaulting to max |ref| (normwise relative error)."""
-    ref = ref.double()
-    diff = (got.double() - ref).abs()
-    if scale is None:
-        scale = ref.abs().max().clamp_min(1e-30)
-    return (diff / scale).max().item()
 
 
 def _check(label: str, errors: dict[str, float], tol: dict[str, float]) -> float:
@@ -62,19 +63,18 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 
 def _randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.randn(*shape, device="cuda").to(dtype)
+    return torch.randn(*shape, device=DEVICE).to(dtype)
 
 
-def _cases() -> list[tuple[str, str, Callable[[], dict]]]:
+def _cases(quick: bool = False) -> list[tuple[str, str, Callable[[], dict]]]:
     from fastattr.kernels import reference
     from fastattr.kernels.triton_channel_reduce import channel_reduce_triton
     from fastattr.kernels.triton_finalize import finalize_triton
-    from fastattr.kernels.triton_moments import moments_triton
-    from fastattr.kernels.triton_path_accumulate import path_accumulate_triton
+    from fastattr.kernels.triton_step_sums import moments_triton, path_accumulate_triton
 
     def path_accumulate(dtype: torch.dtype, per_row: bool, S: int = 64, B: int = 64, F: int = F_IMG) -> dict:
         acc, grads = _randn(B, F), _randn(S, B, F, dtype=dtype)
-        w = torch.rand(*((S, B) if per_row else (S,)), device="cuda")
+        w = torch.rand(*((S, B) if per_row else (S,)), device=DEVICE)
         ref = reference.path_accumulate(acc.double(), grads.double(), w.double())
         err = {"acc": _max_rel(path_accumulate_triton(acc.clone(), grads, w), ref)}
         del ref
@@ -106,7 +106,7 @@ def _cases() -> list[tuple[str, str, Callable[[], dict]]]:
 
     def moments(dtype: torch.dtype, per_row: bool, S: int = 64, B: int = 64, F: int = F_IMG) -> dict:
         s1, s2, grads = _randn(B, F), _randn(B, F).abs(), _randn(S, B, F, dtype=dtype)
-        w = torch.rand(S, B, device="cuda") if per_row else None
+        w = torch.rand(S, B, device=DEVICE) if per_row else None
         r1, r2 = reference.moments(s1.double(), s2.double(), grads.double(), None if w is None else w.double())
         o1, o2 = moments_triton(s1.clone(), s2.clone(), grads, w)
         err = {"sum_g": _max_rel(o1, r1), "sum_sq": _max_rel(o2, r2)}
@@ -129,6 +129,13 @@ def _cases() -> list[tuple[str, str, Callable[[], dict]]]:
         )
 
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    if quick:  # tiny sizes, every kernel and flag once; F spans two 1024-wide blocks
+        return [
+            ("path_accumulate", "S=4 B=3 F=1531 bf16 grads, w (S,B)", lambda: path_accumulate(bf16, True, S=4, B=3, F=1531)),
+            ("finalize", "B=3 F=1531 bf16 in -> fp16", lambda: finalize(bf16, f16, B=3, F=1531)),
+            ("moments", "S=4 B=3 F=1531 fp32 grads, no w", lambda: moments(f32, False, S=4, B=3, F=1531)),
+            ("channel_reduce", "(4,3,16,16) dim 1 bf16 sum", lambda: channel_reduce(bf16, "sum", shape=(4, 3, 16, 16))),
+        ]
     return [
         ("path_accumulate", "S=64 B=64 F=150528 fp32 grads, w (S,)", lambda: path_accumulate(f32, False)),
         ("path_accumulate", "S=64 B=64 F=150528 bf16 grads, w (S,)", lambda: path_accumulate(bf16, False)),
@@ -142,7 +149,7 @@ def _cases() -> list[tuple[str, str, Callable[[], dict]]]:
     ]
 
 
-def _table(rows: list[dict], copy_gbps: float, device: str) -> str:
+def table(rows: list[dict], copy_gbps: float, device: str) -> str:
     lines = [
         f"device: {device}; copy bandwidth {copy_gbps:.0f} GB/s",
         "",
@@ -157,12 +164,16 @@ def _table(rows: list[dict], copy_gbps: float, device: str) -> str:
     return "\n".join(lines)
 
 
-def run(json_path: str | None = None) -> list[dict]:
-    """Run every benchmark case; print a markdown table, optionally write JSON; return the rows."""
-    if not torch.cuda.is_available():
-        print("bench_kernels: skipped, no CUDA device (these are GPU kernel benchmarks)")
+def run(json_path: str | None = None, quick: bool = False) -> list[dict]:
+    """Run every benchmark case; print a markdown table, optionally write JSON; return the rows.
+
+    quick: tiny sizes; without CUDA it needs TRITON_INTERPRET=1 (set before triton is imported)."""
+    global DEVICE
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not torch.cuda.is_available() and not (quick and interpret):
+        print("bench_kernels: skipped, no CUDA device (these are GPU kernel benchmarks; --quick with TRITON_INTERPRET=1 checks them on CPU)")
         return []
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if torch.cuda.is_available() and interpret:
         print("bench_kernels: skipped, TRITON_INTERPRET=1 runs the kernels in the interpreter; unset it")
         return []
     try:
@@ -171,13 +182,15 @@ def run(json_path: str | None = None) -> list[dict]:
         print("bench_kernels: skipped, triton is not installed")
         return []
 
+    DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    device = torch.cuda.get_device_name()
-    copy_gbps = _copy_bandwidth()
-    torch.cuda.empty_cache()
+    device = h.card(DEVICE) + (" (Triton interpreter: times mean nothing)" if DEVICE == "cpu" else "")
+    copy_gbps = _copy_bandwidth(quick)
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
     print(f"{device}: device copy bandwidth {copy_gbps:.0f} GB/s")
     rows = []
-    for kernel, case, setup in _cases():
+    for kernel, case, setup in _cases(quick):
         print(f"{kernel}: {case}")
         c = setup()
         err = _check(f"{kernel} [{case}]", c["err"], c["tol"])
@@ -192,12 +205,12 @@ def run(json_path: str | None = None) -> list[dict]:
         )
         print(f"  triton {t_ms:.3f} ms ({gbps:.0f} GB/s, {rows[-1]['pct_copy_bw']:.0f}% of copy), torch {r_ms:.3f} ms")
         del c
-        torch.cuda.empty_cache()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
     print()
-    print(_table(rows, copy_gbps, device))
+    print(table(rows, copy_gbps, device))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"device": device, "copy_gbps": copy_gbps, "rows": rows}, f, indent=2)
+        h.write_json(json_path, {"device": device, "copy_gbps": copy_gbps, "rows": rows}, DEVICE)
         print(f"wrote {json_path}")
     return rows
 
@@ -205,8 +218,9 @@ def run(json_path: str | None = None) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test; on CPU with TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
-    run(args.json)
+    run(args.json, args.quick)
     return 0
 
 

@@ -1,6 +1,6 @@
 """fastattr vs Captum LayerIntegratedGradients, side by side in one process.
 
-Case: a small transformer text classifier (tests/token_models.py: vocab 1000, dim 64,
+Case: a small transformer text classifier (benchmarks/models.py TokenClassifier: vocab 1000, dim 64,
 4 heads, 2 GELU encoder blocks, 4 classes) on 32 padded sequences of 64 tokens
 (lengths 16..64, attention mask as an additional forward arg), IG on the token
 embedding, Gauss-Legendre 50 steps, zero (PAD) baselines. Same model, data and settings
@@ -23,21 +23,19 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from bench_captum import Row, rel_err, table, timed  # noqa: E402
-from token_models import TokenClassifier, token_batch  # noqa: E402
+import _harness as h  # noqa: E402
+from _harness import Row, rel_err  # noqa: E402
+from models import TokenClassifier, token_batch  # noqa: E402
 
 import fastattr  # noqa: E402
 
@@ -57,25 +55,29 @@ def build(
     return model, ids.to(device), mask.to(device), target.to(device), lengths.to(device)
 
 
-def reference(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def reference(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n: int = REF_SAMPLES, steps: int = REF_STEPS
+) -> torch.Tensor:
     from captum.attr import LayerIntegratedGradients as CaptumLIG
 
     m64 = copy.deepcopy(model).double()
-    n = REF_SAMPLES
     return (
         CaptumLIG(m64, m64.embed)
-        .attribute(ids[:n], None, target[:n], (mask[:n].double(),), n_steps=REF_STEPS, internal_batch_size=64 * n)
+        .attribute(ids[:n], None, target[:n], (mask[:n].double(),), n_steps=steps, internal_batch_size=64 * n)
         .cpu()
     )
 
 
-def run(device: str, samples: int, n_steps: int, repeats: int, precisions: list[str]) -> list[Row]:
+def run(
+    device: str, samples: int, n_steps: int, repeats: int, precisions: list[str],
+    ref_samples: int = REF_SAMPLES, ref_steps: int = REF_STEPS, sweep: tuple[int, ...] = (1, 2, 5, 10, 25),
+) -> list[Row]:  # fmt: skip
     from captum.attr import LayerIntegratedGradients as CaptumLIG
 
     dev = torch.device(device)
-    torch.backends.cuda.matmul.allow_tf32 = False  # Captum's fp32 is true fp32
+    h.true_fp32()  # Captum's fp32 is true fp32
     model, ids, mask, target, lengths = build(samples, dev)
-    ref = reference(model, ids, mask, target)
+    ref = reference(model, ids, mask, target, ref_samples, ref_steps)
     rows: list[Row] = []
 
     def captum(ibs: int | None) -> Callable[[], torch.Tensor]:
@@ -85,7 +87,7 @@ def run(device: str, samples: int, n_steps: int, repeats: int, precisions: list[
 
     def attempt(label: str, fn: Callable[[], torch.Tensor], reps: int, ref: torch.Tensor = ref) -> Row:
         try:
-            seconds, peak, out = timed(fn, dev, reps)
+            seconds, peak, out = h.timed(fn, dev, reps)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             return Row(CASE, label, None, None, None, note="out of memory")
@@ -93,12 +95,12 @@ def run(device: str, samples: int, n_steps: int, repeats: int, precisions: list[
 
     default = attempt("captum (defaults)", captum(None), repeats)
     rows.append(default)
-    sweep = []
-    for steps_per_chunk in (1, 2, 5, 10, 25):  # Captum's internal_batch_size splits steps only
+    timings = []
+    for steps_per_chunk in sweep:  # Captum's internal_batch_size splits steps only
         r = attempt(f"captum ibs={steps_per_chunk * samples}", captum(steps_per_chunk * samples), 1)
         if r.seconds is not None:
-            sweep.append((r.seconds, steps_per_chunk * samples))
-    best_ibs = min(sweep)[1]
+            timings.append((r.seconds, steps_per_chunk * samples))
+    best_ibs = min(timings)[1]
     best = attempt(f"captum best (ibs={best_ibs})", captum(best_ibs), repeats)
     rows.append(best)
     lig = fastattr.LayerIntegratedGradients(model, model.embed)
@@ -145,10 +147,7 @@ def run(device: str, samples: int, n_steps: int, repeats: int, precisions: list[
         )
     )
     rows[-1].note = "trim_padding on by default with lengths; per-token sums"
-    for r in rows:
-        if r.seconds:
-            r.vs_captum_default = default.seconds / r.seconds if default.seconds else None
-            r.vs_captum_best = best.seconds / r.seconds if best.seconds else None
+    h.speedups(rows, default, best)
     return rows
 
 
@@ -174,19 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.perf_counter()
     rows = run(args.device, args.samples, args.n_steps, args.repeats, precisions)
-    env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + (
-        torch.cuda.get_device_name() if cuda else "CPU"
-    )
-    path = args.json or os.path.join(HERE, "results", f"{datetime.date.today()}-{'cuda' if cuda else 'cpu'}-layer.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(
-            {"env": env, "samples": args.samples, "n_steps": args.n_steps, "rows": [asdict(r) for r in rows]},
-            f,
-            indent=1,
-        )
+    path = args.json or os.path.join(h.RESULTS, f"{datetime.date.today()}-{'cuda' if cuda else 'cpu'}-layer.json")
+    h.write_json(path, {"samples": args.samples, "n_steps": args.n_steps, "rows": rows}, args.device)
     print(
-        f"\n{env}; {args.samples} samples x 64 tokens, GL-{args.n_steps}; {time.perf_counter() - t0:.0f} s; -> {path}\n\n{table(rows)}"
+        f"\n{h.env_line(h.env(args.device))}; {args.samples} samples x 64 tokens, GL-{args.n_steps}; {time.perf_counter() - t0:.0f} s; -> {path}\n\n{h.table(rows)}"
     )
     return 0
 

@@ -23,20 +23,18 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
 import models  # noqa: E402
-from bench_captum import Row, table, timed  # noqa: E402
+from _harness import Row, rel_err  # noqa: E402
 
 import fastattr  # noqa: E402
 
@@ -52,13 +50,9 @@ def seeded(fn: Callable[[], torch.Tensor], seed: int = 0) -> Callable[[], torch.
     return call
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double().cpu() - ref).norm() / ref.norm())
-
-
 def attempt(case: str, label: str, fn: Callable[[], torch.Tensor], device: torch.device, reps: int) -> Row:
     try:
-        seconds, peak, _ = timed(fn, device, reps)
+        seconds, peak, _ = h.timed(fn, device, reps)
     except torch.OutOfMemoryError:
         gc.collect()
         torch.cuda.empty_cache()
@@ -141,16 +135,15 @@ def gradient_shap(args: argparse.Namespace, device: torch.device) -> list[Row]:
 
 
 def finish(rows: list[Row], default: Row, best: Row | None) -> list[Row]:
-    for r in rows:
-        if r.seconds:
-            r.vs_captum_default = default.seconds / r.seconds if default.seconds else None
-            ref = best or default  # GradientShap: Captum has no knob, its default is its best
-            r.vs_captum_best = ref.seconds / r.seconds if ref.seconds else None
+    h.speedups(rows, default, best)  # GradientShap: Captum has no knob, its default is its best
     gc.collect()
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+CASES = {"smoothgrad_ig": smoothgrad_ig, "gradient_shap": gradient_shap}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cases", default="smoothgrad_ig,gradient_shap")
@@ -165,22 +158,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    args.precisions = args.precisions.split(",")
+    return parser
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """Every case of ``args.cases`` (parsed by ``build_parser()``; precisions a list)."""
     device = torch.device(args.device)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    h.true_fp32()
     rows: list[Row] = []
     for name in args.cases.split(","):
-        t0 = time.perf_counter()
-        rows += {"smoothgrad_ig": smoothgrad_ig, "gradient_shap": gradient_shap}[name](args, device)
-        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", file=sys.stderr, flush=True)
-    env = f"torch {torch.__version__}, {torch.get_num_threads()} threads, " + (torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
-    print(f"\n{env}; peak mem: {'CUDA allocator' if device.type == 'cuda' else 'sampled RSS'} above start\n\n{table(rows)}")
+        with h.stage_timer(name):
+            rows += CASES[name](args, device)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.precisions = args.precisions.split(",")
+    rows = run(args)
+    device = torch.device(args.device)
+    print(f"\n{h.env_line(h.env(device))}; peak mem: {'CUDA allocator' if device.type == 'cuda' else 'sampled RSS'} above start\n\n{h.table(rows)}")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "args": vars(args), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        h.write_json(args.json, {"args": vars(args), "rows": rows}, device)
     return 0
 
 

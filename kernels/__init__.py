@@ -1,7 +1,9 @@
 """fastattr.kernels: the reductions on the attribution hot path.
 
-Each op has a torch reference (kernels/reference.py) and, where written, a Triton
-kernel with its launcher (kernels/triton_<op>.py). ``backend`` picks the path:
+Each op has a torch reference (kernels/reference.py) and a Triton launcher: path_accumulate
+and moments share one kernel (kernels/triton_step_sums.py), finalize and channel_reduce have
+their own (kernels/triton_<op>.py); launch settings live in kernels/launch.py and argument
+checks in kernels/checks.py. ``backend`` picks the path:
 
 - "auto" (default): Triton for CUDA tensors when triton imports, the reference otherwise;
 - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1 set before import);
@@ -48,8 +50,17 @@ def resolve_backend(backend: str | None, tensor: torch.Tensor) -> str:
     return backend
 
 
+# op -> the module holding its Triton launcher ``<op>_triton`` (imported on first use: triton is optional)
+_TRITON_MODULES = {
+    "path_accumulate": "triton_step_sums",
+    "moments": "triton_step_sums",
+    "finalize": "triton_finalize",
+    "channel_reduce": "triton_channel_reduce",
+}
+
+
 def _triton_op(name: str) -> Callable[..., Any]:
-    module = importlib.import_module(f"{__name__}.triton_{name}")
+    module = importlib.import_module(f"{__name__}.{_TRITON_MODULES[name]}")
     return getattr(module, f"{name}_triton")
 
 

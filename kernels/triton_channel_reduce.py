@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 1024  # elements per program tile
-NUM_WARPS = 4
+from . import launch
+from .checks import check_dtype, check_same_device_and_dense
+
 _MODES = {"sum": 0, "abs": 1, "l2": 2}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -78,15 +78,12 @@ def channel_reduce_triton(x: torch.Tensor, dim: int, mode: str = "sum", out_dtyp
     name = "channel_reduce"
     if mode not in _MODES:
         raise ValueError(f"{name}: mode must be 'sum', 'abs' or 'l2', got {mode!r}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{name}: x must be float32, bfloat16 or float16; got {x.dtype}")
+    check_dtype(name, "x", x.dtype)
     if x.dim() == 0 or not -x.dim() <= dim < x.dim():
         raise ValueError(f"{name}: dim must be in [-{x.dim()}, {x.dim()}) for x of shape {tuple(x.shape)}; got {dim}")
-    if not x.is_contiguous():
-        raise ValueError(f"{name}: x must be contiguous")
+    check_same_device_and_dense(name, ("x", x), {}, {"x": x})
     out_dtype = out_dtype or (torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
-    if out_dtype not in _DTYPES:
-        raise TypeError(f"{name}: out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    check_dtype(name, "out_dtype", out_dtype)
     dim = dim % x.dim()
     outer, C, inner = math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1 :])
     out_shape = x.shape[:dim] + x.shape[dim + 1 :]
@@ -98,15 +95,15 @@ def channel_reduce_triton(x: torch.Tensor, dim: int, mode: str = "sum", out_dtyp
     mode_id = _MODES[mode]
     if inner == 1:
         block_c = min(triton.next_power_of_2(C), 256)
-        block_r = max(TILE // block_c, 1)
+        block_r = max(launch.TILE // block_c, 1)
         grid = (triton.cdiv(outer, block_r),)
-        _reduce_last_kernel[grid](x, out, outer, C, MODE=mode_id, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=NUM_WARPS)
+        _reduce_last_kernel[grid](x, out, outer, C, MODE=mode_id, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=launch.NUM_WARPS)
     else:
-        block_i = min(triton.next_power_of_2(inner), TILE)
-        block_o = TILE // block_i
+        block_i = min(triton.next_power_of_2(inner), launch.TILE)
+        block_o = launch.TILE // block_i
         n_iblocks = triton.cdiv(inner, block_i)
         grid = (triton.cdiv(outer, block_o) * n_iblocks,)
         _reduce_mid_kernel[grid](
-            x, out, outer, C, inner, n_iblocks, MODE=mode_id, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=NUM_WARPS
+            x, out, outer, C, inner, n_iblocks, MODE=mode_id, BLOCK_O=block_o, BLOCK_I=block_i, num_warps=launch.NUM_WARPS
         )
     return out

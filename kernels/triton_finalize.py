@@ -13,12 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+from .checks import check_accumulator, check_dtype, check_rows, check_same_device_and_dense
 from .reference import Stats
-
-BLOCK_F = 1024
-NUM_WARPS = 4
-_IN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -62,41 +59,29 @@ def finalize_triton(
     default acc.dtype. Stats are taken on the fp32 product before the cast.
     """
     name = "finalize"
-    if acc.dim() != 2:
-        raise ValueError(f"{name}: acc must have shape (B, F); got {tuple(acc.shape)}")
-    if acc.dtype != torch.float32:
-        raise TypeError(f"{name}: acc must be float32; got {acc.dtype}")
-    if not acc.is_contiguous():
-        raise ValueError(f"{name}: acc must be contiguous")
-    B, F = acc.shape
+    B, F = check_accumulator(name, "acc", acc)
     out_dtype = out_dtype or acc.dtype
-    if out_dtype not in _OUT_DTYPES:
-        raise TypeError(f"{name}: out_dtype must be float32, bfloat16 or float16; got {out_dtype}")
+    check_dtype(name, "out_dtype", out_dtype)
     if inputs is None:
         baselines = None
     for arg, t in (("inputs", inputs), ("baselines", baselines)):
-        if t is None:
-            continue
-        if tuple(t.shape) != (B, F):
-            raise ValueError(f"{name}: {arg} must have shape (B, F)=({B}, {F}) like acc; got {tuple(t.shape)}")
-        if t.dtype not in _IN_DTYPES:
-            raise TypeError(f"{name}: {arg} must be float32, bfloat16 or float16; got {t.dtype}")
-        if t.device != acc.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but acc is on {acc.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{name}: {arg} must be contiguous")
+        if t is not None:
+            check_rows(name, arg, t, B, F, "acc")
+    check_same_device_and_dense(
+        name, ("acc", acc), {"inputs": inputs, "baselines": baselines}, {"acc": acc, "inputs": inputs, "baselines": baselines}
+    )
 
     out = torch.empty((B, F), dtype=out_dtype, device=acc.device)
     if B == 0 or F == 0:
         z = torch.zeros(B, dtype=torch.float32, device=acc.device)
         return out, Stats(z, z.clone(), z.clone(), z.clone(), torch.zeros(B, dtype=torch.int32, device=acc.device))
-    n_fblocks = triton.cdiv(F, BLOCK_F)
+    n_fblocks, grid = launch.row_tiles(B, F)
     part = torch.empty((4, B, n_fblocks), dtype=torch.float32, device=acc.device)
     cnt = torch.empty((B, n_fblocks), dtype=torch.int32, device=acc.device)
-    _finalize_kernel[(B * n_fblocks,)](
+    _finalize_kernel[grid](
         acc, inputs if inputs is not None else acc, baselines if baselines is not None else acc, out, part, cnt,
         F, n_fblocks, B * n_fblocks,
-        HAS_INPUTS=inputs is not None, HAS_BASE=baselines is not None, BLOCK=BLOCK_F, num_warps=NUM_WARPS,
+        HAS_INPUTS=inputs is not None, HAS_BASE=baselines is not None, BLOCK=launch.BLOCK_F, num_warps=launch.NUM_WARPS,
     )
     sums = part[:3].sum(2)
     stats = Stats(

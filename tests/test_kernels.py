@@ -122,7 +122,7 @@ def test_path_accumulate_empty():
     ],
 )
 def test_path_accumulate_errors(acc, grads, weights, exc, match):
-    from fastattr.kernels.triton_path_accumulate import path_accumulate_triton
+    from fastattr.kernels.triton_step_sums import path_accumulate_triton
 
     with pytest.raises(exc, match=match):
         path_accumulate_triton(acc.to(DEVICE), grads.to(DEVICE), weights.to(DEVICE))
@@ -266,7 +266,7 @@ def test_moments_empty():
     ],
 )
 def test_moments_errors(sum_g, sum_sq, grads, weights, exc, match):
-    from fastattr.kernels.triton_moments import moments_triton
+    from fastattr.kernels.triton_step_sums import moments_triton
 
     with pytest.raises(exc, match=match):
         moments_triton(sum_g.to(DEVICE), sum_sq.to(DEVICE), grads.to(DEVICE), None if weights is None else weights.to(DEVICE))
@@ -377,5 +377,60 @@ def test_dispatch_names_survive_kernel_import():
     import importlib
 
     for name in ("path_accumulate", "finalize", "moments", "channel_reduce"):
-        importlib.import_module(f"fastattr.kernels.triton_{name}")
+        importlib.import_module(f"fastattr.kernels.{kernels._TRITON_MODULES[name]}")
         assert callable(getattr(kernels, name)), f"fastattr.kernels.{name} was rebound to the submodule"
+
+
+# --------------------------------------------------------------------------- one kernel, shared settings
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_path_accumulate_is_moments_first_sum(per_row):
+    """path_accumulate runs the moments kernel without its second sum: bit-identical first sums,
+    and nothing else written."""
+    from fastattr.kernels import triton_step_sums
+
+    g = _gen("pa-mom", per_row)
+    S, B, F = 5, 3, 1531
+    acc = _randn(g, B, F)
+    grads = _randn(g, S, B, F, dtype=torch.bfloat16)
+    weights = _randn(g, *((S, B) if per_row else (S,)))
+    sum_g, sum_sq = acc.clone(), torch.zeros(B, F, device=DEVICE)
+    moments(sum_g, sum_sq, grads, weights, backend="triton")
+    before = acc.clone()
+    path_accumulate(acc, grads, weights, backend="triton")
+    assert torch.equal(acc, sum_g)
+    _close(acc, reference.path_accumulate(before.double(), grads.double(), weights.double()))
+    kernels_in_module = [v for v in vars(triton_step_sums).values() if type(v).__name__ in ("JITFunction", "InterpretedFunction")]
+    assert len(kernels_in_module) == 1, kernels_in_module
+
+
+def test_launch_settings_shared(monkeypatch):
+    """Every launcher takes its block size and grid from kernels/launch.py: shrink the blocks there
+    and every op still matches its reference, through the multi-block paths, on fresh random inputs."""
+    from fastattr.kernels import launch
+
+    monkeypatch.setattr(launch, "BLOCK_F", 16)
+    monkeypatch.setattr(launch, "TILE", 32)
+    calls = []
+    real_row_tiles = launch.row_tiles
+    monkeypatch.setattr(launch, "row_tiles", lambda B, F: calls.append((B, F)) or real_row_tiles(B, F))
+    g = torch.Generator()
+    print(f"seed {g.seed()}")  # fresh draws every run; shown on failure
+    B, F, S = 3, 37, 4
+    acc, grads, w = _randn(g, B, F), _randn(g, S, B, F), _randn(g, S, B).abs()
+    ref = reference.path_accumulate(acc.double(), grads.double(), w.double())
+    _close(path_accumulate(acc.clone(), grads, w, backend="triton"), ref)
+    r1, r2 = reference.moments(acc.double(), acc.double().abs(), grads.double())
+    o1, o2 = moments(acc.clone(), acc.abs(), grads, backend="triton")
+    _close(o1, r1)
+    _close(o2, r2)
+    x = _randn(g, B, F)
+    ref_attr, ref_stats = reference.finalize(acc.double(), x.double())
+    attr, stats = finalize(acc, x, backend="triton")
+    _close(attr, ref_attr)
+    _check_stats(stats, ref_stats)
+    assert calls == [(B, F)] * 3  # path_accumulate, moments, finalize
+    for shape, dim in (((2, 5, 40), 1), ((3, 100), 1)):  # mid (inner 40 > TILE / 2) and last-dim paths
+        xr = _randn(g, *shape)
+        _close(channel_reduce(xr, dim, "l2", backend="triton"), reference.channel_reduce(xr.double(), dim, "l2"))

@@ -1,5 +1,5 @@
 """A small transformer text classifier and padded variable-length token batches, for the
-layer-attribution tests and benchmarks/bench_layer.py.
+layer-attribution tests (benchmarks/models.py keeps its own copy for bench_layer.py).
 
 The encoder is written out (no nn.TransformerEncoderLayer): torch's fused inference fast
 path turns padded positions into zeros under no_grad but not under autograd, which would
