@@ -46,6 +46,7 @@ class Targets:
             spec = load_npy(spec)
         self.spec = spec
         self.allow_nonfinite = allow_nonfinite
+        self.nonfinite_rows: np.ndarray | None = None  # last batch, target="predicted": rows whose output held NaN/inf
         self.array = None
         if isinstance(spec, str):
             if spec not in ("label", "predicted"):
@@ -75,6 +76,7 @@ class Targets:
         return self.spec
 
     def _predicted(self, start: int, model: Any, inputs: tuple, n_attributed: int) -> torch.Tensor | None:
+        self.nonfinite_rows = None
         with torch.no_grad():
             out = model(*inputs)
         per_sample = out.shape[1:]
@@ -93,6 +95,7 @@ class Targets:
                     f"{samples(start + rows)}: the model's output is NaN or inf, so target='predicted' has no class to pick; "
                     f"fix the model or data, or {ALLOW_HINT} (their target is then the largest non-NaN output)"
                 )
+            self.nonfinite_rows = bad.cpu().numpy()  # counted in stats/nonfinite when the batch is written
             flat_out = torch.where(torch.isnan(flat_out), torch.full_like(flat_out, -math.inf), flat_out)
         flat = flat_out.argmax(1)
         if len(per_sample) == 1:
@@ -161,18 +164,23 @@ def name_samples(exc: AttributionInputError, batch: Batch, model: Any) -> Attrib
     return None
 
 
-def nonfinite_counts(stats_nonfinite: np.ndarray, **results: np.ndarray | None) -> tuple[np.ndarray, str]:
-    """Per sample: non-finite attribution values (from the kernels' stats) plus non-finite values
-    among the given per-sample results (F(x), F(x0), delta: those the method computes). Also a
+def nonfinite_counts(stats_nonfinite: np.ndarray, predicted: np.ndarray | None, **results: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Per sample: non-finite attribution values (from the kernels' stats), plus one for each
+    non-finite value among the given per-sample results (F(x), F(x0), delta: those the method
+    computes), plus one where the output target="predicted" chose from held NaN/inf. Also a
     description of the first bad sample's problem, for messages."""
     counts = stats_nonfinite.astype(np.int32, copy=True)
     for v in results.values():
         if v is not None:
             counts += ~np.isfinite(v)
+    if predicted is not None:
+        counts += predicted
     if not counts.any():
         return counts, ""
     first = int(np.nonzero(counts)[0][0])
     what = [f"{name} {v[first]}" for name, v in results.items() if v is not None and not np.isfinite(v[first])]
     if stats_nonfinite[first]:
         what.insert(0, f"{int(stats_nonfinite[first])} non-finite attribution values")
+    if predicted is not None and predicted[first]:
+        what.append("the model output target='predicted' chose from holds NaN/inf")
     return counts, ", ".join(what)

@@ -295,6 +295,7 @@ def _run_batches(
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:])
             res, max_rows = _attribute_with_retry(plan, batch, model)
             copied = _to_host(res, dev)
+            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
                 _write(writer, *done, deltas, rels, allow_nonfinite)
@@ -407,7 +408,7 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
     stats = {k: (v.numpy().astype(np.int32) if k == "nonfinite" else v.float().numpy()) for k, v in c["stats"].items()}
     # stats/nonfinite counts every non-finite value of the sample's results, not only its attributions
     computed = {k: (c[k].float().numpy() if c[k] is not None else None) for k in ("output", "baseline_output", "delta")}
-    stats["nonfinite"], what = nonfinite_counts(stats["nonfinite"], **computed)
+    stats["nonfinite"], what = nonfinite_counts(stats["nonfinite"], c.get("predicted_nonfinite"), **computed)
     if what:
         bad = start + np.nonzero(stats["nonfinite"])[0]
         if not allow_nonfinite:
