@@ -51,7 +51,7 @@ def model_fingerprint(model: torch.nn.Module) -> dict[str, str]:
     params = hashlib.sha256()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         params.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        params.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        params.update(_bytes(t))
     tree, code = hashlib.sha256(), hashlib.sha256()
     classes: dict[str, type] = {}
     for name, m in model.named_modules():
