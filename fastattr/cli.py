@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 
 from . import __version__
 from .precision import PRECISIONS
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> int:
         baselines = _data_mean(data)
     elif args.baseline != "zeros":
         if args.baseline.endswith(".npy"):
-            baselines = np.load(args.baseline)
+            baselines = np.load(args.baseline, allow_pickle=False)  # data paths never unpickle
         else:
             try:
                 baselines = float(args.baseline)
@@ -73,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
         rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
+        allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
     )  # fmt: skip
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
@@ -130,18 +132,46 @@ def _info(args: argparse.Namespace) -> int:
     with open_run(args.dir) as store:
         meta = store.metadata
         size = sum(os.path.getsize(os.path.join(args.dir, s["file"])) for s in meta["shards"])
-        if args.json:
+        if args.json:  # json.dumps escapes every control and non-ASCII character
             print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
             return 0
         cfg = meta  # the run config, flattened with status, total and shards
-        print(f"run: {os.path.abspath(args.dir)}")
-        print(f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB")
-        print(f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}")
-        print(f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}")
-        fp = cfg.get("fingerprints", {})
-        print(f"model sha256: {str(fp.get('model'))[:16]}..., data: {json.dumps(fp.get('data'))}")
-        print(f"versions: {json.dumps(cfg.get('versions'))}; attributions: {', '.join(store.attribution_names)}")
+        fp = cfg.get("fingerprints") or {}
+        model_fp, data_fp = fp.get("model"), fp.get("data")
+        if isinstance(model_fp, dict):  # parameters / modules / code digests
+            model_line = ", ".join(f"{k} {str(v)[:12]}" for k, v in model_fp.items())
+        else:
+            model_line = f"sha256 {str(model_fp)[:16]}"
+        if isinstance(data_fp, dict):  # the block hashes are in --json
+            data_line = json.dumps({k: v for k, v in data_fp.items() if k != "blocks"})
+        else:
+            data_line = json.dumps(data_fp)
+        lines = [
+            f"run: {os.path.abspath(args.dir)}",
+            f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB",
+            f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
+            f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}"
+            f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
+            f"model: {model_line}",
+            f"data: {data_line}",
+            f"versions: {json.dumps(cfg.get('versions'))}; attributions: {', '.join(store.attribution_names)}",
+        ]
+    for line in lines:
+        print(printable(line))
     return 0
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (ESC as \\x1b, U+202E as \\u202e): a
+    manifest is data, and its fields must not move the cursor, recolour or rewrite the terminal."""
+    out = []
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cf") or ch in "\u2028\u2029":
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -287,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")
+    run.add_argument("--allow-nonfinite", action="store_true",
+                     help="store samples whose inputs, outputs or attributions hold NaN/inf (counted in stats/nonfinite) instead of stopping")
+    run.add_argument("--train-mode", action="store_true",
+                     help="run the model in train mode (BatchNorm batch statistics, dropout); default: eval mode. Modes and buffers are restored")
     run.set_defaults(func=_run)
 
     info = sub.add_parser("info", help="what a run directory holds: config, provenance, progress, size")

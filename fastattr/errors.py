@@ -18,7 +18,9 @@ __all__ = [
     "AuditReportError",
     "DistributedRunError",
     "FastattrError",
+    "InputDtypeError",
     "NoGradientError",
+    "NonFiniteError",
     "OptionError",
     "PaddingNotIgnoredError",
     "PeerFailedError",
@@ -39,6 +41,15 @@ class AttributionInputError(FastattrError, ValueError, AssertionError):
 
     Also an ``AssertionError``: Captum asserts on invalid inputs, and ``except AssertionError``
     written against Captum keeps working."""
+
+
+class InputDtypeError(AttributionInputError, TypeError):
+    """An input has a dtype the method cannot use (integers where it interpolates); also a TypeError."""
+
+
+class NonFiniteError(FastattrError, FloatingPointError):
+    """A dataset run met NaN or inf in a sample's model output, attributions or residual
+    (``allow_nonfinite=True`` stores such samples and counts them in ``stats/nonfinite``)."""
 
 
 class OptionError(FastattrError, ValueError):

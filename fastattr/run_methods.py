@@ -48,6 +48,7 @@ class MethodPlan:
     rows_per_sample: int  # gradient rows one sample costs (the OOM fallback halves from there)
     uses_target: bool = True  # False: forward-only capture, no target to resolve per batch
     attributor: Any = None  # the attribution object (noise_tunnel wraps its base method's)
+    needs_float: bool = True  # it interpolates or perturbs the inputs (layer methods take token ids)
 
 
 def describe(value: Any) -> Any:
@@ -246,7 +247,7 @@ def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
         )  # fmt: skip
 
     params = {**ig_params, "layer": names, "attribute_to_layer_input": to_input, "layer_reduce": opts["layer_reduce"], "lengths": opts["lengths"]}
-    return MethodPlan("layer_integrated_gradients", params, attribute, (n_steps if isinstance(n_steps, int) else 50) + 2, attributor=lig)
+    return MethodPlan("layer_integrated_gradients", params, attribute, (n_steps if isinstance(n_steps, int) else 50) + 2, attributor=lig, needs_float=False)
 
 
 def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -266,7 +267,7 @@ def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict
         )  # fmt: skip
 
     params = {"layer": names, "attribute_to_layer_input": to_input, "pool": opts["pool"], "channel_dim": opts["channel_dim"], "lengths": opts["lengths"]}
-    return MethodPlan("activations", params, attribute, 1, uses_target=False)
+    return MethodPlan("activations", params, attribute, 1, uses_target=False, needs_float=False)
 
 
 PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], MethodPlan]] = {
@@ -289,10 +290,12 @@ METHOD_NAMES = (*PLANS, *ALIASES)
 
 
 def plan_method(
-    model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any, extra: dict[str, Any] | None = None
+    model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any, extra: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> MethodPlan:
     """Validate ``method`` and its options; raises ValueError naming the problem before any work.
-    ``extra``: the method's own options (EXTRA_OPTIONS), e.g. nt_samples for noise_tunnel."""
+    ``extra``: the method's own options (EXTRA_OPTIONS), e.g. nt_samples for noise_tunnel;
+    ``allow_nonfinite``: accept NaN/inf inputs and baselines (activations always do)."""
     name = ALIASES.get(method, method)
     if name not in PLANS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
@@ -303,7 +306,7 @@ def plan_method(
         raise ValueError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
     opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
-    return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget})
+    return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite})
 
 
 def _baselines_from_desc(desc: Any) -> Any:
@@ -334,5 +337,8 @@ def plan_from_manifest(model: torch.nn.Module, metadata: dict[str, Any]) -> tupl
     else:
         raise ValueError(f"the run's method {method!r} cannot be rebuilt from its manifest (its inputs are recorded as descriptions only)")
     defaults = {"n_steps": 50, "rule": "gausslegendre", "multiply_by_inputs": True, "abs": True}
-    plan = plan_method(model, str(method), {**defaults, **options}, precision=metadata.get("precision", "fp32"), memory_budget=None, extra=extra)
+    plan = plan_method(
+        model, str(method), {**defaults, **options}, precision=metadata.get("precision", "fp32"), memory_budget=None, extra=extra,
+        allow_nonfinite=bool(metadata.get("allow_nonfinite", False)),
+    )  # fmt: skip
     return plan, options["baselines"]

@@ -10,8 +10,8 @@ are trusted, everything else is recomputed, no sample is written twice.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import logging
 import math
 import queue
@@ -28,9 +28,12 @@ import torch
 from . import __version__
 from .distributed import LOCAL, Context, local_device
 from .distributed import setup as setup_distributed
+from .errors import AttributionInputError, InputDtypeError, NonFiniteError, OptionError
+from .fingerprints import model_fingerprint
 from .methods import BatchResult
+from .run_inputs import ALLOW_HINT, Baselines, Targets, name_samples, nonfinite_counts, samples
 from .run_methods import Batch, MethodPlan, describe, plan_method
-from .sources import Source, SourceError, open_source
+from .sources import Source, open_source
 from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
 
 logger = logging.getLogger(__name__)
@@ -74,59 +77,6 @@ class RunSummary:
                 line += "; every sample met the tolerance"
             out.append(line)
         return out
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 over the names, dtypes, shapes and values of all parameters and buffers."""
-    h = hashlib.sha256()
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-class _Targets:
-    """Per-batch targets from a fixed int or tuple, the labels, the prediction, or an array."""
-
-    def __init__(self, spec: Any, source: Source, total: int) -> None:
-        if isinstance(spec, str) and spec.endswith(".npy"):
-            spec = np.load(spec, mmap_mode="r")
-        self.spec = spec
-        self.array = None
-        if isinstance(spec, str):
-            if spec not in ("label", "predicted"):
-                raise ValueError(f"target must be an int, a tuple of ints, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
-            if spec == "label" and not source.has_labels:
-                raise SourceError("target='label' but the data has no labels")
-        elif spec is None or isinstance(spec, int) or (isinstance(spec, tuple) and all(isinstance(v, int) for v in spec)):
-            pass  # the same target for every sample, as in attribute()
-        else:
-            arr = spec.detach().cpu() if isinstance(spec, torch.Tensor) else torch.as_tensor(np.asarray(spec))
-            if arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
-                raise ValueError(f"a per-sample target array must hold integers, got dtype {arr.dtype}")
-            if arr.dim() not in (1, 2) or arr.shape[0] != total:
-                raise ValueError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
-            self.array = arr.long()
-
-    def for_batch(self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device) -> Any:
-        if self.array is not None:
-            return self.array[start:stop].to(device)
-        if isinstance(self.spec, str) and self.spec == "label":
-            if bool((labels < 0).any()):  # e.g. -1 for "unlabelled": never wrap it to the last class
-                bad = start + int((labels < 0).nonzero()[0, 0])
-                raise SourceError(f"sample {bad} has label {int(labels[bad - start])}; target='label' needs class indices >= 0")
-            return labels.to(device)
-        if isinstance(self.spec, str) and self.spec == "predicted":
-            with torch.no_grad():
-                out = model(*inputs)
-            per_sample = out.shape[1:]
-            if math.prod(per_sample) == 1:
-                return None  # a single output per sample: nothing to pick
-            flat = out.reshape(out.shape[0], -1).argmax(1)
-            if len(per_sample) == 1:
-                return flat
-            return torch.stack(torch.unravel_index(flat, tuple(per_sample)), dim=1)  # (B, k) indices
-        return self.spec
 
 
 def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iterator[tuple[int, int, tuple, Any]]:
@@ -194,6 +144,8 @@ def run(
     multiply_by_inputs: bool = True,
     abs: bool = True,  # noqa: A002 - Saliency's name
     forward_args_inputs: int = 0,
+    allow_nonfinite: bool = False,
+    train_mode: bool = False,
     **method_options: Any,
 ) -> RunSummary:
     """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
@@ -208,12 +160,21 @@ def run(
     method_options: a method's own options (fastattr/run_methods.py EXTRA_OPTIONS), e.g.
     noise_tunnel: nt_type, nt_samples, stdevs, base_method, seed; gradient_shap: references,
     n_samples, stdevs, seed. Seeds are recorded; a sample's draws depend only on (seed, index).
+
+    allow_nonfinite: store samples whose inputs, model outputs or attributions hold NaN or inf
+    (counted per sample in stats/nonfinite) instead of stopping with an error naming them.
+    train_mode: run the model in train mode (BatchNorm batch statistics, dropout); by default
+    the model runs in eval mode. Either way each module's mode is restored afterwards, and in
+    train mode so are its buffers (BatchNorm's running statistics).
     """
+    for flag, value in (("allow_nonfinite", allow_nonfinite), ("train_mode", train_mode)):
+        if not isinstance(value, bool):
+            raise OptionError(f"{flag} must be True or False, got {value!r}")
     plan = plan_method(
         model, method,
         {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs,
          "tolerance": tolerance, "max_steps": max_steps, "abs_tolerance": abs_tolerance},
-        precision=precision, memory_budget=memory_budget, extra=method_options,
+        precision=precision, memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite,
     )  # fmt: skip
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
@@ -224,10 +185,17 @@ def run(
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     source = open_source(data, labels)
     total = len(source)
-    targets = _Targets(target, source, total)
+    targets = Targets(target, source, total, allow_nonfinite)
     n_inputs = len(source.sample_shapes)
     if isinstance(forward_args_inputs, bool) or not isinstance(forward_args_inputs, int) or not 0 <= forward_args_inputs < n_inputs:
         raise ValueError(f"forward_args_inputs must be an int in [0, {n_inputs}) for data with {n_inputs} input(s) per sample, got {forward_args_inputs!r}")
+    if plan.needs_float:  # before any forward: an integer batch would fail deep inside the model
+        for i, dt in enumerate(source.dtypes[: n_inputs - forward_args_inputs]):
+            if not dt.is_floating_point:
+                raise InputDtypeError(
+                    f"input {i} of the data has dtype {dt}; {plan.name} interpolates inputs and needs floating point "
+                    "(convert the data to float, or for token ids use method='layer_ig' on the embedding layer)"
+                )
     config = {
         "method": plan.name,
         "params": plan.params,
@@ -236,6 +204,8 @@ def run(
         "storage_dtype": storage_dtype,
         "compression": compression,
         "shard_size": shard_size,
+        "train_mode": train_mode,
+        "allow_nonfinite": allow_nonfinite,  # volatile: resuming with it changed is allowed (values are counted either way)
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
@@ -250,13 +220,14 @@ def run(
         model.to(dev)
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "allow_nonfinite"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
-        writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
-        return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
-                            ctx=ctx, forward_args_inputs=forward_args_inputs)  # fmt: skip
+        with model_mode(model, train_mode):
+            writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
+            return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
+                                ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite)  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:
@@ -266,10 +237,34 @@ def run(
         ctx.close()
 
 
+@contextlib.contextmanager
+def model_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
+    """Every module in eval mode (train=True: train mode) for the run; afterwards, also after an
+    error, each module gets its own earlier mode back, and in train mode the buffers too, so a
+    run never moves BatchNorm's running statistics. torch.export programs have no mode to set:
+    theirs was fixed when they were exported."""
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in model.buffers()] if train else []
+    try:
+        model.train(train)
+    except NotImplementedError as exc:  # torch.export's module(): "Calling eval() is not supported yet"
+        if train:
+            raise OptionError(f"train_mode=True cannot apply to this model ({exc}); a torch.export program runs in the mode it was exported in") from exc
+        logger.debug("model mode left as exported: %s", exc)
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
 def _run_batches(
-    writer: RunWriter, model: torch.nn.Module, source: Source, targets: _Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
+    writer: RunWriter, model: torch.nn.Module, source: Source, targets: Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
-    ctx: Context = LOCAL, forward_args_inputs: int = 0,
+    ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False,
 ) -> RunSummary:
     work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
     if work.complete:
@@ -282,7 +277,7 @@ def _run_batches(
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)  # this rank's
     n_attributed = len(source.sample_shapes) - forward_args_inputs  # the rest are forward args
-    baselines = _Baselines(baselines, total, source.sample_shapes[:n_attributed], dev, model_dtype)
+    baselines = Baselines(baselines, total, source.sample_shapes[:n_attributed], dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
     from tqdm.auto import tqdm
@@ -295,19 +290,20 @@ def _run_batches(
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
-            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev) if plan.uses_target else None
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed) if plan.uses_target else None
             base = baselines.for_batch(start, stop)
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:])
-            res, max_rows = _attribute_with_retry(plan, batch)
+            res, max_rows = _attribute_with_retry(plan, batch, model)
             copied = _to_host(res, dev)
+            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
-                _write(writer, *done, deltas, rels)
+                _write(writer, *done, deltas, rels, allow_nonfinite)
                 ctx.advance(bar, done[1] - done[0])
             pending = (start, stop, copied)
         if pending is not None:
             done, pending = pending, None
-            _write(writer, *done, deltas, rels)
+            _write(writer, *done, deltas, rels, allow_nonfinite)
             ctx.advance(bar, done[1] - done[0])
     except BaseException as exc:
         bar.close()
@@ -315,7 +311,7 @@ def _run_batches(
         try:
             if pending is not None:  # computed before the failure: keep it
                 done, pending = pending, None
-                _write(writer, *done, deltas, rels)
+                _write(writer, *done, deltas, rels, allow_nonfinite)
         finally:
             ctx.finish(writer, remaining, deltas, rels, _residual_stats, failed=True)  # finalize every block handed over so far
         raise
@@ -333,35 +329,6 @@ def _run_batches(
     return summary
 
 
-class _Baselines:
-    """Baselines for a dataset run, resolved once: a per-sample array (one row per sample,
-    like the data) stays where it is and is sliced per batch; anything else (None, a number,
-    one sample's array) is moved to the device once and applies to every sample."""
-
-    def __init__(self, baselines: Any, total: int, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype) -> None:
-        self.device, self.dtype, self.total = device, dtype, total
-        self.tuple = isinstance(baselines, tuple)
-        parts = baselines if self.tuple else (baselines,)
-        self.parts = [self._resolve(b, shape) for b, shape in zip(parts, shapes)]
-
-    def _resolve(self, b: Any, shape: tuple[int, ...]) -> tuple[bool, Any]:
-        if isinstance(b, (np.ndarray, torch.Tensor)) and b.ndim == len(shape) + 1 and b.shape[0] == self.total and tuple(b.shape[1:]) == shape:
-            return True, b  # per sample: sliced per batch
-        if isinstance(b, np.ndarray):
-            b = torch.from_numpy(np.array(b))
-        return False, b.to(self.device, self.dtype) if isinstance(b, torch.Tensor) else b
-
-    def for_batch(self, start: int, stop: int) -> Any:
-        out = []
-        for per_sample, b in self.parts:
-            if per_sample:
-                rows = b[start:stop]
-                rows = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
-                b = rows.to(self.device, self.dtype)
-            out.append(b)
-        return tuple(out) if self.tuple else out[0]
-
-
 def _default_examples(source: Source, device: torch.device) -> int:
     """Samples per engine call. On CPU the engine's chunking sets the pace and 256 keeps
     blocks small; on CUDA each call has fixed costs (a few host syncs, the F(x)/F(x0) pass),
@@ -372,12 +339,18 @@ def _default_examples(source: Source, device: torch.device) -> int:
     return max(16, min(4096, (64 * 2**20) // max(1, sample_bytes)))
 
 
-def _attribute_with_retry(plan: MethodPlan, batch: Batch) -> tuple[BatchResult, int | None]:
+def _attribute_with_retry(plan: MethodPlan, batch: Batch, model: Any = None) -> tuple[BatchResult, int | None]:
     """One engine call; on CUDA out-of-memory halve the rows per forward and retry the same samples.
-    Returns the result and the rows per forward that worked (kept for the next batches)."""
+    Returns the result and the rows per forward that worked (kept for the next batches). An input
+    error is restated for the samples that cause it, by global index."""
     while True:
         try:
             return plan.attribute(batch), batch.max_rows
+        except AttributionInputError as exc:
+            named = name_samples(exc, batch, model)
+            if named is None:
+                raise
+            raise named from exc
         except torch.OutOfMemoryError:
             rows = batch.max_rows or batch.inputs[0].shape[0] * plan.rows_per_sample
             if rows <= 1:
@@ -417,7 +390,7 @@ def _to_host(res: BatchResult, dev: torch.device) -> dict:
     return copied
 
 
-def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels: list) -> None:
+def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels: list, allow_nonfinite: bool) -> None:
     if "event" in c:
         c["event"].synchronize()
     rows = stop - start
@@ -432,6 +405,15 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
     target_np = np.full(rows, -1, dtype=np.int64) if target is None else target.numpy().astype(np.int64)
     if target_np.ndim == 2 and target_np.shape[1] == 1:
         target_np = target_np[:, 0]
+    stats = {k: (v.numpy().astype(np.int32) if k == "nonfinite" else v.float().numpy()) for k, v in c["stats"].items()}
+    # stats/nonfinite counts every non-finite value of the sample's results, not only its attributions
+    computed = {k: (c[k].float().numpy() if c[k] is not None else None) for k in ("output", "baseline_output", "delta")}
+    stats["nonfinite"], what = nonfinite_counts(stats["nonfinite"], c.get("predicted_nonfinite"), **computed)
+    if what:
+        bad = start + np.nonzero(stats["nonfinite"])[0]
+        if not allow_nonfinite:
+            raise NonFiniteError(f"{samples(bad)}: non-finite results (sample {bad[0]}: {what}); fix the model or data, or {ALLOW_HINT}")
+        logger.warning("%s: non-finite results stored (sample %d: %s), counted in stats/nonfinite", samples(bad), bad[0], what)
     block = Block(
         start=start,
         stop=stop,
@@ -441,7 +423,7 @@ def _write(writer: RunWriter, start: int, stop: int, c: dict, deltas: list, rels
         baseline_output=f32(c["baseline_output"]),
         delta=f32(c["delta"]),
         n_steps=n_steps,
-        stats={k: (v.numpy().astype(np.int32) if k == "nonfinite" else v.float().numpy()) for k, v in c["stats"].items()},
+        stats=stats,
         extras={k: v.numpy() for k, v in c["extras"].items()},
     )
     writer.put(block)

@@ -1,14 +1,15 @@
 """Data sources for dataset-wide runs: random access by global sample index.
 
 Every source answers ``len()``, ``read(start, stop)`` -> (inputs, labels) for a
-contiguous range, the per-sample shapes, and a fingerprint for resume checks.
-Sources read only the rows asked for: ``.npy`` files are memory-mapped and HDF5
-datasets are sliced, so a dataset larger than memory streams through.
+contiguous range, the per-sample shapes and dtypes, and a fingerprint for resume checks
+(fastattr/fingerprints.py: the full contents of arrays, .npy and HDF5 data; a strided
+sample of a Dataset's items). Sources read only the rows asked for: ``.npy`` files are
+memory-mapped and HDF5 datasets are sliced, so a dataset larger than memory streams through.
+Nothing here unpickles: ``.npy`` files load with ``allow_pickle=False``, HDF5 through h5py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ class Source:
     """Base: subclasses implement __len__ and _read(start, stop)."""
 
     has_labels: bool = False
+    full_fingerprint: bool = False  # True: cheap to read whole, so the fingerprint hashes every sample
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -48,8 +50,10 @@ class Source:
         xs = tuple(_as_tensor(x) for x in inputs)
         for i, (x, shape) in enumerate(zip(xs, self.sample_shapes)):
             if tuple(x.shape[1:]) != shape or x.shape[0] != stop - start:
+                # a Dataset's batch stacks only if its items agree, so the batch's first sample differs too
                 raise SourceError(
-                    f"input {i} of samples [{start}, {stop}) has shape {tuple(x.shape)}; expected ({stop - start}, *{shape}) like the first sample"
+                    f"sample {start}: input {i} has shape {tuple(x.shape[1:])} (read as samples [{start}, {stop}): {tuple(x.shape)}); "
+                    f"expected {shape} like sample 0"
                 )
         return xs, None if labels is None else _as_tensor(labels).reshape(-1).long()
 
@@ -58,27 +62,30 @@ class Source:
         if not hasattr(self, "_shapes"):
             xs, _ = self._read(0, 1)
             self._shapes = tuple(tuple(_as_tensor(x).shape[1:]) for x in xs)
-            self._dtypes = tuple(str(_as_tensor(x).dtype) for x in xs)
+            self._torch_dtypes = tuple(_as_tensor(x).dtype for x in xs)
         return self._shapes
 
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        """Each input's dtype (as the first sample has it)."""
+        self.sample_shapes  # noqa: B018 - reads the first sample once
+        return self._torch_dtypes
+
+    @property
+    def sample_dtypes(self) -> tuple[str, ...]:
+        return tuple(str(d) for d in self.dtypes)
+
     def fingerprint(self) -> dict:
-        """Count, shapes, dtypes and a hash of the first and last samples."""
-        n = len(self)
-        if n == 0:
-            raise SourceError("the dataset is empty")
-        h = hashlib.sha256()
-        for idx in sorted({0, n - 1}):
-            xs, labels = self._read(idx, idx + 1)
-            for x in xs:
-                h.update(_as_tensor(x).contiguous().numpy().tobytes())
-            if labels is not None:
-                h.update(_as_tensor(labels).numpy().tobytes())
-        self.sample_shapes  # noqa: B018 - fills _dtypes
-        return {"count": n, "shapes": [list(s) for s in self.sample_shapes], "dtypes": list(self._dtypes), "sample_hash": h.hexdigest()[:32]}
+        """What a resume compares: see fastattr/fingerprints.py ("full" or "strided:k")."""
+        from .fingerprints import data_fingerprint
+
+        return data_fingerprint(self)
 
 
 class ArraySource(Source):
     """In-memory or memory-mapped arrays: one array, or a tuple of arrays (multi-input)."""
+
+    full_fingerprint = True
 
     def __init__(self, inputs: Array | Sequence[Array], labels: Array | None = None, name: str = "array") -> None:
         self.inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -125,11 +132,21 @@ def _split_h5(spec: str) -> tuple[str, str]:
     return path, dataset
 
 
+def load_npy(path: str) -> np.ndarray:
+    """A .npy file, memory-mapped, never unpickled (object arrays are refused, not loaded)."""
+    if not os.path.exists(path):
+        raise SourceError(f"no such file: {path}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # object arrays: "cannot be memory-mapped" / "allow_pickle=False"
+        raise SourceError(f"{path}: {exc}; fastattr reads numeric .npy arrays only and never unpickles data") from exc
+
+
 def _load_labels(spec: str) -> np.ndarray:
     """Labels named by a path: ``labels.npy`` (memory-mapped) or ``file.h5:dataset`` (read whole:
     one integer per sample)."""
     if spec.endswith(".npy"):
-        return np.load(spec, mmap_mode="r")
+        return load_npy(spec)
     import h5py
 
     path, dataset = _split_h5(spec)
@@ -180,6 +197,17 @@ def _split_item(item: Any) -> tuple[tuple[Any, ...], Any | None]:
     return (item,), None
 
 
+def _item_shapes(item: Any) -> list[tuple[int, ...]]:
+    inputs, _ = _split_item(item)
+    return [tuple(getattr(x, "shape", ())) for x in inputs]
+
+
+def _first_odd_item(items: list[Any]) -> int | None:
+    """The first item whose input shapes differ from the first item's (None: they all agree)."""
+    first = _item_shapes(items[0])
+    return next((j for j, it in enumerate(items) if _item_shapes(it) != first), None)
+
+
 def _is_label(v: Any) -> bool:
     if isinstance(v, bool):
         return False
@@ -204,7 +232,14 @@ class LoaderSource(DatasetSource):
         self.has_labels = self._collated(0, 1)[1] is not None
 
     def _collated(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
-        batch = self.collate([self.dataset[i] for i in range(start, stop)])
+        items = [self.dataset[i] for i in range(start, stop)]
+        try:
+            batch = self.collate(items)
+        except Exception as exc:
+            bad = _first_odd_item(items)
+            if bad is None:
+                raise
+            raise SourceError(f"sample {start + bad}: its shapes {_item_shapes(items[bad])} differ from sample {start}'s {_item_shapes(items[0])}, so the loader's collate_fn failed ({exc})") from exc
         rows = stop - start
         if isinstance(batch, (tuple, list)):
             if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and batch[1].dim() == 1 and batch[1].shape[0] == rows and not batch[1].is_floating_point():
@@ -233,9 +268,7 @@ def open_source(data: Any, labels: Any = None) -> Source:
     if isinstance(data, (str, os.PathLike)):
         spec = str(data)
         if spec.endswith(".npy"):
-            if not os.path.exists(spec):
-                raise SourceError(f"no such file: {spec}")
-            return ArraySource(np.load(spec, mmap_mode="r"), labels, name=spec)
+            return ArraySource(load_npy(spec), labels, name=spec)
         if ":" in spec:
             return H5Source(spec, labels)
         raise SourceError(f"cannot read data from {spec!r}: use a .npy file or 'file.h5:dataset'")

@@ -4,6 +4,11 @@ MODEL: ``package.module:factory`` (a callable returning an nn.Module, called wit
 ``--model-arg key=value`` pairs), a TorchScript file, or a torch.export ``.pt2`` file.
 DATA: ``package.module:factory`` (returning a Dataset, DataLoader or array), a ``.npy``
 file, or ``file.h5:dataset``.
+
+What loading executes: a ``module:factory`` spec imports the module and calls the factory
+(arbitrary Python); ``torch.export.load`` unpickles parts of a ``.pt2`` archive (arbitrary code
+on load); a TorchScript file's code runs in the TorchScript interpreter when the model is
+called. Data paths never unpickle (``.npy`` with ``allow_pickle=False``, HDF5 through h5py).
 """
 
 from __future__ import annotations

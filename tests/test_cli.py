@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -178,3 +179,65 @@ def test_export_model_data_factory_and_mean_baseline(tmp_path, env):
     mean = torch.from_numpy(x.astype(np.float64).mean(0).astype(np.float32))
     ref = fa.IntegratedGradients(model).attribute(torch.from_numpy(x), baselines=mean, target=1, n_steps=4)
     np.testing.assert_allclose(fa.open(tmp_path / "e")[:]["attributions"]["x"], ref.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_nan_sample_named_and_allow_nonfinite_flag(tmp_path, env):
+    x = np.load(tmp_path / "x.npy")
+    x[13, 1, 2, 2] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    args = ("run", "--model", "cli_models:cnn", "--data", "nan.npy", "--steps", "4", "--target", "1")
+    r = fastattr(*args, "--out", "a", env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "sample 13: input 0 contains NaN or inf" in r.stderr and "--allow-nonfinite" in r.stderr
+    r = fastattr(*args, "--out", "b", "--allow-nonfinite", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import fastattr as fa
+
+    counts = fa.open(tmp_path / "b").field("stats/nonfinite")
+    assert counts[13] > 0 and (np.delete(counts, 13) == 0).all()
+
+
+def test_integer_data_with_a_torchscript_model_is_one_clear_line(tmp_path, env):
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    torch.jit.script(cli_models.cnn().eval()).save(str(tmp_path / "model.ts"))
+    np.save(tmp_path / "ints.npy", np.arange(2 * 3 * 6 * 6).reshape(2, 3, 6, 6))
+    r = fastattr("run", "--model", "model.ts", "--data", "ints.npy", "--out", "o", env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "input 0 of the data has dtype torch.int64" in r.stderr and "needs floating point" in r.stderr
+
+
+def test_train_mode_flag_is_recorded(tmp_path, env):
+    r = fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "t", "--steps", "2", "--target", "0", "--train-mode", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["config"]["train_mode"] is True
+    info = fastattr("info", "t", env=env, cwd=tmp_path)
+    assert "model mode: train" in info.stdout
+
+
+def test_info_escapes_terminal_control_codes_from_the_manifest(tmp_path, env):
+    assert fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "r", "--steps", "2", "--target", "0", env=env, cwd=tmp_path).returncode == 0
+    manifest = tmp_path / "r" / "manifest.json"
+    man = json.loads(manifest.read_text())
+    evil = "\x1b]0;owned\x07\x1b[2J\u202eevil\x9b31m"
+    man["config"]["precision"] = evil
+    man["config"]["method"] = "integrated_gradients" + evil
+    manifest.write_text(json.dumps(man))
+    r = fastattr("info", "r", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not any(ch in r.stdout for ch in "\x1b\x07\u202e\x9b"), repr(r.stdout)
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\u202eevil\\x9b31m" in r.stdout
+    as_json = fastattr("info", "r", "--json", env=env, cwd=tmp_path)
+    assert as_json.returncode == 0 and "\x1b" not in as_json.stdout and json.loads(as_json.stdout)["precision"] == evil
+
+
+def test_baseline_npy_is_never_unpickled(tmp_path, env):
+    evil = np.empty(2, dtype=object)
+    evil[:] = [Path, Path]  # any object array is a pickle inside the .npy
+    with open(tmp_path / "evil.npy", "wb") as f:
+        np.lib.format.write_array(f, evil, allow_pickle=True)
+    r = fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--baseline", "evil.npy", env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "allow_pickle=False" in r.stderr, r.stderr

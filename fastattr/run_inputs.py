@@ -1,0 +1,186 @@
+"""What each batch of a dataset run gives the engine, and errors that name the sample.
+
+``Targets`` resolves a run's target per batch (a fixed int or tuple, the labels, the model's
+prediction, a per-sample array); ``Baselines`` slices per-sample baselines. ``name_samples``
+turns an input error of one batch into one naming the global sample index (non-finite values,
+a target out of range), and ``nonfinite_counts`` counts the non-finite values of each sample's
+results (attributions, F(x), F(x0), delta) that the runner stores in ``stats/nonfinite``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AttributionInputError, NonFiniteError, SourceError
+from .run_methods import Batch
+from .sources import Source
+
+ALLOW_HINT = "pass allow_nonfinite=True (fastattr run --allow-nonfinite) to store such samples, counted in stats/nonfinite"
+SHOWN = 10  # indices listed in a message
+
+
+def samples(index: np.ndarray | list[int]) -> str:
+    """'sample 7' or 'samples 7, 9, 12 (and 3 more)': global indices for a message."""
+    index = [int(i) for i in index]
+    shown = ", ".join(map(str, index[:SHOWN]))
+    more = f" (and {len(index) - SHOWN} more)" if len(index) > SHOWN else ""
+    return f"sample{'s' if len(index) > 1 else ''} {shown}{more}"
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: rows holding a NaN or inf."""
+    return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+
+
+class Targets:
+    """Per-batch targets from a fixed int or tuple, the labels, the prediction, or an array."""
+
+    def __init__(self, spec: Any, source: Source, total: int, allow_nonfinite: bool = False) -> None:
+        if isinstance(spec, str) and spec.endswith(".npy"):
+            from .sources import load_npy
+
+            spec = load_npy(spec)
+        self.spec = spec
+        self.allow_nonfinite = allow_nonfinite
+        self.nonfinite_rows: np.ndarray | None = None  # last batch, target="predicted": rows whose output held NaN/inf
+        self.array = None
+        if isinstance(spec, str):
+            if spec not in ("label", "predicted"):
+                raise ValueError(f"target must be an int, a tuple of ints, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
+            if spec == "label" and not source.has_labels:
+                raise SourceError("target='label' but the data has no labels")
+        elif spec is None or isinstance(spec, int) or (isinstance(spec, tuple) and all(isinstance(v, int) for v in spec)):
+            pass  # the same target for every sample, as in attribute()
+        else:
+            arr = spec.detach().cpu() if isinstance(spec, torch.Tensor) else torch.as_tensor(np.asarray(spec))
+            if arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
+                raise ValueError(f"a per-sample target array must hold integers, got dtype {arr.dtype}")
+            if arr.dim() not in (1, 2) or arr.shape[0] != total:
+                raise ValueError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
+            self.array = arr.long()
+
+    def for_batch(self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device, n_attributed: int) -> Any:
+        if self.array is not None:
+            return self.array[start:stop].to(device)
+        if isinstance(self.spec, str) and self.spec == "label":
+            if bool((labels < 0).any()):  # e.g. -1 for "unlabelled": never wrap it to the last class
+                bad = start + int((labels < 0).nonzero()[0, 0])
+                raise SourceError(f"sample {bad} has label {int(labels[bad - start])}; target='label' needs class indices >= 0")
+            return labels.to(device)
+        if isinstance(self.spec, str) and self.spec == "predicted":
+            return self._predicted(start, model, inputs, n_attributed)
+        return self.spec
+
+    def _predicted(self, start: int, model: Any, inputs: tuple, n_attributed: int) -> torch.Tensor | None:
+        self.nonfinite_rows = None
+        with torch.no_grad():
+            out = model(*inputs)
+        per_sample = out.shape[1:]
+        if math.prod(per_sample) == 1:
+            return None  # a single output per sample: nothing to pick
+        flat_out = out.reshape(out.shape[0], -1)
+        bad = _bad_rows(flat_out)
+        if bool(bad.any()):  # argmax of NaN is NaN's position (class 0 when all are NaN): never a silent pick
+            rows = bad.nonzero()[:, 0].cpu().numpy()
+            if not self.allow_nonfinite:
+                for i, x in enumerate(inputs[:n_attributed]):
+                    if x.is_floating_point() and bool(_bad_rows(x[rows]).any()):
+                        culprits = rows[_bad_rows(x[rows]).cpu().numpy()]
+                        raise AttributionInputError(f"{samples(start + culprits)}: input {i} contains NaN or inf values; {ALLOW_HINT}")
+                raise NonFiniteError(
+                    f"{samples(start + rows)}: the model's output is NaN or inf, so target='predicted' has no class to pick; "
+                    f"fix the model or data, or {ALLOW_HINT} (their target is then the largest non-NaN output)"
+                )
+            self.nonfinite_rows = bad.cpu().numpy()  # counted in stats/nonfinite when the batch is written
+            flat_out = torch.where(torch.isnan(flat_out), torch.full_like(flat_out, -math.inf), flat_out)
+        flat = flat_out.argmax(1)
+        if len(per_sample) == 1:
+            return flat
+        return torch.stack(torch.unravel_index(flat, tuple(per_sample)), dim=1)  # (B, k) indices
+
+
+class Baselines:
+    """Baselines for a dataset run, resolved once: a per-sample array (one row per sample,
+    like the data) stays where it is and is sliced per batch; anything else (None, a number,
+    one sample's array) is moved to the device once and applies to every sample."""
+
+    def __init__(self, baselines: Any, total: int, shapes: tuple[tuple[int, ...], ...], device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype, self.total = device, dtype, total
+        self.tuple = isinstance(baselines, tuple)
+        parts = baselines if self.tuple else (baselines,)
+        self.parts = [self._resolve(b, shape) for b, shape in zip(parts, shapes)]
+
+    def _resolve(self, b: Any, shape: tuple[int, ...]) -> tuple[bool, Any]:
+        if isinstance(b, (np.ndarray, torch.Tensor)) and b.ndim == len(shape) + 1 and b.shape[0] == self.total and tuple(b.shape[1:]) == shape:
+            return True, b  # per sample: sliced per batch
+        if isinstance(b, np.ndarray):
+            b = torch.from_numpy(np.array(b))
+        return False, b.to(self.device, self.dtype) if isinstance(b, torch.Tensor) else b
+
+    def for_batch(self, start: int, stop: int) -> Any:
+        out = []
+        for per_sample, b in self.parts:
+            if per_sample:
+                rows = b[start:stop]
+                rows = torch.from_numpy(np.array(rows)) if isinstance(rows, np.ndarray) else rows
+                b = rows.to(self.device, self.dtype)
+            out.append(b)
+        return tuple(out) if self.tuple else out[0]
+
+
+def name_samples(exc: AttributionInputError, batch: Batch, model: Any) -> AttributionInputError | None:
+    """The batch's input error restated for the samples that cause it, by global index, or None
+    when it is not about particular samples. Runs only after an error, so it costs nothing else."""
+    rows = batch.stop - batch.start
+    for i, x in enumerate(batch.inputs):
+        if x.is_floating_point() and bool((bad := _bad_rows(x)).any()):
+            return type(exc)(f"{samples(batch.start + bad.nonzero()[:, 0].cpu().numpy())}: input {i} contains NaN or inf values; {ALLOW_HINT}")
+    parts = batch.baselines if isinstance(batch.baselines, tuple) else (batch.baselines,)
+    for i, (b, x) in enumerate(zip(parts, batch.inputs)):
+        per_sample = isinstance(b, torch.Tensor) and b.dim() == x.dim() and b.shape[0] == rows and rows > 1
+        if per_sample and b.is_floating_point() and bool((bad := _bad_rows(b)).any()):
+            return type(exc)(f"{samples(batch.start + bad.nonzero()[:, 0].cpu().numpy())}: baseline {i} contains NaN or inf values; {ALLOW_HINT}")
+    t = batch.target
+    if model is not None and isinstance(t, torch.Tensor) and t.dim() in (1, 2) and t.shape[0] == rows:
+        try:
+            with torch.no_grad():
+                out = model(*(x[:1] for x in batch.inputs), *(a[:1] for a in batch.forward_args))
+        except Exception:  # noqa: BLE001 - the original error stands
+            return None
+        dims = tuple(out.shape[1:])
+        t2 = t.reshape(rows, -1)
+        if t2.shape[1] != len(dims):
+            return None
+        sizes = torch.tensor(dims, dtype=torch.long, device=t2.device)
+        bad = ((t2 < -sizes) | (t2 >= sizes)).any(1)
+        if bool(bad.any()):
+            index = bad.nonzero()[:, 0].cpu().numpy()
+            value = t2[int(index[0])].tolist()
+            return type(exc)(f"{samples(batch.start + index)}: target {value[0] if len(value) == 1 else value} is out of range for the model's output shape {dims}")
+    return None
+
+
+def nonfinite_counts(stats_nonfinite: np.ndarray, predicted: np.ndarray | None, **results: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Per sample: non-finite attribution values (from the kernels' stats), plus one for each
+    non-finite value among the given per-sample results (F(x), F(x0), delta: those the method
+    computes), plus one where the output target="predicted" chose from held NaN/inf. Also a
+    description of the first bad sample's problem, for messages."""
+    counts = stats_nonfinite.astype(np.int32, copy=True)
+    for v in results.values():
+        if v is not None:
+            counts += ~np.isfinite(v)
+    if predicted is not None:
+        counts += predicted
+    if not counts.any():
+        return counts, ""
+    first = int(np.nonzero(counts)[0][0])
+    what = [f"{name} {v[first]}" for name, v in results.items() if v is not None and not np.isfinite(v[first])]
+    if stats_nonfinite[first]:
+        what.insert(0, f"{int(stats_nonfinite[first])} non-finite attribution values")
+    if predicted is not None and predicted[first]:
+        what.append("the model output target='predicted' chose from holds NaN/inf")
+    return counts, ", ".join(what)
