@@ -133,9 +133,14 @@ def _info(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
             return 0
-        cfg = meta  # the run config, flattened with status, total and shards
+        cfg = meta  # the run config, flattened with status (complete / running / stopped), total and shards
         print(f"run: {os.path.abspath(args.dir)}")
         print(f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB")
+        for p in store.in_progress():  # rows a writer appended but has not finalized: not counted above
+            what = "being written" if meta.get("status") == "running" else "left unfinished by a stopped writer, recomputed on resume"
+            print(f"in progress: {p.rows} rows from sample {p.start} in {p.file} ({what})")
+        if meta.get("status") == "stopped":
+            print("no writer is running: rerun the same command to resume")
         print(f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}")
         print(f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}")
         fp = cfg.get("fingerprints", {})
@@ -147,12 +152,9 @@ def _info(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from .store import verify_run
 
-    report = verify_run(args.dir)
-    print("\n".join(report.lines()))
-    complete = report.samples == report.total
-    if not complete:
-        print(f"incomplete: {report.total - report.samples} samples missing")
-    return 0 if report.ok and complete and report.nonfinite == 0 else 1
+    report = verify_run(args.dir, repair=args.repair)
+    print("\n".join(report.lines()))  # the first line is the one verdict: OK, INCOMPLETE or FAILED
+    return report.exit_code
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -295,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
     verify.add_argument("dir")
+    verify.add_argument(
+        "--repair", action="store_true",
+        help="first drop damaged shards from the manifest (kept as <name>.corrupt), so that rerunning the same `fastattr run` recomputes their samples",
+    )  # fmt: skip
     verify.set_defaults(func=_verify)
 
     layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")
