@@ -131,7 +131,8 @@ def _info(args: argparse.Namespace) -> int:
         meta = store.metadata
         size = sum(os.path.getsize(os.path.join(args.dir, s["file"])) for s in meta["shards"])
         if args.json:
-            print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
+            progress = [vars(p) for p in store.in_progress()]
+            print(json.dumps({**meta, "samples": len(store), "bytes": size, "in_progress": progress}, indent=1, default=str))
             return 0
         cfg = meta  # the run config, flattened with status (complete / running / stopped), total and shards
         print(f"run: {os.path.abspath(args.dir)}")

@@ -243,7 +243,8 @@ def test_fletcher32_on_every_dataset_and_plain_h5py_reads_schema_2(tmp_path):
 def test_schema_1_runs_stay_readable_and_resumable(tmp_path):
     """A run as schema 1 wrote it (no checksums per chunk, no marker, default HDF5 format)."""
     run = tmp_path / "run"
-    write(run, 20)
+    with RunWriter(run, config=CONFIG, total=30, shard_rows=10) as w:
+        w.put(block(0, 20))
     for name in ("shard-00000.h5", "shard-00001.h5"):
         path = run / name
         with h5py.File(path, "r") as src, h5py.File(tmp_path / "old.h5", "w") as dst:
@@ -262,12 +263,18 @@ def test_schema_1_runs_stay_readable_and_resumable(tmp_path):
     man = manifest(run)
     man["schema_version"] = 1
     (run / "manifest.json").write_text(json.dumps(man))
-    assert verify_run(run).verdict == "OK"
+    assert verify_run(run).verdict == "INCOMPLETE"
     with open_run(run) as r:
         np.testing.assert_array_equal(r[:]["attributions"]["x"], block(0, 20).attributions["x"])
-    w = RunWriter(run, config=CONFIG, total=20)  # resume keeps them: old, not damaged
-    assert w.complete
+    w = RunWriter(run, config=CONFIG, total=30, shard_rows=10)  # resume keeps them: old, not damaged
+    assert w.missing() == [(20, 30)]
+    w.put(block(20, 30))
     w.close()
+    assert manifest(run)["schema_version"] == 2 and verify_run(run).verdict == "OK"
+    with open_run(run, verify=True) as r:
+        np.testing.assert_array_equal(r[:]["attributions"]["x"], block(0, 30).attributions["x"])
+    with h5py.File(run / "shard-00000.h5") as old, h5py.File(run / "shard-00002.h5") as new:
+        assert old.attrs["schema_version"] == 1 and new.attrs["schema_version"] == 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -532,3 +539,31 @@ def test_info_tells_a_running_writer_from_a_killed_one(tmp_path):
     assert "rerun the same command to resume" in info.stdout
     rep = verify_run(run)
     assert rep.verdict == "INCOMPLETE" and rep.status == "stopped" and any("400 rows" in n for n in rep.notes)
+
+
+def test_a_foreign_fragment_name_blocks_only_distributed_runs(tmp_path):
+    run = tmp_path / "run"
+    write(run, 10)
+    (run / "manifest.rank-00001.json").write_text('{"mine": true}')
+    with pytest.raises(StoreError, match=r"manifest\.rank-00001\.json is not a fastattr fragment"):
+        RunWriter(run, config=CONFIG, total=10, rank=0, world_size=2)  # rank 1 would write that name
+    RunWriter(run, config=CONFIG, total=10).close()  # one process writes no fragment: it is left alone
+    assert (run / "manifest.rank-00001.json").read_text() == '{"mine": true}'
+
+
+def test_a_status_probe_never_makes_a_writer_fail(tmp_path):
+    """Readers probe the writer lock with a shared flock for an instant; a writer retries its lock
+    for 0.5 s instead of refusing at once."""
+    import fcntl
+    import threading
+
+    run = tmp_path / "run"
+    write(run, 10)
+    fd = os.open(run / ".fastattr-writer.lock", os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a probe, held far longer than a real one
+    timer = threading.Timer(0.2, os.close, args=(fd,))
+    timer.start()
+    try:
+        RunWriter(run, config=CONFIG, total=10).close()
+    finally:
+        timer.join()

@@ -168,9 +168,9 @@ class RunDirectory:
         if existing and not overwrite and not resume:
             raise StoreError(f"{d} already holds a run ({manifest_path} exists); pass resume=True or overwrite=True")
 
-        delete_own_temporaries(d)
         if existing and not overwrite:
-            self._resume_from(manifest_path)
+            self._resume_from(manifest_path)  # a different run is refused before anything changes
+            delete_own_temporaries(d)
             had_id = self.run_id is not None
             if self.run_id is None:  # a manifest from before run ids: the ranks need one to join
                 self.run_id = uuid.uuid4().hex
@@ -185,6 +185,7 @@ class RunDirectory:
                     self.expect = stored_shapes(self.run_dir / self._shards[0].file)
             delete_shards(d, unlisted_shards(d, [s.file for s in self._shards], self.shard_prefix), "not listed in the manifest, so not trusted")
         else:
+            delete_own_temporaries(d)
             # Fragments go first: once the new manifest exists their shards are mere orphans.
             for p in d.iterdir():
                 if FRAGMENT_RE.fullmatch(p.name) and manifest_kind(p) != "foreign":

@@ -122,6 +122,21 @@ class ShardLayout:
             )  # fmt: skip
         return stored, given, made
 
+    def stored_rows(self, block: Block, lo: int, hi: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Block rows [lo, hi) of every attribution in the storage dtype, and stats/nonfinite as it
+        must be stored: it counts what the shard holds, so at least the non-finite values of the
+        stored attributions (whatever the caller counted: callers may count non-finite outputs
+        too), plus every value the cast to the storage dtype made non-finite."""
+        given = block.stats["nonfinite"][lo:hi].astype(np.int64)
+        seen = np.zeros(hi - lo, dtype=np.int64)
+        made = np.zeros(hi - lo, dtype=np.int64)
+        stored: dict[str, np.ndarray] = {}
+        for name, a in block.attributions.items():
+            stored[name], had, added = self.to_storage(a[lo:hi], block.start + lo)
+            seen += had
+            made += added
+        return stored, np.maximum(given, seen) + made
+
     def create(self, run_dir: Path, final_name: str, shard_id: int, start: int, block: Block) -> OpenShard:
         """A new empty shard file, named partial_name(final_name) until finished, with the
         datasets of block's fields and the marker in its user block."""
@@ -203,17 +218,9 @@ class OpenShard:
         group = f["attributions"]
         if set(group) != set(block.attributions):
             raise ValueError(f"{self.path}: attribution names {sorted(block.attributions)} differ from the shard's {sorted(group)}")
-        # stats/nonfinite counts what is stored: at least the non-finite values of the stored
-        # attributions (whatever the caller counted), plus those the cast to the storage dtype made.
-        given = block.stats["nonfinite"][lo:hi].astype(np.int64)
-        seen = np.zeros(hi - lo, dtype=np.int64)
-        made = np.zeros(hi - lo, dtype=np.int64)
-        for name, a in block.attributions.items():
-            stored, had, added = self.layout.to_storage(a[lo:hi], block.start + lo)
-            write(group[name], stored)
-            seen += had
-            made += added
-        nonfinite = np.maximum(given, seen) + made
+        stored, nonfinite = self.layout.stored_rows(block, lo, hi)
+        for name, a in stored.items():
+            write(group[name], a)
         write(f["index"], np.arange(block.start + lo, block.start + hi, dtype=np.int64))
         write(f["target"], block.target[lo:hi].astype(np.int64, copy=False))
         for name, dtype in SCALAR_DTYPES.items():
