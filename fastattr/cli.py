@@ -133,9 +133,10 @@ def _info(args: argparse.Namespace) -> int:
         meta = store.metadata
         size = sum(os.path.getsize(os.path.join(args.dir, s["file"])) for s in meta["shards"])
         if args.json:  # json.dumps escapes every control and non-ASCII character
-            print(json.dumps({**meta, "samples": len(store), "bytes": size}, indent=1, default=str))
+            progress = [vars(p) for p in store.in_progress()]
+            print(json.dumps({**meta, "samples": len(store), "bytes": size, "in_progress": progress}, indent=1, default=str))
             return 0
-        cfg = meta  # the run config, flattened with status, total and shards
+        cfg = meta  # the run config, flattened with status (complete / running / stopped), total and shards
         fp = cfg.get("fingerprints") or {}
         model_fp, data_fp = fp.get("model"), fp.get("data")
         if isinstance(model_fp, dict):  # parameters / modules / code digests
@@ -149,6 +150,13 @@ def _info(args: argparse.Namespace) -> int:
         lines = [
             f"run: {os.path.abspath(args.dir)}",
             f"status: {meta.get('status')}, {len(store)} of {meta.get('total')} samples, {len(meta['shards'])} shards, {size / 2**20:.1f} MiB",
+        ]
+        for p in store.in_progress():  # rows a writer appended but has not finalized: not counted above
+            what = "being written" if meta.get("status") == "running" else "left unfinished by a stopped writer, recomputed on resume"
+            lines.append(f"in progress: {p.rows} rows from sample {p.start} in {p.file} ({what})")
+        if meta.get("status") == "stopped":
+            lines.append("no writer is running: rerun the same command to resume")
+        lines += [
             f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
             f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
@@ -177,12 +185,9 @@ def printable(text: str) -> str:
 def _verify(args: argparse.Namespace) -> int:
     from .store import verify_run
 
-    report = verify_run(args.dir)
-    print("\n".join(report.lines()))
-    complete = report.samples == report.total
-    if not complete:
-        print(f"incomplete: {report.total - report.samples} samples missing")
-    return 0 if report.ok and complete and report.nonfinite == 0 else 1
+    report = verify_run(args.dir, repair=args.repair)
+    print("\n".join(report.lines()))  # the first line is the one verdict: OK, INCOMPLETE or FAILED
+    return report.exit_code
 
 
 def _layers(args: argparse.Namespace) -> int:
@@ -330,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
     verify.add_argument("dir")
+    verify.add_argument(
+        "--repair", action="store_true",
+        help="first drop damaged shards from the manifest (kept as <name>.corrupt), so that rerunning the same `fastattr run` recomputes their samples",
+    )  # fmt: skip
     verify.set_defaults(func=_verify)
 
     layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")

@@ -16,6 +16,7 @@ __all__ = [
     "AttributionInputError",
     "AuditError",
     "AuditReportError",
+    "CorruptShardError",
     "DistributedRunError",
     "FastattrError",
     "InputDtypeError",
@@ -78,6 +79,10 @@ class StoreError(FastattrError, RuntimeError):
 
 class RunMismatchError(StoreError):
     """Resuming into a directory that holds a run with a different config / model / data."""
+
+
+class CorruptShardError(StoreError):
+    """A finished shard fails its checks (checksum, structure, a reference outside the run)."""
 
 
 class DistributedRunError(FastattrError, RuntimeError):

@@ -9,12 +9,13 @@ import json
 import logging
 import os
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from .schema import PARTIAL_SUFFIX
+from .schema import OWN_PREFIX, PARTIAL_SUFFIX
 
 try:  # POSIX advisory lock: one writer per run directory; absent on Windows
     import fcntl
@@ -22,6 +23,8 @@ except ImportError:  # pragma: no cover - non-POSIX
     fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
+
+LOCK_TRIES, LOCK_RETRY_S = 6, 0.1
 
 
 def now() -> str:
@@ -68,8 +71,9 @@ def sha256_file(path: Path) -> str:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     """tmp + fsync + rename + fsync(dir): readers see the old or the new file, never a torn one.
-    The tmp file ends in .partial, so a leftover one is cleaned like any other partial."""
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    The tmp file is named in fastattr's own namespace (``.fastattr-<name>.partial``), so writing
+    it can never clobber a user's file and a leftover one is provably fastattr's to delete."""
+    tmp = path.with_name(OWN_PREFIX + path.name + PARTIAL_SUFFIX)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
@@ -96,16 +100,40 @@ def acquire_lock(path: Path, *, in_use: str) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise StoreError(f"cannot create the lock file {path}: {exc}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        raise StoreError(in_use) from exc
-    return fd
+    # A few tries over ~0.5 s: readers (lock_held) probe with a shared lock for an instant, which
+    # must not make a writer fail; a live writer holds the lock far longer.
+    for attempt in range(LOCK_TRIES):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError as exc:
+            if attempt == LOCK_TRIES - 1:
+                os.close(fd)
+                raise StoreError(in_use) from exc
+            time.sleep(LOCK_RETRY_S)
+    raise AssertionError("unreachable")
 
 
 def release_lock(fd: int) -> None:
     os.close(fd)  # closing the descriptor drops the flock
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds path's flock (a writer is alive), probed with a shared lock held for
+    an instant (acquire_lock retries briefly, so a writer starting at that instant still gets in)."""
+    if fcntl is None:  # pragma: no cover - non-POSIX
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: no writer
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the probe lock
 
 
 def ensure_unlocked(path: Path, *, in_use: str) -> None:

@@ -8,13 +8,20 @@ rank 0 merges it, a fragment of the same run) lists it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import StoreError
-from .schema import FRAGMENT_RE, MANIFEST_NAME, SCHEMA_VERSION, SHARD_ID_RE, STATUSES
+from .schema import FRAGMENT_RE, MANIFEST_NAME, READ_SCHEMAS, SHARD_ID_RE, STATUSES
+
+logger = logging.getLogger(__name__)
+
+# How every manifest fastattr writes begins (json.dump, indent=1, schema_version first): a file that
+# does not parse but starts so is a damaged fastattr manifest rather than someone else's file.
+MANIFEST_HEAD = b'{\n "schema_version": '
 
 
 @dataclass(frozen=True)
@@ -85,8 +92,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: cannot read the manifest: {exc}") from exc
     if not isinstance(man, dict):
         raise StoreError(f"{path}: the manifest is not a JSON object")
-    if man.get("schema_version") != SCHEMA_VERSION:
-        raise StoreError(f"{path}: schema_version {man.get('schema_version')!r} is not supported (this fastattr reads {SCHEMA_VERSION})")
+    if man.get("schema_version") not in READ_SCHEMAS:
+        raise StoreError(f"{path}: schema_version {man.get('schema_version')!r} is not supported (this fastattr reads {', '.join(map(str, READ_SCHEMAS))})")
     total = man.get("total")
     if not isinstance(total, int) or isinstance(total, bool) or total < 0:
         raise StoreError(f"{path}: 'total' must be a non-negative integer, got {total!r}")
@@ -113,13 +120,35 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return man
 
 
+def manifest_kind(path: Path) -> str:
+    """What a manifest-named file is: "none" (absent), "ours" (a JSON object with a manifest's
+    keys), "damaged" (unparseable but written by fastattr, see MANIFEST_HEAD) or "foreign" (someone
+    else's file: fastattr must neither replace it nor act on the files it names)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return "none"
+    except OSError:
+        return "damaged" if path.name == MANIFEST_NAME else "foreign"  # unreadable: let read_manifest say why
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        return "damaged" if raw.startswith(MANIFEST_HEAD) else "foreign"
+    return "ours" if isinstance(obj, dict) and {"schema_version", "shards", "config"} <= obj.keys() else "foreign"
+
+
 def read_fragments(run_dir: Path, run_id: str | None, total: int) -> tuple[list[tuple[Path, dict[str, Any]]], list[Path]]:
     """The rank fragments in run_dir: (path, parsed) of those belonging to run ``run_id``, and the
-    paths of stale ones (another run's, e.g. left by a crash before an overwrite)."""
+    paths of stale ones (another run's, e.g. left by a crash before an overwrite). Files of a
+    fragment's name that are not fastattr manifests are someone else's: ignored, never deleted."""
     ours: list[tuple[Path, dict[str, Any]]] = []
     stale: list[Path] = []
     for p in sorted(run_dir.iterdir()):
         if not FRAGMENT_RE.fullmatch(p.name):
+            continue
+        if manifest_kind(p) == "foreign":
+            logger.warning("ignoring %s: not a fastattr manifest fragment", p)
             continue
         try:
             frag = read_manifest(p)

@@ -1,6 +1,11 @@
 """Reading a run: ``open_run`` -> ``RunReader``, a lazy, read-only view of the finalized shards
 (manifest.json plus unmerged rank fragments), indexed by global sample index, reading only what is
-asked and keeping an LRU of open shard files."""
+asked and keeping an LRU of open shard files.
+
+Opening checks every listed shard's structure (metadata only; nothing that points outside the run,
+store/integrity.py); ``verify=True`` also checks every shard's sha256 (reads every byte). Reads of
+schema-2 shards check HDF5's per-chunk fletcher32 checksums, so a damaged chunk raises
+CorruptShardError naming the shard instead of returning wrong numbers."""
 
 from __future__ import annotations
 
@@ -16,15 +21,17 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
+from .integrity import check_shard_file, check_shards, raise_problem
 from .manifest import ShardEntry, overlapping_shards, read_listing
 from .ranges import format_ranges, value_runs
 from .schema import MANIFEST_NAME, SCALAR_DTYPES, STAT_KEYS
-from .shard import check_shard_file
+from .status import InProgress, run_state, shards_in_progress
 
 
-def open_run(run_dir: str | os.PathLike[str], *, max_open_files: int = 64) -> RunReader:
-    """Open a run directory for reading (see RunReader)."""
-    return RunReader(run_dir, max_open_files=max_open_files)
+def open_run(run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False) -> RunReader:
+    """Open a run directory for reading (see RunReader); verify=True also checks every shard's
+    sha256 first (reads the whole run once)."""
+    return RunReader(run_dir, max_open_files=max_open_files, verify=verify)
 
 
 class RunReader:
@@ -34,9 +41,10 @@ class RunReader:
     indices raise KeyError); ``field("stats/l1")`` -> one per-sample field for every stored sample;
     ``iter_batches()`` -> shard-by-shard batches in constant memory. Works on a run in progress
     (a snapshot of its manifest at open). Close it (or use ``with``) to release file handles.
+    A damaged shard raises CorruptShardError (a StoreError) naming it, at open or on read.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False) -> None:
         self.run_dir = Path(run_dir)
         man = read_listing(self.run_dir)  # manifest.json plus unmerged rank fragments
         self._manifest = man
@@ -46,6 +54,8 @@ class RunReader:
             a, b = pairs[0]
             raise StoreError(f"{self.run_dir / MANIFEST_NAME}: shards {a.file} [{a.start}, {a.stop}) and {b.file} [{b.start}, {b.stop}) overlap")
         self._names: list[str] = []
+        if verify and (bad := check_shards(self.run_dir, self._shards)):
+            raise_problem("; ".join(bad[s.file] for s in self._shards if s.file in bad))
         for i, s in enumerate(self._shards):
             path = self.run_dir / s.file
             if not path.is_file():
@@ -57,7 +67,7 @@ class RunReader:
             except StoreError:
                 raise
             except Exception as exc:  # truncated / not HDF5 / unreadable
-                raise StoreError(f"{path}: cannot open the shard ({type(exc).__name__}: {exc})") from exc
+                raise_problem(f"{path}: cannot open the shard ({type(exc).__name__}: {exc})")
             if i == 0:
                 self._names = names
             elif set(names) != set(self._names):
@@ -71,11 +81,11 @@ class RunReader:
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """The run's config plus status, total, shards (and schema/version/timestamps)."""
+        """The run's config plus status (as ``status``), total, shards (and schema/version/timestamps)."""
         m = self._manifest
         meta = json.loads(json.dumps(m["config"]))  # a copy the caller may modify
         meta.update(
-            status=m["status"],
+            status=self.status,
             total=m["total"],
             shards=[s.entry() for s in self._shards],
             schema_version=m["schema_version"],
@@ -87,7 +97,18 @@ class RunReader:
 
     @property
     def status(self) -> str:
-        return self._manifest["status"]
+        """Now: "complete", "running" (a writer process holds the run's lock) or "stopped" (no
+        writer: closed early or killed; rerunning the same command resumes it)."""
+        return run_state(self.run_dir, self._manifest["status"])
+
+    @property
+    def run_id(self) -> str | None:
+        return self._manifest.get("run_id")
+
+    def in_progress(self) -> list[InProgress]:
+        """Shards of this run being written now (or left unfinished by a stopped writer), with the
+        rows their markers report: not stored, not trusted, recomputed if the writer stopped."""
+        return shards_in_progress(self.run_dir, self.run_id)
 
     @property
     def attribution_names(self) -> list[str]:
@@ -117,7 +138,7 @@ class RunReader:
         try:
             f = h5py.File(path, "r")
         except Exception as exc:
-            raise StoreError(f"{path}: cannot open the shard ({type(exc).__name__}: {exc})") from exc
+            raise_problem(f"{path}: cannot open the shard ({type(exc).__name__}: {exc})")
         self._files[shard.file] = f
         while len(self._files) > self._max_open:
             _, old = self._files.popitem(last=False)
@@ -153,8 +174,8 @@ class RunReader:
                 "extras": {name: ds[sl] for name, ds in f["extras"].items()} if "extras" in f else {},
                 "index": f["index"][sl],
             }
-        except Exception as exc:
-            raise StoreError(f"{self.run_dir / shard.file}: cannot read rows [{lo}, {hi}) ({type(exc).__name__}: {exc})") from exc
+        except Exception as exc:  # a failed fletcher32 checksum reads "filter returned failure"
+            raise_problem(f"{self.run_dir / shard.file}: cannot read rows [{lo}, {hi}), the shard is damaged ({type(exc).__name__}: {exc})")
 
     @staticmethod
     def _stack(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -257,7 +278,10 @@ class RunReader:
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 known = ["index", "target", *SCALAR_DTYPES, *(f"stats/{k}" for k in STAT_KEYS)]
                 raise KeyError(f"no field {name!r} in {self.run_dir / s.file}; fields: {', '.join(known)}")
-            parts.append(f[name][()])
+            try:
+                parts.append(f[name][()])
+            except Exception as exc:
+                raise_problem(f"{self.run_dir / s.file}: cannot read {name}, the shard is damaged ({type(exc).__name__}: {exc})")
         if not parts:
             return np.zeros(0, dtype=np.int32 if name in ("n_steps", "stats/nonfinite") else np.int64 if name in ("index", "target") else np.float32)
         return np.concatenate(parts)

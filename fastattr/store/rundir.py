@@ -3,15 +3,16 @@ the run's status, and the manifest (or, for a rank > 0, the fragment) that recor
 
 Opening prepares the directory in the caller's thread, before any writer thread exists: a new run
 writes its manifest before any shard; a resumed run must match the stored config and total (else
-RunMismatchError); the coordinator (rank 0) merges the shards listed in this run's rank fragments
-and deletes every untrusted file (``*.partial``, shards no manifest lists); a rank > 0 joins the run
-rank 0 prepared and deletes nothing.
+RunMismatchError) and every shard it lists is checked (structure and sha256; a bad one is renamed
+``<name>.corrupt`` and dropped from the listing, so its samples are computed again); the coordinator
+(rank 0) merges the shards listed in this run's rank fragments and deletes the untrusted files it can
+prove are its own (store/ownership.py); a rank > 0 joins the run rank 0 prepared and deletes nothing.
+A directory that holds no fastattr run but other files is refused unless ``allow_other_files``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import uuid
 from pathlib import Path
@@ -20,22 +21,23 @@ from typing import Any
 from ..errors import RunMismatchError, StoreError
 from . import fsutil
 from .fsutil import fastattr_version, now, write_json_atomic
+from .integrity import check_shards, set_aside
 from .manifest import (
     ShardEntry,
+    manifest_kind,
     overlapping_shards,
     read_fragments,
     read_manifest,
     run_diff,
-    shard_file_id,
     union_shards,
 )
+from .ownership import delete_own_temporaries, delete_shards, foreign_entries, next_shard_id, unlisted_shards
 from .ranges import complement_ranges, format_ranges, merge_ranges
 from .schema import (
     FRAGMENT_FORMAT,
     FRAGMENT_RE,
     LOCK_NAME,
     MANIFEST_NAME,
-    PARTIAL_SUFFIX,
     RANK_LOCK_FORMAT,
     RANK_LOCK_RE,
     SCHEMA_VERSION,
@@ -65,8 +67,10 @@ class RunDirectory:
         world_size: int,
         run_id: str | None,
         first_shard_id: int | None,
+        allow_other_files: bool = False,
     ) -> None:
         self.run_dir = run_dir
+        self._allow_other_files = allow_other_files
         self.config = config
         self.total = total
         self._volatile = volatile
@@ -76,6 +80,7 @@ class RunDirectory:
         self.run_id = run_id  # identifies the run; rank 0's is read or made on open
         self.first_shard_id = first_shard_id
         self.expect: dict[str, Any] | None = None
+        self.dropped: list[ShardEntry] = []  # listed shards that failed their checks on open (set aside)
         self._lock = threading.RLock()  # guards _shards / _status, shared with the writer thread
         self._shards: list[ShardEntry] = []
         self._status = "running"
@@ -92,6 +97,8 @@ class RunDirectory:
             raise StoreError(f"cannot create run directory {d}: {exc}") from exc
         if not d.is_dir():
             raise StoreError(f"run directory {d} is not a directory")
+        if not self._fragment:
+            self._refuse_foreign(overwrite=overwrite)  # before the lock file: leave such a directory untouched
         # Fail here, not in the writer thread minutes later: prove we can create files.
         try:
             fsutil.probe_writable(d)
@@ -131,34 +138,57 @@ class RunDirectory:
             fsutil.release_lock(self._lock_fd)
             self._lock_fd = None
 
+    def _refuse_foreign(self, *, overwrite: bool) -> None:
+        """StoreError for a directory fastattr must not write into: a manifest.json that is not
+        fastattr's (never replaced, even with overwrite), no run but other files (unless allowed),
+        or, for a distributed run, files of a fragment's name that are someone else's."""
+        d = self.run_dir
+        kind = manifest_kind(d / MANIFEST_NAME)
+        if kind == "foreign":
+            raise StoreError(f"{d / MANIFEST_NAME} is not a fastattr manifest; fastattr will not replace it or touch the files it names (overwrite={overwrite}): choose another directory")
+        if kind == "none" and not self._allow_other_files and (other := foreign_entries(d)):
+            shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
+            raise StoreError(
+                f"{d} holds no fastattr run but other files ({shown}); choose a new or empty directory, "
+                "or allow other files (RunWriter(allow_other_files=True)), which fastattr then leaves alone"
+            )
+        if self.world_size > 1:
+            for p in d.iterdir():
+                if FRAGMENT_RE.fullmatch(p.name) and manifest_kind(p) == "foreign":
+                    raise StoreError(f"{p} is not a fastattr fragment, and the ranks of this run write files of that name: move it away")
+
     def _load_or_create(self, *, resume: bool, overwrite: bool) -> None:
         d = self.run_dir
         manifest_path = d / MANIFEST_NAME
         if self._fragment:
             self._join(manifest_path)
             return
-        existing = manifest_path.exists()
+        self._refuse_foreign(overwrite=overwrite)  # again, under the lock
+        existing = manifest_kind(manifest_path) != "none"
         if existing and not overwrite and not resume:
             raise StoreError(f"{d} already holds a run ({manifest_path} exists); pass resume=True or overwrite=True")
 
-        for p in d.glob("*" + PARTIAL_SUFFIX):
-            logger.info("deleting unfinished file %s", p)
-            p.unlink(missing_ok=True)
-
         if existing and not overwrite:
-            self._resume_from(manifest_path)
+            self._resume_from(manifest_path)  # a different run is refused before anything changes
+            delete_own_temporaries(d)
             had_id = self.run_id is not None
             if self.run_id is None:  # a manifest from before run ids: the ranks need one to join
                 self.run_id = uuid.uuid4().hex
-            found = self.absorb_fragments()
-            if found or not had_id:
-                self.write_manifest()  # lists the fragments' shards before the fragments go
+            found = self.absorb_fragments(strict=False)
+            dropped = self._drop_bad_shards()
+            if found or not had_id or dropped:
+                self.write_manifest()  # lists the fragments' shards (and no bad one) before the fragments go
                 for p in found:
                     p.unlink(missing_ok=True)
+            with self._lock:
+                if self._shards:
+                    self.expect = stored_shapes(self.run_dir / self._shards[0].file)
+            delete_shards(d, unlisted_shards(d, [s.file for s in self._shards], self.shard_prefix), "not listed in the manifest, so not trusted")
         else:
+            delete_own_temporaries(d)
             # Fragments go first: once the new manifest exists their shards are mere orphans.
             for p in d.iterdir():
-                if FRAGMENT_RE.fullmatch(p.name):
+                if FRAGMENT_RE.fullmatch(p.name) and manifest_kind(p) != "foreign":
                     p.unlink(missing_ok=True)
             self.run_id = uuid.uuid4().hex  # a new run: fragments of any other are ignored
             if existing:
@@ -167,9 +197,7 @@ class RunDirectory:
                 # Write the manifest before any shard: the directory is then recognisably this run,
                 # and a crash before the first shard still leaves something resume can check.
                 self.write_manifest()
-        self._delete_orphans()
-        ids = [i for i in (shard_file_id(s.file) for s in self._shards) if i is not None]
-        self.first_shard_id = max(ids) + 1 if ids else 0
+        self.first_shard_id = next_shard_id(d, [s.file for s in self._shards], self.shard_prefix)
 
     def _join(self, manifest_path: Path) -> None:
         """A rank > 0 joins the run rank 0 prepared: same run id and config; deletes nothing."""
@@ -192,16 +220,18 @@ class RunDirectory:
         if self._shards:
             self.expect = stored_shapes(self.run_dir / self._shards[0].file)
 
-    def absorb_fragments(self) -> list[Path]:
+    def absorb_fragments(self, *, strict: bool = True) -> list[Path]:
         """Coordinator: adopt the shards listed by this run's rank fragments. Returns every fragment
-        file found (this run's and stale ones), to delete once manifest.json lists those shards."""
+        file found (this run's and stale ones), to delete once manifest.json lists those shards.
+        strict: a listed shard file that is missing or empty is an error (on open, the full check
+        of _drop_bad_shards follows instead and drops it)."""
         ours, stale = read_fragments(self.run_dir, self.run_id, self.total)
         for p in stale:
             logger.warning("ignoring %s: it belongs to another run", p)
         with self._lock:
             shards = self._shards
             for path, frag in ours:
-                for s in frag["shards"]:
+                for s in frag["shards"] if strict else ():
                     f = self.run_dir / s.file
                     if not f.is_file() or f.stat().st_size <= 0:
                         raise StoreError(f"{f}: listed in {path} but missing or empty; pass overwrite=True to start afresh")
@@ -217,17 +247,17 @@ class RunDirectory:
 
     def _discard_existing(self, manifest_path: Path) -> None:
         """overwrite=True: replace the manifest first (atomically, with an empty shard list), then
-        delete the old shards, so a crash in between leaves orphans, never a dangling listing."""
+        delete the old run's shards, listed or orphaned, that prove to be fastattr's, so a crash in
+        between leaves orphans, never a dangling listing."""
         old_files: set[str] = set()
         try:
             old_files = {s.file for s in read_manifest(manifest_path)["shards"]}
-        except StoreError as exc:  # a corrupt manifest is exactly what overwrite is for
+        except StoreError as exc:  # a damaged fastattr manifest is exactly what overwrite is for
             logger.warning("overwriting an unreadable run: %s", exc)
         logger.info("overwrite=True: discarding the run in %s", self.run_dir)
         self.write_manifest()
-        for name in old_files:
-            (self.run_dir / name).unlink(missing_ok=True)
-        # Shards of this prefix not in the old listing are deleted below, as orphans.
+        delete_shards(self.run_dir, old_files, "overwrite=True discards the previous run")
+        delete_shards(self.run_dir, unlisted_shards(self.run_dir, old_files, self.shard_prefix), "not listed in the manifest, so not trusted")
 
     def _resume_from(self, manifest_path: Path) -> None:
         man = read_manifest(manifest_path)
@@ -237,14 +267,6 @@ class RunDirectory:
                 "pass overwrite=True to replace it, or choose another directory"
             )
         shards: list[ShardEntry] = man["shards"]
-        for s in shards:
-            path = self.run_dir / s.file
-            try:
-                size = path.stat().st_size
-            except OSError as exc:
-                raise StoreError(f"{path}: listed in {manifest_path} but missing ({exc}); pass overwrite=True to start afresh") from exc
-            if size <= 0:
-                raise StoreError(f"{path}: listed in {manifest_path} but empty; pass overwrite=True to start afresh")
         if pairs := overlapping_shards(shards):
             a, b = pairs[0]
             raise StoreError(f"{manifest_path}: shards {a.file} and {b.file} overlap")
@@ -252,19 +274,27 @@ class RunDirectory:
         self._status = man["status"]
         self._created = str(man.get("created") or self._created)
         self.run_id = man.get("run_id") if isinstance(man.get("run_id"), str) else None
-        if shards:
-            self.expect = stored_shapes(self.run_dir / shards[0].file)
         logger.info("resuming %s: %d of %d samples already stored in %d shards", self.run_dir, sum(s.rows for s in shards), self.total, len(shards))
 
-    def _delete_orphans(self) -> None:
-        """Finished shard files of this prefix that the manifest does not list: killed between the
-        rename and the manifest update (or left by an overwritten run). Their rows are rewritten."""
-        listed = {s.file for s in self._shards}
-        pattern = re.compile(re.escape(self.shard_prefix) + r"-\d+\.h5")
-        for p in self.run_dir.iterdir():
-            if pattern.fullmatch(p.name) and p.name not in listed:
-                logger.warning("deleting %s: not listed in the manifest, so not trusted", p)
-                p.unlink(missing_ok=True)
+    def _drop_bad_shards(self) -> list[ShardEntry]:
+        """Check every listed shard in full (exists, sha256, structure, nothing outside the run) and
+        drop the bad ones: renamed <name>.corrupt, unlisted, so their samples are computed again.
+        Reads every listed byte once (measured in docs/architecture.md); returns the dropped."""
+        with self._lock:
+            shards = list(self._shards)
+        bad = check_shards(self.run_dir, shards)
+        if not bad:
+            return []
+        dropped = [s for s in shards if s.file in bad]
+        for s in dropped:
+            aside = set_aside(self.run_dir / s.file)
+            kept = f"; kept as {aside.name}" if aside is not None else ""
+            logger.warning("%s: dropped from the run, its samples [%d, %d) will be computed again%s", bad[s.file], s.start, s.stop, kept)
+        with self._lock:
+            self._shards = [s for s in self._shards if s.file not in bad]
+            self._status = "running"
+        self.dropped = dropped
+        return dropped
 
     # -- manifest ----------------------------------------------------------------------------------
 

@@ -1,6 +1,11 @@
-"""The run directory's fixed names and the shard layout of schema 1 (docs/architecture.md).
+"""The run directory's fixed names and the shard layout, schema 2 (docs/architecture.md).
 
 Constants only: every other store module takes its file names, dtypes and chunk sizes from here.
+
+Schema 2 keeps schema 1's datasets, dtypes and attributes and adds integrity: every dataset carries
+HDF5's fletcher32 checksum per chunk (plain h5py checks it on every read), the file uses the HDF5
+1.10 format (checksummed metadata), and a 512-byte user block at the start of the file holds
+fastattr's marker (run id, shard id, start, rows written so far). Schema 1 runs stay readable.
 """
 
 from __future__ import annotations
@@ -9,13 +14,21 @@ import re
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READ_SCHEMAS = (1, 2)  # manifests and shards this fastattr reads
 STAT_FIELDS = ("sum", "l1", "l2", "absmax")  # float32; plus "nonfinite" (int32)
 STAT_KEYS = (*STAT_FIELDS, "nonfinite")
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
+# Names starting with OWN_PREFIX are fastattr's own (locks, probes, temporary files, shards being
+# written): fastattr may delete such a file without further proof, and never a file outside it
+# unless a manifest of the run lists it and the file proves to be a fastattr shard.
+OWN_PREFIX = ".fastattr-"
 LOCK_NAME = ".fastattr-writer.lock"
+# A listed shard that fails its checks on resume (or verify --repair) is renamed to this suffix,
+# never deleted: its samples are recomputed and the file is kept for inspection.
+CORRUPT_SUFFIX = ".corrupt"
 # Distributed runs (torchrun): rank 0 writes manifest.json and holds LOCK_NAME; every other rank
 # holds its own lock and lists the shards it finalized in its own fragment until rank 0 merges them.
 RANK_LOCK_FORMAT = ".fastattr-writer.rank-{:05d}.lock"
@@ -23,6 +36,17 @@ FRAGMENT_FORMAT = "manifest.rank-{:05d}.json"
 FRAGMENT_RE = re.compile(r"manifest\.rank-\d+\.json")
 RANK_LOCK_RE = re.compile(r"\.fastattr-writer\.rank-(\d+)\.lock")
 SHARD_ID_RE = re.compile(r"-(\d+)\.h5$")
+PARTIAL_SHARD_RE = re.compile(re.escape(OWN_PREFIX) + r"(.+-\d+\.h5)" + re.escape(PARTIAL_SUFFIX))
+
+# Schema 2 shard files: HDF5 1.10 file format (object headers, chunk indexes and the superblock carry
+# checksums; readable by HDF5 >= 1.10), and the user block with fastattr's marker.
+SHARD_LIBVER = ("v110", "v110")
+USERBLOCK_SIZE = 512
+MARKER_MAGIC = b"fastattr-shard\x00\x02"  # 16 bytes
+MARKER_FORMAT = "<16s32sqqq"  # magic, run id (32 hex digits), shard id, start, rows written
+MARKER_ROWS_OFFSET = 16 + 32 + 8 + 8
+# HDF5 filters a shard may use (ids of H5Z): anything else could need a plugin or run foreign code.
+ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
 STORAGE_DTYPES = ("float32", "float16")
 COMPRESSIONS = ("lzf", "gzip", "none")
 GZIP_LEVEL = 4

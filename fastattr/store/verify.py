@@ -1,5 +1,19 @@
 """Checking a run in full: ``verify_run`` recomputes every shard's checksum, checks its structure
-and the coverage of [0, total), and reports residual and non-finite statistics (VerifyReport)."""
+(nothing pointing outside the run), the coverage of [0, total) and every stored sample's values,
+and gives ONE verdict (VerifyReport):
+
+* ``FAILED``: a shard is missing, damaged or points outside the run; samples are duplicated, or
+  missing from a run marked complete; or samples hold non-finite values (NaN or inf in their
+  attributions, F(x), F(x0), or a delta their method defines) and the run was not made with
+  ``allow_nonfinite`` (with it, they are listed as counted facts);
+* ``INCOMPLETE``: nothing is wrong with what is stored, but samples are still missing;
+* ``OK``: every sample stored once, intact and finite (or allowed non-finite).
+
+``repair=True`` (``fastattr verify --repair``) first drops bad shards the way a resume does: each is
+renamed ``<name>.corrupt`` and removed from the manifest, so the next ``fastattr run`` of the same
+command recomputes exactly those samples. Verify cannot recompute them itself (it has no model), and
+non-finite samples are not dropped (recomputing gives the same values).
+"""
 
 from __future__ import annotations
 
@@ -13,101 +27,199 @@ import numpy as np
 
 from ..errors import StoreError
 from .fsutil import sha256_file
-from .manifest import ShardEntry, overlapping_shards, read_listing
-from .ranges import complement_ranges, format_ranges
-from .schema import MANIFEST_NAME, PARTIAL_SUFFIX
-from .shard import check_shard_file
+from .integrity import check_shard_file
+from .manifest import ShardEntry, overlapping_shards, read_listing, read_manifest
+from .ranges import complement_ranges, format_ranges, value_runs
+from .rundir import RunDirectory
+from .schema import CORRUPT_SUFFIX, MANIFEST_NAME, OWN_PREFIX, PARTIAL_SUFFIX
+from .status import run_state, shards_in_progress
 
 
 @dataclass
 class VerifyReport:
-    """verify_run's findings. ok means no problem (integrity: checksums, structure, coverage);
-    warnings (non-finite attributions, an unfinished run's missing ranges, stray files) do not
-    make a run invalid."""
+    """verify_run's findings. ``verdict`` is OK, INCOMPLETE or FAILED (module docstring) and
+    ``exit_code`` is 0 only for OK; ``ok`` means no problem (INCOMPLETE is ok but not OK)."""
 
     ok: bool
     problems: list[str]
     samples: int
     total: int
-    status: str = ""
+    status: str = ""  # complete, running or stopped (store/status.py)
     shards: int = 0
     nonfinite: int = 0  # sum of stats/nonfinite over stored samples
-    max_abs_delta: float = math.nan  # over samples with a defined delta
+    nonfinite_samples: list[tuple[int, int]] = field(default_factory=list)  # ranges of samples with any non-finite value
+    allow_nonfinite: bool = False  # the run's config allows them: counted facts, not problems
+    max_abs_delta: float = math.nan  # over samples with a defined, finite delta
     median_abs_delta: float = math.nan
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # facts: allowed non-finite samples, shards in progress
+    repaired: list[str] = field(default_factory=list)  # what --repair dropped
+
+    @property
+    def missing(self) -> int:
+        return self.total - self.samples
+
+    @property
+    def verdict(self) -> str:
+        if not self.ok:
+            return "FAILED"
+        return "INCOMPLETE" if self.missing > 0 else "OK"
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.verdict == "OK" else 1
 
     def lines(self) -> list[str]:
-        head = "OK" if self.ok else f"FAILED ({len(self.problems)} problems)"
+        head = f"FAILED ({len(self.problems)} problems)" if not self.ok else self.verdict
+        first = f"{head}: {self.samples} of {self.total} samples in {self.shards} shards, run {self.status or '?'}"
+        if self.verdict == "INCOMPLETE":
+            first += f", {self.missing} missing" + ("; rerun the same command to resume" if self.status == "stopped" else "")
+        n_bad = sum(b - a for a, b in self.nonfinite_samples)
         out = [
-            f"{head}: {self.samples} of {self.total} samples in {self.shards} shards, status {self.status or '?'}",
-            f"non-finite attribution values: {self.nonfinite}",
+            first,
+            f"non-finite: {n_bad} samples ({self.nonfinite} values counted in stats/nonfinite)" + (", allowed by the run" if n_bad and self.allow_nonfinite else ""),
             f"|delta|: max {self.max_abs_delta:.4g}, median {self.median_abs_delta:.4g}",
         ]
+        out += [f"repaired: {r}" for r in self.repaired]
         out += [f"problem: {p}" for p in self.problems]
+        out += [f"note: {n}" for n in self.notes]
         out += [f"warning: {w}" for w in self.warnings]
         return out
 
 
-def verify_run(run_dir: str | os.PathLike[str]) -> VerifyReport:
-    """Check a run directory thoroughly (reads every shard in full): manifest schema, each shard's
-    sha256 and structure, coverage (no duplicates; every index once for a complete run),
-    non-finite counts and residual statistics. Never raises for a damaged run: it reports."""
+def repair_run(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Drop the shards a resume would drop (module docstring), under the writer lock; returns what
+    was dropped. StoreError if the run cannot be opened (e.g. a writer is running)."""
     d = Path(run_dir)
+    man = read_manifest(d / MANIFEST_NAME)
+    rd = RunDirectory(
+        d, config=man["config"], total=man["total"], volatile=frozenset(), shard_prefix="shard",
+        rank=0, world_size=1, run_id=None, first_shard_id=None,
+    )  # fmt: skip
+    rd.open(resume=True, overwrite=False)  # checks every shard, sets bad ones aside, rewrites the manifest
+    rd.release_lock()
+    return [f"{s.file}: samples [{s.start}, {s.stop}) dropped, kept as {s.file}{CORRUPT_SUFFIX}; rerun the same command to recompute them" for s in rd.dropped]
+
+
+def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> VerifyReport:
+    """Check a run directory thoroughly (reads every shard in full): manifest schema, each shard's
+    sha256 and structure, coverage (no duplicates; every index once for a complete run), non-finite
+    values and residual statistics. Never raises for a damaged run: it reports. repair=True drops
+    bad shards first (module docstring)."""
+    d = Path(run_dir)
+    repaired: list[str] = []
+    if repair:
+        try:
+            repaired = repair_run(d)
+        except StoreError as exc:
+            return VerifyReport(ok=False, problems=[f"cannot repair: {exc}"], samples=0, total=0)
     try:
         man = read_listing(d)
     except StoreError as exc:
         return VerifyReport(ok=False, problems=[str(exc)], samples=0, total=0)
     shards: list[ShardEntry] = man["shards"]
-    total, status = man["total"], man["status"]
+    total = man["total"]
+    allow = bool(man["config"].get("allow_nonfinite", False))
     problems: list[str] = []
     warnings: list[str] = []
-    nonfinite = 0
-    deltas: list[np.ndarray] = []
+    notes: list[str] = []
+    scan = _Scan()
     for s in shards:
-        path = d / s.file
-        if not path.is_file():
-            problems.append(f"{path}: listed in the manifest but missing")
-            continue
-        digest = sha256_file(path)
-        if digest != s.sha256:
-            problems.append(f"{path}: checksum mismatch (manifest {s.sha256[:12]}..., file {digest[:12]}...)")
-            continue
-        try:
-            with h5py.File(path, "r") as f:
-                check_shard_file(f, s)
-                if not np.array_equal(f["index"][()], np.arange(s.start, s.stop)):
-                    problems.append(f"{path}: 'index' is not {s.start}..{s.stop - 1}")
-                nonfinite += int(f["stats/nonfinite"][()].astype(np.int64).sum())
-                deltas.append(np.abs(f["delta"][()].astype(np.float64)))
-        except StoreError as exc:
-            problems.append(str(exc))
-        except Exception as exc:
-            problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
+        if problem := _check(d, s, scan):
+            problems.append(problem)
     for a, b in overlapping_shards(shards):
         problems.append(f"duplicate samples [{b.start}, {min(a.stop, b.stop)}) in {a.file} and {b.file}")
     missing = complement_ranges([(s.start, s.stop) for s in shards], total)
-    if missing:
-        text = f"{sum(b - a for a, b in missing)} samples not stored: {format_ranges(missing)}"
-        (problems if status == "complete" else warnings).append(text)
-    if nonfinite:
-        warnings.append(f"{nonfinite} non-finite attribution values")
+    if missing and man["status"] == "complete":
+        problems.append(f"{sum(b - a for a, b in missing)} samples not stored in a run marked complete: {format_ranges(missing)}")
+    elif missing:
+        notes.append(f"samples not stored yet: {format_ranges(missing)}")
+    bad = scan.bad_ranges()
+    if bad:
+        text = f"{sum(b - a for a, b in bad)} samples hold non-finite values (NaN or inf in attributions, F(x), F(x0) or delta): {format_ranges(bad)}"
+        if allow:
+            notes.append(text + " (stored as counted facts: the run allows non-finite values)")
+        else:
+            problems.append(text + "; fix the model or data and rerun with overwrite, or make the run with allow_nonfinite to keep them")
     if man["fragments"]:
         warnings.append(f"{len(man['fragments'])} rank fragments not merged into {MANIFEST_NAME} yet (a distributed run that stopped early; resuming merges them)")
-    listed = {s.file for s in shards}
-    for p in sorted(d.iterdir()):
-        if p.name.endswith(PARTIAL_SUFFIX) or (p.suffix == ".h5" and p.name not in listed):
-            warnings.append(f"{p.name}: not listed in the manifest (unfinished or orphaned; ignored)")
-    all_d = np.concatenate(deltas) if deltas else np.zeros(0)
-    all_d = all_d[np.isfinite(all_d)]
+    state = run_state(d, man["status"])
+    for p in shards_in_progress(d, man.get("run_id")):
+        what = "being written" if state == "running" else "left unfinished, discarded on resume"
+        notes.append(f"{p.file}: {p.rows} rows from sample {p.start} {what} (not counted)")
+    warnings += _stray_files(d, {s.file for s in shards})
+    deltas = np.concatenate(scan.deltas) if scan.deltas else np.zeros(0)
     return VerifyReport(
         ok=not problems,
         problems=problems,
         samples=sum(s.rows for s in shards),
         total=total,
-        status=status,
+        status=state,
         shards=len(shards),
-        nonfinite=nonfinite,
-        max_abs_delta=float(all_d.max()) if all_d.size else math.nan,
-        median_abs_delta=float(np.median(all_d)) if all_d.size else math.nan,
+        nonfinite=scan.nonfinite,
+        nonfinite_samples=bad,
+        allow_nonfinite=allow,
+        max_abs_delta=float(deltas.max()) if deltas.size else math.nan,
+        median_abs_delta=float(np.median(deltas)) if deltas.size else math.nan,
         warnings=warnings,
+        notes=notes,
+        repaired=repaired,
     )
+
+
+class _Scan:
+    """Per-sample value checks accumulated over shards."""
+
+    def __init__(self) -> None:
+        self.nonfinite = 0
+        self.bad: list[np.ndarray] = []  # global indices of samples with any non-finite value
+        self.deltas: list[np.ndarray] = []  # finite |delta| where defined
+
+    def add(self, f: h5py.File) -> None:
+        index = f["index"][()]
+        counts = f["stats/nonfinite"][()].astype(np.int64)
+        out, base, delta = (f[k][()].astype(np.float64) for k in ("output", "baseline_output", "delta"))
+        # A NaN F(x0) with a NaN delta means the method defines no residual (e.g. saliency).
+        defined = ~np.isnan(base)
+        bad = (counts > 0) | ~np.isfinite(out) | np.isinf(base) | (defined & ~np.isfinite(delta))
+        self.nonfinite += int(counts.sum())
+        self.bad.append(index[bad])
+        self.deltas.append(np.abs(delta[defined & np.isfinite(delta)]))
+
+    def bad_ranges(self) -> list[tuple[int, int]]:
+        idx = np.sort(np.concatenate(self.bad)) if self.bad else np.zeros(0, dtype=np.int64)
+        return value_runs(idx)
+
+
+def _check(d: Path, s: ShardEntry, scan: _Scan) -> str | None:
+    path = d / s.file
+    if not path.is_file():
+        return f"{path}: listed in the manifest but missing"
+    digest = sha256_file(path)
+    if digest != s.sha256:
+        return f"{path}: checksum mismatch (manifest {s.sha256[:12]}..., file {digest[:12]}...)"
+    try:
+        with h5py.File(path, "r") as f:
+            check_shard_file(f, s)
+            if not np.array_equal(f["index"][()], np.arange(s.start, s.stop)):
+                return f"{path}: 'index' is not {s.start}..{s.stop - 1}"
+            scan.add(f)
+    except StoreError as exc:
+        return str(exc)
+    except Exception as exc:
+        return f"{path}: unreadable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _stray_files(d: Path, listed: set[str]) -> list[str]:
+    out: list[str] = []
+    for p in sorted(d.iterdir()):
+        name = p.name
+        if name.endswith(CORRUPT_SUFFIX):
+            out.append(f"{name}: a damaged shard set aside by a resume or --repair (its samples are recomputed); delete it when done")
+        elif name.endswith(PARTIAL_SUFFIX) and not name.startswith(OWN_PREFIX):
+            out.append(f"{name}: not written by this fastattr (unfinished? ignored, never deleted)")
+        elif p.suffix == ".h5" and name not in listed:
+            out.append(f"{name}: not listed in the manifest (orphaned or someone else's; ignored)")
+    return out
+

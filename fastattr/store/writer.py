@@ -29,7 +29,7 @@ from .block import Block, block_shapes, check_shapes, checked_block
 from .manifest import jsonable_config
 from .ranges import merge_ranges
 from .rundir import RunDirectory
-from .schema import COMPRESSIONS, PARTIAL_SUFFIX, STORAGE_DTYPES, VOLATILE_CONFIG_KEYS
+from .schema import COMPRESSIONS, STORAGE_DTYPES, VOLATILE_CONFIG_KEYS
 from .shard import OpenShard, ShardLayout
 
 logger = logging.getLogger(__name__)
@@ -75,12 +75,15 @@ class RunWriter:
         world_size: int = 1,
         run_id: str | None = None,
         first_shard_id: int | None = None,
+        allow_other_files: bool = False,
     ) -> None:
         """max_shard_seconds: also finalize an open shard once it is this old (after the block that
         crosses the limit), bounding the work a crash can lose when blocks are slow to come.
         volatile_keys: config keys ignored when checking that a resume matches the stored run.
         rank, world_size: this writer's place in a distributed run; a rank > 0 joins the run that
-        rank 0's writer prepared and needs that writer's run_id and first_shard_id."""
+        rank 0's writer prepared and needs that writer's run_id and first_shard_id.
+        allow_other_files: start a new run in a directory that holds other files (by default such a
+        directory is refused); fastattr never deletes or replaces them (store/ownership.py)."""
         if storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
         if compression not in COMPRESSIONS:
@@ -131,8 +134,10 @@ class RunWriter:
             world_size=self.world_size,
             run_id=run_id,
             first_shard_id=first_shard_id,
+            allow_other_files=allow_other_files,
         )
         self._dir.open(resume=resume, overwrite=overwrite)
+        self._layout.run_id = self._dir.run_id or ""  # stamped into every shard's marker
         assert self._dir.first_shard_id is not None  # known once the directory is open
         self._next_id = self._dir.first_shard_id + self.rank  # this rank's residue class of shard ids
         # Shapes every block must keep: {"attributions": {name: feature_shape}, "target": trailing shape}.
@@ -324,8 +329,7 @@ class RunWriter:
     def _new_shard(self, start: int, block: Block) -> OpenShard:
         shard_id = self._next_id
         self._next_id += self.world_size  # each rank its own residue class: names never collide
-        name = f"{self.shard_prefix}-{shard_id:05d}.h5"
-        return self._layout.create(self.run_dir / (name + PARTIAL_SUFFIX), shard_id, start, block)
+        return self._layout.create(self.run_dir, f"{self.shard_prefix}-{shard_id:05d}.h5", shard_id, start, block)
 
     def _finalize_open(self) -> None:
         """Make the open shard durable, then (and only then) list it in the manifest."""

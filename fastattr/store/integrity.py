@@ -1,0 +1,134 @@
+"""Whether a finished shard can be trusted, and whether a file is fastattr's at all.
+
+``check_shard_file`` is the structural check every reader, resume and verify run on an open shard
+(metadata only, no data read): attributes against the manifest entry, row counts, and nothing that
+reads outside the file: only hard links (no soft, external or user-defined links), no external raw
+storage, no virtual datasets, no filter but gzip / lzf / shuffle / fletcher32 (anything else needs a
+plugin, which is foreign code), and in schema 2 fletcher32 on every dataset. ``shard_problem`` adds
+the file's existence and its sha256 against the manifest; ``check_shards`` runs it over many shards
+in threads (hashlib and h5py release the GIL while they read).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+import h5py
+
+from ..errors import CorruptShardError, StoreError
+from .fsutil import sha256_file
+from .manifest import ShardEntry
+from .schema import ALLOWED_FILTERS, CORRUPT_SUFFIX, READ_SCHEMAS
+
+REQUIRED = ("index", "attributions", "target", "output", "baseline_output", "delta", "n_steps", "stats")
+
+
+def check_shard_file(f: h5py.File, shard: ShardEntry) -> None:
+    """Cheap structural checks of an open shard (metadata only); CorruptShardError naming the shard
+    and the object at fault."""
+    attrs = f.attrs
+    version = attrs.get("schema_version")
+    if version is None or int(version) not in READ_SCHEMAS:
+        raise CorruptShardError(f"{f.filename}: attribute schema_version={version!r} is not one of {READ_SCHEMAS}")
+    for key, want in (("start", shard.start), ("stop", shard.stop)):
+        got = attrs.get(key)
+        if got is None or int(got) != want:
+            raise CorruptShardError(f"{f.filename}: attribute {key}={got!r} does not match the manifest ({want})")
+    problems: list[str] = []
+    datasets: list[tuple[str, h5py.Dataset]] = []
+
+    def visit_link(name: str, link: Any) -> None:
+        if not isinstance(link, h5py.HardLink):  # soft, external or user-defined: may lead outside
+            target = getattr(link, "path", "")
+            where = f" to {getattr(link, 'filename', '')}:{target}" if isinstance(link, h5py.ExternalLink) else f" to {target}" if target else ""
+            problems.append(f"/{name} is a {type(link).__name__}{where} (a shard holds its own data only)")
+            return
+        obj = f.get(name)
+        if isinstance(obj, h5py.Dataset):
+            datasets.append((name, obj))
+
+    f.visititems_links(visit_link)
+    for name, ds in datasets:
+        problems.extend(_dataset_problems(name, ds, shard.rows, schema=int(version)))
+    for name in REQUIRED:
+        if name not in f:
+            problems.append(f"/{name} is missing")
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CorruptShardError(f"{f.filename}: {shown}")
+
+
+def _dataset_problems(name: str, ds: h5py.Dataset, rows: int, *, schema: int) -> list[str]:
+    out = []
+    if ds.is_virtual:
+        out.append(f"/{name} is a virtual dataset (it maps data from other files)")
+    plist = ds.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        files = sorted({plist.get_external(i)[0].decode(errors="replace") for i in range(plist.get_external_count())})
+        out.append(f"/{name} stores its data in external files {files}")
+    filters = {plist.get_filter(i)[0] for i in range(plist.get_nfilters())}
+    if unknown := filters - set(ALLOWED_FILTERS):
+        out.append(f"/{name} uses HDF5 filters {sorted(unknown)} (only {sorted(ALLOWED_FILTERS.values())} are allowed)")
+    if schema >= 2 and not ds.is_virtual and 3 not in filters:
+        out.append(f"/{name} has no fletcher32 checksum (schema {schema} shards checksum every chunk)")
+    if ds.ndim == 0 or ds.shape[0] != rows:
+        out.append(f"/{name} has shape {ds.shape}, not {rows} rows")
+    return out
+
+
+def shard_problem(run_dir: Path, shard: ShardEntry, *, checksum: bool = True) -> str | None:
+    """What is wrong with a listed shard (missing, empty, checksum mismatch, structure), or None."""
+    path = run_dir / shard.file
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"{path}: listed in the manifest but missing ({exc.strerror or exc})"
+    if size <= 0:
+        return f"{path}: listed in the manifest but empty"
+    if checksum:
+        try:
+            digest = sha256_file(path)
+        except OSError as exc:
+            return f"{path}: unreadable ({exc})"
+        if digest != shard.sha256:
+            return f"{path}: checksum mismatch (manifest {shard.sha256[:12]}..., file {digest[:12]}...)"
+    try:
+        with h5py.File(path, "r") as f:
+            check_shard_file(f, shard)
+    except StoreError as exc:
+        return str(exc)
+    except Exception as exc:  # truncated / not HDF5 / damaged metadata
+        return f"{path}: cannot open the shard ({type(exc).__name__}: {exc})"
+    return None
+
+
+def check_shards(run_dir: Path, shards: Iterable[ShardEntry], *, checksum: bool = True) -> dict[str, str]:
+    """shard_problem over many shards, in threads: {file: problem} of the bad ones."""
+    shards = list(shards)
+    if not shards:
+        return {}
+    workers = min(len(shards), os.cpu_count() or 1, 8)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastattr-check") as pool:
+        found = pool.map(lambda s: (s.file, shard_problem(run_dir, s, checksum=checksum)), shards)
+        return {name: problem for name, problem in found if problem is not None}
+
+
+def set_aside(path: Path) -> Path | None:
+    """Rename a bad shard to ``<name>.corrupt`` (replacing an older one): its samples are recomputed,
+    the file is kept for inspection and never read again. None if the file is gone."""
+    aside = path.with_name(path.name + CORRUPT_SUFFIX)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    return aside
+
+
+def raise_problem(problem: str) -> NoReturn:
+    """A shard problem as the error a reader raises, with what to do about it."""
+    raise CorruptShardError(f"{problem}; run `fastattr verify --repair` on the run directory, then rerun the same command to recompute its samples")
+
