@@ -28,6 +28,7 @@ import torch
 from . import __version__
 from .distributed import LOCAL, Context, local_device
 from .distributed import setup as setup_distributed
+from .errors import OptionError
 from .methods import BatchResult
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, SourceError, open_source
@@ -133,6 +134,7 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
     """Read batches on a background thread, a few ahead of the consumer."""
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop_flag = threading.Event()
+    done = threading.Event()  # not Thread.is_alive(): a join() interrupted by Ctrl-C marks a running thread stopped (3.11)
 
     def work() -> None:
         try:
@@ -146,6 +148,8 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
             q.put(None)
         except BaseException as e:  # surfaces in the consumer
             q.put(e)
+        finally:
+            done.set()
 
     thread = threading.Thread(target=work, name="fastattr-prefetch", daemon=True)
     thread.start()
@@ -159,11 +163,11 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
             yield item
     finally:
         stop_flag.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        while not done.is_set():  # unblock a producer waiting on a full queue
             try:
                 q.get_nowait()
             except queue.Empty:
-                thread.join(0.05)
+                done.wait(0.05)
 
 
 def run(
@@ -187,6 +191,7 @@ def run(
     storage_dtype: str = "float32",
     compression: str = "lzf",
     shard_size: int = 4096,
+    shard_seconds: float | None = 60.0,
     resume: bool = True,
     overwrite: bool = False,
     device: str | torch.device | None = None,
@@ -202,6 +207,10 @@ def run(
     throughput on CPU); examples_per_batch: samples per engine call and per block written
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
+
+    shard_size, shard_seconds: a shard is finalized after shard_size samples or once it is
+    shard_seconds old (None: no time limit), whichever comes first, which bounds what a crash or
+    kill can lose: the open shard plus the few blocks in flight (see README, "Crash safety").
 
     forward_args_inputs: the last k inputs of each sample go to the model as per-sample
     additional_forward_args (e.g. an attention mask after token ids): passed, not attributed.
@@ -219,6 +228,8 @@ def run(
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
     if examples_per_batch is not None and (not isinstance(examples_per_batch, int) or examples_per_batch < 1):
         raise ValueError(f"examples_per_batch must be a positive int, got {examples_per_batch!r}")
+    if shard_seconds is not None and (isinstance(shard_seconds, bool) or not isinstance(shard_seconds, (int, float)) or not shard_seconds > 0):
+        raise OptionError(f"shard_seconds must be a positive number of seconds or None (no time limit), got {shard_seconds!r}")
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -236,6 +247,7 @@ def run(
         "storage_dtype": storage_dtype,
         "compression": compression,
         "shard_size": shard_size,
+        "shard_seconds": shard_seconds,  # volatile like shard_size: shard boundaries, not results
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
@@ -250,7 +262,7 @@ def run(
         model.to(dev)
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size"},
+        max_shard_seconds=shard_seconds, volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
