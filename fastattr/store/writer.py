@@ -335,7 +335,8 @@ class RunWriter:
                 except Exception as exc:
                     self._abandon_open()
                     self._error = self._explained(exc)
-                    log = logger.warning if isinstance(self._error, StoreError) else logger.error
+                    # A StoreError says all and reaches the caller (put / close raise it): no second line.
+                    log = logger.info if isinstance(self._error, StoreError) else logger.error
                     log("writer thread for %s failed: %s: %s", self.run_dir, type(self._error).__name__, self._error)
                     if item is _CLOSE or item is _ABORT:
                         return
