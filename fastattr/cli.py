@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
         tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args),
         rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
-        storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size,
+        storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
         allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
     )  # fmt: skip
@@ -319,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
     run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
     run.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
+    run.add_argument("--shard-seconds", type=float, default=60.0, help="also finalize a shard once it is this old, bounding what a crash can lose (default 60; 0: no time limit)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")
@@ -407,8 +408,14 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import local_device
 
         args.device = str(local_device(torch.device(args.device)))  # torchrun: one GPU per rank, loaded there
+    from .interrupts import two_stage_interrupts
+
+    saving = args.command in ("run", "demo")  # commands that write shards
+    first = "fastattr: interrupted: " + ("saving the shard in progress, then stopping" if saving else "stopping") + " (Ctrl-C again quits at once)"
+    again = "fastattr: interrupted again: quitting now" + (" (finished shards are kept; rerun to resume)" if saving else "")
     try:
-        return args.func(args)
+        with two_stage_interrupts(first, again):  # a second Ctrl-C exits at once, never hangs (fastattr/interrupts.py)
+            return args.func(args)
     except KeyboardInterrupt:
         print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 130

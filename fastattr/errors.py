@@ -17,6 +17,7 @@ __all__ = [
     "AuditError",
     "AuditReportError",
     "CorruptShardError",
+    "DiskFullError",
     "DistributedRunError",
     "FastattrError",
     "InputDtypeError",
@@ -75,6 +76,11 @@ class SpecError(FastattrError, ValueError):
 
 class StoreError(FastattrError, RuntimeError):
     """A run directory or shard is missing, corrupted, unwritable or otherwise unusable."""
+
+
+class DiskFullError(StoreError):
+    """A write failed for lack of room: the disk or a quota is full, or the file-size limit
+    (``ulimit -f``) was reached. Finished shards are intact; make room and rerun to resume."""
 
 
 class RunMismatchError(StoreError):

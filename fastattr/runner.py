@@ -83,6 +83,7 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
     """Read batches on a background thread, a few ahead of the consumer."""
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
     stop_flag = threading.Event()
+    done = threading.Event()  # not Thread.is_alive(): a join() interrupted by Ctrl-C marks a running thread stopped (3.11)
 
     def work() -> None:
         try:
@@ -96,6 +97,8 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
             q.put(None)
         except BaseException as e:  # surfaces in the consumer
             q.put(e)
+        finally:
+            done.set()
 
     thread = threading.Thread(target=work, name="fastattr-prefetch", daemon=True)
     thread.start()
@@ -109,11 +112,11 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
             yield item
     finally:
         stop_flag.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        while not done.is_set():  # unblock a producer waiting on a full queue
             try:
                 q.get_nowait()
             except queue.Empty:
-                thread.join(0.05)
+                done.wait(0.05)
 
 
 def run(
@@ -137,6 +140,7 @@ def run(
     storage_dtype: str = "float32",
     compression: str = "lzf",
     shard_size: int = 4096,
+    shard_seconds: float | None = 60.0,
     resume: bool = True,
     overwrite: bool = False,
     device: str | torch.device | None = None,
@@ -154,6 +158,10 @@ def run(
     throughput on CPU); examples_per_batch: samples per engine call and per block written
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
+
+    shard_size, shard_seconds: a shard is finalized after shard_size samples or once it is
+    shard_seconds old (None: no time limit), whichever comes first, which bounds what a crash or
+    kill can lose: the open shard plus the few blocks in flight (see README, "Crash safety").
 
     forward_args_inputs: the last k inputs of each sample go to the model as per-sample
     additional_forward_args (e.g. an attention mask after token ids): passed, not attributed.
@@ -180,6 +188,8 @@ def run(
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
     if examples_per_batch is not None and (not isinstance(examples_per_batch, int) or examples_per_batch < 1):
         raise ValueError(f"examples_per_batch must be a positive int, got {examples_per_batch!r}")
+    if shard_seconds is not None and (isinstance(shard_seconds, bool) or not isinstance(shard_seconds, (int, float)) or not shard_seconds > 0):
+        raise OptionError(f"shard_seconds must be a positive number of seconds or None (no time limit), got {shard_seconds!r}")
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -206,6 +216,7 @@ def run(
         "shard_size": shard_size,
         "train_mode": train_mode,
         "allow_nonfinite": allow_nonfinite,  # volatile: resuming with it changed is allowed (values are counted either way)
+        "shard_seconds": shard_seconds,  # volatile like shard_size: shard boundaries, not results
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
@@ -220,7 +231,8 @@ def run(
         model.to(dev)
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "allow_nonfinite"},
+        max_shard_seconds=shard_seconds,
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:

@@ -1,5 +1,5 @@
 """One shard file: creating it as ``.fastattr-<name>.partial``, appending block rows, finalizing
-it (stamp, close, fsync, rename, fsync the directory, sha256), and its marker.
+it (stamp, flush, close, fsync, rename, fsync the directory, sha256), and its marker.
 
 A shard holds contiguous global indices [start, stop); its datasets start empty and grow block by
 block, so the .partial never holds unwritten rows and finalizing only has to stamp attributes.
@@ -8,13 +8,24 @@ The marker (schema 2) is the shard's 512-byte HDF5 user block, which HDF5 reserv
 touches: magic, run id, shard id, start and the rows written so far (updated after every append,
 not fsynced). It proves a file is fastattr's without trusting its HDF5 content (a shard killed
 before close is unreadable) and lets ``fastattr info`` show the rows of a shard in progress.
+
+A write that fails (disk full, quota, the file-size limit of ``ulimit -f``) leaves HDF5 holding
+chunks and metadata it could not write; closing such a file makes h5py 3.16 / HDF5 2.0 retry those
+writes and crash (a segfault in ``File.close``). So a shard never closes a file after a failed write:
+``OpenShard.drop`` points the file's descriptor at the null device first, closes (the writes now
+succeed and go nowhere) and deletes the .partial. Finalizing flushes before closing, so a write
+failure surfaces there, as an exception, and never inside close. Space errors become a
+``DiskFullError`` saying what to do (tests/test_crash.py sweeps the failure point).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import re
+import shutil
 import struct
 import time
 from dataclasses import dataclass
@@ -24,7 +35,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import DiskFullError, StoreError
 from . import fsutil
 from .block import Block
 from .manifest import ShardEntry
@@ -142,10 +153,26 @@ class ShardLayout:
         datasets of block's fields and the marker in its user block."""
         shard = OpenShard(run_dir / partial_name(final_name), final_name, shard_id, start, self)
         # A chunk cache larger than the largest chunk (1 MiB) keeps a block's trailing partial
-        # chunk in memory until the next block completes it, instead of recompressing it twice.
-        f = h5py.File(shard.path, "w", rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, libver=SHARD_LIBVER, userblock_size=USERBLOCK_SIZE)
+        # chunk in memory until the next block completes it, instead of recompressing it twice
+        # (the datasets stay open between blocks for that: see OpenShard.bind).
+        try:
+            f = h5py.File(shard.path, "w", rdcc_nbytes=WRITE_CHUNK_CACHE_BYTES, libver=SHARD_LIBVER, userblock_size=USERBLOCK_SIZE)
+        except Exception as exc:
+            raise write_error(exc, shard.path) from exc
         shard.file = f
-        shard.open_marker()
+        try:
+            shard.open_marker()
+            self._create_datasets(f, block)
+            shard.bind()
+        except BaseException as exc:
+            shard.drop()
+            if isinstance(exc, Exception):
+                raise write_error(exc, shard.path) from exc
+            raise
+        logger.debug("opened %s at index %d", shard.path.name, start)
+        return shard
+
+    def _create_datasets(self, f: h5py.File, block: Block) -> None:
         comp: dict[str, Any] = {"fletcher32": True}  # per-chunk checksums, checked by every HDF5 read
         if self.compression == "lzf":
             comp.update(compression="lzf")
@@ -171,8 +198,6 @@ class ShardLayout:
             extras = f.create_group("extras", track_order=True)
             for name, a in block.extras.items():
                 make(extras, name, a.dtype, a.shape[1:], scalar_chunk)
-        logger.debug("opened %s at index %d", shard.path.name, start)
-        return shard
 
 
 class OpenShard:
@@ -187,6 +212,7 @@ class OpenShard:
         self.rows = 0
         self.opened = time.monotonic()
         self.file: h5py.File | None = None
+        self.datasets: dict[str, h5py.Dataset] = {}  # "index", "attributions/x", "stats/l1", ...
         self._marker_fd: int | None = None
 
     @property
@@ -203,41 +229,70 @@ class OpenShard:
         if self._marker_fd is not None:
             os.pwrite(self._marker_fd, struct.pack("<q", self.rows), MARKER_ROWS_OFFSET)
 
-    def append(self, block: Block, lo: int, hi: int) -> None:
-        """Append block rows [lo, hi): one resize + one write per dataset."""
+    def _close_marker(self) -> None:
+        if self._marker_fd is not None:
+            os.close(self._marker_fd)
+            self._marker_fd = None
+
+    def bind(self) -> None:
+        """Hold every dataset open until the file closes. A dataset whose last handle goes away is
+        closed and flushes its chunk cache there and then: that would recompress a block's trailing
+        partial chunk once per block, and a write failing in a handle's deallocation is only
+        printed by h5py, never raised."""
         f = self.file
         assert f is not None
+        found: dict[str, h5py.Dataset] = {}
+
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset):
+                found[name] = obj
+
+        f.visititems(visit)
+        self.datasets = found
+
+    def _group_names(self, group: str) -> set[str]:
+        prefix = group + "/"
+        return {k[len(prefix) :] for k in self.datasets if k.startswith(prefix)}
+
+    def append(self, block: Block, lo: int, hi: int) -> None:
+        """Append block rows [lo, hi): one resize + one write per dataset. A write that fails drops
+        the file (see the module docstring) and raises StoreError (DiskFullError for lack of space)."""
+        if set(block.attributions) != self._group_names("attributions"):
+            raise ValueError(f"{self.path}: attribution names {sorted(block.attributions)} differ from the shard's {sorted(self._group_names('attributions'))}")
+        if set(block.extras) != self._group_names("extras"):
+            raise ValueError(f"{self.path}: extra fields {sorted(block.extras)} differ from the shard's {sorted(self._group_names('extras'))}")
         r0, r1 = self.rows, self.rows + (hi - lo)
-
-        def write(ds: h5py.Dataset, data: np.ndarray) -> None:
-            if ds.shape[1:] != data.shape[1:]:
-                raise ValueError(f"{self.path}: dataset {ds.name} has rows of shape {ds.shape[1:]}, block has {data.shape[1:]}")
-            ds.resize(r1, axis=0)
-            ds[r0:r1] = data
-
-        group = f["attributions"]
-        if set(group) != set(block.attributions):
-            raise ValueError(f"{self.path}: attribution names {sorted(block.attributions)} differ from the shard's {sorted(group)}")
-        stored, nonfinite = self.layout.stored_rows(block, lo, hi)
-        for name, a in stored.items():
-            write(group[name], a)
-        write(f["index"], np.arange(block.start + lo, block.start + hi, dtype=np.int64))
-        write(f["target"], block.target[lo:hi].astype(np.int64, copy=False))
+        stored, nonfinite = self.layout.stored_rows(block, lo, hi)  # nonfinite counted after the cast
+        rows: dict[str, np.ndarray] = {f"attributions/{name}": a for name, a in stored.items()}
+        rows["index"] = np.arange(block.start + lo, block.start + hi, dtype=np.int64)
+        rows["target"] = block.target[lo:hi].astype(np.int64, copy=False)
         for name, dtype in SCALAR_DTYPES.items():
-            write(f[name], getattr(block, name)[lo:hi].astype(dtype, copy=False))
+            rows[name] = getattr(block, name)[lo:hi].astype(dtype, copy=False)
         for name, dtype in STAT_DTYPES.items():
             data = nonfinite if name == "nonfinite" else block.stats[name][lo:hi]
-            write(f["stats"][name], data.astype(dtype, copy=False))
-        if set(f.get("extras", {})) != set(block.extras):
-            raise ValueError(f"{self.path}: extra fields {sorted(block.extras)} differ from the shard's {sorted(f.get('extras', {}))}")
+            rows[f"stats/{name}"] = data.astype(dtype, copy=False)
         for name, a in block.extras.items():
-            write(f["extras"][name], a[lo:hi])
+            rows[f"extras/{name}"] = a[lo:hi]
+        for key, data in rows.items():
+            ds = self.datasets[key]
+            if ds.shape[1:] != data.shape[1:]:
+                raise ValueError(f"{self.path}: dataset {ds.name} has rows of shape {ds.shape[1:]}, block has {data.shape[1:]}")
+        try:
+            for key, data in rows.items():
+                ds = self.datasets[key]
+                ds.resize(r1, axis=0)
+                ds[r0:r1] = data
+        except Exception as exc:  # h5py raises OSError or RuntimeError for a failed write
+            self.drop()
+            raise write_error(exc, self.path) from exc
         self.rows = r1
         self._mark_rows()
 
     def finish(self, *, method: str, config_json: str) -> ShardEntry:
-        """Stamp the attributes, close, fsync, rename to the final name, fsync the directory and
-        hash the final file: the entry to list, for a shard that is now durable on disk."""
+        """Stamp the attributes, flush, close, fsync, rename to the final name, fsync the directory
+        and hash the final file: the entry to list, for a shard that is now durable on disk.
+        A failure before the rename drops the .partial and raises StoreError (DiskFullError for
+        lack of space)."""
         f = self.file
         assert f is not None
         try:
@@ -248,26 +303,123 @@ class OpenShard:
             f.attrs["shard_id"] = self.shard_id
             f.attrs["start"] = self.start
             f.attrs["stop"] = self.stop
+            # Every pending write happens here, where a failure raises; close then has nothing
+            # left to write (closing after a failed write is what crashes, see the module docstring).
+            f.flush()
+        except BaseException as exc:
+            self.drop()
+            if isinstance(exc, Exception):
+                raise write_error(exc, self.path) from exc
+            raise
+        self.datasets = {}
+        self.file = None
+        self._close_marker()
+        try:
             f.close()
-        finally:
-            self.close_quietly()
-        fsutil.fsync_path(self.path)  # the data must be on disk before the name says "finished"
-        final = self.path.with_name(self.final_name)
-        os.replace(self.path, final)
+            fsutil.fsync_path(self.path)  # the data must be on disk before the name says "finished"
+            final = self.path.with_name(self.final_name)
+            os.replace(self.path, final)
+        except Exception as exc:
+            self.path.unlink(missing_ok=True)
+            raise write_error(exc, self.path) from exc
         fsutil.fsync_dir(final.parent)
         # Hash what is on disk, after the rename: the checksum covers the exact bytes listed.
         return ShardEntry(final.name, self.start, self.stop, self.rows, fsutil.sha256_file(final))
 
-    def close_quietly(self) -> None:
+    def drop(self) -> None:
+        """Abandon the shard: close its file without writing anything more to disk and delete the
+        .partial. Safe after a failed write (see the module docstring); never raises."""
         if self.file is not None:
+            _close_discarding(self.file, self.path)  # before the dataset handles go: their close writes too
+        self.file, self.datasets = None, {}
+        self._close_marker()
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as exc:  # left for the next open to delete
+            logger.debug("could not delete %s: %s", self.path, exc)
+
+
+def _close_discarding(f: h5py.File, path: Path) -> None:
+    """Close an h5py file whose remaining writes must go nowhere: its descriptor is pointed at the
+    null device (dup2) first, so the writes HDF5 still does on close succeed instead of failing
+    (which h5py 3.16 / HDF5 2.0 do not survive). Only for the default (sec2) driver; other
+    drivers, which fastattr never uses for shards, get a plain close."""
+    try:
+        fd = f.id.get_vfd_handle() if f.driver == "sec2" else None
+        if isinstance(fd, int) and fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
             try:
-                self.file.close()
-            except Exception as exc:  # the file is abandoned anyway
-                logger.debug("closing %s: %s", self.path, exc)
-            self.file = None
-        if self._marker_fd is not None:
-            os.close(self._marker_fd)
-            self._marker_fd = None
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+    except Exception as exc:  # the plain close below is all that is left
+        logger.debug("could not detach %s from its file: %s", path, exc)
+    try:
+        f.close()
+    except Exception as exc:  # the file is abandoned anyway
+        logger.debug("closing %s: %s", path, exc)
+
+
+# errno values that mean "no room": the disk, a quota, or the per-process file-size limit.
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+_HDF5_ERRNO = re.compile(r"errno = (\d+)")  # HDF5's text for a failed system call
+
+
+def space_errno(exc: BaseException) -> int | None:
+    """The errno of a lack-of-space error in exc or its causes. h5py sets errno on the OSErrors
+    it raises, but not on the RuntimeErrors (e.g. of a flush), whose HDF5 text still names it."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short cause chain: StoreError <- OSError
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in _SPACE_ERRNOS:
+            return seen.errno
+        if isinstance(seen, (OSError, RuntimeError)) and (m := _HDF5_ERRNO.search(str(seen))) and int(m.group(1)) in _SPACE_ERRNOS:
+            return int(m.group(1))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def write_error(exc: BaseException, path: Path) -> StoreError:
+    """The StoreError to raise for a failed write of ``path``: a DiskFullError saying what to do
+    when the disk, a quota or the file-size limit is full, else a StoreError naming the file."""
+    if isinstance(exc, StoreError):
+        return exc
+    code = space_errno(exc)
+    where = f"{path.name} in {path.parent}"
+    tail = "finished shards are intact; {}, then rerun the same command to resume"
+    if code == errno.EFBIG:
+        limit = _file_size_limit()
+        what = f"the file-size limit ({limit} bytes; ulimit -f, RLIMIT_FSIZE)" if limit is not None else "the largest file size allowed"
+        return DiskFullError(
+            f"file too large: {what} was reached while writing {where}; "
+            + tail.format("raise the limit or use a smaller shard size (--shard-size, shard_size=)")
+        )
+    if code is not None:
+        free = _free_bytes(path.parent)
+        kind = "disk quota exceeded" if code != errno.ENOSPC else "disk full"
+        return DiskFullError(f"{kind} while writing {where}: {free} bytes free; " + tail.format("free space"))
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return StoreError(f"cannot write {where}: {type(exc).__name__}: {reason}")
+
+
+def _free_bytes(directory: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free:,}"
+    except OSError:
+        return "unknown"
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource  # POSIX only
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def stored_shapes(path: Path) -> dict[str, Any]:

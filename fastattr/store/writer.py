@@ -6,10 +6,17 @@ h5py serialises every call behind a global lock, so more threads would not help;
 is the backpressure that keeps memory flat when the disk is the bottleneck. Opening a writer
 prepares the run directory (store/rundir.py): it takes the writer lock, resumes a matching run (or
 refuses a different one), merges rank fragments (coordinator) and deletes files no manifest lists.
+
+What a crash can lose is bounded twice: a shard is finalized after ``shard_rows`` rows or, with
+``max_shard_seconds``, once it is that old, even while no block arrives. A write that fails for
+lack of space stops the writer with a DiskFullError (store/shard.py drops the broken file safely).
+At interpreter exit, writers still running are aborted and waited for (bounded), so exit never
+finalizes h5py while the writer thread is inside it (which hangs or crashes the interpreter).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -17,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from bisect import bisect_right
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,18 +32,22 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import DiskFullError, StoreError
 from .block import Block, block_shapes, check_shapes, checked_block
 from .manifest import jsonable_config
 from .ranges import merge_ranges
 from .rundir import RunDirectory
-from .schema import COMPRESSIONS, STORAGE_DTYPES, VOLATILE_CONFIG_KEYS
-from .shard import OpenShard, ShardLayout
+from .schema import COMPRESSIONS, FRAGMENT_FORMAT, MANIFEST_NAME, STORAGE_DTYPES, VOLATILE_CONFIG_KEYS
+from .shard import OpenShard, ShardLayout, space_errno, write_error
 
 logger = logging.getLogger(__name__)
 
 _CLOSE = object()  # queue sentinels
 _ABORT = object()
+_DUE = object()  # not queued: the open shard reached max_shard_seconds while no block came
+
+EXIT_WAIT_SECONDS = 30.0  # at interpreter exit, how long to wait for each running writer
+_running: weakref.WeakSet[RunWriter] = weakref.WeakSet()  # writers whose thread may still work
 
 
 class RunWriter:
@@ -77,8 +89,8 @@ class RunWriter:
         first_shard_id: int | None = None,
         allow_other_files: bool = False,
     ) -> None:
-        """max_shard_seconds: also finalize an open shard once it is this old (after the block that
-        crosses the limit), bounding the work a crash can lose when blocks are slow to come.
+        """max_shard_seconds: also finalize an open shard once it is this old (checked after each
+        block and while waiting for the next), bounding in time the work a crash can lose.
         volatile_keys: config keys ignored when checking that a resume matches the stored run.
         rank, world_size: this writer's place in a distributed run; a rank > 0 joins the run that
         rank 0's writer prepared and needs that writer's run_id and first_shard_id.
@@ -136,7 +148,12 @@ class RunWriter:
             first_shard_id=first_shard_id,
             allow_other_files=allow_other_files,
         )
-        self._dir.open(resume=resume, overwrite=overwrite)
+        try:
+            self._dir.open(resume=resume, overwrite=overwrite)
+        except StoreError as exc:  # e.g. no room for the first manifest
+            if isinstance(exc, DiskFullError) or space_errno(exc) is None:
+                raise
+            raise self._explained(exc) from exc
         self._layout.run_id = self._dir.run_id or ""  # stamped into every shard's marker
         assert self._dir.first_shard_id is not None  # known once the directory is open
         self._next_id = self._dir.first_shard_id + self.rank  # this rank's residue class of shard ids
@@ -147,8 +164,13 @@ class RunWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=int(queue_size))
         self._final_status: bool | None = None
         self._merge_on_close = True
+        # Set by the thread as its very last step. Waiting on it, not on Thread.join(): in Python
+        # 3.11 a join() interrupted by Ctrl-C marks a thread that still runs as stopped, so every
+        # later join() returns at once, and the interpreter could exit under the writer's feet.
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"fastattr-writer:{self.run_dir.name}", daemon=True)
         self._thread.start()
+        _running.add(self)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -183,6 +205,8 @@ class RunWriter:
 
     def _raise_if_failed(self) -> None:
         err = self._error
+        if isinstance(err, StoreError):  # already says what happened and what to do
+            raise type(err)(str(err)) from err
         if err is not None:
             raise StoreError(f"the writer thread for {self.run_dir} failed: {type(err).__name__}: {err}") from err
 
@@ -233,7 +257,7 @@ class RunWriter:
                 self._queue.put(item, timeout=0.5)
                 return
             except queue.Full:
-                if not self._thread.is_alive():
+                if self._done.is_set():
                     self._raise_if_failed()
                     raise StoreError(f"the writer thread for {self.run_dir} has stopped") from None
 
@@ -252,23 +276,33 @@ class RunWriter:
         # lock, so an interrupted close() can never let a second writer in while it still works.
         self._final_status = complete
         self._merge_on_close = merge_fragments
-        self._enqueue(_CLOSE)
-        self._thread.join()
+        if not self._done.is_set():  # else an interrupted close() already had the thread finish
+            self._enqueue(_CLOSE)
+        self._wait()
         self._closed = True  # only once the thread is done: an interrupted close() can be retried
         self._raise_if_failed()
 
-    def abort(self) -> None:
-        """Stop without finalizing the open shard: its .partial stays (deleted on the next open).
-        Finalized shards stay listed. Never raises the writer's error."""
+    def abort(self, timeout: float | None = None) -> None:
+        """Stop without finalizing the open shard: its .partial is deleted (or, if the process dies
+        first, on the next open). Finalized shards stay listed. Never raises the writer's error.
+        timeout: give up waiting for the thread after this many seconds (it stops after the
+        write in progress; the writer then counts as not closed)."""
         if self._closed:
             return
         self._aborting = True  # the thread now drops queued blocks instead of writing them
-        try:
-            self._enqueue(_ABORT)
-        except StoreError:
-            pass  # the thread is gone already (and has released the lock)
-        self._thread.join()
-        self._closed = True
+        if not self._done.is_set():
+            try:
+                self._enqueue(_ABORT)  # room comes fast: queued blocks are dropped, not written
+            except StoreError:
+                pass  # the thread is gone already (and has released the lock)
+        self._closed = self._wait(timeout)
+
+    def _wait(self, timeout: float | None = None) -> bool:
+        """Wait until the thread has done its last write and released the directory; True if it has."""
+        if not self._done.wait(timeout):
+            return False
+        self._thread.join(1.0)  # it only has to return now
+        return True
 
     def __enter__(self) -> RunWriter:
         return self
@@ -287,8 +321,12 @@ class RunWriter:
     def _run(self) -> None:
         try:
             while True:
-                item = self._queue.get()
+                item = self._next()
                 try:
+                    if item is _DUE:
+                        if self._error is None and not self._aborting:
+                            self._finalize_open()
+                        continue
                     if item is _CLOSE or item is _ABORT:
                         if item is _CLOSE and self._error is None and not self._aborting:
                             self._finalize_open()
@@ -300,15 +338,39 @@ class RunWriter:
                         continue  # a failed or aborting writer drops blocks (callers see the error)
                     self._write_block(item)
                 except Exception as exc:
-                    logger.error("writer thread for %s failed: %s: %s", self.run_dir, type(exc).__name__, exc)
-                    self._error = exc
                     self._abandon_open()
+                    self._error = self._explained(exc)
+                    # A StoreError says all and reaches the caller (put / close raise it): no second line.
+                    log = logger.info if isinstance(self._error, StoreError) else logger.error
+                    log("writer thread for %s failed: %s: %s", self.run_dir, type(self._error).__name__, self._error)
                     if item is _CLOSE or item is _ABORT:
                         return
                 finally:
-                    self._queue.task_done()
+                    if item is not _DUE:
+                        self._queue.task_done()
         finally:
             self._dir.release_lock()  # the thread owns the directory until its last write is done
+            _running.discard(self)
+            self._done.set()
+
+    def _next(self) -> Any:
+        """The next queued item, or _DUE once the open shard is max_shard_seconds old."""
+        if self._open is None or self.max_shard_seconds is None:
+            return self._queue.get()
+        wait = self._open.opened + self.max_shard_seconds - time.monotonic()
+        try:
+            return self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return _DUE
+
+    def _explained(self, exc: Exception) -> Exception:
+        """A failure as callers should see it: lack of space while writing the manifest (or a
+        rank's fragment) becomes a DiskFullError like a shard's (store/shard.py explains those)."""
+        if isinstance(exc, DiskFullError) or space_errno(exc) is None:
+            return exc
+        cause = exc.__cause__ if isinstance(exc, StoreError) and isinstance(exc.__cause__, OSError) else exc
+        name = FRAGMENT_FORMAT.format(self.rank) if self.rank > 0 else MANIFEST_NAME
+        return write_error(cause, self.run_dir / name)
 
     def _write_block(self, block: Block) -> None:
         pos = block.start
@@ -337,8 +399,7 @@ class RunWriter:
         if shard is None or shard.file is None:
             return
         if shard.rows == 0:  # nothing was written (cannot normally happen): just drop it
-            shard.close_quietly()
-            shard.path.unlink(missing_ok=True)
+            shard.drop()
             return
         entry = shard.finish(method=self._method, config_json=self._config_json)
         self._dir.add_shard(entry)
@@ -347,4 +408,16 @@ class RunWriter:
     def _abandon_open(self) -> None:
         shard, self._open = self._open, None
         if shard is not None:
-            shard.close_quietly()  # the .partial stays and is deleted on the next open
+            shard.drop()  # closes without writing anything more (safe after a failed write), deletes the .partial
+
+
+@atexit.register
+def _abort_running_writers() -> None:
+    """At interpreter exit (e.g. after a KeyboardInterrupt escaped while a writer still ran), stop
+    every writer thread that is still working before the interpreter finalizes: a daemon thread
+    frozen inside h5py holds h5py's lock, and finalization then waits for it forever (or crashes).
+    Finished shards are kept; the open one is dropped, as by abort()."""
+    for writer in list(_running):
+        if not writer._done.is_set():
+            logger.warning("exiting while the writer for %s still runs: stopping it (finished shards are kept)", writer.run_dir)
+            writer.abort(timeout=EXIT_WAIT_SECONDS)
