@@ -91,7 +91,7 @@ from .inputs import (
     normalize_forward_args,
     normalize_target,
 )
-from .options import PATH, Options, OptionsDict, Unpack, select_output
+from .options import PATH, Options, OptionsDict, Unpack
 from .precision import get_precision
 from .quadrature import points_and_weights
 
@@ -276,11 +276,11 @@ class LayerIntegratedGradients(GradientAttribution):
         f_both: list[torch.Tensor] = []
 
         def on_output(y: Any, ex: torch.Tensor, r0: int, r1: int) -> None:
-            y = select_output(y, opts.output)
+            selected = selector._select(y, ex, select_problem)
             if not f_both:
-                dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+                dtype = torch.float64 if selected.dtype == torch.float64 else torch.float32
                 f_both.append(torch.empty(2 * batch, dtype=dtype, device=device))
-            f_both[0][r0:r1] = selector._select(y, ex, select_problem).to(f_both[0].dtype)
+            f_both[0][r0:r1] = selected.to(f_both[0].dtype)
 
         with frozen_parameters(self.forward_func):
             # ---- 1. a(x), a(x0) and F(x), F(x0): forward only, fp32, x and x0 stacked
