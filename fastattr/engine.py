@@ -105,8 +105,8 @@ def use_channels_last(requested: bool | None, device: torch.device, precision: P
     return device.type != "cuda" or precision.autocast_dtype is not None
 
 
-# Models known to run (True) or to fail (False) on channels-last rows, so each is probed once
-# per process. Keyed weakly by the forward callable; unhashable callables are probed per call.
+# Models known to run (True) or to fail (False) on channels-last rows, so each is tried once per
+# process. Keyed weakly by the forward callable; an unhashable callable is tried on every call.
 _layout_verdicts: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 _layout_lock = threading.Lock()
 GRAD_KWARGS = ("materialize_grads",)  # torch.autograd.grad keywords a caller may set (Captum's grad_kwargs)
@@ -193,7 +193,8 @@ class Engine:
         channels-last strides), so with None the layout stays open until the first gradient chunk
         ran: if that chunk fails, the pass restarts in the inputs' own layout (``_pass``); the
         model's verdict is remembered for the process, and a fallback is logged once per model.
-        Channels-last results differ from the inputs' layout only by float rounding (README)."""
+        Channels-last results differ from the inputs' layout's by float rounding and by the ReLU /
+        max-pool decisions a last-bit difference can flip (README, benchmarks/RESULTS.md)."""
         if requested is not None or not any(x.dim() == 4 for x in problem.inputs):
             problem.set_channels_last(bool(requested))
         elif not use_channels_last(None, problem.device, self.precision):

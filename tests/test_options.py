@@ -66,6 +66,7 @@ def test_no_import_cycle_between_gradient_shap_and_noise_tunnel():
 
 
 def test_options_object_is_frozen_validated_and_overridable():
+    assert fastattr.Options is Options
     opts = Options(precision="bf16", max_rows=8, memory_budget="1KiB")
     assert opts.memory_budget == 1024 and opts.policy.name == "bf16"
     with pytest.raises(dataclasses.FrozenInstanceError):
