@@ -107,6 +107,10 @@ class Attribution:
     def attribute_batch(self, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> BatchResult:
         raise NotImplementedError
 
+    def attribute_future(self, *args: Any, **kwargs: Any) -> Any:
+        """Captum's asynchronous variant: not implemented, as for these classes in Captum."""
+        raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__}")
+
     def attribute(self, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
         """Captum's attribute(): ``attribute_batch`` formatted as Captum returns it (a tensor, a
         tuple like the inputs, per layer for layer methods), with the delta when asked for."""
@@ -154,9 +158,10 @@ def _positional(cls: type, name: str) -> bool:
 
 
 def _captum_attribute(cls: type) -> Callable[..., Any]:
-    """``Attribution.attribute`` for ``cls``, with a Captum-shaped signature for help() and IDEs."""
+    """``Attribution.attribute`` for ``cls``, with a Captum-shaped signature for help() and IDEs.
+    Like Captum's (decorated) methods it has ``__wrapped__``, which Captum's own NoiseTunnel calls."""
 
-    def attribute(self: Attribution, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
+    def undecorated(self: Attribution, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
         return Attribution.attribute(self, inputs, *args, **kwargs)
 
     sig = inspect.signature(cls.attribute_batch)
@@ -169,14 +174,20 @@ def _captum_attribute(cls: type) -> Callable[..., Any]:
         if p.name in cls.captum_defaults:
             p = p.replace(default=cls.captum_defaults[p.name])
         params.append(p)
-    attribute.__signature__ = sig.replace(parameters=params, return_annotation=Any)  # type: ignore[attr-defined]
-    attribute.__qualname__ = f"{cls.__qualname__}.attribute"
-    attribute.__module__ = cls.__module__
-    attribute.__doc__ = (
+    undecorated.__signature__ = sig.replace(parameters=params, return_annotation=Any)  # type: ignore[attr-defined]
+    undecorated.__name__ = "attribute"
+    undecorated.__qualname__ = f"{cls.__qualname__}.attribute"
+    undecorated.__module__ = cls.__module__
+    undecorated.__doc__ = (
         f"Captum's {cls.__name__}.attribute: the attributions (a tensor, or a tuple like the inputs; per layer for "
         "layer methods), and with return_convergence_delta=True also Captum's delta. Everything else as in "
         f"{cls.__name__}.attribute_batch, whose BatchResult this formats."
     )
+
+    @functools.wraps(undecorated)
+    def attribute(self: Attribution, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
+        return undecorated(self, inputs, *args, **kwargs)
+
     return attribute
 
 

@@ -209,3 +209,14 @@ def test_noise_tunnel_over_layer_activation_and_conv_captum_method():
 def test_noise_tunnel_over_a_non_attribution_is_a_type_error():
     with pytest.raises(TypeError, match="NoiseTunnel wraps an attribution object"):
         fastattr.NoiseTunnel(_model())
+
+
+def test_captums_own_wrappers_take_fastattr_methods():
+    """Captum code calls attribute.__wrapped__ (its NoiseTunnel does) and attribute_future; both work
+    as on Captum's classes."""
+    model, x = _model(), _x()
+    got, ref = _both(ca.NoiseTunnel(fastattr.IntegratedGradients(model)), ca.NoiseTunnel(ca.IntegratedGradients(model)), x, nt_samples=3, stdevs=0.1, target=1, n_steps=5)
+    _same(got, ref)
+    assert inspect.getfullargspec(fastattr.IntegratedGradients.attribute.__wrapped__).args[:3] == ["self", "inputs", "baselines"]
+    with pytest.raises(NotImplementedError):
+        fastattr.Saliency(model).attribute_future(x)
