@@ -29,7 +29,6 @@ from . import __version__
 from .distributed import LOCAL, Context, local_device
 from .distributed import setup as setup_distributed
 from .methods import BatchResult
-from .options import select_output
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, SourceError, open_source
 from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
@@ -119,7 +118,7 @@ class _Targets:
             return labels.to(device)
         if isinstance(self.spec, str) and self.spec == "predicted":
             with torch.no_grad():
-                out = select_output(model(*inputs))  # a ModelOutput's .logits, a 'logits' key, or the tensor
+                out = model(*inputs)
             per_sample = out.shape[1:]
             if math.prod(per_sample) == 1:
                 return None  # a single output per sample: nothing to pick

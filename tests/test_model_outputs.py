@@ -175,13 +175,3 @@ def test_forward_kwargs_follow_noise_copies_and_reference_draws():
         by_arg = make_method().attribute(x, target=1, additional_forward_args=(mask,), max_rows=5, **kw)
         torch.testing.assert_close(by_kw, by_arg, rtol=1e-6, atol=1e-7)
 
-
-def test_dataset_run_predicted_target_on_a_model_output(tmp_path):
-    """fastattr.run(target="predicted") reads the argmax from .logits (it failed with an AttributeError)."""
-    x = torch.randn(6, 12, generator=torch.Generator().manual_seed(8)).numpy()
-    got = fastattr.run(Wrapped("model_output"), x, out=tmp_path / "a", method="saliency", target="predicted", progress=False)
-    ref = fastattr.run(Wrapped("tensor"), x, out=tmp_path / "b", method="saliency", target="predicted", progress=False)
-    assert got.total == ref.total == 6 and got.complete
-    a, b = fastattr.open(tmp_path / "a")[0:6], fastattr.open(tmp_path / "b")[0:6]
-    torch.testing.assert_close(torch.as_tensor(a["attributions"]["x"]), torch.as_tensor(b["attributions"]["x"]))
-    assert (a["target"] == b["target"]).all()
