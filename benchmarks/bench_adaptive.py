@@ -110,11 +110,12 @@ def run_model(name: str, model: nn.Module, x: torch.Tensor, target: torch.Tensor
 def adaptive_run(ig: fastattr.IntegratedGradients, x: torch.Tensor, target: torch.Tensor, **settings: object) -> object:
     """The adaptive driver with every setting exposed (the rule study toggles the agreement check)."""
     from fastattr.engine import Engine, frozen_parameters
+    from fastattr.options import Options
     from fastattr.precision import get_precision
 
     policy = get_precision("fp32")
-    problem, _ = ig._problem(x, None, target, None, need_float=True, allow_nonfinite=False, with_path=True, precision=policy, channels_last=None)
     engine = Engine(ig.forward_func, policy)
+    problem, _ = ig._problem(engine, Options(), x, None, target, None, with_path=True)
     with frozen_parameters(ig.forward_func):
         res = adaptive.integrate_adaptive(engine, problem, adaptive.AdaptiveSettings.check(**settings))
     attrs, _ = engine.finalize(problem, res.accs, multiply_by_inputs=True)

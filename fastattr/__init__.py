@@ -20,6 +20,7 @@ from .gradient_shap import GradientShap  # noqa: E402
 from .layer_methods import LayerIntegratedGradients  # noqa: E402
 from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
 from .noise_tunnel import NoiseTunnel  # noqa: E402
+from .options import Options  # noqa: E402
 from .precision import PRECISIONS  # noqa: E402
 from .quadrature import RULES  # noqa: E402
 from .runner import RunSummary, run  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "LayerIntegratedGradients",
     "NoGradientError",
     "NoiseTunnel",
+    "Options",
     "PRECISIONS",
     "RULES",
     "RunSummary",

@@ -4,13 +4,15 @@ Used two ways:
 
 - ``LayerActivation(model, layer)`` -- Captum-compatible (``attribute(inputs,
   additional_forward_args=None, attribute_to_layer_input=False)`` returns the layer's
-  activation: a tensor, a tuple for tuple-valued layers, a list for a list of layers);
+  activation: a tensor (also for the input of a single-input layer), a tuple for a value
+  with several tensors, a list for a list of layers);
 - ``LayerActivation.attribute_batch(...) -> BatchResult`` -- what a dataset run with
-  ``method="activations"`` stores. Its signature::
+  ``method="activations"`` stores (``attribute`` formats it). Its signature::
 
       attribute_batch(inputs, additional_forward_args=None, attribute_to_layer_input=False, *,
-                      pool=None, channel_dim=1, lengths=None, max_rows=None,
-                      precision="fp32", kernel_backend=None) -> BatchResult
+                      pool=None, channel_dim=1, lengths=None, **options) -> BatchResult
+
+  ``options``: ``max_rows``, ``precision``, ``kernel_backend``, ``forward_kwargs`` (fastattr/options.py).
 
   ``attributions`` holds one tensor per captured part, named in ``names`` by the layer's
   qualified name (``name[j]`` for part j of a tuple-valued layer); ``stats`` are the
@@ -39,11 +41,13 @@ from typing import Any
 import torch
 
 from . import kernels
+from .attribution import Attribution, BatchResult, combine_stats
 from .engine import FORWARD_ONLY_ROWS, Engine, frozen_parameters
+from .errors import OptionError
 from .inputs import AttributionInputError, TensorOrTuple, as_tuple, check_inputs, normalize_forward_args
 from .layers import resolve_layers
-from .methods import BatchResult, combine_stats
-from .precision import Precision, get_precision
+from .options import CAPTURE, OptionsDict, Unpack
+from .precision import Precision
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +109,7 @@ def capture(
     forward_args: tuple,
     batch: int,
     *,
+    forward_kwargs: dict[str, Any] | None = None,
     max_rows: int | None,
     to_input: bool,
     precision: Precision,
@@ -161,7 +166,8 @@ def capture(
                 for k, s in enumerate(slots)
             ]
             try:
-                y = forward_func(*(x[r0:r1] for x in rows_inputs), *Engine._rows_of_args(forward_args, batch, ex))
+                kwargs = Engine._rows_of_kwargs(forward_kwargs or {}, batch, ex)
+                y = forward_func(*(x[r0:r1] for x in rows_inputs), *Engine._rows_of_args(forward_args, batch, ex), **kwargs)
             finally:
                 for h in handles:
                     h.remove()
@@ -239,38 +245,35 @@ def layer_slots(forward_func: Callable[..., Any], layer: Any, device_ids: list[i
     if not callable(forward_func):
         raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
     if device_ids:
-        raise ValueError("device_ids (DataParallel) is not supported; run one process per device (torchrun) instead")
+        raise OptionError("device_ids (DataParallel) is not supported; run one process per device (torchrun) instead")
     return make_slots(forward_func, layer)
 
 
-class LayerActivation:
+def per_layer_structure(parts_per_layer: list[int], is_list: bool) -> Callable[[list[torch.Tensor]], Any]:
+    """Captum's nesting of layer results: per layer a tensor, or a tuple when its value has several
+    tensors; a list of those when a list of layers was given."""
+
+    def arrange(attrs: list[torch.Tensor]) -> Any:
+        per_layer: list[Any] = []
+        i = 0
+        for n in parts_per_layer:
+            per_layer.append(attrs[i] if n == 1 else tuple(attrs[i : i + n]))
+            i += n
+        return per_layer if is_list else per_layer[0]
+
+    return arrange
+
+
+class LayerActivation(Attribution):
     """Activations of one or several layers (Captum's LayerActivation), batched under a row cap."""
 
-    def __init__(self, forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None = None) -> None:
-        self.forward_func = forward_func
-        self.slots, self.is_list = layer_slots(forward_func, layer, device_ids)
+    option_names = CAPTURE
+    noise_batched = False  # no target, no gradient: NoiseTunnel runs Captum's generic path over it
+    _multiply_by_inputs = True  # Captum's value
 
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        additional_forward_args: Any = None,
-        attribute_to_layer_input: bool = False,
-        *,
-        max_rows: int | None = None,
-        precision: str = "fp32",
-    ) -> TensorOrTuple | list[TensorOrTuple]:
-        """The layers' activations, formatted like Captum: per layer a tensor (or a tuple for a
-        tuple-valued layer), in a list when a list of layers was given."""
-        res, slots = self._run(
-            inputs, additional_forward_args, attribute_to_layer_input, None, 1, None, max_rows, precision, None
-        )
-        out: list[TensorOrTuple] = []
-        i = 0
-        for s in slots:
-            n = len(s.parts)
-            out.append(res[i] if s.bare else tuple(res[i : i + n]))
-            i += n
-        return out if self.is_list else out[0]
+    def __init__(self, forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None = None) -> None:
+        self.slots, self.is_list = layer_slots(forward_func, layer, device_ids)
+        super().__init__(forward_func)
 
     def attribute_batch(
         self,
@@ -281,60 +284,15 @@ class LayerActivation:
         pool: str | None = None,
         channel_dim: int = 1,
         lengths: Any = None,
-        max_rows: int | None = None,
-        precision: str = "fp32",
-        kernel_backend: str | None = None,
+        **options: Unpack[OptionsDict],
     ) -> BatchResult:
         """Activations (pooled per channel if ``pool``) with per-sample stats, as a BatchResult
-        for dataset runs; see the module docstring for the fields."""
-        res, slots = self._run(
-            inputs,
-            additional_forward_args,
-            attribute_to_layer_input,
-            pool,
-            channel_dim,
-            lengths,
-            max_rows,
-            precision,
-            kernel_backend,
-        )
-        batch = res[0].shape[0]
-        attrs, stats = [], []
-        for a in res:
-            # bf16 has no HDF5 type: store float32 (float16 and float64 keep theirs)
-            out_dtype = torch.float32 if a.dtype == torch.bfloat16 else a.dtype
-            flat = a.reshape(batch, -1)
-            acc = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
-            stored, st = kernels.finalize(acc, None, None, out_dtype=out_dtype, backend=kernel_backend)
-            attrs.append(stored.view(a.shape))
-            stats.append(st)
-        extras = {}
-        lens = check_lengths(lengths, batch, res[0].device)
-        if lens is not None:
-            extras["lengths"] = lens
-        names = [n for s in slots for n in s.part_names()]
-        return BatchResult(
-            attrs, len(attrs) > 1, combine_stats(stats), None, None, None, 0, None, names=names, extras=extras
-        )
-
-    def _run(
-        self,
-        inputs: TensorOrTuple,
-        additional_forward_args: Any,
-        to_input: bool,
-        pool: str | None,
-        channel_dim: int,
-        lengths: Any,
-        max_rows: int | None,
-        precision: str,
-        kernel_backend: str | None,
-    ) -> tuple[list[torch.Tensor], list[LayerSlot]]:
+        for dataset runs; see the module docstring for the fields. ``attribute`` returns the
+        activations as Captum does (bf16 activations come back as float32)."""
         # everything is validated before the first forward
+        opts = self._options(options)
         if pool is not None and pool not in POOLS:
-            raise ValueError(f"pool must be None or one of {POOLS}, got {pool!r}")
-        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
-            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}")
-        policy = get_precision(precision)
+            raise OptionError(f"pool must be None or one of {POOLS}, got {pool!r}")
         xs, _ = as_tuple(inputs)
         batch = check_inputs(xs, need_float=False, allow_nonfinite=True)
         lens = check_lengths(lengths, batch, xs[0].device)
@@ -345,15 +303,29 @@ class LayerActivation:
         if pool is not None:
 
             def transform(t: torch.Tensor, ex: torch.Tensor) -> torch.Tensor:
-                return pool_channels(t, pool, channel_dim, None if lens is None else lens[ex], backend=kernel_backend)
+                return pool_channels(t, pool, channel_dim, None if lens is None else lens[ex], backend=opts.kernel_backend)
 
         slots = fresh_slots(self.slots)
         with frozen_parameters(self.forward_func):
             parts = capture(
-                self.forward_func, slots, tuple(x.detach() for x in xs), fargs, batch,
-                max_rows=max_rows, to_input=to_input, precision=policy, transform=transform,
+                self.forward_func, slots, tuple(x.detach() for x in xs), fargs, batch, forward_kwargs=opts.kwargs,
+                max_rows=opts.max_rows, to_input=attribute_to_layer_input, precision=opts.policy, transform=transform,
             )  # fmt: skip
         empty = [s.name for s in slots if not s.parts]
         if empty:
             raise AttributionInputError(f"layer(s) {empty} produced no floating-point tensor to capture")
-        return [t for p in parts for t in p], slots
+        attrs, stats = [], []
+        for a in (t for p in parts for t in p):
+            # bf16 has no HDF5 type: store float32 (float16 and float64 keep theirs)
+            out_dtype = torch.float32 if a.dtype == torch.bfloat16 else a.dtype
+            flat = a.reshape(batch, -1)
+            acc = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            stored, st = kernels.finalize(acc, None, None, out_dtype=out_dtype, backend=opts.kernel_backend)
+            attrs.append(stored.view(a.shape))
+            stats.append(st)
+        extras = {} if lens is None else {"lengths": lens}
+        names = [n for s in slots for n in s.part_names()]
+        return BatchResult(
+            attrs, len(attrs) > 1, combine_stats(stats), None, None, None, 0, None, names=names, extras=extras,
+            structure=per_layer_structure([len(s.parts) for s in slots], self.is_list),
+        )  # fmt: skip

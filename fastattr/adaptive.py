@@ -89,6 +89,7 @@ from typing import Any
 import torch
 
 from .engine import Engine, Problem
+from .errors import OptionError
 from .quadrature import points_and_weights
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class AdaptiveSettings:
         rule: str | None = None,
         agreement: bool = True,
     ) -> AdaptiveSettings:
-        """Validate every setting (raising ValueError that names it) before any model work."""
+        """Validate every setting (raising OptionError, a ValueError, that names it) before any model work."""
         tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         max_steps = DEFAULT_MAX_STEPS if max_steps is None else max_steps
         abs_tolerance = DEFAULT_ABS_TOLERANCE if abs_tolerance is None else abs_tolerance
@@ -163,21 +164,21 @@ class AdaptiveSettings:
         if min_steps is None:
             min_steps = DEFAULT_GAUSS_START if rule == "gausslegendre" else DEFAULT_MIN_STEPS
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance <= 0:
-            raise ValueError(f"tolerance must be a positive finite number (relative to |F(x) - F(x0)|), got {tolerance!r}")
+            raise OptionError(f"tolerance must be a positive finite number (relative to |F(x) - F(x0)|), got {tolerance!r}")
         if isinstance(abs_tolerance, bool) or not isinstance(abs_tolerance, (int, float)) or not math.isfinite(abs_tolerance) or abs_tolerance < 0:
-            raise ValueError(f"abs_tolerance must be a finite number >= 0, got {abs_tolerance!r}")
+            raise OptionError(f"abs_tolerance must be a finite number >= 0, got {abs_tolerance!r}")
         for name, v in (("min_steps", min_steps), ("max_steps", max_steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 3:
-                raise ValueError(f"{name} must be an int >= 3 (adaptive grids have 2^k + 1 >= 3 points), got {v!r}")
+                raise OptionError(f"{name} must be an int >= 3 (adaptive grids have 2^k + 1 >= 3 points), got {v!r}")
         if max_steps < min_steps:
-            raise ValueError(f"max_steps ({max_steps}) must be >= min_steps ({min_steps})")
+            raise OptionError(f"max_steps ({max_steps}) must be >= min_steps ({min_steps})")
         if rule not in RULES:
-            raise ValueError(f"unknown adaptive rule {rule!r}; choose one of {', '.join(RULES)}")
+            raise OptionError(f"unknown adaptive rule {rule!r}; choose one of {', '.join(RULES)}")
         settings = cls(float(tolerance), max_steps, float(abs_tolerance), min_steps, rule, bool(agreement))
         if settings.max_level < settings.start_level:
             if rule == "gausslegendre":
-                raise ValueError(f"max_steps={max_steps} leaves no level: gausslegendre needs two levels, min_steps + 2 min_steps = {3 * min_steps} evaluations")
-            raise ValueError(f"max_steps={max_steps} leaves no level at or above min_steps={min_steps}: grids have 2^k + 1 points")
+                raise OptionError(f"max_steps={max_steps} leaves no level: gausslegendre needs two levels, min_steps + 2 min_steps = {3 * min_steps} evaluations")
+            raise OptionError(f"max_steps={max_steps} leaves no level at or above min_steps={min_steps}: grids have 2^k + 1 points")
         return settings
 
 
@@ -192,13 +193,13 @@ def resolve(n_steps: int | str, method: str | None, settings: dict[str, Any]) ->
     goes through here, so they all fail alike, before any model work."""
     if isinstance(n_steps, str):
         if n_steps != "auto":
-            raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+            raise OptionError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
         rule = method or DEFAULT_RULE
         if rule not in RULES:
-            raise ValueError(f"n_steps='auto' refines only the rules {', '.join(RULES)}, got method={method!r}")
+            raise OptionError(f"n_steps='auto' refines only the rules {', '.join(RULES)}, got method={method!r}")
         return AdaptiveSettings.check(rule=rule, **settings)
     if settings:
-        raise ValueError(f"{', '.join(settings)} only apply with n_steps='auto', got n_steps={n_steps!r}")
+        raise OptionError(f"{', '.join(settings)} only apply with n_steps='auto', got n_steps={n_steps!r}")
     return None
 
 
@@ -273,8 +274,7 @@ def integrate_adaptive(
     # three stacked accumulator slots per input: E (endpoints), I (older interior), N (newest points)
     stacks = tuple(torch.zeros(3 * batch, lay.flat(x).shape[1], dtype=acc_dtype, device=device) for lay, x in zip(problem.layouts, problem.inputs))
     E_, I_, N_ = 0, 1, 2
-    # x - x0 per input: the agreement check compares attributions, not accumulators
-    diffs = [lay.flat(x) - lay.flat(b) for lay, x, b in zip(problem.layouts, problem.inputs, problem.baselines)]
+    diffs: list[torch.Tensor] = []  # x - x0 per input, in the layout the first pass settled (Engine.settle_layout)
     level = torch.full((batch,), settings.start_level, dtype=torch.long, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     bound = torch.full((batch,), math.inf, dtype=acc_dtype, device=device)
@@ -298,6 +298,8 @@ def integrate_adaptive(
         dest = slots.repeat_interleave(n_act) * batch + ex
         alphas = node_of.to(acc_dtype) / grid
         outs, dots = engine.integrate_pairs(problem, ex, alphas, torch.ones_like(alphas), stacks, dest=dest)
+        if not diffs:  # the agreement check compares attributions, not accumulators
+            diffs = [lay.flat(x) - lay.flat(b) for lay, x, b in zip(problem.layouts, problem.inputs, problem.baselines)]
         if not nodes_from_grad:
             assert node_engine is not None
             outs = node_engine.outputs_pairs(problem, ex, alphas)
@@ -370,7 +372,7 @@ def _integrate_gauss(
     scale = torch.clamp(d_f.abs() * settings.tolerance, min=settings.abs_tolerance)
     # two accumulator slots per input: PREV (the last finished level) and CUR (this level)
     stacks = tuple(torch.zeros(2 * batch, lay.flat(x).shape[1], dtype=acc_dtype, device=device) for lay, x in zip(problem.layouts, problem.inputs))
-    diffs = [(lay.flat(x) - lay.flat(b)).to(acc_dtype) for lay, x, b in zip(problem.layouts, problem.inputs, problem.baselines)]
+    diffs: list[torch.Tensor] = []  # x - x0 per input, in the layout the first pass settled
     level = torch.zeros(batch, dtype=torch.long, device=device)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     bound = torch.full((batch,), math.inf, dtype=acc_dtype, device=device)
@@ -386,6 +388,8 @@ def _integrate_gauss(
         sub = problem if n_act == batch else _subset(problem, active)
         level_accs = engine.integrate(sub, a, w)
         problem.target_checked = problem.target_checked or sub.target_checked
+        if not diffs:
+            diffs = [(lay.flat(x) - lay.flat(b)).to(acc_dtype) for lay, x, b in zip(problem.layouts, problem.inputs, problem.baselines)]
         integral = torch.zeros(n_act, dtype=acc_dtype, device=device)
         for st, acc, d in zip(stacks, level_accs, diffs):
             st[batch + active] = acc.to(acc_dtype)
@@ -426,7 +430,8 @@ def _subset(problem: Problem, idx: torch.Tensor) -> Problem:
     baselines = None if problem.baselines is None else tuple(b.index_select(0, take) for b in problem.baselines)
     target = None if problem.target is None else problem.target.index_select(0, take.to(problem.target.device))
     args = Engine._rows_of_args(problem.forward_args, problem.batch, take)
-    return Problem(tuple(x.index_select(0, take) for x in problem.inputs), baselines, target, args, problem.target_checked, problem.channels_last)
+    kwargs = Engine._rows_of_kwargs(problem.forward_kwargs, problem.batch, take)
+    return Problem(tuple(x.index_select(0, take) for x in problem.inputs), baselines, target, args, problem.target_checked, problem.channels_last, kwargs)
 
 
 def summarize_steps(n_steps: torch.Tensor, converged: torch.Tensor) -> dict[str, object]:

@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from .errors import OptionError
+
 logger = logging.getLogger(__name__)
 
 CUDA_PROBE_ROWS = 16
@@ -31,7 +33,7 @@ CPU_GIVE_UP = 0.85  # stop doubling once a size runs below 85% of the best rate 
 
 def parse_bytes(value: int | str | None) -> int | None:
     """'4GiB', '512MB', '1e9' or an int -> bytes."""
-    if value is None or isinstance(value, int):
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     text = str(value).strip().upper().replace(" ", "")
@@ -42,7 +44,7 @@ def parse_bytes(value: int | str | None) -> int | None:
             raise ValueError
         return int(float(number) * units[unit])
     except ValueError:
-        raise ValueError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
+        raise OptionError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 
 # Sizes settled by earlier passes, keyed by what determines them (model, row shapes,

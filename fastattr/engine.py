@@ -18,15 +18,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import kernels
 from .budget import RowPlanner, parse_bytes
+from .errors import FastattrError, OptionError
 from .inputs import AttributionInputError, NoGradientError, check_target, flat_target_index
+from .options import OutputSelector, optional_positive_int, select_output
 from .precision import Precision
 
 logger = logging.getLogger(__name__)
@@ -64,10 +67,11 @@ def frozen_parameters(model: Any) -> Iterator[None]:
 class Layout:
     """How one input's rows are laid out while the engine works on them.
 
-    Image batches (4-D) run channels-last: on a 2-core CPU a 32x32 CNN's forward and
+    Image batches (4-D) may run channels-last: on a 2-core CPU a 32x32 CNN's forward and
     backward ran 1.7x faster (fp32) and 1.75x faster (bf16) on channels-last inputs.
     The engine builds rows directly in that order, accumulates gradients in it (so
     the gradient needs no copy), and returns attributions in the user's layout.
+    Whether a model gets channels-last rows is settled by ``Engine.settle_layout``.
     """
 
     def __init__(self, shape: torch.Size, channels_last: bool) -> None:
@@ -93,12 +97,35 @@ class Layout:
 
 
 def use_channels_last(requested: bool | None, device: torch.device, precision: Precision) -> bool:
-    """Whether image inputs run channels-last: as requested, else by measurement (see
-    benchmarks/RESULTS.md): on CPU always; on CUDA under bf16/fp16 autocast, whose
-    tensor-core convolutions want NHWC, but not in fp32."""
+    """Whether image inputs should run channels-last: as requested, else by measurement (see
+    benchmarks/RESULTS.md): on CPU; on CUDA under bf16/fp16 autocast, whose tensor-core
+    convolutions want NHWC, but not in fp32. Engine.settle_layout checks the model takes it."""
     if requested is not None:
         return requested
     return device.type != "cuda" or precision.autocast_dtype is not None
+
+
+# Models known to run (True) or to fail (False) on channels-last rows, so each is tried once per
+# process. Keyed weakly by the forward callable; an unhashable callable is tried on every call.
+_layout_verdicts: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+_layout_lock = threading.Lock()
+GRAD_KWARGS = ("materialize_grads",)  # torch.autograd.grad keywords a caller may set (Captum's grad_kwargs)
+
+
+def _verdict(forward: Any) -> bool | None:
+    try:
+        with _layout_lock:
+            return _layout_verdicts.get(forward)
+    except TypeError:  # not weak-referenceable or not hashable
+        return None
+
+
+def _remember(forward: Any, works: bool) -> None:
+    try:
+        with _layout_lock:
+            _layout_verdicts[forward] = works
+    except TypeError:
+        pass
 
 
 @dataclass
@@ -110,10 +137,18 @@ class Problem:
     target: torch.Tensor | None  # (B, k) int64 on the device, validated against the first output
     forward_args: tuple
     target_checked: bool = False
-    channels_last: bool = True  # image inputs run channels-last (see Layout)
+    channels_last: bool = False  # image inputs run channels-last (see Layout, Engine.settle_layout)
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword args of the forward, rows like forward_args
+    layout_open: bool = False  # the layout may still fall back (Engine.settle_layout / _pass)
+    layout_error: Exception | None = None  # why it fell back
 
     def __post_init__(self) -> None:
-        self.layouts = [Layout(x.shape, self.channels_last) for x in self.inputs]
+        self.set_channels_last(self.channels_last)
+
+    def set_channels_last(self, flag: bool) -> None:
+        """Set the working layout; only before any pass has used the problem."""
+        self.channels_last = flag
+        self.layouts = [Layout(x.shape, flag) for x in self.inputs]
 
     @property
     def batch(self) -> int:
@@ -134,21 +169,81 @@ class Engine:
         max_rows: int | None = None,
         memory_budget: int | str | None = None,
         kernel_backend: str | None = None,
+        output: OutputSelector = None,
+        grad_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        if max_rows is not None and (not isinstance(max_rows, int) or max_rows < 1):
-            raise ValueError(f"internal_batch_size / max_rows must be a positive int, got {max_rows!r}")
         self.forward_func = forward_func
         self.precision = precision
-        self.max_rows = max_rows
+        self.max_rows = optional_positive_int("max_rows", max_rows)
         self.memory_budget = parse_bytes(memory_budget)  # fail fast on a malformed size
         self.kernel_backend = kernel_backend
+        self.output = output  # which tensor of the model's output (fastattr.options.select_output)
+        unknown = sorted(set(grad_kwargs or {}) - set(GRAD_KWARGS))
+        if unknown:
+            raise OptionError(f"grad_kwargs supports {', '.join(GRAD_KWARGS)}; got {', '.join(unknown)}")
+        self.materialize_grads = bool((grad_kwargs or {}).get("materialize_grads", False))
+
+    # ------------------------------------------------------------- layout
+    def settle_layout(self, problem: Problem, requested: bool | None) -> Problem:
+        """Set the problem's starting layout before any pass uses it; returns the problem.
+
+        ``requested`` True / False is obeyed. None (the default) means channels-last where it is
+        faster (``use_channels_last``) unless this model is known to fail on it. Channels-last is a
+        speed choice and must never break a model (``x.view(B, -1)`` after a convolution fails on
+        channels-last strides), so with None the layout stays open until the first gradient chunk
+        ran: if that chunk fails, the pass restarts in the inputs' own layout (``_pass``); the
+        model's verdict is remembered for the process, and a fallback is logged once per model.
+        Channels-last results differ from the inputs' layout's by float rounding and by the ReLU /
+        max-pool decisions a last-bit difference can flip (README, benchmarks/RESULTS.md)."""
+        if requested is not None or not any(x.dim() == 4 for x in problem.inputs):
+            problem.set_channels_last(bool(requested))
+        elif not use_channels_last(None, problem.device, self.precision):
+            problem.set_channels_last(False)
+        else:
+            verdict = _verdict(self.forward_func)
+            problem.set_channels_last(verdict is not False)
+            problem.layout_open = verdict is None
+        return problem
+
+    def _pass(self, problem: Problem, run: Callable[[], Any]) -> Any:
+        """Run a pass; if its first chunk fails on channels-last rows while the layout is still open
+        (settle_layout), rerun it in the inputs' own layout. Nothing layout-dependent has been
+        accumulated then: a pass writes its results only after a chunk's gradients come back."""
+        try:
+            return run()
+        except (FastattrError, torch.OutOfMemoryError):  # bad input or memory: not a layout question
+            raise
+        except Exception as e:
+            if not (problem.layout_open and problem.channels_last):
+                raise
+            problem.set_channels_last(False)
+            problem.layout_error = e
+        return run()
+
+    def _layout_ran(self, problem: Problem) -> None:
+        """A gradient chunk succeeded: the layout is settled for this problem and remembered for the model."""
+        if not problem.layout_open:
+            return
+        problem.layout_open = False
+        _remember(self.forward_func, problem.channels_last)
+        e = problem.layout_error
+        if e is not None:
+            logger.info(
+                "%s fails on channels-last inputs (%s: %s); it runs in the inputs' own layout from now on",
+                type(self.forward_func).__name__, type(e).__name__, (str(e).splitlines() or [""])[0][:200],
+            )  # fmt: skip
+
+    def _forward(self, problem: Problem, rows: Sequence[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> Any:
+        """The model on ``rows`` (the chunk's inputs) with its per-row forward args and kwargs."""
+        args = self._rows_of_args(problem.forward_args, problem.batch, example_idx, seq)
+        kwargs = self._rows_of_kwargs(problem.forward_kwargs, problem.batch, example_idx, seq)
+        return self.forward_func(*rows, *args, **kwargs)
 
     # ------------------------------------------------------------- selection
     def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem) -> torch.Tensor:
         """The selected output per row, (N,); validates the target on first use."""
         n_rows = example_idx.shape[0]
-        if not isinstance(output, torch.Tensor):
-            raise AttributionInputError(f"the model must return a tensor, got {type(output).__name__}")
+        output = select_output(output, self.output)
         if output.dim() == 0 or output.shape[0] != n_rows:
             raise AttributionInputError(
                 f"the model returned shape {tuple(output.shape)} for {n_rows} rows; its first dimension must be the batch"
@@ -162,17 +257,24 @@ class Engine:
         return output.reshape(n_rows, -1).gather(1, flat[:, None]).squeeze(1)
 
     @staticmethod
-    def _rows_of_args(args: tuple, batch: int, example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> tuple:
-        """Additional forward args for the chunk: batch-dim tensors are gathered per row.
-        ``seq`` = (T, L): gathered args whose dim 1 has the inputs' length T are cut to L."""
-        out = []
-        for a in args:
-            if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
-                if seq is not None and a.dim() > 1 and a.shape[1] == seq[0]:
-                    a = a[:, : seq[1]]  # cut before gathering: fewer bytes copied
-                a = a.index_select(0, example_idx.to(a.device))
-            out.append(a)
-        return tuple(out)
+    def _row_of(a: Any, batch: int, example_idx: torch.Tensor, seq: tuple[int, int] | None) -> Any:
+        """One forward arg for the chunk: a batch-dim tensor gathered per row, else as given.
+        ``seq`` = (T, L): a gathered arg whose dim 1 has the inputs' length T is cut to L."""
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+            if seq is not None and a.dim() > 1 and a.shape[1] == seq[0]:
+                a = a[:, : seq[1]]  # cut before gathering: fewer bytes copied
+            a = a.index_select(0, example_idx.to(a.device))
+        return a
+
+    @classmethod
+    def _rows_of_args(cls, args: tuple, batch: int, example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> tuple:
+        """Additional forward args for the chunk (see _row_of)."""
+        return tuple(cls._row_of(a, batch, example_idx, seq) for a in args)
+
+    @classmethod
+    def _rows_of_kwargs(cls, kwargs: dict[str, Any], batch: int, example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Keyword forward args for the chunk (see _row_of)."""
+        return {k: cls._row_of(v, batch, example_idx, seq) for k, v in kwargs.items()}
 
     @staticmethod
     def _seq_plan(problem: Problem, seq_lengths: torch.Tensor | None) -> tuple[int, list[int]] | None:
@@ -208,7 +310,7 @@ class Engine:
             for r0 in range(0, total, rows):
                 r1 = min(total, r0 + rows)
                 ex = torch.arange(r0, r1, device=problem.device) % batch
-                y = self.forward_func(*(s[r0:r1] for s in stacked), *self._rows_of_args(problem.forward_args, batch, ex))
+                y = self._forward(problem, [s[r0:r1] for s in stacked], ex)
                 out[r0:r1] = self._select(y, ex, problem).to(out.dtype)
         return list(out.split(batch))
 
@@ -227,6 +329,15 @@ class Engine:
         to a (B,) buffer that receives the selected outputs at that step (reuse of
         F(x) / F(x0) from the gradient pass when a rule includes an endpoint).
         """
+        return self._pass(problem, lambda: self._integrate(problem, alphas, weights, endpoint_steps))
+
+    def _integrate(
+        self,
+        problem: Problem,
+        alphas: Sequence[float],
+        weights: Sequence[float],
+        endpoint_steps: dict[int, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, ...]:
         device, batch, n_steps = problem.device, problem.batch, len(alphas)
         acc_dtype = torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32
         flat_inputs = [lay.flat(x) for lay, x in zip(problem.layouts, problem.inputs)]
@@ -320,6 +431,18 @@ class Engine:
         positions past each row's length (the caller checks that); order the pairs so a chunk
         holds rows of similar length.
         """
+        return self._pass(problem, lambda: self._integrate_pairs(problem, example_idx, alphas, weights, accs, dest, seq_lengths))
+
+    def _integrate_pairs(
+        self,
+        problem: Problem,
+        example_idx: torch.Tensor,
+        alphas: torch.Tensor,
+        weights: torch.Tensor,
+        accs: Sequence[torch.Tensor],
+        dest: torch.Tensor | None,
+        seq_lengths: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_pairs(problem, example_idx, alphas)
         seq = self._seq_plan(problem, seq_lengths)
         device, total = problem.device, example_idx.shape[0]
@@ -358,6 +481,9 @@ class Engine:
         """Selected outputs (forward only, under this engine's policy) at P (example, alpha)
         path points, in forwards of at most the row budget; (P,) in the accumulator dtype.
         ``seq_lengths``: each chunk cut to its longest length, as in integrate_pairs."""
+        return self._pass(problem, lambda: self._outputs_pairs(problem, example_idx, alphas, seq_lengths))
+
+    def _outputs_pairs(self, problem: Problem, example_idx: torch.Tensor, alphas: torch.Tensor, seq_lengths: torch.Tensor | None) -> torch.Tensor:
         self._check_pairs(problem, example_idx, alphas)
         seq = self._seq_plan(problem, seq_lengths)
         device, total = problem.device, example_idx.shape[0]
@@ -371,7 +497,7 @@ class Engine:
                 p1 = min(total, p0 + rows)
                 ex = example_idx[p0:p1]
                 xs, _, cut, _ = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths)
-                y = self.forward_func(*xs, *self._rows_of_args(problem.forward_args, problem.batch, ex, None if seq is None else (seq[0], cut)))
+                y = self._forward(problem, xs, ex, None if seq is None else (seq[0], cut))
                 out[p0:p1] = self._select(y, ex, problem).to(acc_dtype)
         return out
 
@@ -420,20 +546,22 @@ class Engine:
     def _grad_chunk(
         self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        args = self._rows_of_args(problem.forward_args, problem.batch, example_idx, seq)
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
             with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):
-                output = self.forward_func(*leaves, *args)
+                output = self._forward(problem, leaves, example_idx, seq)
                 selected = self._select(output, example_idx, problem)
             if not selected.requires_grad:
+                if self.materialize_grads:  # Captum's grad_kwargs={"materialize_grads": True}: zeros
+                    return tuple(torch.zeros_like(leaf) for leaf in leaves), selected.detach()
                 raise NoGradientError("the selected model output does not require grad: it does not depend on any input (is the forward detached or under no_grad?)")
             seed = torch.full_like(selected, scale)
             with self.precision.flags():  # the backward's matmuls/convs follow the policy too
-                grads = torch.autograd.grad(selected, leaves, grad_outputs=seed, allow_unused=True)
+                grads = torch.autograd.grad(selected, leaves, grad_outputs=seed, allow_unused=True, materialize_grads=self.materialize_grads)
             missing = [i for i, g in enumerate(grads) if g is None]
             if missing:
                 raise NoGradientError(f"the selected model output does not depend on input(s) {missing}: no gradient to attribute")
+            self._layout_ran(problem)
             if not self.precision.scaled:
                 return grads, selected.detach()
             if all(bool(torch.isfinite(g).all()) for g in grads):

@@ -3,15 +3,16 @@ baselines drawn from a reference distribution, Captum 0.9's signature and meanin
 
     GradientShap(forward_func, multiply_by_inputs=True).attribute(
         inputs, baselines, n_samples=5, stdevs=0.0, target=None, additional_forward_args=None,
-        return_convergence_delta=False, *, seed=None, n_samples_batch_size=None,
-        max_rows=None, precision="fp32", memory_budget=None, allow_nonfinite=False,
-        kernel_backend=None, channels_last=None)
+        return_convergence_delta=False, *, seed=None, n_samples_batch_size=None, **options)
         -> attributions, or (attributions, delta) with return_convergence_delta=True
 
     GradientShap(...).attribute_batch(
         inputs, baselines, n_samples=5, stdevs=0.0, target=None, additional_forward_args=None,
-        with_delta=True, *, seed=None, sample_ids=None, with_output=True, <same extras>)
-        -> BatchResult
+        with_delta=True, *, seed=None, sample_ids=None, with_output=True, n_samples_batch_size=None,
+        internal_batch_size=None, **options) -> BatchResult
+
+``options``: fastattr's keyword options (fastattr/options.py: precision, max_rows, ...);
+``internal_batch_size`` is another name for ``max_rows``.
 
 Meaning (as Captum): for each example, ``n_samples`` copies; copy j draws a baseline row
 x0_j uniformly from the reference set (independently per input, as Captum does), adds
@@ -57,7 +58,19 @@ import numpy as np
 import torch
 
 from . import kernels
-from .engine import Problem, frozen_parameters, use_channels_last
+from ._copies import (
+    check_seed,
+    check_stdevs,
+    copy_major,
+    group_sizes,
+    reference_rows,
+    stream_seed,
+    tile_args,
+    tile_kwargs,
+    tile_target,
+)
+from .attribution import BatchResult, GradientAttribution, combine_stats
+from .engine import Layout, Problem, frozen_parameters
 from .inputs import (
     AttributionInputError,
     TensorOrTuple,
@@ -66,19 +79,7 @@ from .inputs import (
     normalize_forward_args,
     normalize_target,
 )
-from .methods import BatchResult, _GradientAttribution, combine_stats
-from .noise_tunnel import (
-    check_count,
-    check_seed,
-    check_stdevs,
-    copy_major,
-    group_sizes,
-    reference_rows,
-    stream_seed,
-    tile_args,
-    tile_target,
-)
-from .precision import get_precision
+from .options import OptionsDict, Unpack, optional_positive_int, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -104,41 +105,15 @@ class _SourceReference:
         return got.index_select(0, inverse).to(device)
 
 
-class GradientShap(_GradientAttribution):
+class GradientShap(GradientAttribution):
     """Expected gradients / GradientSHAP (see the module docstring)."""
 
-    def __init__(self, forward_func: Callable[..., torch.Tensor], multiply_by_inputs: bool = True) -> None:
+    has_delta = True
+    draws_own_noise = True  # NoiseTunnel hands it whole noise partitions (its draws follow Captum's order)
+
+    def __init__(self, forward_func: Callable[..., Any], multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        baselines: Any,
-        n_samples: int = 5,
-        stdevs: float | tuple[float, ...] = 0.0,
-        target: Any = None,
-        additional_forward_args: Any = None,
-        return_convergence_delta: bool = False,
-        *,
-        seed: int | None = None,
-        **options: Any,
-    ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
-        res, per_copy = self._run(
-            inputs, baselines, n_samples, stdevs, target, additional_forward_args, return_convergence_delta,
-            seed=seed, sample_ids=None, with_output=False, **options,
-        )  # fmt: skip
-        attrs = self._format(res.attributions, res.is_tuple)
-        if return_convergence_delta:
-            return attrs, per_copy.t().reshape(-1)  # type: ignore[union-attr]  # Captum: example-major
-        return attrs
 
     def attribute_batch(
         self,
@@ -153,58 +128,30 @@ class GradientShap(_GradientAttribution):
         seed: int | None = None,
         sample_ids: torch.Tensor | None = None,
         with_output: bool = True,
-        **options: Any,
-    ) -> BatchResult:
-        """attribute() with what a dataset run stores (see the module docstring)."""
-        res, _ = self._run(
-            inputs, baselines, n_samples, stdevs, target, additional_forward_args, with_delta,
-            seed=seed, sample_ids=sample_ids, with_output=with_output, **options,
-        )  # fmt: skip
-        return res
-
-    # ------------------------------------------------------------------ internals
-    def _run(
-        self,
-        inputs: TensorOrTuple,
-        baselines: Any,
-        n_samples: int,
-        stdevs: Any,
-        target: Any,
-        additional_forward_args: Any,
-        with_delta: bool,
-        *,
-        seed: int | None,
-        sample_ids: Any,
-        with_output: bool,
         n_samples_batch_size: int | None = None,
-        max_rows: int | None = None,
         internal_batch_size: int | None = None,
-        precision: str = "fp32",
-        memory_budget: Any = None,
-        allow_nonfinite: bool = False,
-        kernel_backend: str | None = None,
-        channels_last: bool | None = None,
-    ) -> tuple[BatchResult, torch.Tensor | None]:
+        **options: Unpack[OptionsDict],
+    ) -> BatchResult:
+        """attribute() with what a dataset run stores (see the module docstring); ``copy_delta``
+        holds Captum's delta, one per copy, example-major ((B * n_samples,))."""
         # ---- validation, before any model work
-        n = check_count("n_samples", n_samples)
-        group = None if n_samples_batch_size is None else check_count("n_samples_batch_size", n_samples_batch_size)
-        if max_rows is not None and internal_batch_size is not None and max_rows != internal_batch_size:
-            raise AttributionInputError(f"max_rows={max_rows} and internal_batch_size={internal_batch_size} disagree; pass one")
-        cap = max_rows if max_rows is not None else internal_batch_size
+        opts = self._options(options).with_rows("internal_batch_size", internal_batch_size)
+        n = positive_int("n_samples", n_samples)
+        group = optional_positive_int("n_samples_batch_size", n_samples_batch_size)
         xs, is_tuple = as_tuple(inputs)
-        batch = check_inputs(xs, need_float=True, allow_nonfinite=allow_nonfinite)
+        batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         xs = tuple(x.detach() for x in xs)
         sds = check_stdevs(stdevs, len(xs))
         ids = check_seed(seed, sample_ids, batch)
         refs = self._references(baselines, inputs, xs)
-        policy = get_precision(precision)
-        engine = self._engine(policy, cap, memory_budget, kernel_backend)
-        fp32 = self._engine("fp32", cap, memory_budget, kernel_backend)
+        engine = opts.engine(self.forward_func)
+        fp32 = opts.engine(self.forward_func, "fp32")
         device = xs[0].device
         tgt = normalize_target(target, batch, device)
         fargs = normalize_forward_args(additional_forward_args)
-        layout = use_channels_last(channels_last, device, policy)
+        layout: bool | None = None  # settled on the first group
         features = sum(x[0].numel() for x in xs)
+        kernel_backend = opts.kernel_backend
 
         if ids is None:  # Captum's draws, all copies at once and in its order (see module docstring)
             idx_all = [None if r is None else torch.as_tensor(np.random.choice(_count(r), n * batch), dtype=torch.long) for r in refs]
@@ -236,8 +183,10 @@ class GradientShap(_GradientAttribution):
                     alpha.to(x.dtype).view(-1, *([1] * (x.dim() - 1))) * x + (1.0 - alpha.to(x.dtype)).view(-1, *([1] * (x.dim() - 1))) * b
                     for x, b in zip(xn, x0)
                 )
-                problem = Problem(points, None, tile_target(tgt, g), tile_args(fargs, g, batch), channels_last=layout)
+                problem = Problem(points, None, tile_target(tgt, g), tile_args(fargs, g, batch), forward_kwargs=tile_kwargs(opts.kwargs, g, batch))
+                problem = engine.settle_layout(problem, opts.channels_last if layout is None else layout)
                 accs = engine.integrate(problem, [1.0], [1.0])
+                layout = problem.channels_last  # as the first pass settled it
                 tgt = problem.target[:batch] if problem.target is not None else None  # validated (negatives wrapped)
                 attrs, stats = [], []
                 for acc, x, b, lay in zip(accs, xn, x0, problem.layouts):
@@ -265,12 +214,13 @@ class GradientShap(_GradientAttribution):
                 j0 += g
             clean = None
             if with_output:
-                clean_problem = Problem(xs, None, tgt, fargs, channels_last=False)
+                clean_problem = Problem(xs, None, tgt, fargs, forward_kwargs=opts.kwargs)
                 (clean,) = fp32.outputs(clean_problem, [xs])
                 tgt = clean_problem.target
 
         attrs_out, stats_out, var_total = [], [], 0.0
-        for s1, s2, x, lay in zip(sum_g, sum_sq, xs, Problem(xs, None, None, (), channels_last=layout).layouts):
+        for s1, s2, x in zip(sum_g, sum_sq, xs):
+            lay = Layout(x.shape, bool(layout))
             mean = s1 / n
             var_total = var_total + (s2 / n - mean * mean).clamp_min(0).sum(1)
             a, st = kernels.finalize(mean, out_dtype=x.dtype, backend=kernel_backend)
@@ -286,13 +236,14 @@ class GradientShap(_GradientAttribution):
             delta=None if per_copy is None else per_copy.mean(0),
             n_steps=n,
             target=tgt,
+            copy_delta=None if per_copy is None else per_copy.t().reshape(-1),  # Captum: example-major
         )
         if f_x:
             result.extras["noisy_output"] = torch.cat(f_x).mean(0)
         if n > 1:
             # sample variance (n - 1) of the copies, over n: the standard error of the mean
             result.extras["sem"] = (var_total * (n / (n - 1)) / n).sqrt().float()  # type: ignore[union-attr]
-        return result, per_copy
+        return result
 
     def _references(self, baselines: Any, inputs: TensorOrTuple, xs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
         """The reference set per input: a (N, *f) tensor, a number, or a lazy source reader."""

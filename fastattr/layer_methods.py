@@ -24,10 +24,13 @@ Dataset-run entry point (the lead's runner stores everything in the BatchResult)
 
     LayerIntegratedGradients(model, layer, multiply_by_inputs=True).attribute_batch(
         inputs, baselines=None, target=None, additional_forward_args=None, n_steps=50,
-        method="gausslegendre", internal_batch_size=None, with_delta=True,
-        attribute_to_layer_input=False, *, reduce=None, lengths=None, precision="fp32",
-        memory_budget=None, allow_nonfinite=False, kernel_backend=None, channels_last=None,
+        method=None, internal_batch_size=None, with_delta=True, attribute_to_layer_input=False,
+        grad_kwargs=None, *, reduce=None, lengths=None, trim_padding=None, **options,
     ) -> BatchResult
+
+``options``: fastattr's keyword options (fastattr/options.py: precision, max_rows, output,
+forward_kwargs, tolerance, ...). ``attribute()`` is Captum's, formatting this result (per
+layer, a list for a list of layers; trim_padding=False by default there).
 
 - ``attributions``: one tensor per attributed part, ``names`` the layer's qualified name
   (``name[j]`` for part j of a tuple-valued layer); full shape, e.g. (B, T, D) for an
@@ -66,9 +69,18 @@ from typing import Any
 import torch
 
 from . import adaptive, kernels
-from .activations import LayerSlot, capture, check_lengths, fresh_slots, layer_slots, lengths_from_mask
-from .engine import Engine, Problem, frozen_parameters, use_channels_last
-from .errors import PaddingNotIgnoredError  # noqa: F401 - re-exported
+from .activations import (
+    LayerSlot,
+    capture,
+    check_lengths,
+    fresh_slots,
+    layer_slots,
+    lengths_from_mask,
+    per_layer_structure,
+)
+from .attribution import BatchResult, GradientAttribution, combine_stats, completeness_delta
+from .engine import Engine, Problem, frozen_parameters
+from .errors import OptionError, PaddingNotIgnoredError
 from .inputs import (
     AttributionInputError,
     NoGradientError,
@@ -79,7 +91,7 @@ from .inputs import (
     normalize_forward_args,
     normalize_target,
 )
-from .methods import BatchResult, combine_stats, completeness_delta
+from .options import PATH, Options, OptionsDict, Unpack
 from .precision import get_precision
 from .quadrature import points_and_weights
 
@@ -104,7 +116,7 @@ class _PatchedForward:
         self.to_input = to_input
         self.n_acts = sum(len(s.parts) for s in slots)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         acts, rest = args[: self.n_acts], args[self.n_acts :]
         calls = [0] * len(self.slots)
         handles = []
@@ -116,7 +128,7 @@ class _PatchedForward:
                 handles.append(
                     s.module.register_forward_pre_hook(hook) if self.to_input else s.module.register_forward_hook(hook)
                 )
-            y = self.forward_func(*rest)
+            y = self.forward_func(*rest, **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -149,8 +161,12 @@ class _PatchedForward:
         return hook
 
 
-class LayerIntegratedGradients:
+class LayerIntegratedGradients(GradientAttribution):
     """Integrated gradients with respect to a layer's output or input (Captum-compatible)."""
+
+    option_names = PATH
+    has_delta = True
+    captum_defaults = {"trim_padding": False}  # attribute() trims only when asked
 
     def __init__(
         self,
@@ -159,64 +175,13 @@ class LayerIntegratedGradients:
         device_ids: list[int] | None = None,
         multiply_by_inputs: bool = True,
     ) -> None:
-        self.forward_func = forward_func
         self.slots, self.is_list = layer_slots(forward_func, layer, device_ids)
+        super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
         self._patched: dict[tuple, _PatchedForward] = {}
         self._lock = threading.Lock()
         if len(self.slots) > 1:
             logger.info("several layers: none may feed another, or the upstream one gets no gradient (as in Captum)")
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
-
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        baselines: Any = None,
-        target: Any = None,
-        additional_forward_args: Any = None,
-        n_steps: int | str = 50,
-        method: str | None = None,
-        internal_batch_size: int | None = None,
-        return_convergence_delta: bool = False,
-        attribute_to_layer_input: bool = False,
-        *,
-        lengths: Any = None,
-        trim_padding: bool = False,
-        precision: str = "fp32",
-        memory_budget: Any = None,
-        allow_nonfinite: bool = False,
-        kernel_backend: str | None = None,
-        channels_last: bool | None = None,
-        tolerance: float | None = None,
-        max_steps: int | None = None,
-        abs_tolerance: float | None = None,
-        min_steps: int | None = None,
-    ) -> Any:
-        """Captum's result: per layer a tensor of the layer's shape (a tuple for a tuple-valued
-        layer), a list of those when a list of layers was given; plus the (B,) delta on request.
-        n_steps="auto" with tolerance / max_steps / abs_tolerance / min_steps: adaptive steps.
-        ``trim_padding=True`` with ``lengths`` (B,): the padding-aware pass (module docstring);
-        raises PaddingNotIgnoredError if the model's output depends on the padding."""
-        auto = adaptive.given(tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps)
-        res, slots = self._attribute(
-            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, return_convergence_delta,
-            attribute_to_layer_input, None, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
-            trim_padding,
-        )  # fmt: skip
-        per_layer: list[Any] = []
-        i = 0
-        for s in slots:
-            n = len(s.parts)
-            per_layer.append(res.attributions[i] if n == 1 else tuple(res.attributions[i : i + n]))
-            i += n
-        result = per_layer if self.is_list else per_layer[0]
-        return (result, res.delta) if return_convergence_delta else result
 
     def attribute_batch(
         self,
@@ -229,32 +194,28 @@ class LayerIntegratedGradients:
         internal_batch_size: int | None = None,
         with_delta: bool = True,
         attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
         *,
         reduce: str | None = None,
         lengths: Any = None,
         trim_padding: bool | None = None,
-        tolerance: float | None = None,
-        max_steps: int | None = None,
-        abs_tolerance: float | None = None,
-        min_steps: int | None = None,
-        precision: str = "fp32",
-        memory_budget: Any = None,
-        allow_nonfinite: bool = False,
-        kernel_backend: str | None = None,
-        channels_last: bool | None = None,
+        **options: Unpack[OptionsDict],
     ) -> BatchResult:
         """attribute() with everything a dataset run stores; see the module docstring.
+        attribute() returns Captum's result: per layer a tensor of the layer's shape (a tuple for a
+        tuple-valued layer), a list of those when a list of layers was given; plus the (B,) delta.
         n_steps="auto" (with tolerance, max_steps, abs_tolerance, min_steps) refines each sample
         to the completeness tolerance as IntegratedGradients does (fastattr/adaptive.py).
-        ``trim_padding``: None (default) trims when ``lengths`` are given and falls back to the
-        full-length pass with a warning where trimming would not be exact; True requires it
-        (errors instead); False never trims."""
-        auto = adaptive.given(tolerance=tolerance, max_steps=max_steps, abs_tolerance=abs_tolerance, min_steps=min_steps)
+        ``grad_kwargs``: Captum's; ``{"materialize_grads": True}`` gives zeros for a layer the
+        output does not depend on (instead of NoGradientError).
+        ``trim_padding``: None (attribute_batch's default) trims when ``lengths`` are given and
+        falls back to the full-length pass with a warning where trimming would not be exact; True
+        requires it (errors instead); False (attribute()'s default) never trims."""
+        opts = self._options(options).with_rows("internal_batch_size", internal_batch_size)
         return self._attribute(
-            inputs, baselines, target, additional_forward_args, n_steps, method, internal_batch_size, with_delta,
-            attribute_to_layer_input, reduce, lengths, precision, memory_budget, allow_nonfinite, kernel_backend, channels_last, auto,
-            trim_padding,
-        )[0]  # fmt: skip
+            opts, inputs, baselines, target, additional_forward_args, n_steps, method, with_delta,
+            attribute_to_layer_input, grad_kwargs, reduce, lengths, trim_padding,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ internals
     def _forward_for(self, slots: Sequence[LayerSlot], to_input: bool) -> _PatchedForward:
@@ -264,75 +225,69 @@ class LayerIntegratedGradients:
                 self._patched[key] = _PatchedForward(self.forward_func, slots, to_input)
             return self._patched[key]
 
+    def _structure(self, slots: Sequence[LayerSlot]) -> Callable[[list[torch.Tensor]], Any]:
+        """Captum's nesting: per layer a tensor (or a tuple of its parts), a list for a list of layers."""
+        return per_layer_structure([len(s.parts) for s in slots], self.is_list)
+
     def _attribute(
         self,
+        opts: Options,
         inputs: TensorOrTuple,
         baselines: Any,
         target: Any,
         additional_forward_args: Any,
         n_steps: int | str,
         method: str | None,
-        internal_batch_size: int | None,
         with_delta: bool,
         to_input: bool,
+        grad_kwargs: dict[str, Any] | None,
         reduce: str | None,
         lengths: Any,
-        precision: str,
-        memory_budget: Any,
-        allow_nonfinite: bool,
-        kernel_backend: str | None,
-        channels_last: bool | None,
-        auto: dict[str, Any] | None = None,
-        trim_padding: bool | None = False,
-    ) -> tuple[BatchResult, list[LayerSlot]]:
+        trim_padding: bool | None,
+    ) -> BatchResult:
         # ---- validation, before any model work
-        settings = adaptive.resolve(n_steps, method, auto or {})  # n_steps="auto": per-sample adaptive steps
+        settings = adaptive.resolve(n_steps, method, opts.adaptive())  # n_steps="auto": per-sample adaptive steps
         if settings is None:
             alphas, weights = points_and_weights(method or "gausslegendre", n_steps)
-        policy, fp32 = get_precision(precision), get_precision("fp32")
+        cap = opts.max_rows
         if reduce is not None and reduce not in REDUCTIONS:
-            raise ValueError(f"reduce must be None (full tensor) or one of {REDUCTIONS}, got {reduce!r}")
+            raise OptionError(f"reduce must be None (full tensor) or one of {REDUCTIONS}, got {reduce!r}")
+        if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
+            raise OptionError(f"grad_kwargs must be a dict, got {type(grad_kwargs).__name__}")
         xs, _ = as_tuple(inputs)
         xs = tuple(x.detach() for x in xs)
-        batch = check_inputs(xs, need_float=False, allow_nonfinite=allow_nonfinite)
-        x0s = expand_baselines(baselines, xs, allow_nonfinite=allow_nonfinite)
+        batch = check_inputs(xs, need_float=False, allow_nonfinite=opts.allow_nonfinite)
+        x0s = expand_baselines(baselines, xs, allow_nonfinite=opts.allow_nonfinite)
         device = xs[0].device
         tgt = normalize_target(target, batch, device)
         fargs = normalize_forward_args(additional_forward_args)
         lens = check_lengths(lengths, batch, device)
         if trim_padding not in (None, True, False):
-            raise ValueError(
-                f"trim_padding must be True, False or None (trim when lengths are given), got {trim_padding!r}"
-            )
+            raise OptionError(f"trim_padding must be True, False or None (trim when lengths are given), got {trim_padding!r}")
         if trim_padding and lens is None:
-            raise ValueError("trim_padding=True needs lengths= (B,): the real tokens per padded row")
+            raise OptionError("trim_padding=True needs lengths= (B,): the real tokens per padded row")
         if trim_padding and settings is not None:
-            raise ValueError("trim_padding=True is not supported with n_steps='auto'; use a fixed n_steps")
+            raise OptionError("trim_padding=True is not supported with n_steps='auto'; use a fixed n_steps")
         # None: trim when it can apply (lengths given, fixed steps); True: required, errors instead of falling back
         want_trim = lens is not None and settings is None and trim_padding is not False
-        selector = Engine(
-            self.forward_func,
-            fp32,
-            max_rows=internal_batch_size,
-            memory_budget=memory_budget,
-            kernel_backend=kernel_backend,
-        )
-        select_problem = Problem(xs, None, tgt, fargs, channels_last=False)  # validates the target on the first output
+        selector = opts.engine(self.forward_func, "fp32")
+        select_problem = Problem(xs, None, tgt, fargs, forward_kwargs=opts.kwargs)  # validates the target on the first output
         slots = fresh_slots(self.slots)
         f_both: list[torch.Tensor] = []
 
         def on_output(y: Any, ex: torch.Tensor, r0: int, r1: int) -> None:
+            selected = selector._select(y, ex, select_problem)
             if not f_both:
-                dtype = torch.float64 if isinstance(y, torch.Tensor) and y.dtype == torch.float64 else torch.float32
+                dtype = torch.float64 if selected.dtype == torch.float64 else torch.float32
                 f_both.append(torch.empty(2 * batch, dtype=dtype, device=device))
-            f_both[0][r0:r1] = selector._select(y, ex, select_problem).to(f_both[0].dtype)
+            f_both[0][r0:r1] = selected.to(f_both[0].dtype)
 
         with frozen_parameters(self.forward_func):
             # ---- 1. a(x), a(x0) and F(x), F(x0): forward only, fp32, x and x0 stacked
             stacked = tuple(torch.cat([x, x0]) for x, x0 in zip(xs, x0s))
             parts = capture(
-                self.forward_func, slots, stacked, fargs, batch,
-                max_rows=internal_batch_size, to_input=to_input, precision=fp32, on_output=on_output,
+                self.forward_func, slots, stacked, fargs, batch, forward_kwargs=opts.kwargs,
+                max_rows=cap, to_input=to_input, precision=get_precision("fp32"), on_output=on_output,
             )  # fmt: skip
             empty = [s.name for s in slots if not s.parts]
             if empty:
@@ -355,42 +310,29 @@ class LayerIntegratedGradients:
             # ---- 2. IG over the activations, the model patched at the layer
             problem = Problem(
                 tuple(a[:batch] for a in acts), tuple(a[batch:] for a in acts), select_problem.target, (*xs, *fargs),
-                target_checked=True, channels_last=False if trim else use_channels_last(channels_last, device, policy),
+                target_checked=True, forward_kwargs=opts.kwargs,
             )  # fmt: skip
             forward = self._forward_for(slots, to_input)
-            engine = Engine(
-                forward,
-                policy,
-                max_rows=internal_batch_size,
-                memory_budget=memory_budget,
-                kernel_backend=kernel_backend,
-            )
+            engine = opts.engine(forward, grad_kwargs=grad_kwargs)
+            engine.settle_layout(problem, False if trim else opts.channels_last)
             if trim:
-                trim = _padding_ignored(
-                    forward, problem, lens, f_x, f_x0,
-                    cap=internal_batch_size, kernel_backend=kernel_backend, required=bool(trim_padding),
-                )  # fmt: skip
+                trim = _padding_ignored(forward, problem, lens, f_x, f_x0, cap=cap, opts=opts, required=bool(trim_padding))
             try:
                 if trim:
-                    trim_engine = Engine(
-                        forward,
-                        policy,
-                        max_rows=_trim_rows(internal_batch_size, len(alphas), device),
-                        memory_budget=memory_budget,
-                        kernel_backend=kernel_backend,
-                    )
+                    trim_engine = opts.engine(forward, max_rows=_trim_rows(cap, len(alphas), device), grad_kwargs=grad_kwargs)
                     accs = _integrate_trimmed(trim_engine, problem, lens, alphas, weights)
                 elif settings is None:
                     accs = engine.integrate(problem, alphas, weights)
                 else:  # the caller's F(x), F(x0) are the fp32 values from step 1
-                    node_engine = None if policy.name == "fp32" else Engine(forward, fp32, max_rows=internal_batch_size, memory_budget=memory_budget, kernel_backend=kernel_backend)
+                    node_engine = None if engine.precision.name == "fp32" else opts.engine(forward, "fp32")
                     adapted = adaptive.integrate_adaptive(engine, problem, settings, f_x=f_x, f_x0=f_x0, node_engine=node_engine)
                     accs = adapted.accs
             except NoGradientError as e:
                 names = [n for s in slots for n in s.part_names()]
                 raise NoGradientError(
                     f"{e}; the attributed parts are, in order, {names}. A layer off the path to the output, or one that only "
-                    "feeds another listed layer, gets no gradient (listed layers must not depend on each other)"
+                    "feeds another listed layer, gets no gradient (listed layers must not depend on each other); "
+                    'grad_kwargs={"materialize_grads": True} gives zeros for it instead, as in Captum'
                 ) from None
         attrs, stats = engine.finalize(problem, accs, multiply_by_inputs=self._multiply_by_inputs)
         combined = combine_stats(stats)
@@ -398,17 +340,17 @@ class LayerIntegratedGradients:
         if reduce is not None:
             # per-token (per-position) attributions: the last (embedding / channel) dim reduced
             attrs = [
-                kernels.channel_reduce(a.contiguous(), a.dim() - 1, reduce, out_dtype=a.dtype, backend=kernel_backend)
+                kernels.channel_reduce(a.contiguous(), a.dim() - 1, reduce, out_dtype=a.dtype, backend=opts.kernel_backend)
                 for a in attrs
             ]
         extras = {} if lens is None else {"lengths": lens}
         if settings is not None:
             n_steps, extras["converged"] = adapted.n_steps, adapted.converged
         names = [n for s in slots for n in s.part_names()]
-        result = BatchResult(
-            attrs, len(attrs) > 1, combined, f_x, f_x0, delta, n_steps, problem.target, names=names, extras=extras
-        )
-        return result, slots
+        return BatchResult(
+            attrs, len(attrs) > 1, combined, f_x, f_x0, delta, n_steps, problem.target, names=names, extras=extras,
+            structure=self._structure(slots),
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------- padding-aware pass
@@ -458,7 +400,7 @@ def _padding_ignored(
     f_x0: torch.Tensor,
     *,
     cap: int | None,
-    kernel_backend: str | None,
+    opts: Options,
     required: bool,
 ) -> bool:
     """Whether F at trimmed x and x0 matches F at full length from the capture pass.
@@ -475,9 +417,7 @@ def _padding_ignored(
     ex = order.repeat_interleave(2)
     ends = torch.tensor([1.0, 0.0], dtype=problem.inputs[0].dtype, device=problem.device).repeat(batch)
     rows = 2 * -(-batch // TRIM_CHECK_FORWARDS)  # x and x0 of ceil(B / forwards) examples
-    check = Engine(
-        forward, get_precision("fp32"), max_rows=rows if cap is None else min(cap, rows), kernel_backend=kernel_backend
-    )
+    check = opts.engine(forward, "fp32", max_rows=rows if cap is None else min(cap, rows))
     try:
         got = check.outputs_pairs(problem, ex, ends, seq_lengths=lens)
     except (AttributionInputError, RuntimeError) as e:  # e.g. a model that cannot run on cut inputs

@@ -1,7 +1,6 @@
-"""NoiseTunnel: SmoothGrad, SmoothGrad-squared and VarGrad over fastattr's methods.
+"""NoiseTunnel: SmoothGrad, SmoothGrad-squared and VarGrad over an attribution method.
 
-Captum 0.9's signature and meaning; wraps ``Saliency``, ``InputXGradient``,
-``IntegratedGradients`` and ``GradientShap``::
+Captum 0.9's signature and meaning::
 
     NoiseTunnel(method).attribute(
         inputs, nt_type="smoothgrad", nt_samples=5, nt_samples_batch_size=None, stdevs=1.0,
@@ -11,18 +10,27 @@ Captum 0.9's signature and meaning; wraps ``Saliency``, ``InputXGradient``,
     NoiseTunnel(method).attribute_batch(
         inputs, nt_type="smoothgrad", nt_samples=5, nt_samples_batch_size=None, stdevs=1.0,
         draw_baseline_from_distrib=False, *, seed=None, sample_ids=None, with_output=True,
-        **kwargs) -> BatchResult
+        with_delta=None, **kwargs) -> BatchResult
 
 ``kwargs`` go to the wrapped method: baselines, target, additional_forward_args, n_steps,
-method, internal_batch_size, return_convergence_delta, abs, and fastattr's keyword
-extras (precision, memory_budget, max_rows, allow_nonfinite, kernel_backend, channels_last).
+method, internal_batch_size, abs, attribute_to_layer_input, ..., and fastattr's options
+(fastattr/options.py: precision, max_rows, output, forward_kwargs, ...).
+
+Two paths:
+
+- fastattr's own methods (``noise_batched``: Saliency, InputXGradient, IntegratedGradients,
+  GradientShap, LayerIntegratedGradients): the batched path below.
+- any other Captum-style attribution object (Captum's DeepLift, GuidedBackprop,
+  FeatureAblation, ...; fastattr's LayerActivation): Captum's own algorithm, call for call
+  (fastattr/noise_generic.py).
 
 Meaning (as Captum): each example gets ``nt_samples`` noisy copies x + N(0, stdev^2) (one
 stdev per input); the wrapped method attributes each copy as if it were the input (so
 multiply_by_inputs multiplies by the *noisy* input minus the baseline); smoothgrad is the
 mean of the copies' attributions, smoothgrad_sq the mean of their squares, vargrad
 E[a^2] - E[a]^2. With ``draw_baseline_from_distrib`` each copy gets a baseline drawn
-uniformly from the rows of ``baselines`` (a reference set).
+uniformly from the rows of ``baselines`` (a reference set). Over LayerIntegratedGradients the
+noise is added to the model inputs and the layer's attributions are smoothed.
 
 Batching: the noisy copies of a batch form a virtual batch of (copies x examples) rows,
 laid out copy-major (row j * B + b), handed to the wrapped method's engine, whose
@@ -56,11 +64,12 @@ BatchResult of ``attribute_batch``: attributions and stats of the smoothed resul
 a convergence delta, ``delta`` and ``baseline_output`` are the means over the copies of
 each copy's delta and F(x0), and ``extras["noisy_output"]`` the mean of F(x + noise), so
 delta = sum(attr) - (noisy_output - baseline_output) for smoothgrad. (``attribute``'s
-delta is Captum's: one entry per copy, partition by partition, example-major.)
+delta, ``copy_delta``, is Captum's: one entry per copy, partition by partition, example-major.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from typing import Any
@@ -69,7 +78,23 @@ import numpy as np
 import torch
 
 from . import kernels
-from .engine import Engine, Problem, frozen_parameters
+from ._copies import (
+    captum_delta_order,
+    check_seed,
+    check_stdevs,
+    copy_major,
+    draw_rows,
+    group_sizes,
+    reference_rows,
+    stream_seed,
+    tile,
+    tile_args,
+    tile_kwargs,
+    tile_target,
+)
+from .attribution import Attribution, BatchResult, combine_stats
+from .engine import Problem, frozen_parameters
+from .errors import OptionError
 from .inputs import (
     AttributionInputError,
     TensorOrTuple,
@@ -78,179 +103,35 @@ from .inputs import (
     normalize_forward_args,
     normalize_target,
 )
-from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency, combine_stats
-from .precision import get_precision
+from .noise_generic import NT_TYPES, generic_noise_tunnel
+from .options import FIELDS, Options, optional_positive_int, positive_int
 
 logger = logging.getLogger(__name__)
 
-NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
-GROUP_ELEMENTS = 2**23  # input elements per group of noisy copies (32 MiB in fp32 per copy held)
-_MASK64 = (1 << 64) - 1
+__all__ = ["NT_TYPES", "NoiseTunnel"]
+
+# arguments NoiseTunnel fills per copy group (the rest of kwargs go to the wrapped method as given)
+_MANAGED = frozenset({"inputs", "baselines", "target", "additional_forward_args", "with_output", "with_delta", "seed", "sample_ids", "options"})
 
 
-# ----------------------------------------------------------------------------- shared helpers
+class NoiseTunnel(Attribution):
+    """SmoothGrad / SmoothGrad^2 / VarGrad over an attribution method (see module docstring)."""
 
-
-def check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise AttributionInputError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def check_stdevs(stdevs: Any, n_inputs: int) -> tuple[float, ...]:
-    """One finite, non-negative stdev per input (a number is shared by all inputs)."""
-    if isinstance(stdevs, (tuple, list)):
-        if len(stdevs) != n_inputs:
-            raise AttributionInputError(f"got {len(stdevs)} stdevs for {n_inputs} inputs; pass one number or one per input")
-        values = tuple(stdevs)
-    else:
-        values = (stdevs,) * n_inputs
-    for i, s in enumerate(values):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not np.isfinite(s) or s < 0:
-            raise AttributionInputError(f"stdev {i} must be a finite number >= 0, got {s!r}")
-    return tuple(float(s) for s in values)
-
-
-def check_seed(seed: Any, sample_ids: Any, batch: int) -> list[int] | None:
-    """Validated global sample indices for the seeded stream (None without a seed)."""
-    if seed is None:
-        if sample_ids is not None:
-            raise AttributionInputError("sample_ids only apply with seed=; pass a seed to draw noise per sample")
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise AttributionInputError(f"seed must be an int, got {type(seed).__name__}")
-    if sample_ids is None:
-        return list(range(batch))
-    ids = torch.as_tensor(sample_ids)
-    if ids.is_floating_point() or ids.dim() != 1 or ids.shape[0] != batch:
-        raise AttributionInputError(f"sample_ids must be a 1-D integer tensor of {batch} global indices, got shape {tuple(ids.shape)} dtype {ids.dtype}")
-    return [int(v) for v in ids.tolist()]
-
-
-def _splitmix64(z: int) -> int:
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
-
-
-def stream_seed(*keys: int) -> int:
-    """A 63-bit generator seed from integer keys (seed, sample, copy, ...): a counter hash,
-    so each (sample, copy) stream is independent of how samples are batched."""
-    h = 0
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h >> 1
-
-
-def group_sizes(total: int, batch: int, features: int, fixed: int | None) -> list[int]:
-    """Copies per group: ``fixed`` when given, else as many as fit GROUP_ELEMENTS (>= 1)."""
-    size = fixed if fixed is not None else max(1, GROUP_ELEMENTS // max(1, batch * features))
-    size = min(size, total)
-    return [size] * (total // size) + ([total % size] if total % size else [])
-
-
-def tile(t: torch.Tensor, copies: int, batch: int) -> torch.Tensor:
-    """(B, ...) -> (copies * B, ...) copy-major; other shapes pass through (broadcast / distributions)."""
-    if t.dim() == 0 or t.shape[0] != batch or copies == 1:
-        return t
-    return t.unsqueeze(0).expand(copies, *t.shape).reshape(copies * batch, *t.shape[1:])
-
-
-def tile_args(args: tuple, copies: int, batch: int) -> tuple:
-    return tuple(tile(a, copies, batch) if isinstance(a, torch.Tensor) else a for a in args)
-
-
-def tile_target(target: torch.Tensor | None, copies: int) -> torch.Tensor | None:
-    return None if target is None else target.repeat(copies, 1)
-
-
-def copy_major(t: torch.Tensor, batch: int, copies: int) -> torch.Tensor:
-    """Rows in Captum's example-major order (b * k + j) -> copy-major (j * B + b)."""
-    return t.reshape(batch, copies, *t.shape[1:]).transpose(0, 1).reshape(batch * copies, *t.shape[1:])
-
-
-def captum_delta_order(per_copy: torch.Tensor, partition: int) -> torch.Tensor:
-    """(copies, B) deltas -> Captum NoiseTunnel's layout: partitions of ``partition`` copies
-    concatenated, each example-major (b * k + j)."""
-    parts = per_copy.split(partition, dim=0)
-    return torch.cat([p.t().reshape(-1) for p in parts])
-
-
-def reference_rows(baselines: tuple[Any, ...], inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:
-    """Validate a reference set (one (N, *features) tensor per input, or a number)."""
-    if len(baselines) != len(inputs):
-        raise AttributionInputError(f"got {len(baselines)} baseline distributions for {len(inputs)} inputs")
-    out: list[Any] = []
-    for i, (b, x) in enumerate(zip(baselines, inputs)):
-        if isinstance(b, (int, float)) and not isinstance(b, bool):
-            out.append(float(b))
-            continue
-        if not isinstance(b, torch.Tensor):
-            raise AttributionInputError(f"baseline distribution {i} must be a tensor or a number, got {type(b).__name__}")
-        if b.dim() == x.dim() - 1 and b.shape == x.shape[1:]:
-            b = b.unsqueeze(0)
-        if b.shape[1:] != x.shape[1:]:
-            raise AttributionInputError(f"baseline distribution {i} has shape {tuple(b.shape)}; its rows must have input {i}'s shape {tuple(x.shape[1:])}")
-        if b.shape[0] == 0:
-            raise AttributionInputError(f"baseline distribution {i} is empty: the reference set needs at least one sample")
-        out.append(b.detach())
-    return tuple(out)
-
-
-def draw_rows(refs: tuple[Any, ...], idx: list[torch.Tensor | None], device: torch.device) -> tuple[Any, ...]:
-    """Gather drawn reference rows per input (numbers stay numbers)."""
-    return tuple(r.index_select(0, ix.to(r.device)).to(device) if isinstance(r, torch.Tensor) and ix is not None else r for r, ix in zip(refs, idx))
-
-
-# ----------------------------------------------------------------------------- NoiseTunnel
-
-
-class NoiseTunnel:
-    """SmoothGrad / SmoothGrad^2 / VarGrad over a fastattr attribution method (see module docstring)."""
+    noise_batched = False  # a NoiseTunnel inside a NoiseTunnel goes the generic path
 
     def __init__(self, attribution_method: Any) -> None:
-        from .gradient_shap import GradientShap  # the two modules refer to each other
-
-        if not isinstance(attribution_method, (Saliency, InputXGradient, IntegratedGradients, GradientShap)):
-            raise TypeError(
-                f"NoiseTunnel wraps fastattr's Saliency, InputXGradient, IntegratedGradients or GradientShap; got {type(attribution_method).__name__}"
-            )
+        if not callable(getattr(attribution_method, "attribute", None)) or not hasattr(attribution_method, "forward_func"):
+            raise TypeError(f"NoiseTunnel wraps an attribution object (with .attribute and .forward_func); got {type(attribution_method).__name__}")
         self.attribution_method = attribution_method
         self.forward_func = attribution_method.forward_func
-        self.is_delta_supported = attribution_method.has_convergence_delta()
-        self._multiply_by_inputs = getattr(attribution_method, "multiplies_by_inputs", False)
-        self._is_shap = isinstance(attribution_method, GradientShap)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return self._multiply_by_inputs
+        self.is_delta_supported = bool(attribution_method.has_convergence_delta())
+        self._multiply_by_inputs = bool(getattr(attribution_method, "multiplies_by_inputs", False))
+        # Captum's NoiseTunnel makes noisy inputs require grad for gradient methods (GradientAttribution)
+        self.is_gradient_method = hasattr(attribution_method, "gradient_func") or hasattr(attribution_method, "compute_convergence_delta")
+        self.batched = bool(getattr(attribution_method, "noise_batched", False)) and callable(getattr(attribution_method, "attribute_batch", None))
 
     def has_convergence_delta(self) -> bool:
         return self.is_delta_supported
-
-    def attribute(
-        self,
-        inputs: TensorOrTuple,
-        nt_type: str = "smoothgrad",
-        nt_samples: int = 5,
-        nt_samples_batch_size: int | None = None,
-        stdevs: float | tuple[float, ...] = 1.0,
-        draw_baseline_from_distrib: bool = False,
-        *,
-        seed: int | None = None,
-        **kwargs: Any,
-    ) -> TensorOrTuple | tuple[TensorOrTuple, torch.Tensor]:
-        want_delta = bool(kwargs.pop("return_convergence_delta", False))
-        res, per_copy = self._run(
-            inputs, nt_type, nt_samples, nt_samples_batch_size, stdevs, draw_baseline_from_distrib, kwargs,
-            seed=seed, sample_ids=None, with_output=False, with_delta=want_delta,
-        )  # fmt: skip
-        attrs = tuple(res.attributions) if res.is_tuple else res.attributions[0]
-        if want_delta and self.is_delta_supported:
-            partition = min(nt_samples, nt_samples_batch_size or nt_samples)
-            return attrs, captum_delta_order(per_copy, partition)
-        return attrs
 
     def attribute_batch(
         self,
@@ -264,45 +145,52 @@ class NoiseTunnel:
         seed: int | None = None,
         sample_ids: torch.Tensor | None = None,
         with_output: bool = True,
+        with_delta: bool | None = None,
         **kwargs: Any,
     ) -> BatchResult:
-        """attribute() with what a dataset run stores (see the module docstring)."""
-        want_delta = bool(kwargs.pop("return_convergence_delta", self.is_delta_supported))
-        res, _ = self._run(
-            inputs, nt_type, nt_samples, nt_samples_batch_size, stdevs, draw_baseline_from_distrib, kwargs,
-            seed=seed, sample_ids=sample_ids, with_output=with_output, with_delta=want_delta,
-        )  # fmt: skip
-        return res
+        """attribute() with what a dataset run stores (see the module docstring). ``with_delta``:
+        None means the wrapped method's default (a delta where it has one)."""
+        if nt_type not in NT_TYPES:
+            raise OptionError(f"nt_type must be one of {NT_TYPES}, got {nt_type!r}")
+        nt = positive_int("nt_samples", nt_samples)
+        nsbs = optional_positive_int("nt_samples_batch_size", nt_samples_batch_size)
+        want_delta = self.is_delta_supported if with_delta is None else bool(with_delta)
+        if not self.batched:
+            if seed is not None or sample_ids is not None:
+                raise OptionError(f"seed= and sample_ids= need one of fastattr's own methods; NoiseTunnel over {type(self.attribution_method).__name__} draws from the global RNG, as Captum")
+            return generic_noise_tunnel(self, inputs, nt_type, nt, nsbs, stdevs, draw_baseline_from_distrib, kwargs, want_delta and bool(with_delta))
+        return self._batched(inputs, nt_type, nt, nsbs, stdevs, draw_baseline_from_distrib, kwargs, seed=seed, sample_ids=sample_ids, with_output=with_output, with_delta=want_delta)
 
     # ------------------------------------------------------------------ internals
-    def _inner_options(self, kwargs: dict[str, Any], with_delta: bool) -> dict[str, Any]:
-        """kwargs for the wrapped method's attribute_batch, checked against its signature."""
+    def _inner_options(self, kwargs: dict[str, Any], with_delta: bool) -> tuple[dict[str, Any], Options]:
+        """kwargs for the wrapped method's attribute_batch, checked against its signature and
+        options; the options parsed (so forward_kwargs can be tiled per copy group)."""
         method = self.attribution_method
-        params = inspect.signature(method.attribute_batch).parameters
-        names = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if any(p.kind == p.VAR_KEYWORD for p in params.values()):  # Saliency / InputXGradient forward **options
-            names |= set(inspect.signature(method._gradient_batch).parameters) - {"self", "absolute", "multiply_by_inputs"}
-        managed = {"inputs", "baselines", "target", "additional_forward_args", "with_output", "with_delta", "seed", "sample_ids"}
-        unknown = sorted(set(kwargs) - (names - managed) - {"baselines", "target", "additional_forward_args"})
+        names = {n for n, p in inspect.signature(method.attribute_batch).parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        option_kw = {k: v for k, v in kwargs.items() if k in method.option_names or k == "options"}
+        rest = {k: v for k, v in kwargs.items() if k not in option_kw}
+        unknown = sorted(set(rest) - (names - _MANAGED) - {"baselines", "target", "additional_forward_args"})
         if unknown:
-            raise TypeError(f"{type(method).__name__} does not take {', '.join(map(repr, unknown))} (passed through NoiseTunnel)")
+            extra = "" if not set(unknown) & FIELDS else " (not an option it takes)"
+            raise TypeError(f"{type(method).__name__} does not take {', '.join(map(repr, unknown))}{extra} (passed through NoiseTunnel)")
         if "baselines" in kwargs and "baselines" not in names:
             raise TypeError(f"{type(method).__name__} takes no baselines")
         if with_delta and not self.is_delta_supported:
             raise AttributionInputError(f"{type(method).__name__} has no convergence delta; drop return_convergence_delta")
-        options = {k: v for k, v in kwargs.items() if k not in ("baselines", "target", "additional_forward_args")}
+        opts = Options.parse(option_kw, method.option_names, f"{type(method).__name__}.attribute")
+        options = {k: v for k, v in rest.items() if k not in ("baselines", "target", "additional_forward_args")}
         if "with_delta" in names:
             options["with_delta"] = with_delta
         if "with_output" in names:
             options["with_output"] = False  # F at the noisy copies is not needed; F(x) is taken once at the clean input
-        return options
+        return options, opts
 
-    def _run(
+    def _batched(
         self,
         inputs: TensorOrTuple,
         nt_type: str,
-        nt_samples: int,
-        nt_samples_batch_size: int | None,
+        nt: int,
+        nsbs: int | None,
         stdevs: Any,
         draw_baseline_from_distrib: bool,
         kwargs: dict[str, Any],
@@ -311,17 +199,14 @@ class NoiseTunnel:
         sample_ids: Any,
         with_output: bool,
         with_delta: bool,
-    ) -> tuple[BatchResult, torch.Tensor | None]:
+    ) -> BatchResult:
         # ---- validation, before any model work
-        if nt_type not in NT_TYPES:
-            raise AttributionInputError(f"nt_type must be one of {NT_TYPES}, got {nt_type!r}")
-        nt = check_count("nt_samples", nt_samples)
-        nsbs = None if nt_samples_batch_size is None else min(nt, check_count("nt_samples_batch_size", nt_samples_batch_size))
+        nsbs = None if nsbs is None else min(nt, nsbs)
+        options, opts = self._inner_options(kwargs, with_delta)
         xs, is_tuple = as_tuple(inputs)
-        batch = check_inputs(xs, need_float=True, allow_nonfinite=bool(kwargs.get("allow_nonfinite", False)))
+        batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         sds = check_stdevs(stdevs, len(xs))
         ids = check_seed(seed, sample_ids, batch)
-        options = self._inner_options(kwargs, with_delta)
         device = xs[0].device
         xs = tuple(x.detach() for x in xs)
         target = normalize_target(kwargs.get("target"), batch, device)
@@ -342,14 +227,14 @@ class NoiseTunnel:
             # groups, unless the wrapped method draws randomness of its own (GradientShap),
             # which must then see the whole partition to draw as Captum does.
             sizes = [partition] * (nt // partition) + ([nt % partition] if nt % partition else [])
-            plan = [(k, [k] if self._is_shap else group_sizes(k, batch, features, None)) for k in sizes]
+            plan = [(k, [k] if self.attribution_method.draws_own_noise else group_sizes(k, batch, features, None)) for k in sizes]
         else:
             plan = [(g, [g]) for g in group_sizes(nt, batch, features, nsbs)]
 
-        backend = kwargs.get("kernel_backend")
+        backend = opts.kernel_backend
         sum_g: list[torch.Tensor] = []
         sum_sq: list[torch.Tensor] = []
-        out_dtypes: list[torch.dtype] = []
+        first: BatchResult | None = None  # the first group's result: shapes, dtypes, names, structure
         deltas: list[torch.Tensor] = []
         f_noisy: list[torch.Tensor] = []
         f_base: list[torch.Tensor] = []
@@ -370,10 +255,10 @@ class NoiseTunnel:
                 rows = slice(r * batch, (r + g) * batch)  # copy-major: a group is a row slice
                 vin = tuple(t[rows] for t in noisy)
                 vbase = None if drawn is None else tuple(b[rows] if isinstance(b, torch.Tensor) else b for b in drawn)
-                res = self._inner(vin, vbase, has_baselines, baselines, target, fargs, g, batch, options, seed, ids, j0 + r)
-                if not sum_g:
-                    out_dtypes = [a.dtype for a in res.attributions]
-                    acc_dt = [torch.float64 if dt == torch.float64 else torch.float32 for dt in out_dtypes]
+                res = self._inner(vin, is_tuple, vbase, has_baselines, baselines, target, fargs, g, batch, options, opts, seed, ids, j0 + r)
+                if first is None:
+                    first = res
+                    acc_dt = [torch.float64 if a.dtype == torch.float64 else torch.float32 for a in res.attributions]
                     sum_g = [torch.zeros(batch, a[0].numel(), dtype=dt, device=device) for a, dt in zip(res.attributions, acc_dt)]
                     sum_sq = [torch.zeros_like(s) for s in sum_g]
                 for a, s1, s2 in zip(res.attributions, sum_g, sum_sq):
@@ -387,10 +272,11 @@ class NoiseTunnel:
                 steps.append(res.n_steps)
                 r += g
             j0 += k
+        assert first is not None
 
         # ---- smoothing, stats
         attrs_out, stats = [], []
-        for s1, s2, x, dt in zip(sum_g, sum_sq, xs, out_dtypes):
+        for s1, s2, a in zip(sum_g, sum_sq, first.attributions):
             mean = s1 / nt
             if nt_type == "smoothgrad":
                 val = mean
@@ -398,26 +284,29 @@ class NoiseTunnel:
                 val = s2 / nt
             else:  # Captum's vargrad: E[a^2] - E[a]^2
                 val = s2 / nt - mean * mean
-            attr, st = kernels.finalize(val, out_dtype=dt, backend=backend)
-            attrs_out.append(attr.view(x.shape))
+            attr, st = kernels.finalize(val, out_dtype=a.dtype, backend=backend)
+            attrs_out.append(attr.view(batch, *a.shape[1:]))
             stats.append(st)
         per_copy = torch.cat(deltas) if deltas else None
-        out = self._clean_output(xs, target, fargs, kwargs) if with_output else None
+        out = self._clean_output(xs, target, fargs, opts.with_rows("internal_batch_size", kwargs.get("internal_batch_size"))) if with_output else None
         if out is not None:
             target = out[1]
         result = BatchResult(
             attributions=attrs_out,
-            is_tuple=is_tuple,
+            is_tuple=first.is_tuple,
             stats=combine_stats(stats),
             output=None if out is None else out[0],
             baseline_output=torch.cat(f_base).mean(0) if f_base else None,
             delta=None if per_copy is None else per_copy.mean(0),
             n_steps=_combine_steps(steps, batch),
             target=target,
+            names=first.names,
+            structure=first.structure,
+            copy_delta=None if per_copy is None else captum_delta_order(per_copy, partition),
         )
         if f_noisy and per_copy is not None:
             result.extras["noisy_output"] = torch.cat(f_noisy).mean(0)
-        return result, per_copy
+        return result
 
     @staticmethod
     def _draw_global(
@@ -473,6 +362,7 @@ class NoiseTunnel:
     def _inner(
         self,
         vin: tuple[torch.Tensor, ...],
+        is_tuple: bool,
         vbase: tuple[Any, ...] | None,
         has_baselines: bool,
         baselines: Any,
@@ -481,6 +371,7 @@ class NoiseTunnel:
         g: int,
         batch: int,
         options: dict[str, Any],
+        opts: Options,
         seed: int | None,
         ids: list[int] | None,
         j0: int,
@@ -489,6 +380,7 @@ class NoiseTunnel:
         call: dict[str, Any] = dict(options)
         call["target"] = tile_target(target, g)
         call["additional_forward_args"] = tile_args(fargs, g, batch) if fargs else None
+        call["options"] = dataclasses.replace(opts, forward_kwargs=tile_kwargs(opts.forward_kwargs, g, batch))
         if has_baselines:
             if vbase is not None:
                 call["baselines"] = vbase
@@ -496,19 +388,17 @@ class NoiseTunnel:
                 call["baselines"] = tuple(_tile_baseline(b, x, g, batch) for b, x in zip(baselines, vin))
             else:
                 call["baselines"] = _tile_baseline(baselines, vin[0], g, batch)
-        if self._is_shap and ids is not None:
+        if self.attribution_method.draws_own_noise and ids is not None:
             # GradientShap's own draws per (sample, copy), from a stream derived from the seed
             call["seed"] = stream_seed(int(seed), 0x5348)  # type: ignore[arg-type]
             call["sample_ids"] = torch.tensor([stream_seed(i, j0 + j) >> 2 for j in range(g) for i in ids], dtype=torch.long)
-        return method.attribute_batch(vin, **call)
+        return method.attribute_batch(vin if is_tuple else vin[0], **call)
 
-    def _clean_output(self, xs: tuple[torch.Tensor, ...], target: torch.Tensor | None, fargs: tuple, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _clean_output(self, xs: tuple[torch.Tensor, ...], target: torch.Tensor | None, fargs: tuple, opts: Options) -> tuple[torch.Tensor, torch.Tensor | None]:
         """F(x) at the clean input, fp32, in forwards of at most the row cap."""
-        cap = kwargs.get("internal_batch_size") or kwargs.get("max_rows")
-        engine = Engine(self.forward_func, get_precision("fp32"), max_rows=cap)
-        problem = Problem(xs, None, target, fargs, channels_last=False)
+        problem = Problem(xs, None, target, fargs, forward_kwargs=opts.kwargs)
         with frozen_parameters(self.forward_func):
-            (out,) = engine.outputs(problem, [xs])
+            (out,) = opts.engine(self.forward_func, "fp32").outputs(problem, [xs])
         return out, problem.target
 
 

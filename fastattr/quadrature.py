@@ -17,21 +17,22 @@ import functools
 import numpy as np
 import torch
 
+from .errors import OptionError
+from .options import positive_int
+
 RULES = ("gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "trapezoid")
 
 
 @functools.lru_cache(maxsize=256)
 def _rule(method: str, n_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if method not in RULES:
-        raise ValueError(f"unknown integration method {method!r}; choose one of {', '.join(RULES)}")
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-    n = n_steps
+        raise OptionError(f"unknown integration method {method!r}; choose one of {', '.join(RULES)}")
+    n = positive_int("n_steps", n_steps)
     if method == "gausslegendre":
         x, w = np.polynomial.legendre.leggauss(n)
         return tuple(0.5 * (1 + x)), tuple(0.5 * w)
     if n < 2:
-        raise ValueError(f"method {method!r} needs n_steps >= 2, got {n}")
+        raise OptionError(f"method {method!r} needs n_steps >= 2, got {n}")
     # Captum builds Riemann points with float32 torch.linspace; do the same for parity.
     if method == "riemann_left":
         alphas = torch.linspace(0, 1 - 1 / n, n).tolist()
@@ -53,4 +54,6 @@ def _rule(method: str, n_steps: int) -> tuple[tuple[float, ...], tuple[float, ..
 
 def points_and_weights(method: str, n_steps: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(alphas, weights) of a rule with n_steps points, cached."""
-    return _rule(method, n_steps)
+    if not isinstance(method, str):
+        raise OptionError(f"method must be a rule name ({', '.join(RULES)}), got {method!r}")
+    return _rule(method, positive_int("n_steps", n_steps))

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
+from .options import positive_int
 
 ALIASES = {"ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap", "layer_ig": "layer_integrated_gradients"}
 
@@ -70,8 +71,8 @@ def _ig_settings(opts: dict[str, Any]) -> tuple[int | str, str, dict[str, Any], 
     auto = given(**{k: opts.get(k) for k in ("tolerance", "max_steps", "abs_tolerance")})
     # rule None: Captum's gausslegendre for fixed steps, the adaptive default for "auto"; recorded resolved
     rule = opts["rule"] or (DEFAULT_RULE if n_steps == "auto" else "gausslegendre")
-    if not isinstance(n_steps, str) and (not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1):
-        raise ValueError(f"n_steps must be a positive int or 'auto', got {n_steps!r}")
+    if not isinstance(n_steps, str):
+        positive_int("n_steps", n_steps)
     resolve(n_steps, rule, auto)
     params = {"multiply_by_inputs": opts["multiply_by_inputs"], "n_steps": n_steps, "rule": rule, "baselines": opts["baselines_desc"], **auto}
     return n_steps, rule, auto, params
@@ -114,12 +115,6 @@ def _sample_ids(b: Batch) -> torch.Tensor:
     return torch.arange(b.start, b.stop)
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _stdevs(value: Any) -> Any:
     """One stdev, or one per input (a list from JSON or the CLI becomes the tuple the methods take)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
@@ -139,7 +134,7 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
         raise ValueError(f"base_method for noise_tunnel must be integrated_gradients, saliency or input_x_gradient, got {opts['base_method']!r}")
     if opts["nt_type"] not in NT_TYPES:
         raise ValueError(f"nt_type must be one of {', '.join(NT_TYPES)}, got {opts['nt_type']!r}")
-    nt_samples = _positive_int("nt_samples", opts["nt_samples"])
+    nt_samples = positive_int("nt_samples", opts["nt_samples"])
     seed = _check_seed(opts["seed"])
     inner_plan = PLANS[base](model, opts, engine_opts)  # validates the base method's own options
     nt = NoiseTunnel(inner_plan.attributor)
@@ -168,7 +163,7 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
     refs = opts["references"]
     if refs is None:
         raise ValueError("gradient_shap needs references=: reference samples (an array or tensor with one row per reference) or a dataset")
-    n_samples = _positive_int("n_samples", opts["n_samples"])
+    n_samples = positive_int("n_samples", opts["n_samples"])
     seed = _check_seed(opts["seed"])
     if isinstance(refs, (torch.Tensor, np.ndarray, tuple)):
         parts = refs if isinstance(refs, tuple) else (refs,)

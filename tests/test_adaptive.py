@@ -15,6 +15,7 @@ from models import make, make_inputs, rel_l2
 import fastattr
 from fastattr import adaptive
 from fastattr.engine import Engine
+from fastattr.options import Options
 from fastattr.precision import get_precision
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("single_thread")]
@@ -207,8 +208,8 @@ def test_integrate_pairs_matches_integrate():
     order and with a row cap that splits examples, equals Engine.integrate on that grid."""
     model, inputs, target = _case("cnn", 3)
     ig = fastattr.IntegratedGradients(model)
-    problem, _ = ig._problem(inputs, None, target, None, need_float=True, allow_nonfinite=False, with_path=True, precision=get_precision("fp32"), channels_last=None)
     engine = Engine(model, get_precision("fp32"), max_rows=5)
+    problem, _ = ig._problem(engine, Options(), inputs, None, target, None, with_path=True)
     alphas, weights = fastattr.quadrature.points_and_weights("gausslegendre", 6)
     ref = engine.integrate(problem, alphas, weights)
     ex = torch.arange(3).repeat(6)

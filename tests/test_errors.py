@@ -311,7 +311,7 @@ OPTION_ERRORS = {
     "n_steps_1_riemann_middle": (dict(n_steps=1, method="riemann_middle"), "needs n_steps >= 2"),
     "n_steps_1_riemann_trapezoid": (dict(n_steps=1, method="riemann_trapezoid"), "needs n_steps >= 2"),
     "n_steps_1_trapezoid": (dict(n_steps=1, method="trapezoid"), "method 'trapezoid' needs n_steps >= 2"),
-    "internal_batch_size_0": (dict(internal_batch_size=0), "internal_batch_size / max_rows must be a positive int, got 0"),
+    "internal_batch_size_0": (dict(internal_batch_size=0), "internal_batch_size must be a positive int, got 0"),
     "internal_batch_size_float": (dict(internal_batch_size=4.0), "must be a positive int, got 4.0"),
     "memory_budget_garbage": (dict(memory_budget="a lot"), "cannot parse memory size"),
 }

@@ -14,7 +14,7 @@ import torch
 from models import CallCounter, assert_attr_close, make, make_inputs, make_mask
 
 import fastattr
-from fastattr.inputs import AttributionInputError
+from fastattr.errors import AttributionInputError, OptionError
 from fastattr.sources import ArraySource
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("single_thread")]
@@ -118,22 +118,22 @@ def test_linear_model_completeness_and_fields():
     torch.testing.assert_close(one, (x - refs[:1]) * model.w.detach(), rtol=1e-5, atol=1e-6)
 
 
-ERRORS = {
-    "none": ({"baselines": None}, "GradientShap needs baselines"),
-    "empty": ({"baselines": torch.zeros(0, 12)}, "is empty"),
-    "shape": ({"baselines": torch.zeros(3, 11)}, "rows must have input 0's shape"),
-    "count": ({"baselines": (torch.zeros(3, 12), torch.zeros(3, 12))}, "2 baseline distributions for 1 inputs"),
-    "n_samples": ({"baselines": torch.zeros(3, 12), "n_samples": 0}, "n_samples must be a positive int"),
-    "stdevs": ({"baselines": torch.zeros(3, 12), "stdevs": (0.1, 0.1)}, "got 2 stdevs for 1 inputs"),
-    "caps": ({"baselines": torch.zeros(3, 12), "max_rows": 4, "internal_batch_size": 8}, "disagree"),
-    "empty_source": ({"baselines": ArraySource(np.zeros((0, 12), dtype=np.float32))}, "source is empty"),
+ERRORS = {  # invalid inputs: AttributionInputError (also an AssertionError, as Captum's); invalid options: OptionError
+    "none": ({"baselines": None}, AttributionInputError, "GradientShap needs baselines"),
+    "empty": ({"baselines": torch.zeros(0, 12)}, AttributionInputError, "is empty"),
+    "shape": ({"baselines": torch.zeros(3, 11)}, AttributionInputError, "rows must have input 0's shape"),
+    "count": ({"baselines": (torch.zeros(3, 12), torch.zeros(3, 12))}, AttributionInputError, "2 baseline distributions for 1 inputs"),
+    "n_samples": ({"baselines": torch.zeros(3, 12), "n_samples": 0}, OptionError, "n_samples must be a positive int"),
+    "stdevs": ({"baselines": torch.zeros(3, 12), "stdevs": (0.1, 0.1)}, AttributionInputError, "got 2 stdevs for 1 inputs"),
+    "caps": ({"baselines": torch.zeros(3, 12), "max_rows": 4, "internal_batch_size": 8}, OptionError, "disagree"),
+    "empty_source": ({"baselines": ArraySource(np.zeros((0, 12), dtype=np.float32))}, AttributionInputError, "source is empty"),
 }
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_before_any_forward(case):
-    kw, msg = ERRORS[case]
+    kw, exc, msg = ERRORS[case]
     model = CallCounter()
-    with pytest.raises(AttributionInputError, match=msg):
+    with pytest.raises(exc, match=msg):
         fastattr.GradientShap(model).attribute(torch.randn(2, 12), target=0, **kw)
     assert model.calls == 0

@@ -14,7 +14,7 @@ import torch
 from models import CallCounter, assert_attr_close, make, make_inputs, make_mask
 
 import fastattr
-from fastattr.inputs import AttributionInputError
+from fastattr.errors import AttributionInputError, OptionError
 from fastattr.noise_tunnel import NoiseTunnel
 
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("single_thread")]
@@ -192,13 +192,13 @@ def test_batch_result_fields():
 
 
 ERRORS = {
-    "nt_type": ({"nt_type": "smooth"}, AttributionInputError, "nt_type must be one of"),
-    "nt_samples": ({"nt_samples": 0}, AttributionInputError, "nt_samples must be a positive int"),
-    "nsbs": ({"nt_samples_batch_size": 0}, AttributionInputError, "nt_samples_batch_size"),
+    "nt_type": ({"nt_type": "smooth"}, OptionError, "nt_type must be one of"),
+    "nt_samples": ({"nt_samples": 0}, OptionError, "nt_samples must be a positive int"),
+    "nsbs": ({"nt_samples_batch_size": 0}, OptionError, "nt_samples_batch_size"),
     "stdevs_len": ({"stdevs": (0.1, 0.2)}, AttributionInputError, "got 2 stdevs for 1 inputs"),
-    "stdevs_negative": ({"stdevs": -1.0}, AttributionInputError, "stdev 0 must be a finite number >= 0"),
+    "stdevs_negative": ({"stdevs": -1.0}, OptionError, "stdev 0 must be a finite number >= 0"),
     "unknown_kwarg": ({"n_stepz": 3}, TypeError, "does not take 'n_stepz'"),
-    "seed_type": ({"seed": 1.5}, AttributionInputError, "seed must be an int"),
+    "seed_type": ({"seed": 1.5}, OptionError, "seed must be an int"),
     "empty_reference": ({"baselines": torch.zeros(0, 12), "draw_baseline_from_distrib": True}, AttributionInputError, "is empty"),
     "reference_shape": ({"baselines": torch.zeros(4, 11), "draw_baseline_from_distrib": True}, AttributionInputError, "rows must have input 0's shape"),
 }
@@ -222,6 +222,8 @@ def test_errors_specific_to_the_wrapped_method():
         NoiseTunnel(fastattr.Saliency(model)).attribute(x, target=0, return_convergence_delta=True)
     with pytest.raises(AttributionInputError, match="sample_ids must be a 1-D integer tensor of 2"):
         NoiseTunnel(fastattr.Saliency(model)).attribute_batch(x, target=0, seed=1, sample_ids=torch.arange(3))
-    with pytest.raises(TypeError, match="NoiseTunnel wraps fastattr's"):
-        NoiseTunnel(ca.Saliency(model))
+    with pytest.raises(TypeError, match="NoiseTunnel wraps an attribution object"):
+        NoiseTunnel(model)
+    with pytest.raises(OptionError, match="seed= and sample_ids= need one of fastattr's own methods"):
+        NoiseTunnel(ca.Saliency(model)).attribute(x, target=0, seed=1)
     assert model.calls == 0

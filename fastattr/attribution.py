@@ -1,0 +1,245 @@
+"""The shared surface of fastattr's Captum-compatible classes.
+
+Each class implements ``attribute_batch(...) -> BatchResult`` with Captum's positional
+parameters (and ``with_delta`` where Captum has ``return_convergence_delta``) followed by
+``**options`` (fastattr/options.py). ``Attribution`` gives every class the same
+``attribute()``: it calls ``attribute_batch`` and formats the result as Captum returns it.
+Its signature, for help() and IDEs that read runtime signatures, is the class's
+``attribute_batch`` signature with ``return_convergence_delta=False`` for ``with_delta`` and
+without ``with_output``.
+
+Class attributes say what a class is, so no module needs isinstance checks of another's classes:
+``multiplies_by_inputs`` (Captum's values), ``has_convergence_delta()``, ``option_names`` (the
+keywords ``**options`` takes), ``noise_batched`` (NoiseTunnel may hand it copy-major virtual
+batches through ``attribute_batch``; otherwise it goes the generic Captum path) and
+``draws_own_noise`` (GradientShap: its random draws must see a whole noise partition).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .engine import Problem, frozen_parameters
+from .errors import AttributionInputError
+from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
+from .kernels import Stats
+from .options import GRADIENT, Options
+
+
+@dataclass
+class BatchResult:
+    """Everything one batch produces; a dataset run stores all of it."""
+
+    attributions: list[torch.Tensor]  # per input (or layer part), the input's shape and dtype
+    is_tuple: bool
+    stats: Stats  # per sample, over all inputs' attributions
+    output: torch.Tensor | None  # F(x) at the target
+    baseline_output: torch.Tensor | None  # F(x0) at the target (path methods)
+    delta: torch.Tensor | None  # sum(attr) - (F(x) - F(x0))
+    n_steps: int | torch.Tensor  # steps used: one int for the batch, or (B,) int per sample (adaptive)
+    target: torch.Tensor | None  # (B, k) validated target indices
+    names: list[str] | None = None  # stored name per attribution (layer names); None: x / input_i
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # further per-sample (B, ...) fields to store
+    # not stored: how attribute() returns the result
+    structure: Callable[[list[torch.Tensor]], Any] | None = None  # Captum's nesting (layers); None: tensor or tuple
+    copy_delta: torch.Tensor | None = None  # attribute()'s delta where Captum's differs from ``delta`` (one per noise copy)
+
+    def formatted(self) -> Any:
+        """The attributions as Captum's attribute() returns them."""
+        if self.structure is not None:
+            return self.structure(self.attributions)
+        return tuple(self.attributions) if self.is_tuple else self.attributions[0]
+
+
+def combine_stats(stats: list[Stats]) -> Stats:
+    """Per-sample stats over several inputs' attributions."""
+    if len(stats) == 1:
+        return stats[0]
+    return Stats(
+        sum=sum(s.sum for s in stats),
+        l1=sum(s.l1 for s in stats),
+        l2=torch.stack([s.l2 for s in stats]).square().sum(0).sqrt(),
+        absmax=torch.stack([s.absmax for s in stats]).amax(0),
+        nonfinite=sum(s.nonfinite for s in stats),
+    )
+
+
+def completeness_delta(attrs: list[torch.Tensor], combined: Stats, f_x: torch.Tensor, f_x0: torch.Tensor) -> torch.Tensor:
+    """sum(attr) - (F(x) - F(x0)) per sample; NaN where an attribution is non-finite. Sums come
+    from the kernels' float32 stats, or exactly from the attributions when those are float64."""
+    if attrs[0].dtype == torch.float64:
+        sums = sum(a.reshape(a.shape[0], -1).sum(1) for a in attrs)
+    else:
+        sums = combined.sum
+    delta = sums.to(f_x.dtype) - (f_x - f_x0)
+    return torch.where(combined.nonfinite > 0, torch.full_like(delta, float("nan")), delta)
+
+
+class Attribution:
+    """Base of every fastattr attribution class (see the module docstring)."""
+
+    option_names: ClassVar[frozenset[str]] = GRADIENT
+    has_delta: ClassVar[bool] = False
+    noise_batched: ClassVar[bool] = True
+    draws_own_noise: ClassVar[bool] = False
+    captum_defaults: ClassVar[dict[str, Any]] = {}  # attribute()'s keyword defaults where they differ from attribute_batch's
+    _multiply_by_inputs: bool = False
+
+    def __init__(self, forward_func: Callable[..., Any]) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
+        self.forward_func = forward_func
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """Captum's flag: whether attributions are multiplied by (inputs - baselines)."""
+        return self._multiply_by_inputs
+
+    def has_convergence_delta(self) -> bool:
+        return self.has_delta
+
+    def attribute_batch(self, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> BatchResult:
+        raise NotImplementedError
+
+    def attribute_future(self, *args: Any, **kwargs: Any) -> Any:
+        """Captum's asynchronous variant: not implemented, as for these classes in Captum."""
+        raise NotImplementedError(f"attribute_future is not implemented for {type(self).__name__}")
+
+    def attribute(self, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
+        """Captum's attribute(): ``attribute_batch`` formatted as Captum returns it (a tensor, a
+        tuple like the inputs, per layer for layer methods), with the delta when asked for."""
+        params = _batch_params(type(self))
+        want = kwargs.pop("return_convergence_delta", None)
+        if "with_delta" in params:
+            pos = params.index("with_delta")
+            if pos < len(args) and _positional(type(self), "with_delta"):
+                want = args[pos]  # passed positionally where Captum has return_convergence_delta
+            else:
+                kwargs["with_delta"] = bool(want)
+        elif want is not None:
+            raise TypeError(f"{type(self).__name__}.attribute() got an unexpected keyword argument 'return_convergence_delta'")
+        if "with_output" in params:
+            kwargs["with_output"] = False  # F(x) is not part of Captum's result
+        for name, value in self.captum_defaults.items():
+            kwargs.setdefault(name, value)
+        res = self.attribute_batch(inputs, *args, **kwargs)
+        out = res.formatted()
+        if want and self.has_convergence_delta():
+            return out, res.copy_delta if res.copy_delta is not None else res.delta
+        return out
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "attribute_batch" in cls.__dict__ and "attribute" not in cls.__dict__:
+            cls.attribute = _captum_attribute(cls)  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _options(self, kwargs: dict[str, Any]) -> Options:
+        return Options.parse(kwargs, self.option_names, f"{type(self).__name__}.attribute")
+
+
+@functools.cache
+def _batch_params(cls: type) -> list[str]:
+    """attribute_batch's parameter names after ``inputs`` (the order Captum's positionals take)."""
+    names = list(inspect.signature(cls.attribute_batch).parameters)
+    return names[2:]  # self, inputs
+
+
+@functools.cache
+def _positional(cls: type, name: str) -> bool:
+    p = inspect.signature(cls.attribute_batch).parameters[name]
+    return p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
+def _captum_attribute(cls: type) -> Callable[..., Any]:
+    """``Attribution.attribute`` for ``cls``, with a Captum-shaped signature for help() and IDEs.
+    Like Captum's (decorated) methods it has ``__wrapped__``, which Captum's own NoiseTunnel calls."""
+
+    def undecorated(self: Attribution, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
+        return Attribution.attribute(self, inputs, *args, **kwargs)
+
+    sig = inspect.signature(cls.attribute_batch)
+    params = []
+    for p in sig.parameters.values():
+        if p.name == "with_output":
+            continue
+        if p.name == "with_delta":
+            p = p.replace(name="return_convergence_delta", default=False)
+        if p.name in cls.captum_defaults:
+            p = p.replace(default=cls.captum_defaults[p.name])
+        params.append(p)
+    undecorated.__signature__ = sig.replace(parameters=params, return_annotation=Any)  # type: ignore[attr-defined]
+    undecorated.__name__ = "attribute"
+    undecorated.__qualname__ = f"{cls.__qualname__}.attribute"
+    undecorated.__module__ = cls.__module__
+    undecorated.__doc__ = (
+        f"Captum's {cls.__name__}.attribute: the attributions (a tensor, or a tuple like the inputs; per layer for "
+        "layer methods), and with return_convergence_delta=True also Captum's delta. Everything else as in "
+        f"{cls.__name__}.attribute_batch, whose BatchResult this formats."
+    )
+
+    @functools.wraps(undecorated)
+    def attribute(self: Attribution, inputs: TensorOrTuple, *args: Any, **kwargs: Any) -> Any:
+        return undecorated(self, inputs, *args, **kwargs)
+
+    return attribute
+
+
+class GradientAttribution(Attribution):
+    """Gradient methods: input checks shared by them and Captum's ``compute_convergence_delta``."""
+
+    def _problem(self, engine: Any, opts: Options, inputs: TensorOrTuple, baselines: Any, target: Any, additional_forward_args: Any, *, with_path: bool) -> tuple[Problem, bool]:
+        """The validated problem (inputs, baselines, target, forward args and kwargs) and whether
+        the inputs were a tuple; its working layout settled by the engine (after all checks)."""
+        xs, is_tuple = as_tuple(inputs)
+        batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
+        bs = expand_baselines(baselines, xs, allow_nonfinite=opts.allow_nonfinite) if with_path else None
+        tgt = normalize_target(target, batch, xs[0].device)
+        problem = Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args), forward_kwargs=opts.kwargs)
+        return engine.settle_layout(problem, opts.channels_last), is_tuple
+
+    def compute_convergence_delta(
+        self,
+        attributions: Any,
+        start_point: Any,
+        end_point: TensorOrTuple,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """Captum's completeness residual per example: the sum of ``attributions`` (a tensor, a
+        tuple, or a list of those for several layers) minus F(end_point) - F(start_point), F at the
+        target in fp32 (forward only, in forwards of at most ``max_rows`` rows). start_point is a
+        baseline in any form ``attribute`` takes (None: zeros); for layer methods both points
+        are *model inputs*, as in Captum. ``options``: max_rows, output, forward_kwargs."""
+        opts = Options.parse(options, frozenset({"max_rows", "output", "forward_kwargs", "options"}), f"{type(self).__name__}.compute_convergence_delta")
+        ends, _ = as_tuple(end_point, "end_point")
+        batch = check_inputs(ends, need_float=False, allow_nonfinite=True)
+        starts = expand_baselines(start_point, ends, allow_nonfinite=True)
+        attrs = _flat_tensors(attributions)
+        for a in attrs:
+            if a.dim() == 0 or a.shape[0] != batch:
+                raise AttributionInputError(
+                    f"attributions and end_point must match on the first dimension, got attribution shape {tuple(a.shape)} for {batch} end points"
+                )
+        tgt = normalize_target(target, batch, ends[0].device)
+        problem = Problem(tuple(x.detach() for x in ends), None, tgt, normalize_forward_args(additional_forward_args), forward_kwargs=opts.kwargs)
+        with frozen_parameters(self.forward_func):
+            f_end, f_start = opts.engine(self.forward_func, "fp32").outputs(problem, [problem.inputs, starts])
+        sums = sum(a.detach().reshape(batch, -1).sum(1) for a in attrs)
+        return sums - (f_end - f_start).to(sums.device)
+
+
+def _flat_tensors(value: Any) -> list[torch.Tensor]:
+    """Tensors of a (nested) tensor / tuple / list, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)) and value:
+        return [t for v in value for t in _flat_tensors(v)]
+    raise AttributionInputError(f"attributions must be a tensor or a tuple/list of tensors, got {type(value).__name__}")
