@@ -44,6 +44,8 @@ def run_pytest(src: str, paths: list[str], substitute: bool, extra: list[str], t
             "PYTHONPATH": os.pathsep.join([HERE, src, os.environ.get("PYTHONPATH", "")]),
             "FASTATTR_SUBSTITUTE": "1" if substitute else "0",
             "FASTATTR_SUITE_OUT": out,
+            "HF_HUB_OFFLINE": "1",  # Captum's Hugging Face tests would wait on downloads; offline they fail at once, in both runs
+            "TRANSFORMERS_OFFLINE": "1",
         }
         cmd = [sys.executable, "-m", "pytest", *paths, "-q", "-p", "captum_substitute", "-p", "no:cacheprovider",
                "-o", "addopts=", "--rootdir", src, *extra]  # fmt: skip
@@ -61,8 +63,8 @@ def run_pytest(src: str, paths: list[str], substitute: bool, extra: list[str], t
 
 
 def classify(nodeid: str, message: str) -> tuple[str, str]:
-    for pattern, category, reason in KNOWN:
-        if re.search(pattern, nodeid):
+    for test, error, category, reason in KNOWN:
+        if re.search(test, nodeid) and re.search(error, message):
             return category, reason
     return "unclassified", message
 
@@ -84,7 +86,7 @@ def compare(captum: dict, fast: dict) -> dict:
             category, reason = classify(nodeid, f.get("message", ""))
             failures.append({"test": nodeid, "outcome": f["outcome"], "category": category, "reason": reason,
                              "message": f.get("message", ""), "used_fastattr": bool(f.get("used"))})  # fmt: skip
-    fixed = [p for p, _, _ in KNOWN if not any(re.search(p, x["test"]) for x in failures)]
+    fixed = [f"{t!r} {e!r}" for t, e, _, _ in KNOWN if not any(re.search(t, x["test"]) and re.search(e, x["message"]) for x in failures)]
     return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures, "stale_known": fixed}
 
 
@@ -126,16 +128,34 @@ def main() -> int:
     parser.add_argument("--paths", nargs="+", default=["tests/attr", "tests/metrics"], help="test paths inside --captum-src")
     parser.add_argument("--json", default=None, help="write every outcome and the classified failures here")
     parser.add_argument("--baseline", default=None, help="reuse the Captum-alone outcomes from an earlier --json")
+    parser.add_argument("--reclassify", default=None, metavar="JSON", help="run nothing: summarize an earlier --json with today's KNOWN")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k saliency")
     args = parser.parse_args()
-    src = os.path.abspath(args.captum_src)
-    if not os.path.isdir(os.path.join(src, "tests", "attr")):
-        raise SystemExit(f"{src} has no tests/attr: give --captum-src a checkout of the captum repository (see RESULTS.md)")
+    if args.reclassify:
+        with open(args.reclassify) as f:
+            earlier = json.load(f)
+        meta, captum_results, fast_results = earlier["meta"], earlier["captum"], earlier["fastattr_results"]
+    else:
+        meta, captum_results, fast_results = run_both(args)
+    result = compare(captum_results, fast_results)
+    print("\n".join(summary(result)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, **result, "captum": captum_results, "fastattr_results": fast_results}, f, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0 if all(f["category"] == "captum-internals" for f in result["failures"]) else 1
+
+
+def run_both(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(meta, Captum-alone outcomes, substituted outcomes)."""
     import captum
 
     import fastattr
 
+    src = os.path.abspath(args.captum_src)
+    if not os.path.isdir(os.path.join(src, "tests", "attr")):
+        raise SystemExit(f"{src} has no tests/attr: give --captum-src a checkout of the captum repository (see RESULTS.md)")
     if args.baseline:
         with open(args.baseline) as f:
             captum_results = json.load(f)["captum"]
@@ -143,15 +163,9 @@ def main() -> int:
     else:
         captum_results = run_pytest(src, args.paths, False, args.pytest_args, args.timeout)
     fast_results = run_pytest(src, args.paths, True, args.pytest_args, args.timeout)
-    result = compare(captum_results, fast_results)
-    print("\n".join(summary(result)))
-    if args.json:
-        meta = {"captum_src": src, "captum_commit": _commit(src), "captum": captum.__version__, "fastattr": fastattr.__version__,
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv])}  # fmt: skip
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, **result, "captum": captum_results, "fastattr_results": fast_results}, f, indent=1)
-        print(f"\nwrote {args.json}")
-    return 0 if all(f["category"] == "captum-internals" for f in result["failures"]) else 1
+    meta = {"captum_src": src, "captum_commit": _commit(src), "captum": captum.__version__, "fastattr": fastattr.__version__,
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv])}  # fmt: skip
+    return meta, captum_results, fast_results
 
 
 def _commit(src: str) -> str | None:
