@@ -67,7 +67,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.baseline.endswith(".npy"):
             if not os.path.isfile(args.baseline):
                 raise OptionError(f"--baseline: no such file: {args.baseline}")
-            baselines = np.load(args.baseline)
+            try:
+                baselines = np.load(args.baseline, allow_pickle=False)  # data paths never unpickle
+            except ValueError as exc:  # not a .npy array, or an object array (a pickle)
+                raise OptionError(f"--baseline {args.baseline}: {exc}") from None
         else:
             try:
                 baselines = float(args.baseline)
