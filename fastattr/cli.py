@@ -108,13 +108,23 @@ def _floats(value: str, flag: str) -> float | tuple[float, ...]:
     return parts[0] if len(parts) == 1 else parts
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value!r}")
+    return number
+
+
 def _steps(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int or auto, got {value!r}") from None
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {value!r}") from None
 
 
 def _shape(value: str) -> tuple[int, ...]:
@@ -146,9 +156,9 @@ def _batch_size(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be auto or an int, got {value!r}") from None
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive int, got {value!r}") from None
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
@@ -307,15 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--method", default="ig", choices=list(METHOD_NAMES), help="attribution method (default ig)")
     run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
-    run.add_argument("--max-steps", type=int, default=None, help="with --steps auto: the per-sample cap (default 257)")
+    run.add_argument("--max-steps", type=_positive_int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default=None, choices=[*RULES, "simpson"], help="integration rule (default gausslegendre; with --steps auto: simpson, or trapezoid / gausslegendre)")
     fam = run.add_argument_group("noise_tunnel (smoothgrad) and gradient_shap (expected_gradients)")
     fam.add_argument("--nt-type", default=None, choices=["smoothgrad", "smoothgrad_sq", "vargrad"], help="noise_tunnel: how copies combine (default smoothgrad)")
-    fam.add_argument("--nt-samples", type=int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")
+    fam.add_argument("--nt-samples", type=_positive_int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")
     fam.add_argument("--base-method", default=None, choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"], help="noise_tunnel: the method run on each copy (default ig)")
     fam.add_argument("--stdevs", default=None, help="noise standard deviation, or one per input comma-separated (noise_tunnel default 1.0, gradient_shap 0.0)")
     fam.add_argument("--references", default=None, help="gradient_shap: reference samples, file.npy or file.h5:dataset")
-    fam.add_argument("--n-samples", type=int, default=None, help="gradient_shap: random points per sample (default 5)")
+    fam.add_argument("--n-samples", type=_positive_int, default=None, help="gradient_shap: random points per sample (default 5)")
     fam.add_argument("--seed", type=int, default=None, help="noise_tunnel / gradient_shap: seed of the draws, recorded in the run (default 0)")
     lay = run.add_argument_group("layer_integrated_gradients (layer_ig) and activations")
     lay.add_argument("--layer", action="append", default=[], metavar="NAME", help="qualified layer name (see `fastattr layers`); repeat for several")
@@ -333,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
     run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
-    run.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
+    run.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard (default 4096)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")

@@ -86,7 +86,7 @@ def resolve_layers(model: object, layers: object) -> tuple[list[tuple[str, torch
     is_list = isinstance(layers, (list, tuple))
     items = list(layers) if is_list else [layers]
     if not items:
-        raise ValueError("layer: got an empty list of layers")
+        raise OptionError("layer: got an empty list of layers")
     names = {id(m): (n or "(model)") for n, m in root.named_modules()} if root is not None else {}
     out: list[tuple[str, torch.nn.Module]] = []
     for i, item in enumerate(items):
@@ -97,17 +97,17 @@ def resolve_layers(model: object, layers: object) -> tuple[list[tuple[str, torch
                 module = root.get_submodule(item)
             except AttributeError:
                 known = ", ".join(n for n, _ in list(root.named_modules())[1:12])
-                raise ValueError(f"layer {item!r} is not a submodule of {type(root).__name__} (some names: {known}...)") from None
+                raise OptionError(f"layer {item!r} is not a submodule of {type(root).__name__} (some names: {known}...)") from None
             out.append((item or "(model)", module))
         elif isinstance(item, torch.nn.Module):
             if root is not None and id(item) not in names:
-                raise ValueError(f"layer {i} ({type(item).__name__}) is not a submodule of the model {type(root).__name__}")
+                raise OptionError(f"layer {i} ({type(item).__name__}) is not a submodule of the model {type(root).__name__}")
             out.append((names.get(id(item), f"layer{i}"), item))
         else:
             raise TypeError(f"layer {i} must be an nn.Module or a qualified name, got {type(item).__name__}")
     seen = [m for _, m in out]
     if len({id(m) for m in seen}) != len(seen):
-        raise ValueError(f"layer list names the same module twice: {[n for n, _ in out]}")
+        raise OptionError(f"layer list names the same module twice: {[n for n, _ in out]}")
     return out, is_list
 
 

@@ -230,7 +230,13 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path, env):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--batch-size", "many"], "argument --batch-size: must be auto or an int, got 'many'"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--batch-size", "many"], "argument --batch-size: must be auto or a positive int, got 'many'"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--steps", "0"], "argument --steps: must be a positive int or auto, got '0'"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--nt-samples", "-2"], "argument --nt-samples: must be a positive int, got '-2'"),
+        # option errors found by fastattr itself (OptionError): one line, exit 2
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--method", "layer_ig", "--layer", "nope"], "layer 'nope' is not a submodule"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--nt-samples", "3"], "does not take option(s) nt_samples"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--method", "gradient_shap"], "gradient_shap needs references="),
         (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--baseline", "nothing.npy"], "--baseline: no such file: nothing.npy"),
         (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--data-arg", "n=3"], "--data-arg is for a package.module:factory data spec"),
         (["layers", "cli_models:cnn", "--input-shape", "3,x,6"], "argument --input-shape: must be comma-separated ints like 3,224,224, got '3,x,6'"),
