@@ -1,7 +1,10 @@
 """The ``fastattr`` command line (also ``python -m fastattr``).
 
-Errors are one line and a non-zero exit (2: bad input, 1: a check failed, e.g. ``verify``
-finding a problem or ``audit`` a violated threshold); ``--debug`` shows the traceback.
+Exit status: 0 success; 1 a check failed (``verify`` finding a problem, ``audit`` a violated
+threshold) or an unexpected exception, printed with its traceback since it is a bug (in fastattr or
+in the model or data code it ran); 2 a deliberate fastattr error (every ``FastattrError``: bad input,
+an unusable run directory, a failed peer...) or a bad argument, printed as one line (``--debug``
+shows its traceback too).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import logging
 import os
 import sys
 import unicodedata
+import traceback
 
 from . import __version__
+from .errors import FastattrError, OptionError
 from .precision import PRECISIONS
 from .quadrature import RULES
 from .run_methods import METHOD_NAMES
@@ -49,25 +54,29 @@ def _run(args: argparse.Namespace) -> int:
     from .specs import load_data, load_model, parse_kv
 
     model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
-    data = load_data(args.data)
+    data = load_data(args.data, parse_kv(args.data_arg))
     target: object = args.target
     if args.target not in ("predicted", "label") and not args.target.endswith(".npy"):
         try:
             target = int(args.target)
         except ValueError:
-            raise ValueError(f"--target must be predicted, label, an int or a .npy file; got {args.target!r}") from None
+            raise OptionError(f"--target must be predicted, label, an int or a .npy file; got {args.target!r}") from None
     baselines: object = None
     if args.baseline == "mean":
         baselines = _data_mean(data)
     elif args.baseline != "zeros":
         if args.baseline.endswith(".npy"):
-            baselines = np.load(args.baseline, allow_pickle=False)  # data paths never unpickle
+            if not os.path.isfile(args.baseline):
+                raise OptionError(f"--baseline: no such file: {args.baseline}")
+            try:
+                baselines = np.load(args.baseline, allow_pickle=False)  # data paths never unpickle
+            except ValueError as exc:  # not a .npy array, or an object array (a pickle)
+                raise OptionError(f"--baseline {args.baseline}: {exc}") from None
         else:
             try:
                 baselines = float(args.baseline)
             except ValueError:
-                raise ValueError(f"--baseline must be zeros, a number or a .npy file; got {args.baseline!r}") from None
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+                raise OptionError(f"--baseline must be zeros, a number or a .npy file; got {args.baseline!r}") from None
     summary = run(
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
         tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args),
@@ -97,17 +106,61 @@ def _floats(value: str, flag: str) -> float | tuple[float, ...]:
     try:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise ValueError(f"{flag} must be a number or comma-separated numbers (one per input), got {value!r}") from None
+        raise OptionError(f"{flag} must be a number or comma-separated numbers (one per input), got {value!r}") from None
     return parts[0] if len(parts) == 1 else parts
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {value!r}")
+    return number
 
 
 def _steps(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        return int(value)
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {value!r}") from None
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(d) for d in value.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int or auto, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be comma-separated ints like 3,224,224, got {value!r}") from None
+
+
+def _index_range(value: str) -> tuple[int, int]:
+    """START:STOP, :STOP, or START (one sample)."""
+    start, _, stop = value.partition(":")
+    try:
+        first = int(start or 0)
+        return first, int(stop) if stop else first + 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be START:STOP with ints, got {value!r}") from None
+
+
+def _size(value: str) -> tuple[int, int]:
+    width, _, height = value.partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, got {value!r}") from None
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return _positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive int, got {value!r}") from None
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
@@ -191,12 +244,20 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
-    from .layers import describe_layers
-    from .specs import load_model, parse_kv
+    from .layers import describe_layers, example_inputs
+    from .specs import load_data, load_model, parse_kv
 
+    if bool(args.input_shape) == bool(args.data):
+        raise OptionError("give --input-shape (with --input-dtype/--vocab for token ids) or --data, not both or neither")
     model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
-    shapes = [tuple(int(d) for d in part.split(",")) for part in args.input_shape]
-    rows = describe_layers(model, shapes, device=args.device)
+    if args.data:  # the first two samples of the data, every input of a sample passed to the model
+        from .sources import open_source
+
+        source = open_source(load_data(args.data, parse_kv(args.data_arg)))
+        inputs = [x.to(args.device) for x in source.read(0, min(2, len(source)))[0]]
+    else:
+        inputs = example_inputs(args.input_shape, args.input_dtype, args.vocab, device=args.device)
+    rows = describe_layers(model, inputs=inputs)
     width = max(len(r.name) for r in rows)
     kind_width = max(len(r.kind) for r in rows)
     for r in rows:
@@ -211,8 +272,7 @@ def _render(args: argparse.Namespace) -> int:
     from .specs import load_data
     from .store import open_run
 
-    start, _, stop = args.index.partition(":")
-    start, stop = int(start or 0), int(stop) if stop else int(start or 0) + 1
+    start, stop = args.index
     with open_run(args.dir) as store:
         name = args.name or store.attribution_names[0]
         batch = store[start:stop]
@@ -222,8 +282,8 @@ def _render(args: argparse.Namespace) -> int:
     if args.data:
         source = open_source(load_data(args.data))
         inputs = source.read(start, stop)[0][0].numpy()
-    width, _, height = args.size.partition("x")
-    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(int(width), int(height)))
+    width, height = args.size
+    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
     print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
     return 0
 
@@ -246,9 +306,9 @@ def _audit(args: argparse.Namespace) -> int:
     require_matplotlib()  # the report's plots: fail before any audit work
     for flag, path in (("--compare", args.compare), ("--masks", args.masks)):
         if path and not os.path.exists(path):  # checked before the model factory runs (it may train or download)
-            raise ValueError(f"{flag}: no such file or directory: {path}")
+            raise OptionError(f"{flag}: no such file or directory: {path}")
     model = load_model(args.model, parse_kv(args.model_arg), device=args.device) if args.model else None
-    data = load_data(args.data) if args.data else None
+    data = load_data(args.data, parse_kv(args.data_arg)) if args.data else None
     thresholds = {
         "max_residual": args.max_residual, "max_rel_residual": args.max_rel_residual, "max_nonfinite": args.max_nonfinite,
         "min_agreement": args.min_agreement, "min_topk_overlap": args.min_topk_overlap, "min_mass_inside": args.min_mass_inside,
@@ -287,20 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file or a torch.export .pt2 file")
     run.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     run.add_argument("--data", required=True, help="file.npy, file.h5:dataset or package.module:factory")
+    run.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the data factory (repeatable)")
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--method", default="ig", choices=list(METHOD_NAMES), help="attribution method (default ig)")
     run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
-    run.add_argument("--max-steps", type=int, default=None, help="with --steps auto: the per-sample cap (default 257)")
+    run.add_argument("--max-steps", type=_positive_int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default=None, choices=[*RULES, "simpson"], help="integration rule (default gausslegendre; with --steps auto: simpson, or trapezoid / gausslegendre)")
     fam = run.add_argument_group("noise_tunnel (smoothgrad) and gradient_shap (expected_gradients)")
     fam.add_argument("--nt-type", default=None, choices=["smoothgrad", "smoothgrad_sq", "vargrad"], help="noise_tunnel: how copies combine (default smoothgrad)")
-    fam.add_argument("--nt-samples", type=int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")
+    fam.add_argument("--nt-samples", type=_positive_int, default=None, help="noise_tunnel: noisy copies per sample (default 5)")
     fam.add_argument("--base-method", default=None, choices=["ig", "integrated_gradients", "saliency", "input_x_gradient"], help="noise_tunnel: the method run on each copy (default ig)")
     fam.add_argument("--stdevs", default=None, help="noise standard deviation, or one per input comma-separated (noise_tunnel default 1.0, gradient_shap 0.0)")
     fam.add_argument("--references", default=None, help="gradient_shap: reference samples, file.npy or file.h5:dataset")
-    fam.add_argument("--n-samples", type=int, default=None, help="gradient_shap: random points per sample (default 5)")
+    fam.add_argument("--n-samples", type=_positive_int, default=None, help="gradient_shap: random points per sample (default 5)")
     fam.add_argument("--seed", type=int, default=None, help="noise_tunnel / gradient_shap: seed of the draws, recorded in the run (default 0)")
     lay = run.add_argument_group("layer_integrated_gradients (layer_ig) and activations")
     lay.add_argument("--layer", action="append", default=[], metavar="NAME", help="qualified layer name (see `fastattr layers`); repeat for several")
@@ -314,11 +375,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
-    run.add_argument("--batch-size", default="auto", help="rows per forward: auto (default) or an int")
+    run.add_argument("--batch-size", type=_batch_size, default="auto", help="rows per forward: auto (default) or an int")
     run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
     run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
-    run.add_argument("--shard-size", type=int, default=4096, help="samples per shard (default 4096)")
+    run.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard (default 4096)")
     run.add_argument("--shard-seconds", type=float, default=60.0, help="also finalize a shard once it is this old, bounding what a crash can lose (default 60; 0: no time limit)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
@@ -344,19 +405,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")
     layers.add_argument("model", help="package.module:factory, a TorchScript file or a .pt2 file")
-    layers.add_argument("--input-shape", action="append", required=True, metavar="C,H,W", help="one sample's shape per input (repeat for several inputs)")
+    layers.add_argument("--input-shape", action="append", default=[], type=_shape, metavar="C,H,W", help="one sample's shape per input (repeat for several inputs)")
+    layers.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE", help="torch dtype per input (or one for all): float32 (default), long for token ids, bool")
+    layers.add_argument("--vocab", type=int, default=None, help="integer inputs are random token ids in [0, VOCAB)")
+    layers.add_argument("--data", default=None, help="describe with the first samples of this data instead (file.npy, file.h5:dataset, package.module:factory)")
+    layers.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the data factory (repeatable)")
     layers.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     layers.add_argument("--device", default="cpu")
     layers.set_defaults(func=_layers)
 
     render = sub.add_parser("render", help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
     render.add_argument("dir")
-    render.add_argument("--index", default="0:16", help="global sample range START:STOP (default 0:16)")
+    render.add_argument("--index", type=_index_range, default="0:16", help="global sample range START:STOP (default 0:16)")
     render.add_argument("--out", required=True, help="PNG file to write")
     render.add_argument("--data", default=None, help="the run's data (file.npy, file.h5:dataset) to draw images under the heatmaps")
     render.add_argument("--name", default=None, help="attribution name (default: the first, e.g. x)")
     render.add_argument("--percentile", type=float, default=99.0, help="clip colours at this percentile of |attribution| (default 99)")
-    render.add_argument("--size", default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
+    render.add_argument("--size", type=_size, default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
 
     audit = sub.add_parser("audit", help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--model", default=None, help="the run's model (enables deletion/insertion and the randomization check); needs --data")
     audit.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     audit.add_argument("--data", default=None, help="the run's data: file.npy, file.h5:dataset or package.module:factory")
+    audit.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the data factory (repeatable)")
     audit.add_argument("--compare", default=None, metavar="DIR2", help="a second run of the same data: per-sample agreement")
     audit.add_argument("--masks", default=None, help="ground-truth masks as .npy, one per sample (localization)")
     audit.add_argument("--name", default=None, help="attribution to audit (default: the first, e.g. x)")
@@ -419,13 +485,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 130
-    except Exception as exc:
+    except FastattrError as exc:  # a deliberate error: one line that says what to do
         _record_for_torchrun(exc)
         if args.debug:
             raise
-        where = f" (rank {os.environ.get('RANK')})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""  # torchrun: which rank
-        print(f"fastattr: error{where}: {exc}", file=sys.stderr)
+        print(f"fastattr: error{_rank()}: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # anything else is a bug (here or in the model/data code): keep the traceback
+        _record_for_torchrun(exc)
+        traceback.print_exc()
+        print(f"fastattr: unexpected {type(exc).__name__}{_rank()} (traceback above; not a fastattr input error)", file=sys.stderr)
+        return 1
+
+
+def _rank() -> str:
+    """Under torchrun, which rank speaks."""
+    return f" (rank {os.environ.get('RANK')})" if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else ""
 
 
 def _record_for_torchrun(exc: BaseException) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import OptionError
 from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
 from .options import positive_int
 
@@ -122,7 +123,7 @@ def _stdevs(value: Any) -> Any:
 
 def _check_seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an int (it is recorded in the run so the draws can be reproduced), got {seed!r}")
+        raise OptionError(f"seed must be an int (it is recorded in the run so the draws can be reproduced), got {seed!r}")
     return seed
 
 
@@ -131,9 +132,9 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
 
     base = ALIASES.get(opts["base_method"], opts["base_method"])
     if base not in ("integrated_gradients", "saliency", "input_x_gradient"):
-        raise ValueError(f"base_method for noise_tunnel must be integrated_gradients, saliency or input_x_gradient, got {opts['base_method']!r}")
+        raise OptionError(f"base_method for noise_tunnel must be integrated_gradients, saliency or input_x_gradient, got {opts['base_method']!r}")
     if opts["nt_type"] not in NT_TYPES:
-        raise ValueError(f"nt_type must be one of {', '.join(NT_TYPES)}, got {opts['nt_type']!r}")
+        raise OptionError(f"nt_type must be one of {', '.join(NT_TYPES)}, got {opts['nt_type']!r}")
     nt_samples = positive_int("nt_samples", opts["nt_samples"])
     seed = _check_seed(opts["seed"])
     inner_plan = PLANS[base](model, opts, engine_opts)  # validates the base method's own options
@@ -162,14 +163,14 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
 
     refs = opts["references"]
     if refs is None:
-        raise ValueError("gradient_shap needs references=: reference samples (an array or tensor with one row per reference) or a dataset")
+        raise OptionError("gradient_shap needs references=: reference samples (an array or tensor with one row per reference) or a dataset")
     n_samples = positive_int("n_samples", opts["n_samples"])
     seed = _check_seed(opts["seed"])
     if isinstance(refs, (torch.Tensor, np.ndarray, tuple)):
         parts = refs if isinstance(refs, tuple) else (refs,)
         refs_t = tuple(torch.as_tensor(np.asarray(r)) if isinstance(r, np.ndarray) else r for r in parts)
         if any(r.dim() < 1 or r.shape[0] == 0 for r in refs_t):
-            raise ValueError(f"references must have at least one row, got shapes {[tuple(r.shape) for r in refs_t]}")
+            raise OptionError(f"references must have at least one row, got shapes {[tuple(r.shape) for r in refs_t]}")
         desc = describe(refs)
         source: Source | None = None
     else:  # a dataset, .npy path, 'file.h5:dataset': only the drawn rows are read
@@ -206,7 +207,7 @@ def _layer_names(model: torch.nn.Module, layer: Any) -> list[str]:
     from .layers import resolve_layers
 
     if layer is None:
-        raise ValueError("this method needs layer=: a layer's qualified name (see `fastattr layers`), a module, or a list of those")
+        raise OptionError("this method needs layer=: a layer's qualified name (see `fastattr layers`), a module, or a list of those")
     return [name for name, _ in resolve_layers(model, layer)[0]]
 
 
@@ -221,7 +222,7 @@ def _lengths(option: Any, b: Batch) -> torch.Tensor | None:
 
 def _check_lengths_option(option: Any) -> None:
     if option not in (None, "mask"):
-        raise ValueError(f"lengths must be None or 'mask' (count the real tokens of the attention mask passed as the first forward-arg input), got {option!r}")
+        raise OptionError(f"lengths must be None or 'mask' (count the real tokens of the attention mask passed as the first forward-arg input), got {option!r}")
 
 
 def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -229,7 +230,7 @@ def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
 
     names = _layer_names(model, opts["layer"])
     if opts["layer_reduce"] is not None and opts["layer_reduce"] not in REDUCTIONS:
-        raise ValueError(f"layer_reduce must be None (store the full tensor) or one of {', '.join(REDUCTIONS)}, got {opts['layer_reduce']!r}")
+        raise OptionError(f"layer_reduce must be None (store the full tensor) or one of {', '.join(REDUCTIONS)}, got {opts['layer_reduce']!r}")
     _check_lengths_option(opts["lengths"])
     n_steps, rule, auto, ig_params = _ig_settings(opts)
     lig = LayerIntegratedGradients(model, names if isinstance(opts["layer"], (list, tuple)) else names[0], multiply_by_inputs=opts["multiply_by_inputs"])
@@ -250,7 +251,7 @@ def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict
 
     names = _layer_names(model, opts["layer"])
     if opts["pool"] is not None and opts["pool"] not in POOLS:
-        raise ValueError(f"pool must be None (store the full activation) or one of {', '.join(POOLS)}, got {opts['pool']!r}")
+        raise OptionError(f"pool must be None (store the full activation) or one of {', '.join(POOLS)}, got {opts['pool']!r}")
     _check_lengths_option(opts["lengths"])
     act = LayerActivation(model, names if isinstance(opts["layer"], (list, tuple)) else names[0])
     to_input = bool(opts["attribute_to_layer_input"])
@@ -293,12 +294,12 @@ def plan_method(
     ``allow_nonfinite``: accept NaN/inf inputs and baselines (activations always do)."""
     name = ALIASES.get(method, method)
     if name not in PLANS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        raise OptionError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     accepted = EXTRA_OPTIONS.get(name, {})
     unknown = sorted(set(extra or {}) - set(accepted))
     if unknown:
         takes = f"it takes {', '.join(accepted)}" if accepted else "it takes none"
-        raise ValueError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
+        raise OptionError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
     opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
     return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite})

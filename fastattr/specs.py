@@ -2,8 +2,9 @@
 
 MODEL: ``package.module:factory`` (a callable returning an nn.Module, called with the
 ``--model-arg key=value`` pairs), a TorchScript file, or a torch.export ``.pt2`` file.
-DATA: ``package.module:factory`` (returning a Dataset, DataLoader or array), a ``.npy``
-file, or ``file.h5:dataset``.
+DATA: ``package.module:factory`` (returning a Dataset, DataLoader or array, called with the
+``--data-arg key=value`` pairs), a ``.npy`` file, or ``file.h5:dataset``.
+Modules are imported as ``python -m fastattr`` would: the current directory comes first.
 
 What loading executes: a ``module:factory`` spec imports the module and calls the factory
 (arbitrary Python); ``torch.export.load`` unpickles parts of a ``.pt2`` archive (arbitrary code
@@ -15,12 +16,13 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from .errors import SpecError  # noqa: F401 - re-exported
+from .errors import SpecError
 
 
 def parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
@@ -47,6 +49,8 @@ def parse_kv(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
     module_name, _, attr = spec.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # the console script lacks python -m's cwd entry
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -85,10 +89,12 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, device: str | No
     return model
 
 
-def load_data(spec: str) -> Any:
-    """A data spec as something fastattr.run accepts (paths pass through)."""
+def load_data(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
+    """A data spec as something fastattr.run accepts (paths pass through; factories get ``kwargs``)."""
     if spec.endswith(".npy") or (":" in spec and spec.rpartition(":")[0].endswith((".h5", ".hdf5"))):
+        if kwargs:
+            raise SpecError(f"--data-arg is for a package.module:factory data spec; {spec!r} is a file")
         return spec
     if ":" in spec:
-        return _call_factory(spec, {})
+        return _call_factory(spec, kwargs or {})
     raise SpecError(f"data must be a .npy file, file.h5:dataset or package.module:factory; got {spec!r}")

@@ -27,6 +27,43 @@ MODELS = textwrap.dedent(
 
     def broken():
         raise RuntimeError("weights not found")
+
+    class Buggy(nn.Module):
+        def forward(self, x):
+            return {}["no such key"]  # a bug in model code: must surface with its traceback
+
+    def buggy():
+        return Buggy()
+
+    class Tokens(nn.Module):
+        # forward(ids (B, T) long, mask (B, T) or None) -> {"logits": (B, 3)}, like a Hugging Face output
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.head = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+        def forward(self, ids, mask=None):
+            h = self.embed(ids)
+            h = h.mean(1) if mask is None else (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            return {"logits": self.head(h)}
+
+    def tok():
+        return Tokens()
+    """
+)
+
+DATA = textwrap.dedent(
+    """
+    import numpy as np
+    import torch
+
+    def images(n=21, scale=1.0):
+        return np.load("x.npy")[:n] * scale
+
+    def token_batch(n=4, t=9):
+        ids = torch.randint(1, 50, (n, t), generator=torch.Generator().manual_seed(0))
+        return torch.utils.data.TensorDataset(ids, torch.ones(n, t))
     """
 )
 
@@ -34,6 +71,7 @@ MODELS = textwrap.dedent(
 @pytest.fixture
 def env(tmp_path):
     (tmp_path / "cli_models.py").write_text(MODELS)
+    (tmp_path / "cli_data.py").write_text(DATA)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((21, 3, 6, 6)).astype(np.float32))
     return {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
 
@@ -112,7 +150,8 @@ def test_bad_input_is_one_clear_line(tmp_path, env, args, message):
 def test_wrong_shape_data_and_foreign_run_directory(tmp_path, env):
     np.save(tmp_path / "flat.npy", np.zeros((4, 7), dtype=np.float32))
     r = fastattr("run", "--model", "cli_models:cnn", "--data", "flat.npy", "--out", "o", env=env, cwd=tmp_path)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("fastattr: error:")
+    # the model itself rejects the data: its own error, with the traceback into the model's code
+    assert r.returncode == 1 and "Traceback" in r.stderr and "conv2d" in r.stderr, r.stderr
     assert fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o2", "--steps", "4", env=env, cwd=tmp_path).returncode == 0
     other = fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o2", "--steps", "6", env=env, cwd=tmp_path)
     assert other.returncode == 2 and "n_steps" in other.stderr, other.stderr
@@ -195,6 +234,78 @@ def test_nan_sample_named_and_allow_nonfinite_flag(tmp_path, env):
 
     counts = fa.open(tmp_path / "b").field("stats/nonfinite")
     assert counts[13] > 0 and (np.delete(counts, 13) == 0).all()
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path, env):
+    """Only fastattr's deliberate errors are one line (exit 2); anything else is a bug: traceback, exit 1."""
+    r = fastattr("run", "--model", "cli_models:buggy", "--data", "x.npy", "--out", "o", "--steps", "4", env=env, cwd=tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" in r.stderr and "KeyError: 'no such key'" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("fastattr: unexpected KeyError")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--batch-size", "many"], "argument --batch-size: must be auto or a positive int, got 'many'"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--steps", "0"], "argument --steps: must be a positive int or auto, got '0'"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--nt-samples", "-2"], "argument --nt-samples: must be a positive int, got '-2'"),
+        # option errors found by fastattr itself (OptionError): one line, exit 2
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--method", "layer_ig", "--layer", "nope"], "layer 'nope' is not a submodule"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--nt-samples", "3"], "does not take option(s) nt_samples"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--method", "gradient_shap"], "gradient_shap needs references="),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--baseline", "nothing.npy"], "--baseline: no such file: nothing.npy"),
+        (["run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--data-arg", "n=3"], "--data-arg is for a package.module:factory data spec"),
+        (["layers", "cli_models:cnn", "--input-shape", "3,x,6"], "argument --input-shape: must be comma-separated ints like 3,224,224, got '3,x,6'"),
+        (["layers", "cli_models:tok", "--input-shape", "7", "--input-dtype", "long"], "--input-dtype long needs --vocab N"),
+        (["layers", "cli_models:tok", "--input-shape", "7", "--input-dtype", "words", "--vocab", "9"], "unknown dtype 'words'"),
+        (["layers", "cli_models:cnn"], "give --input-shape (with --input-dtype/--vocab for token ids) or --data"),
+        (["render", "r", "--index", "a:b", "--out", "x.png"], "argument --index: must be START:STOP with ints, got 'a:b'"),
+    ],
+)
+def test_argument_errors_are_short(tmp_path, env, argv, message):
+    r = fastattr(*argv, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    if "argument " not in message:  # fastattr's own errors: one line (argparse's add its usage line)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_factories_import_from_the_current_directory(tmp_path, env):
+    """As `python -m fastattr` does: the console script (and python -P) finds cwd's modules."""
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    commands = [[sys.executable, "-P", "-m", "fastattr"]] + ([[FASTATTR]] if FASTATTR else [])
+    for cmd in commands:
+        r = subprocess.run([*cmd, "layers", "cli_models:cnn", "--input-shape", "3,6,6"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert r.returncode == 0 and "(B, 4, 6, 6)" in r.stdout, (cmd, r.stderr)
+
+
+def test_data_factory_arguments(tmp_path, env):
+    r = fastattr("run", "--model", "cli_models:cnn", "--data", "cli_data:images", "--data-arg", "n=5", "--data-arg", "scale=2.0",
+                 "--out", "d", "--steps", "4", "--target", "1", env=env, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    import fastattr as fa
+
+    stored = fa.open(tmp_path / "d")[:]
+    assert len(stored["index"]) == 5
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import cli_models
+    finally:
+        sys.path.remove(str(tmp_path))
+    x = torch.from_numpy(np.load(tmp_path / "x.npy")[:5] * 2.0)
+    ref = fa.IntegratedGradients(cli_models.cnn().eval()).attribute(x, target=1, n_steps=4)
+    np.testing.assert_allclose(stored["attributions"]["x"], ref.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_layers_describes_token_models(tmp_path, env):
+    """Integer inputs from --input-dtype long --vocab N, or the first samples of a data factory."""
+    r = fastattr("layers", "cli_models:tok", "--input-shape", "7", "--input-dtype", "long", "--vocab", "50", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert "Embedding" in rows["embed"] and "(B, 7, 8)" in rows["embed"] and "{logits: (B, 3)}" in rows["(model)"]
+    d = fastattr("layers", "cli_models:tok", "--data", "cli_data:token_batch", "--data-arg", "t=5", env=env, cwd=tmp_path)
+    assert d.returncode == 0, d.stderr
+    assert "(B, 5, 8)" in {line.split()[0]: line for line in d.stdout.splitlines()}["embed"]
 
 
 def test_integer_data_with_a_torchscript_model_is_one_clear_line(tmp_path, env):
