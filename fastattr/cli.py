@@ -14,8 +14,8 @@ import json
 import logging
 import os
 import sys
-import unicodedata
 import traceback
+import unicodedata
 
 from . import __version__
 from .errors import FastattrError, OptionError
@@ -80,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run(
         model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
         tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args),
-        rule=args.rule, precision=args.precision, batch_size=batch_size, memory_budget=args.memory_budget,
+        rule=args.rule, precision=args.precision, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
         allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
