@@ -195,7 +195,7 @@ class LLMGradientAttribution:
         lay = build_layout(examples, padding_side, pad_id, self.device)
         self.lm.check_padding(padding_side, bool((lay.mask == 0).any()))
         with frozen_parameters(self.model):
-            a, a0, f_x, f_x0 = shared.capture(self.lm, lay, internal_batch_size, with_baseline=self.is_path)
+            a, a0, f_x, f_x0, fast_head = shared.capture(self.lm, lay, internal_batch_size, with_baseline=self.is_path)
             if self.is_path:
                 self._check_baseline(a, a0, lay)
             else:
@@ -203,7 +203,7 @@ class LLMGradientAttribution:
             mult = (a - a0) if self.attr_method.multiplies_by_inputs else None
             acc_tok, acc_seq = shared.integrate(
                 self.lm, lay, a, a0, mult, alphas, weights, token=not seq_only, precision=policy,
-                max_rows=internal_batch_size, memory_budget=memory_budget, vjp=vjp,
+                max_rows=internal_batch_size, memory_budget=memory_budget, vjp=vjp, fast_head=fast_head,
             )  # fmt: skip
         return self._result(examples, lay, acc_tok, acc_seq, f_x, f_x0, mult is not None and self.is_path, n_steps, pad_id)
 

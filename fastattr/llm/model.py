@@ -19,6 +19,7 @@ small model's forward.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import AttributionInputError
+from .head import head_linear, recorded_head, skipped_head
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class CausalLM:
         self.accepts = _accepted(model)
         # embeddings-only models are called with inputs_embeds; everything else through the hook
         self.embeds_style = "inputs_embeds" in self.accepts and "input_ids" not in self.accepts
+        self.head = head_linear(model)  # nn.Linear output embedding, for the sparse-target head (head.py)
 
     def check_padding(self, side: str, padded: bool) -> None:
         if padded and side == "left" and "attention_mask" not in self.accepts:
@@ -95,11 +98,16 @@ class CausalLM:
 
     def capture(
         self, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, keep: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layer output a, logits of the last ``keep`` positions) for ids, forward only."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(layer output a, logits of the last ``keep`` positions, the head's input or None) for
+        ids, forward only."""
+        heads: list[torch.Tensor] = []
+        recording = recorded_head(self.head, heads) if self.head is not None else contextlib.nullcontext()
         if self.embeds_style:
             a = self.embed(ids)
-            return a, self.logits(a, ids, mask, pos, keep)
+            with recording:
+                logits = self._run(a, ids, mask, pos, keep)
+            return a, logits, heads[0] if len(heads) == 1 else None
         box: list[torch.Tensor] = []
 
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> None:
@@ -109,23 +117,42 @@ class CausalLM:
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            logits = logits_of(self.model(ids, **self._kwargs(mask, pos, keep)))
+            with recording:
+                logits = logits_of(self.model(ids, **self._kwargs(mask, pos, keep)))
         finally:
             handle.remove()
         if len(box) != 1:
             raise AttributionInputError(
                 f"the attributed layer ran {len(box)} times in one forward; it must run exactly once (pass the input embedding layer)"
             )
-        return box[0], logits
+        return box[0], logits, heads[0] if len(heads) == 1 else None
 
     def logits(
         self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, keep: int | None
     ) -> torch.Tensor:
         """Logits of the last ``keep`` positions (all without logits_to_keep) with the layer's
         output replaced by ``embeds`` (rows, positions, dim)."""
+        return self._run(embeds, ids, mask, pos, keep)
+
+    def hidden(
+        self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, keep: int | None
+    ) -> torch.Tensor:
+        """Like ``logits`` but returns the LM head's input (rows, positions, dim); the head is skipped."""
+        box: list[torch.Tensor] = []
+        with skipped_head(self.head, box):
+            self._run(embeds, ids, mask, pos, keep, check_logits=False)
+        if len(box) != 1:
+            raise AttributionInputError(f"the output embedding ran {len(box)} times in one forward; expected once")
+        return box[0]
+
+    def _run(
+        self, embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor | None, keep: int | None,
+        check_logits: bool = True,
+    ) -> torch.Tensor:  # fmt: skip
         kw = self._kwargs(mask, pos, keep)
+        get = logits_of if check_logits else (lambda out: out)
         if self.embeds_style:
-            return logits_of(self.model(inputs_embeds=embeds, **kw))
+            return get(self.model(inputs_embeds=embeds, **kw))
         calls = [0]
 
         def hook(_m: torch.nn.Module, _args: Any, out: Any) -> torch.Tensor:
@@ -138,7 +165,7 @@ class CausalLM:
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            out = logits_of(self.model(ids, **kw))
+            out = get(self.model(ids, **kw))
         finally:
             handle.remove()
         if calls[0] == 0:

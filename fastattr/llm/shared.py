@@ -36,7 +36,9 @@ import torch
 from ..budget import RowPlanner
 from ..errors import AttributionInputError, NoGradientError
 from ..precision import Precision
+from . import head
 from .batching import Layout
+from .head import HeadLogProb
 from .model import CausalLM
 
 logger = logging.getLogger(__name__)
@@ -49,19 +51,29 @@ def acc_dtype_of(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def target_logprobs(logits: torch.Tensor, lay: Layout, rows: torch.Tensor, c1: int, n_targets: int, dtype: torch.dtype) -> torch.Tensor:
-    """(n, n_targets) log p(y_t | prefix) of the examples ``rows``, 0 past each one's T_i.
-    ``logits``: (n, K', V) whose last position is column c1 - 1."""
+def _picked(t: torch.Tensor, lay: Layout, rows: torch.Tensor, c1: int, n_targets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, n_targets, X) rows of ``t`` (n, K', X), whose last position is column c1 - 1, at the
+    positions that predict each target; also the target ids and validity (n, n_targets)."""
     cols = lay.target_cols().index_select(0, rows)[:, :n_targets]
     valid = lay.t_valid.index_select(0, rows)[:, :n_targets]
-    k = logits.shape[1]
-    kidx = (cols - (c1 - k)).clamp(0, k - 1)
+    k = t.shape[1]
     if bool((cols[valid] < c1 - k).any()):
         raise AttributionInputError(f"the model returned logits for {k} positions; more are needed for the targets")
-    picked = logits.gather(1, kidx[:, :, None].expand(-1, -1, logits.shape[2])).to(dtype)
-    lp = torch.log_softmax(picked, -1)
-    tgt = lay.targets.index_select(0, rows)[:, :n_targets]
-    lp = lp.gather(2, tgt[:, :, None]).squeeze(2)
+    kidx = (cols - (c1 - k)).clamp(0, k - 1)
+    picked = t.gather(1, kidx[:, :, None].expand(-1, -1, t.shape[2]))
+    return picked, lay.targets.index_select(0, rows)[:, :n_targets], valid
+
+
+def target_logprobs(
+    out: torch.Tensor, lay: Layout, rows: torch.Tensor, c1: int, n_targets: int, dtype: torch.dtype, head: torch.nn.Linear | None = None
+) -> torch.Tensor:
+    """(n, n_targets) log p(y_t | prefix) of the examples ``rows``, 0 past each one's T_i.
+    ``out``: logits (n, K', V), or with ``head`` the head's input (n, K', D)."""
+    picked, tgt, valid = _picked(out, lay, rows, c1, n_targets)
+    if head is None:
+        lp = torch.log_softmax(picked.to(dtype), -1).gather(2, tgt[:, :, None]).squeeze(2)
+    else:
+        lp = HeadLogProb.apply(picked, head.weight, head.bias, tgt).to(dtype)
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
@@ -73,10 +85,10 @@ def _keep(lay: Layout, rows: torch.Tensor, c1: int) -> int:
 
 def capture(
     lm: CausalLM, lay: Layout, max_rows: int | None, with_baseline: bool = True
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """a(x), a(x0) (B, S, D) and the target log-probs F(x), F(x0) (B, Tmax): forward only,
-    x and x0 stacked, in forwards of at most ``max_rows`` rows. Without the baseline, a(x0)
-    and F(x0) are zeros."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """a(x), a(x0) (B, S, D), the target log-probs F(x), F(x0) (B, Tmax), and whether the LM
+    head's input gives the model's log-probs (head.py): forward only, x and x0 stacked, in
+    forwards of at most ``max_rows`` rows. Without the baseline, a(x0) and F(x0) are zeros."""
     b = lay.batch
     ids = torch.cat([lay.ids, lay.base_ids]) if with_baseline else lay.ids
     n = ids.shape[0]
@@ -85,20 +97,27 @@ def capture(
     acts, fs = [], []
     tmax = lay.targets.shape[1]
     padded = bool((lay.mask == 0).any())
+    fast = lm.head is not None
     with torch.no_grad():
         for r0 in range(0, n, rows):
             ex = both[r0 : r0 + rows]
             mask = lay.mask.index_select(0, ex) if padded else None
             pos = lay.positions.index_select(0, ex) if padded else None
-            a, logits = lm.capture(ids[r0 : r0 + rows], mask, pos, _keep(lay, ex, lay.width))
+            a, logits, h = lm.capture(ids[r0 : r0 + rows], mask, pos, _keep(lay, ex, lay.width))
             if a.shape[:2] != ids[r0 : r0 + rows].shape:
                 raise AttributionInputError(f"the attributed layer's output {tuple(a.shape)} is not (rows, positions, dim)")
             acts.append(a)
-            fs.append(target_logprobs(logits, lay, ex, lay.width, tmax, acc_dtype_of(a)))
+            f = target_logprobs(logits, lay, ex, lay.width, tmax, acc_dtype_of(a))
+            fs.append(f)
+            if fast and h is not None:
+                picked, tgt, valid = _picked(h, lay, ex, lay.width, tmax)
+                fast = head.check(lm.head, picked, tgt, f, valid)
+            fast = fast and h is not None
     a_all, f_all = torch.cat(acts), torch.cat(fs)
+    logger.debug("sparse-target LM head: %s", "used" if fast else "not used (the model's logits are not its head's output)")
     if not with_baseline:
-        return a_all, torch.zeros_like(a_all), f_all, torch.zeros_like(f_all)
-    return a_all[:b], a_all[b:], f_all[:b], f_all[b:]
+        return a_all, torch.zeros_like(a_all), f_all, torch.zeros_like(f_all), fast
+    return a_all[:b], a_all[b:], f_all[:b], f_all[b:], fast
 
 
 def integrate(
@@ -115,6 +134,7 @@ def integrate(
     max_rows: int | None = None,
     memory_budget: int | str | None = None,
     vjp: str = "loop",
+    fast_head: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """sum_s w_s * sum_d mult * d log p_t / d e at e = a0 + alpha_s (a - a0), per column.
 
@@ -142,7 +162,7 @@ def integrate(
         planner.begin()
         rows = pair_ex[p0:p1]
         c0, c1 = lay.span(rows)
-        contrib = _chunk(lm, lay, rows, c0, c1, a0, diff, mult, pair_al[p0:p1], token, precision, vjp, max_rows, acc_dtype)
+        contrib = _chunk(lm, lay, rows, c0, c1, a0, diff, mult, pair_al[p0:p1], token, precision, vjp, max_rows, acc_dtype, fast_head)
         contrib *= pair_w[p0:p1].view(-1, 1, 1)
         if token:
             acc_tok[:, : contrib.shape[1], c0:c1].index_add_(0, rows, contrib)
@@ -170,6 +190,7 @@ def _chunk(
     vjp: str,
     max_rows: int | None,
     acc_dtype: torch.dtype,
+    fast_head: bool,
 ) -> torch.Tensor:
     """(n, Tc, c1 - c0) per-target contributions of one chunk (Tc = 1 in seq mode), unweighted."""
     n = rows.shape[0]
@@ -185,8 +206,11 @@ def _chunk(
     for attempt in range(precision.max_retries + 1):
         e = base.detach().requires_grad_(True)
         with torch.enable_grad(), precision.flags(), precision.autocast(e.device):
-            logits = lm.logits(e, ids, mask, pos, _keep(lay, rows, c1))
-            lp = target_logprobs(logits, lay, rows, c1, n_t, acc_dtype)
+            keep = _keep(lay, rows, c1)
+            if fast_head:
+                lp = target_logprobs(lm.hidden(e, ids, mask, pos, keep), lay, rows, c1, n_t, acc_dtype, lm.head)
+            else:
+                lp = target_logprobs(lm.logits(e, ids, mask, pos, keep), lay, rows, c1, n_t, acc_dtype)
         if not lp.requires_grad:
             raise NoGradientError("the target log-probabilities do not depend on the attributed layer (is it the model's input embedding?)")
         seeds = valid.to(lp.dtype) * scale
