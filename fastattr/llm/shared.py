@@ -143,6 +143,7 @@ def integrate(
     multiplies the gradient before the sum over the embedding dim (None: the plain gradient)."""
     if vjp not in VJP_MODES:
         raise AttributionInputError(f"vjp must be one of {VJP_MODES}, got {vjp!r}")
+    fast_head = fast_head and not (token and vjp == "batched")  # its sparse backward picks columns: no vmap
     device, b, width, tmax = a.device, lay.batch, lay.width, lay.targets.shape[1]
     acc_dtype = acc_dtype_of(a)
     n_pts = len(alphas)
