@@ -16,6 +16,7 @@ Time: one timed run after a warm-up on the first prompt; peak memory: sampled RS
 
     python benchmarks/bench_llm.py                         # the RESULTS.md table (several minutes)
     python benchmarks/bench_llm.py --quick                 # 2 short prompts, smoke test
+    python benchmarks/bench_llm.py --device cuda --gpu-size --threads 16   # the GPU stage (not run yet)
 """
 
 from __future__ import annotations
@@ -62,12 +63,15 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm())
 
 
-def timed(warm: Callable[[], object], fn: Callable[[], object]) -> tuple[float, float, float, object]:
+def timed(warm: Callable[[], object], fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
     warm()
     gc.collect()
-    with PeakMemory(torch.device("cpu")) as mem:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with PeakMemory(device) as mem:
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
+        sync()
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     return secs, cpu, mem.peak / 2**20, out
 
@@ -75,12 +79,13 @@ def timed(warm: Callable[[], object], fn: Callable[[], object]) -> tuple[float, 
 def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
     tok = word_tokenizer(args.words, bos=True)
     build = gpt2 if kind == "gpt2" else llama
-    model = build(len(tok), layers=args.layers, dim=args.dim, heads=args.heads, init=args.init)
+    dev = torch.device(args.device)
+    model = build(len(tok), layers=args.layers, dim=args.dim, heads=args.heads, init=args.init).to(dev)
     emb = model.get_input_embeddings()
     texts = prompts(args.prompts, args.lo, args.hi, args.words, seed=1)
     with torch.no_grad():
         targets = [
-            model.generate(input_ids=torch.tensor([tok.encode(t)]), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)[0, -args.new :]
+            model.generate(input_ids=torch.tensor([tok.encode(t)], device=dev), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)[0, -args.new :].cpu()
             for t in texts
         ]
     kw = dict(n_steps=args.steps, baselines=BASELINE_ID)
@@ -88,8 +93,8 @@ def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
     m64 = copy.deepcopy(model).double()
     fa64 = fastattr.LLMGradientAttribution(fastattr.LayerIntegratedGradients(m64, m64.get_input_embeddings()), tok)
     ref = fa64.attribute_batch(texts, targets, **kw)
-    ref_tok = torch.cat([r.token_attr.reshape(-1) for r in ref])
-    ref_seq = torch.cat([r.seq_attr for r in ref])
+    ref_tok = torch.cat([r.token_attr.reshape(-1).cpu() for r in ref])
+    ref_seq = torch.cat([r.seq_attr.cpu() for r in ref])
     info = {"model": kind, "params": sum(p.numel() for p in model.parameters()), "prompt_tokens": [len(tok.encode(t)) for t in texts]}
 
     from captum.attr import LayerIntegratedGradients as CLIG
@@ -99,14 +104,15 @@ def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
     def captum(texts_: list[str], targets_: list[torch.Tensor], m: torch.nn.Module = model) -> torch.Tensor:
         c = CLLM(CLIG(m, m.get_input_embeddings()), tok)
         res = [c.attribute(TextTokenInput(t, tok, baselines=BASELINE_ID), target=y, n_steps=args.steps) for t, y in zip(texts_, targets_)]
-        return torch.cat([r.token_attr.reshape(-1) for r in res])
+        return torch.cat([r.token_attr.reshape(-1).cpu() for r in res])
 
-    parity = float((captum(texts[:1], targets[:1], m64) - ref[0].token_attr.reshape(-1)).abs().max() / ref[0].token_attr.abs().max())
+    ref0 = ref[0].token_attr.reshape(-1).cpu()
+    parity = float((captum(texts[:1], targets[:1], m64) - ref0).abs().max() / ref0.abs().max())
     info["fp64_parity_captum_vs_fastattr"] = parity
     rows: list[Row] = []
 
     def add(impl: str, fn: Callable[[list[str], list[torch.Tensor]], torch.Tensor], ref_: torch.Tensor | None, note: str = "") -> None:
-        secs, cpu, peak, out = timed(lambda: fn(texts[:1], targets[:1]), lambda: fn(texts, targets))
+        secs, cpu, peak, out = timed(lambda: fn(texts[:1], targets[:1]), lambda: fn(texts, targets), dev)
         err = None if ref_ is None else rel_err(out, ref_)
         rows.append(Row(kind, impl, secs, cpu, peak, err, note=note))
         print(f"  {kind} {impl}: {secs:.2f} s (cpu {cpu:.2f}), peak {peak:.0f} MB, err {err}", file=sys.stderr, flush=True)
@@ -117,12 +123,12 @@ def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
                 res = list(fa.attribute_batch(texts_, targets_, precision=precision, seq_only=seq_only, **kw))
             else:
                 res = [fa.attribute(t, target=y, precision=precision, seq_only=seq_only, **kw) for t, y in zip(texts_, targets_)]
-            return torch.cat([(r.seq_attr if seq_only else r.token_attr).reshape(-1) for r in res])
+            return torch.cat([(r.seq_attr if seq_only else r.token_attr).reshape(-1).cpu() for r in res])
 
         return fn
 
     add("captum loop (fp32)", captum, ref_tok)
-    if not args.no_inseq:
+    if not args.no_inseq and dev.type == "cpu":
         inseq_fn = _inseq(model, tok, args)
         if inseq_fn is not None:
             add("inseq (fp32)", inseq_fn, None, note="different quantity: generated prefix also interpolated")
@@ -151,7 +157,7 @@ def _inseq(model: torch.nn.Module, tok: object, args: argparse.Namespace) -> Cal
             texts_, generated_texts=gen, n_steps=args.steps, attributed_fn="probability",
             attributed_fn_args={"logprob": True}, show_progress=False, batch_size=len(texts_),
         )  # fmt: skip
-        return torch.cat([s.target_attributions.nan_to_num().reshape(-1) for s in out.sequence_attributions])
+        return torch.cat([s.target_attributions.nan_to_num().reshape(-1).cpu() for s in out.sequence_attributions])
 
     return fn
 
@@ -181,12 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--words", type=int, default=2000)
     p.add_argument("--init", type=float, default=0.1, help="weights' std")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--gpu-size", action="store_true", help="the GPU stage: 12 layers x 768 (~86M parameters), 32 prompts")
     p.add_argument("--no-inseq", action="store_true")
     p.add_argument("--quick", action="store_true", help="2 prompts of 8-12 words, 4 new tokens, 8 steps")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.prompts, args.lo, args.hi, args.new, args.steps = 2, 8, 12, 4, 8
+    if args.gpu_size:
+        args.layers, args.dim, args.heads, args.prompts = 12, 768, 12, 32
+    torch.backends.cuda.matmul.allow_tf32 = False  # Captum's fp32 is true fp32 too
     torch.set_num_threads(args.threads)
     rows, infos = [], []
     for kind in args.models.split(","):

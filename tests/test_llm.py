@@ -13,10 +13,11 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from llm_models import gpt2, llama, prompts, word_tokenizer  # noqa: E402
+
 import fastattr  # noqa: E402
 from fastattr.errors import AttributionInputError, OptionError  # noqa: E402
 from fastattr.llm.head import HeadLogProb  # noqa: E402
-from llm_models import gpt2, llama, prompts, word_tokenizer  # noqa: E402
 
 captum_attr = pytest.importorskip("captum.attr")
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
