@@ -310,3 +310,13 @@ def test_argument_errors(model):
         fastattr.LLMGradientAttribution(fastattr.IntegratedGradients(model), TOK)
     with pytest.raises(OptionError, match="no n_steps"):
         fast_llm(model, "gxa").attribute(PROMPTS[0], target=TARGETS[0], n_steps=4)
+
+
+def test_baseline_forms_agree(model):
+    llm = fast_llm(model)
+    n = len(TOK.encode(PROMPTS[0]))
+    ref = llm.attribute(PROMPTS[0], target=TARGETS[2], n_steps=4, baselines=1)
+    for b in ("<unk>", [1] * n, torch.ones(n, dtype=torch.long)):
+        close(llm.attribute(PROMPTS[0], target=TARGETS[2], n_steps=4, baselines=b).token_attr, ref.token_attr, rtol=0)
+    with pytest.raises(AttributionInputError, match="baseline ids have shape"):
+        llm.attribute(PROMPTS[0], target=TARGETS[2], baselines=[1] * (n + 1))

@@ -63,7 +63,7 @@ def baseline_id(value: Any, tokenizer: Any, where: str) -> int | torch.Tensor:
         if tid is None:
             raise AttributionInputError(f"{where}: baseline token {value!r} is not in the tokenizer's vocabulary")
         return int(tid)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, list, tuple)):
         return _ids(value, f"{where}: baselines")
     raise AttributionInputError(f"{where}: baseline must be a token id, a token string or a tensor of ids, got {type(value).__name__}")
 
@@ -83,14 +83,14 @@ def prompt_example(inp: Any, baseline: Any, tokenizer: Any, index: int) -> tuple
         baseline = inp.baselines
         m = getattr(inp, "itp_mask", None)
         mask = None if m is None else m.reshape(-1).to("cpu", torch.bool)
+        if mask is not None and mask.shape[0] != len(ids):
+            raise AttributionInputError(f"{where}: itp_mask has {mask.shape[0]} entries for {len(ids)} tokens")
     elif isinstance(inp, (torch.Tensor, list, tuple)):
         ids = _ids(inp, where)
         labels = None
     else:
         raise AttributionInputError(f"{where} must be a string, a 1-D tensor of token ids or a TextTokenInput, got {type(inp).__name__}")
     keep = torch.arange(len(ids)) if mask is None else mask.nonzero().reshape(-1)
-    if mask is not None and mask.shape[0] != len(ids):
-        raise AttributionInputError(f"{where}: itp_mask has {mask.shape[0]} entries for {len(ids)} tokens")
     b = baseline_id(0 if baseline is None else baseline, tokenizer, where)
     if isinstance(b, torch.Tensor):
         if b.shape != ids.shape:
