@@ -166,6 +166,9 @@ def test_row_cap_respected_in_every_forward(model):
             out = llm.attribute_batch(PROMPTS, TARGETS, n_steps=7, baselines=1, internal_batch_size=4, vjp=vjp)
             assert rows and max(rows) <= 4
             assert sum(rows) >= 3 * 7  # every (example, point) pair ran
+        rows.clear()
+        llm.attribute_batch(PROMPTS, None, gen_args={"max_new_tokens": 3, "do_sample": False}, n_steps=3, baselines=1, internal_batch_size=2)
+        assert rows and max(rows) <= 2  # generation too
         ref = llm.attribute_batch(PROMPTS, TARGETS, n_steps=7, baselines=1)
     finally:
         handle.remove()

@@ -189,7 +189,7 @@ class LLMGradientAttribution:
         if len(base_list) != b:
             raise AttributionInputError(f"got {len(base_list)} baselines for {b} prompts")
         prompts = [text.prompt_example(inp, bl, self.tokenizer, i) for i, (inp, bl) in enumerate(zip(inputs, base_list))]
-        tgt = self._targets(prompts, targets, gen_args)
+        tgt = self._targets(prompts, targets, gen_args, internal_batch_size)
         examples = text.make_examples(prompts, tgt)
         pad_id = self._pad_id()
         lay = build_layout(examples, padding_side, pad_id, self.device)
@@ -214,13 +214,13 @@ class LLMGradientAttribution:
             pad = getattr(getattr(self.model, "config", None), "pad_token_id", None)
         return int(pad) if pad is not None else 0
 
-    def _targets(self, prompts: list[tuple], targets: list[Any], gen_args: dict[str, Any] | None) -> list[torch.Tensor]:
+    def _targets(self, prompts: list[tuple], targets: list[Any], gen_args: dict[str, Any] | None, max_rows: int | None) -> list[torch.Tensor]:
         todo = [i for i, t in enumerate(targets) if t is None]
         if gen_args is not None and not todo:
             raise AttributionInputError("gen_args must be None when every target is given")
         out: list[torch.Tensor | None] = [None if t is None else text.target_ids(t, self.tokenizer, i) for i, t in enumerate(targets)]
         if todo:
-            gen = text.generate(self.model, [prompts[i][0] for i in todo], gen_args, self._pad_id(), self.device)
+            gen = text.generate(self.model, [prompts[i][0] for i in todo], gen_args, self._pad_id(), self.device, max_rows)
             for i, g in zip(todo, gen):
                 out[i] = g
         return out  # type: ignore[return-value]

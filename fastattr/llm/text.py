@@ -163,12 +163,19 @@ def _eos_ids(model: Any, gen_args: dict[str, Any]) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def generate(model: Any, prompts: Sequence[torch.Tensor], gen_args: dict[str, Any] | None, pad_id: int, device: torch.device) -> list[torch.Tensor]:
+def generate(
+    model: Any, prompts: Sequence[torch.Tensor], gen_args: dict[str, Any] | None, pad_id: int, device: torch.device,
+    max_rows: int | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
     """Continuations of the prompts: ``model.generate`` (Captum's default gen_args when none are
-    given), batched with left padding and an attention mask; a greedy loop for plain callables."""
+    given), batched with left padding and an attention mask, at most ``max_rows`` prompts per
+    call; a greedy loop for plain callables."""
     args = dict(gen_args) if gen_args else dict(DEFAULT_GEN_ARGS)
     if not hasattr(model, "generate"):
         return [_greedy(model, p, args, device) for p in prompts]
+    rows = max_rows or len(prompts)
+    if len(prompts) > rows:
+        return [g for r0 in range(0, len(prompts), rows) for g in generate(model, prompts[r0 : r0 + rows], gen_args, pad_id, device)]
     if len(prompts) == 1:  # exactly Captum's call
         ids = prompts[0][None].to(device)
         with torch.no_grad():
