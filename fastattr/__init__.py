@@ -17,7 +17,9 @@ from . import store  # noqa: E402, F401 - fastattr.store.verify_run etc.
 from .activations import LayerActivation  # noqa: E402
 from .errors import AttributionInputError, FastattrError, NoGradientError  # noqa: E402
 from .gradient_shap import GradientShap  # noqa: E402
+from .layer_gradient_x_activation import LayerGradientXActivation  # noqa: E402
 from .layer_methods import LayerIntegratedGradients  # noqa: E402
+from .llm import LLMGradientAttribution  # noqa: E402
 from .methods import InputXGradient, IntegratedGradients, Saliency  # noqa: E402
 from .noise_tunnel import NoiseTunnel  # noqa: E402
 from .options import Options  # noqa: E402
@@ -34,6 +36,8 @@ __all__ = [
     "IntegratedGradients",
     "LayerActivation",
     "LayerIntegratedGradients",
+    "LayerGradientXActivation",
+    "LLMGradientAttribution",
     "NoGradientError",
     "NoiseTunnel",
     "Options",
