@@ -279,7 +279,7 @@ def test_file_size_limit_is_a_clean_error_and_resumes(work):
 
     rc, text = run_cli(tmp_path, env, FULL_ARGS, preexec_fn=limited)
     assert rc == 2, (rc, text)  # not -11 (segfault) nor -25 (SIGXFSZ)
-    assert f"file too large: the file-size limit ({limit} bytes; ulimit -f, RLIMIT_FSIZE) was reached while writing shard-00001.h5.partial in run" in text, text
+    assert f"file too large: the file-size limit ({limit} bytes; ulimit -f, RLIMIT_FSIZE) was reached while writing .fastattr-shard-00001.h5.partial in run" in text, text
     assert "finished shards are intact" in text and "rerun the same command to resume" in text
     assert_clean_failure(text)
     assert [(s["start"], s["stop"]) for s in listed(run)] == [(0, 256)]
@@ -316,7 +316,7 @@ def test_full_disk_is_a_clean_error_and_resumes(work, small_tmpfs):
     args[args.index("--out") + 1] = str(run)
     rc, text = run_cli(tmp_path, env, args)
     assert rc == 2, (rc, text)
-    m = re.search(r"disk full while writing (shard-\d+\.h5\.partial|manifest\.json) in \S+: ([\d,]+) bytes free; finished shards are intact; free space", text)
+    m = re.search(r"disk full while writing ((?:\.fastattr-)?shard-\d+\.h5\.partial|manifest\.json) in \S+: ([\d,]+) bytes free; finished shards are intact; free space", text)
     assert m, text
     assert_clean_failure(text)
     kept = listed(run)
