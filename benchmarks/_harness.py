@@ -3,7 +3,10 @@ reference, markdown tables and JSON with the card, date and commit.
 
 Timing: wall clock (time.perf_counter) around the call, with torch.cuda.synchronize() before
 and after on CUDA: kernels run asynchronously, so an unsynchronized GPU timing measures the
-launches, not the work. ``timed`` reports the median of the repeats after an untimed warm-up.
+launches, not the work. ``timed`` reports the median of the repeats after an untimed warm-up;
+``best_of`` the best of its calls, without warm-up (for cold-cache reads: ``before`` evicts).
+CPU time (``Timing.cpu_seconds``): time.process_time over the same calls, all the process's
+threads, user + system; next to the wall time it shows how many cores a call kept busy.
 
 Peak memory:
 - CUDA: torch.cuda.max_memory_allocated() above the allocation at the start (the caching
@@ -107,8 +110,41 @@ class PeakMemory:
             self.peak = max(self.peak, _rss() - self.base)
 
 
-def timed(fn: Callable[[], Any], device: str | torch.device = "cpu", repeats: int = 3, memory: bool = True) -> tuple[float, float | None, Any]:
-    """(median seconds of ``repeats`` timed calls, peak MiB or None, the last result).
+class Timing(tuple[float, float | None, Any]):
+    """(seconds, peak MiB or None, result), unpacked as such, plus ``cpu_seconds``: the process's
+    CPU time over the same call(s) (the median of the repeats' for ``timed``)."""
+
+    cpu_seconds: float
+
+    def __new__(cls, seconds: float, peak_mb: float | None, result: Any, cpu_seconds: float) -> Timing:
+        self = super().__new__(cls, (seconds, peak_mb, result))
+        self.cpu_seconds = cpu_seconds
+        return self
+
+    @property
+    def seconds(self) -> float:
+        return self[0]
+
+    @property
+    def peak_mb(self) -> float | None:
+        return self[1]
+
+    @property
+    def result(self) -> Any:
+        return self[2]
+
+
+def _clock(fn: Callable[[], Any], dev: torch.device) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds, result) of one call, synchronized before and after on CUDA."""
+    sync(dev)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    sync(dev)
+    return time.perf_counter() - t0, time.process_time() - c0, out
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device = "cpu", repeats: int = 3, memory: bool = True) -> Timing:
+    """(median seconds of ``repeats`` timed calls, peak MiB or None, the last result), ``.cpu_seconds``.
 
     The first call is an untimed warm-up (allocator, cuDNN autotuning, the CPU row tuner) and,
     with ``memory``, the peak-memory measurement."""
@@ -119,29 +155,41 @@ def timed(fn: Callable[[], Any], device: str | torch.device = "cpu", repeats: in
     mem = PeakMemory(dev) if memory else contextlib.nullcontext()
     with mem:
         out = fn()
-    times = []
+    times, cpus = [], []
     for _ in range(repeats):
         gc.collect()
-        sync(dev)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) if times else float("nan"), (mem.mb if memory else None), out
+        seconds, cpu, out = _clock(fn, dev)
+        times.append(seconds)
+        cpus.append(cpu)
+    if not times:
+        return Timing(float("nan"), mem.mb if memory else None, out, float("nan"))
+    return Timing(statistics.median(times), mem.mb if memory else None, out, statistics.median(cpus))
 
 
-def measure_once(fn: Callable[[], Any], device: str | torch.device = "cpu", memory_on: str | torch.device | None = "cpu") -> tuple[float, float | None, Any]:
-    """(seconds, peak MiB or None, result) of ONE call, memory sampled during the timed call
-    itself (for runs too long to repeat; ``memory_on="cpu"`` gives host memory on any device)."""
+def measure_once(fn: Callable[[], Any], device: str | torch.device = "cpu", memory_on: str | torch.device | None = "cpu") -> Timing:
+    """(seconds, peak MiB or None, result) of ONE call, ``.cpu_seconds``, memory sampled during the
+    timed call itself (for runs too long to repeat; ``memory_on="cpu"`` gives host memory on any device)."""
     dev = as_device(device)
     mem = PeakMemory(memory_on) if memory_on is not None else contextlib.nullcontext()
     with mem:
-        sync(dev)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(dev)
-        seconds = time.perf_counter() - t0
-    return seconds, (mem.mb if memory_on is not None else None), out
+        seconds, cpu, out = _clock(fn, dev)
+    return Timing(seconds, mem.mb if memory_on is not None else None, out, cpu)
+
+
+def best_of(fn: Callable[[], Any], device: str | torch.device = "cpu", repeats: int = 3, before: Callable[[], Any] | None = None) -> Timing:
+    """(best seconds of ``repeats`` calls, None, the last result), ``.cpu_seconds`` of the best call.
+    No warm-up and no memory sampling; ``before`` runs untimed before each call (e.g. to drop a
+    file from the page cache, so every call reads from disk)."""
+    dev = as_device(device)
+    best: tuple[float, float] = (float("nan"), float("nan"))
+    out = None
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        seconds, cpu, out = _clock(fn, dev)
+        if not seconds >= best[0]:  # also replaces the initial nan
+            best = (seconds, cpu)
+    return Timing(best[0], None, out, best[1])
 
 
 def true_fp32() -> None:

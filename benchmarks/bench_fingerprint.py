@@ -6,24 +6,27 @@ arrays, memory-mapped .npy and HDF5 data, and the strided sample of a Dataset.
 Cases: 10k x 3x32x32 float32 in memory, as .npy (page cache warm and evicted with
 posix_fadvise(DONTNEED), so read from disk), as HDF5 (uncompressed and lzf), as a
 TensorDataset (strided); and one large memory-mapped .npy (--big-gib) warm and evicted.
-Each time is the best of --repeats; sha256 alone over the same bytes is shown for scale.
+Each time is the best of --repeats (benchmarks/_harness.py's best_of); sha256 alone over the
+same bytes is shown for scale. The JSON records the card, date and commit.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
 
-from fastattr.sources import open_source
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+
+from fastattr.sources import open_source  # noqa: E402
 
 
 def evict(path: Path) -> None:
@@ -36,17 +39,6 @@ def evict(path: Path) -> None:
         os.close(fd)
 
 
-def timed(fn, repeats: int, before=None) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        if before:
-            before()
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--big-gib", type=float, default=4.0, help="size of the large memory-mapped .npy (0: skip)")
@@ -55,31 +47,33 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     rows: list[dict] = []
+    print(h.env_line(h.env()), flush=True)
 
-    def add(case: str, nbytes: int, seconds: float, kind: str) -> None:
+    def add(case: str, nbytes: int, timing: h.Timing, kind: str) -> None:
+        seconds = timing.seconds
         rows.append({"case": case, "bytes": nbytes, "seconds": round(seconds, 4), "GB/s": round(nbytes / seconds / 1e9, 2), "kind": kind})
         print(f"{case:<48} {nbytes / 2**20:9.1f} MiB {seconds:8.3f} s {nbytes / seconds / 1e9:6.2f} GB/s  {kind}", flush=True)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         d = Path(tmp)
         x = np.random.default_rng(0).standard_normal((10_000, 3, 32, 32)).astype(np.float32)
-        add("sha256 alone, 10k x 3x32x32 in memory", x.nbytes, timed(lambda: hashlib.sha256(x).digest(), args.repeats), "-")
+        add("sha256 alone, 10k x 3x32x32 in memory", x.nbytes, h.best_of(lambda: hashlib.sha256(x).digest(), "cpu", args.repeats), "-")
         src = open_source(x)
-        add("array in memory", x.nbytes, timed(src.fingerprint, args.repeats), src.fingerprint()["kind"])
+        add("array in memory", x.nbytes, h.best_of(src.fingerprint, "cpu", args.repeats), src.fingerprint()["kind"])
         np.save(d / "x.npy", x)
         src = open_source(str(d / "x.npy"))
-        add(".npy memory-mapped, page cache warm", x.nbytes, timed(src.fingerprint, args.repeats), "full")
+        add(".npy memory-mapped, page cache warm", x.nbytes, h.best_of(src.fingerprint, "cpu", args.repeats), "full")
         del src  # unmapped, so its pages can be evicted
         cold = lambda p: open_source(str(p)).fingerprint()  # noqa: E731 - a fresh mapping each time
-        add(".npy memory-mapped, evicted (from disk)", x.nbytes, timed(lambda: cold(d / "x.npy"), args.repeats, lambda: evict(d / "x.npy")), "full")
+        add(".npy memory-mapped, evicted (from disk)", x.nbytes, h.best_of(lambda: cold(d / "x.npy"), "cpu", args.repeats, lambda: evict(d / "x.npy")), "full")
         for comp in (None, "lzf"):
             with h5py.File(d / f"x-{comp}.h5", "w") as f:
                 f.create_dataset("x", data=x, chunks=(64, 3, 32, 32), compression=comp)
             src = open_source(f"{d / f'x-{comp}.h5'}:x")
-            add(f"HDF5 {comp or 'uncompressed'}, chunks of 64 samples", x.nbytes, timed(src.fingerprint, args.repeats), "full")
+            add(f"HDF5 {comp or 'uncompressed'}, chunks of 64 samples", x.nbytes, h.best_of(src.fingerprint, "cpu", args.repeats), "full")
         ds = torch.utils.data.TensorDataset(torch.from_numpy(x))
         src = open_source(ds)
-        add("TensorDataset (strided sample)", x.nbytes, timed(src.fingerprint, args.repeats), src.fingerprint()["kind"])
+        add("TensorDataset (strided sample)", x.nbytes, h.best_of(src.fingerprint, "cpu", args.repeats), src.fingerprint()["kind"])
         if args.big_gib > 0:
             n = int(args.big_gib * 2**30 // (3 * 64 * 64 * 4))
             big = np.lib.format.open_memmap(d / "big.npy", mode="w+", dtype=np.float32, shape=(n, 3, 64, 64))
@@ -88,10 +82,10 @@ def main() -> None:
             big.flush()
             del big
             nbytes = n * 3 * 64 * 64 * 4
-            add(f"large .npy {n} x 3x64x64, evicted (from disk)", nbytes, timed(lambda: cold(d / "big.npy"), 1, lambda: evict(d / "big.npy")), "full")
-            add(f"large .npy {n} x 3x64x64, page cache warm", nbytes, timed(lambda: cold(d / "big.npy"), 1), "full")
+            add(f"large .npy {n} x 3x64x64, evicted (from disk)", nbytes, h.best_of(lambda: cold(d / "big.npy"), "cpu", 1, lambda: evict(d / "big.npy")), "full")
+            add(f"large .npy {n} x 3x64x64, page cache warm", nbytes, h.best_of(lambda: cold(d / "big.npy"), "cpu", 1), "full")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows}, indent=1))
+        h.write_json(args.json, {"cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows})
 
 
 if __name__ == "__main__":

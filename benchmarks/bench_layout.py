@@ -7,23 +7,24 @@ it runs fp32 IntegratedGradients with channels_last None (the default), True and
 Captum's IntegratedGradients, and prints per layout: the best wall time of ``--repeat`` calls and
 the relative max error (max |a - b| / max |b|) against Captum and against a float64 run of the
 same rule. Channels-last convolutions round differently from NCHW ones; float64 shows that
-neither is the more accurate one.
+neither is the more accurate one. Timing and error come from benchmarks/_harness.py (best_of,
+max_rel); the first line is the card, date and commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import sys
 
 import captum.attr as ca
 import torch
-from models import ResNet18, randomize_batchnorm
 
-import fastattr
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+from models import ResNet18, randomize_batchnorm  # noqa: E402
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+import fastattr  # noqa: E402
 
 
 def main() -> None:
@@ -40,17 +41,14 @@ def main() -> None:
     ref = ca.IntegratedGradients(model).attribute(x, target=target, n_steps=args.steps)
     exact = fastattr.IntegratedGradients(model.double()).attribute(x.double(), target=target, n_steps=args.steps)
     model.float()
+    print(h.env_line(h.env()))
     print(f"ResNet18 {args.batch}x3x{args.size}x{args.size}, IG gausslegendre {args.steps} steps, fp32, {torch.get_num_threads()} threads")
     print(f"{'layout':>14} {'best s':>8} {'vs Captum':>10} {'vs float64':>10}")
-    print(f"{'Captum':>14} {'':>8} {'':>10} {rel(ref, exact):10.2e}")
+    print(f"{'Captum':>14} {'':>8} {'':>10} {h.max_rel(ref, exact):10.2e}")
     ig = fastattr.IntegratedGradients(model)
     for flag in (None, True, False):
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            got = ig.attribute(x, target=target, n_steps=args.steps, channels_last=flag)
-            times.append(time.perf_counter() - t0)
-        print(f"{str(flag):>14} {min(times):8.3f} {rel(got, ref):10.2e} {rel(got, exact):10.2e}")
+        seconds, _, got = h.best_of(lambda f=flag: ig.attribute(x, target=target, n_steps=args.steps, channels_last=f), "cpu", args.repeat)
+        print(f"{str(flag):>14} {seconds:8.3f} {h.max_rel(got, ref):10.2e} {h.max_rel(got, exact):10.2e}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ generated prefix towards <unk>, so its numbers are a different quantity and get 
 column); fastattr batched (token_attr), one prompt at a time, bf16, and the seq_attr-only mode.
 Errors: relative L2 of token_attr (seq_attr for seq-only rows) against fastattr in float64 on a
 float64 copy of the model (checked against Captum in float64 on the first prompt: "fp64 parity").
-Time: one timed run after a warm-up on the first prompt; peak memory: sampled RSS above the start.
+Time: one timed run after a warm-up on the first prompt (benchmarks/_harness.py's measure_once:
+wall time synchronized on CUDA, and the process's CPU time); peak memory during that run: sampled
+RSS above the start on CPU, the allocator's peak on CUDA. Output and JSON carry card, date, commit.
 
     python benchmarks/bench_llm.py                         # the RESULTS.md table (several minutes)
     python benchmarks/bench_llm.py --quick                 # 2 short prompts, smoke test
@@ -25,21 +27,17 @@ import argparse
 import copy
 import datetime
 import gc
-import json
 import os
+import random
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from bench_captum import PeakMemory  # noqa: E402
-from llm_models import gpt2, llama, prompts, word_tokenizer  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
 
 import fastattr  # noqa: E402
 
@@ -59,21 +57,59 @@ class Row:
     note: str = ""
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm())
+# --------------------------------------------------------------------------- models (nothing downloaded)
+# The same definitions as tests/llm_models.py, kept here so benchmarks never import tests/.
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3: pad (zero row in Llama's embedding), unk, bos, eos
 
 
-def timed(warm: Callable[[], object], fn: Callable[[], object], device: torch.device) -> tuple[float, float, float, object]:
-    warm()
-    gc.collect()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with PeakMemory(device) as mem:
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        sync()
-        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return secs, cpu, mem.peak / 2**20, out
+def word_tokenizer(n_words: int = 500, bos: bool = False):
+    """A PreTrainedTokenizerFast over words w0..w{n-1} (whitespace split), ids after the specials.
+    ``bos``: prepend <s> (id 2) when encoding with special tokens, as Llama's tokenizer does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIALS + [f"w{i}" for i in range(n_words)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def gpt2(vocab: int, layers: int = 2, dim: int = 64, heads: int = 4, seed: int = 0, attn: str = "eager", init: float = 0.2):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab, n_positions=256, n_embd=dim, n_layer=layers, n_head=heads,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0, attn_implementation=attn, initializer_range=init,
+    )  # fmt: skip
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def llama(vocab: int, layers: int = 2, dim: int = 64, heads: int = 4, seed: int = 0, attn: str = "sdpa", init: float = 0.2):
+    """Llama with pad_token_id=0, so its embedding row 0 is zero (HF's padding_idx init).
+    ``init``: weights' std (HF's 0.02 makes near-uniform next-token distributions)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=256,
+        bos_token_id=2, eos_token_id=3, pad_token_id=0, attn_implementation=attn, initializer_range=init,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg).eval()
+
+
+def prompts(n: int, lo: int, hi: int, n_words: int, seed: int = 0) -> list[str]:
+    """n prompts of lo..hi random words."""
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(n_words)}" for _ in range(rng.randint(lo, hi))) for _ in range(n)]
+
+
+# --------------------------------------------------------------------------- the benchmark
 
 
 def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
@@ -112,8 +148,11 @@ def run_model(kind: str, args: argparse.Namespace) -> tuple[list[Row], dict]:
     rows: list[Row] = []
 
     def add(impl: str, fn: Callable[[list[str], list[torch.Tensor]], torch.Tensor], ref_: torch.Tensor | None, note: str = "") -> None:
-        secs, cpu, peak, out = timed(lambda: fn(texts[:1], targets[:1]), lambda: fn(texts, targets), dev)
-        err = None if ref_ is None else rel_err(out, ref_)
+        fn(texts[:1], targets[:1])  # warm-up on the first prompt
+        gc.collect()
+        timing = h.measure_once(lambda: fn(texts, targets), dev, memory_on=dev)
+        (secs, peak, out), cpu = timing, timing.cpu_seconds
+        err = None if ref_ is None else h.rel_err(out, ref_)
         rows.append(Row(kind, impl, secs, cpu, peak, err, note=note))
         print(f"  {kind} {impl}: {secs:.2f} s (cpu {cpu:.2f}), peak {peak:.0f} MB, err {err}", file=sys.stderr, flush=True)
 
@@ -163,14 +202,12 @@ def _inseq(model: torch.nn.Module, tok: object, args: argparse.Namespace) -> Cal
 
 
 def table(rows: list[Row]) -> str:
-    lines = [
-        "| model | implementation | time (s) | CPU time (s) | x vs Captum loop | peak mem (MB) | rel. error vs fp64 | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    headers = ["model", "implementation", "time (s)", "CPU time (s)", "x vs Captum loop", "peak mem (MB)", "rel. error vs fp64", "note"]
+    cells = [
+        [r.model, r.impl, h.fmt(r.seconds, ".2f"), h.fmt(r.cpu_seconds, ".2f"), h.fmt(r.speedup_vs_captum, ".2f"), h.fmt(r.peak_mb, ".0f"), h.fmt(r.rel_err, ".2e"), r.note]
+        for r in rows
     ]
-    for r in rows:
-        err = "-" if r.rel_err is None else f"{r.rel_err:.2e}"
-        lines.append(f"| {r.model} | {r.impl} | {r.seconds:.2f} | {r.cpu_seconds:.2f} | {r.speedup_vs_captum:.2f} | {r.peak_mb:.0f} | {err} | {r.note} |")
-    return "\n".join(lines)
+    return h.markdown(headers, cells, [False, False, True, True, True, True, True, False])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,19 +234,20 @@ def main(argv: list[str] | None = None) -> int:
         args.prompts, args.lo, args.hi, args.new, args.steps = 2, 8, 12, 4, 8
     if args.gpu_size:
         args.layers, args.dim, args.heads, args.prompts = 12, 768, 12, 32
-    torch.backends.cuda.matmul.allow_tf32 = False  # Captum's fp32 is true fp32 too
+    h.true_fp32()  # Captum's fp32 is true fp32 too
     torch.set_num_threads(args.threads)
     rows, infos = [], []
     for kind in args.models.split(","):
         r, info = run_model(kind, args)
         rows += r
         infos.append(info)
+    info_env = h.env(args.device)
+    print(h.env_line(info_env))
     print(table(rows))
     for info in infos:
         print(f"- {info['model']}: {info['params']} parameters, prompt tokens {info['prompt_tokens']}, fp64 parity (max |captum - fastattr| / max |attr|, prompt 0): {info['fp64_parity_captum_vs_fastattr']:.1e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "args": vars(args), "info": infos, "rows": [asdict(r) for r in rows]}, f, indent=1)
+        h.write_json(args.json, {"env": info_env, "date": datetime.date.today().isoformat(), "args": vars(args), "info": infos, "rows": [asdict(r) for r in rows]})
     return 0
 
 

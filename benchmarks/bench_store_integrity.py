@@ -10,7 +10,8 @@ Write variants go through RunWriter (the real path; the schema-1 layout is repro
 the shard module): MiB/s from the first put to close(), bytes on disk, MiB/s reading everything
 back with RunReader.iter_batches. Attribution rows are 3x64x64 float32, smooth values plus noise
 (lzf compresses them about as much as real attribution maps). The page cache is warm throughout:
-on a cold cache a resume check reads at disk speed instead.
+on a cold cache a resume check reads at disk speed instead. Times are benchmarks/_harness.py's
+measure_once (one call each); the output starts with the card, date and commit, and the JSON has them.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as h  # noqa: E402
+
 from fastattr.store import Block, RunWriter, open_run  # noqa: E402
 from fastattr.store import shard as shard_mod  # noqa: E402
 from fastattr.store.integrity import check_shards  # noqa: E402
@@ -82,23 +85,31 @@ def no_recount():
         shard_mod.nonfinite_rows = saved
 
 
+def seconds(fn) -> float:
+    """Wall time of one call of ``fn`` (the harness's clock; no memory sampling)."""
+    return h.measure_once(fn, "cpu", memory_on=None).seconds
+
+
 def write_run(run: Path, mb: int, compression: str, seed: int = 0) -> float:
     total = max(1, mb * 2**20 // ROW_BYTES)
     rng = np.random.default_rng(seed)
     blocks = [rows_block(rng, a, min(a + 256, total)) for a in range(0, total, 256)]  # made before the clock starts
-    t = time.perf_counter()
-    with RunWriter(run, config=CONFIG, total=total, shard_rows=4096, compression=compression) as w:
-        for b in blocks:
-            w.put(b)
-    return time.perf_counter() - t
+
+    def write() -> None:
+        with RunWriter(run, config=CONFIG, total=total, shard_rows=4096, compression=compression) as w:
+            for b in blocks:
+                w.put(b)
+
+    return seconds(write)
 
 
 def read_all(run: Path) -> float:
-    t = time.perf_counter()
-    with open_run(run) as r:
-        for _ in r.iter_batches(1024):
-            pass
-    return time.perf_counter() - t
+    def read() -> None:
+        with open_run(run) as r:
+            for _ in r.iter_batches(1024):
+                pass
+
+    return seconds(read)
 
 
 def size_of(run: Path) -> int:
@@ -129,21 +140,17 @@ def bench_resume(root: Path, mb: int) -> dict:
     write_run(run, mb, "none")
     man = read_manifest(run / "manifest.json")
     size = size_of(run)
-    t = time.perf_counter()
-    h = hashlib.sha256()
-    with open(run / man["shards"][0].file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    one = (run / man["shards"][0].file).stat().st_size / (time.perf_counter() - t)
-    t = time.perf_counter()
-    check_shards(run, man["shards"], checksum=False)
-    structure = time.perf_counter() - t
-    t = time.perf_counter()
-    check_shards(run, man["shards"])
-    full = time.perf_counter() - t
-    t = time.perf_counter()
-    RunWriter(run, config=CONFIG, total=man["total"], shard_rows=4096).close()  # the whole resume open
-    resume = time.perf_counter() - t
+
+    def sha256_first_shard() -> None:
+        digest = hashlib.sha256()
+        with open(run / man["shards"][0].file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+
+    one = (run / man["shards"][0].file).stat().st_size / seconds(sha256_first_shard)
+    structure = seconds(lambda: check_shards(run, man["shards"], checksum=False))
+    full = seconds(lambda: check_shards(run, man["shards"]))
+    resume = seconds(lambda: RunWriter(run, config=CONFIG, total=man["total"], shard_rows=4096).close())  # the whole resume open
     return {
         "bytes": size,
         "shards": len(man["shards"]),
@@ -198,12 +205,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
     args = p.parse_args()
+    info = h.env()
+    print(h.env_line(info), flush=True)
     root = Path(tempfile.mkdtemp(prefix="fastattr-bench-", dir=args.dir))
     try:
         logging.disable(logging.WARNING)  # damaged shards log as they are met
         flips = {"schema 2": bench_flips(root, contextlib.nullcontext), "schema 1 layout": bench_flips(root, schema1_layout)}
         logging.disable(logging.NOTSET)
-        results = {"cpus": os.cpu_count(), "flips": flips, "writes": bench_writes(root, args.write_mb, args.repeats), "resume": bench_resume(root, args.resume_mb)}
+        results = {"env": info, "cpus": os.cpu_count(), "flips": flips, "writes": bench_writes(root, args.write_mb, args.repeats), "resume": bench_resume(root, args.resume_mb)}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for name, fl in results["flips"].items():

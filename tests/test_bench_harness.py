@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -72,3 +73,25 @@ def test_every_bench_script_uses_the_harness(script):
     path_inserts = [ast.get_source_segment(source, n) for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.path.insert"]
     assert not [p for p in path_inserts if "tests" in p], path_inserts
     assert not imported & {"token_models", "conftest"}
+
+
+def test_timings_carry_cpu_time_and_still_unpack_as_three():
+    """cpu_seconds is the process's CPU time, not the wall time: a sleep costs wall time only."""
+    for timing in (h.measure_once(lambda: time.sleep(0.2) or 5, "cpu", memory_on=None), h.timed(lambda: time.sleep(0.2) or 5, "cpu", repeats=1, memory=False)):
+        seconds, peak, out = timing
+        assert out == 5 and peak is None and seconds >= 0.2 and timing.seconds == seconds
+        assert 0 <= timing.cpu_seconds < 0.1, timing.cpu_seconds
+    busy = h.measure_once(lambda: sum(i * i for i in range(5_000_000)), "cpu", memory_on=None)  # ~0.3 s of CPU
+    assert busy.cpu_seconds > 0.05, busy.cpu_seconds  # what the loop costs does not depend on the machine's load
+
+
+def test_best_of_keeps_the_best_call_and_never_times_before(monkeypatch):
+    events = []
+    sleeps = iter([0.3, 0.05, 0.2])
+    timing = h.best_of(lambda: events.append("call") or time.sleep(next(sleeps)), "cpu", repeats=3, before=lambda: events.append("before") or time.sleep(0.3))
+    assert events == ["before", "call"] * 3  # no warm-up: a cold-cache read stays cold
+    assert 0.05 <= timing.seconds < 0.2 and timing.peak_mb is None, timing.seconds
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: events.append("sync"))
+    h.best_of(lambda: events.append("call"), torch.device("cuda"), repeats=1)
+    assert events == ["sync", "call", "sync"]
