@@ -193,7 +193,7 @@ def run(
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    source = open_source(data, labels)
+    source = plan.make_source(data, labels) if plan.make_source is not None else open_source(data, labels)
     total = len(source)
     targets = Targets(target, source, total, allow_nonfinite)
     n_inputs = len(source.sample_shapes)
