@@ -158,10 +158,10 @@ def test_cli_runs_a_local_hf_directory(tmp_path, model):
     TOK.save_pretrained(model_dir)
     data = write_jsonl(tmp_path / "prompts.jsonl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "fastattr", "run", "--model", f"hf:{model_dir}", "--data", str(data), "--out", str(tmp_path / "c"),
-           "--steps", str(STEPS), "--baseline", "1", "--gen-arg", "max_new_tokens=4", "--gen-arg", "do_sample=false", "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "fastattr", "--quiet", "run", "--model", f"hf:{model_dir}", "--data", str(data), "--out", str(tmp_path / "c"),
+           "--steps", str(STEPS), "--baseline", "1", "--gen-arg", "max_new_tokens=4", "--gen-arg", "do_sample=false"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     check_against(read_h5(tmp_path / "c"), reference(model))
-    bad = subprocess.run([*cmd[:4], f"hf:{tmp_path / 'missing'}", *cmd[5:]], capture_output=True, text=True, env=env, timeout=600)
+    bad = subprocess.run([*cmd[:6], f"hf:{tmp_path / 'missing'}", *cmd[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "hf:" in bad.stderr and "Traceback" not in bad.stderr
