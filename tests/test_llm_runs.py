@@ -13,7 +13,6 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
