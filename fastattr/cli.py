@@ -297,6 +297,13 @@ def _render(args: argparse.Namespace) -> int:
 
     start, stop = args.index
     with open_run(args.dir) as store:
+        if store.metadata.get("method") == "llm_integrated_gradients":  # token-by-token heatmaps, labelled
+            from .llm.render import render_llm
+
+            tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else None
+            render_llm(store[start:stop], args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
+            print(f"wrote {args.out} ({stop - start} samples, {args.size[0]}x{args.size[1]})")
+            return 0
         name = args.name or store.attribution_names[0]
         batch = store[start:stop]
         attributions = batch["attributions"][name]
@@ -309,6 +316,21 @@ def _render(args: argparse.Namespace) -> int:
     render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
     print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
     return 0
+
+
+def _local_tokenizer(spec: str) -> object:
+    """The tokenizer of a local Hugging Face directory (hf:DIR or DIR), local files only."""
+    path = spec.removeprefix("hf:")
+    if not os.path.isdir(path):
+        raise OptionError(f"--tokenizer: no such directory: {path}")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise OptionError(f"--tokenizer needs transformers: pip install 'fastattr[hf]' ({exc})") from exc
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise OptionError(f"--tokenizer {spec}: no usable tokenizer there ({type(exc).__name__}: {exc})") from exc
 
 
 AUDIT_EXAMPLES = """examples:
@@ -449,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--data", default=None, help="the run's data (file.npy, file.h5:dataset) to draw images under the heatmaps")
     render.add_argument("--name", default=None, help="attribution name (default: the first, e.g. x)")
     render.add_argument("--percentile", type=float, default=99.0, help="clip colours at this percentile of |attribution| (default 99)")
+    render.add_argument("--tokenizer", default=None, metavar="DIR", help="LLM runs: label the heatmap with this local Hugging Face tokenizer (hf:DIR or DIR; default: token ids)")
     render.add_argument("--size", type=_size, default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
 

@@ -164,3 +164,17 @@ def test_cli_runs_a_local_hf_directory(tmp_path, model):
     check_against(read_h5(tmp_path / "c"), reference(model))
     bad = subprocess.run([*cmd[:6], f"hf:{tmp_path / 'missing'}", *cmd[7:]], capture_output=True, text=True, env=env, timeout=600)
     assert bad.returncode == 2 and "hf:" in bad.stderr and "Traceback" not in bad.stderr
+    # fastattr render: token-by-token heatmaps labelled with the tokens (in process: the run is on disk)
+    pytest.importorskip("matplotlib")
+    from fastattr.cli import main
+    from fastattr.llm.render import render_llm
+
+    png = tmp_path / "heat.png"
+    assert main(["render", str(tmp_path / "c"), "--index", "0:3", "--out", str(png), "--tokenizer", f"hf:{model_dir}"]) == 0
+    assert png.stat().st_size > 1000
+    with fastattr.open(tmp_path / "c") as store:
+        drawn = render_llm(store[0:2], str(tmp_path / "two.png"), tokenizer=TOK)
+    for i, (xs, ys) in enumerate(drawn):
+        assert xs == TOK.convert_ids_to_tokens(TOK.encode(PROMPTS[i]))
+        assert len(ys) == int(read_h5(tmp_path / "c")["extras/target_length"][i]) and all(y.startswith(("w", "<")) for y in ys)
+    assert drawn[0][1] == TARGETS[0].split()
