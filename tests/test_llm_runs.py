@@ -13,6 +13,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -178,3 +179,45 @@ def test_cli_runs_a_local_hf_directory(tmp_path, model):
         assert xs == TOK.convert_ids_to_tokens(TOK.encode(PROMPTS[i]))
         assert len(ys) == int(read_h5(tmp_path / "c")["extras/target_length"][i]) and all(y.startswith(("w", "<")) for y in ys)
     assert drawn[0][1] == TARGETS[0].split()
+
+
+def test_audit_text_deletion_against_a_direct_computation(tmp_path, model):
+    from fastattr.audit import audit_run
+
+    run(model, write_jsonl(tmp_path / "prompts.jsonl"), tmp_path / "r")
+    doc = audit_run(tmp_path / "r", model=model, top_k=2, seed=0).doc
+    td = doc["text_deletion"]
+    assert td["samples"] == 5 and td["baseline_token"] == 1 and td["k_mean"] == 2
+    stored = read_h5(tmp_path / "r")
+    drops = []
+    for i in range(5):  # replace the two highest-seq_attr prompt tokens by token 1 and score the stored target
+        n, t = stored["extras/prompt_length"][i], stored["extras/target_length"][i]
+        prompt, target = torch.tensor(stored["extras/prompt_ids"][i, :n]), torch.tensor(stored["extras/target_ids"][i, :t])
+        cut = prompt.clone()
+        cut[np.argsort(-stored["attributions/seq_attr"][i, :n], kind="stable")[:2]] = 1
+        lp = []
+        for p in (prompt, cut):
+            with torch.no_grad():
+                logits = model(torch.cat([p, target[:-1]])[None]).logits[0, n - 1 :].log_softmax(-1)
+            lp.append(float(logits.gather(1, target[:, None]).sum()))
+        drops.append(lp[0] - lp[1])
+        np.testing.assert_allclose(lp[0], stored["extras/target_log_probs"][i, :t].sum(), rtol=1e-4)
+    np.testing.assert_allclose(td["drop"]["mean"], np.mean(drops), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(td["random_drop"]["mean"]) and td["beats_random"] == (td["drop"]["mean"] > td["random_drop"]["mean"])
+    from fastattr.errors import AuditError
+
+    with pytest.raises(AuditError, match="LLM run"):
+        audit_run(tmp_path / "r", model=model, data=str(tmp_path / "prompts.jsonl"))
+
+
+def test_cli_audit_of_an_llm_run(tmp_path, model):
+    pytest.importorskip("matplotlib")
+    from fastattr.cli import main
+
+    model_dir = tmp_path / "gpt2"
+    model.save_pretrained(model_dir)
+    TOK.save_pretrained(model_dir)
+    run(model, write_jsonl(tmp_path / "prompts.jsonl"), tmp_path / "r")
+    assert main(["--quiet", "audit", str(tmp_path / "r"), "--model", f"hf:{model_dir}", "--top-k", "2", "--report", str(tmp_path / "rep")]) == 0
+    doc = json.loads((tmp_path / "rep" / "audit.json").read_text())
+    assert doc["text_deletion"]["samples"] == 5 and "Text deletion" in (tmp_path / "rep" / "report.md").read_text()
