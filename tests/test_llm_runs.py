@@ -221,3 +221,24 @@ def test_cli_audit_of_an_llm_run(tmp_path, model):
     assert main(["--quiet", "audit", str(tmp_path / "r"), "--model", f"hf:{model_dir}", "--top-k", "2", "--report", str(tmp_path / "rep")]) == 0
     doc = json.loads((tmp_path / "rep" / "audit.json").read_text())
     assert doc["text_deletion"]["samples"] == 5 and "Text deletion" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_torchrun_two_ranks_give_the_same_run(tmp_path, model):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    script = os.path.join(os.path.dirname(sys.executable), "fastattr")
+    if not (os.path.exists(torchrun) and os.path.exists(script) and torch.distributed.is_available()):
+        pytest.skip("torchrun / the fastattr script / torch.distributed not available")
+    model_dir = tmp_path / "gpt2"
+    model.save_pretrained(model_dir)
+    TOK.save_pretrained(model_dir)
+    data = write_jsonl(tmp_path / "prompts.jsonl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", script, "--quiet", "run", "--model", f"hf:{model_dir}", "--data", str(data),
+           "--out", str(tmp_path / "d"), "--steps", str(STEPS), "--baseline", "1", "--gen-arg", "max_new_tokens=4", "--gen-arg", "do_sample=false",
+           "--shard-size", "2", "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    ids = [int(s["file"][len("shard-") : -len(".h5")]) for s in meta["shards"]]
+    assert meta["status"] == "complete" and {i % 2 for i in ids} == {0, 1}  # rank r names its shards r, r + 2, ...: both wrote
+    check_against(read_h5(tmp_path / "d"), reference(model))
