@@ -51,6 +51,7 @@ class MethodPlan:
     uses_target: bool = True  # False: forward-only capture, no target to resolve per batch
     attributor: Any = None  # the attribution object (noise_tunnel wraps its base method's)
     needs_float: bool = True  # it interpolates or perturbs the inputs (layer methods take token ids)
+    examples_per_batch: int | None = None  # the method's default samples per engine call (None: the runner's)
     make_source: Callable[[Any, Any], Any] | None = None  # (data, labels) -> Source, where the method reads its own data (LLM prompts)
 
 

@@ -150,6 +150,20 @@ def test_bad_prompt_data_and_options(tmp_path, model):
         run(model, ["w1 w2"], tmp_path / "z", gen_args={"do_sample": False})
     with pytest.raises(OptionError, match="auto"):
         run(model, ["w1 w2"], tmp_path / "z", n_steps="auto")
+    with pytest.raises(OptionError, match="forward_args_inputs"):
+        run(model, ["w1 w2"], tmp_path / "f", forward_args_inputs=1)
+
+
+def test_id_array_data_generates_every_target(tmp_path, model):
+    ids = np.array([TOK.encode("w1 w2 w3"), TOK.encode("w4 w5 w6")])  # (N, L): one prompt a row
+    run(model, ids, tmp_path / "a", seq_only=True)
+    stored = read_h5(tmp_path / "a")
+    llm = fastattr.LLMGradientAttribution(fastattr.LayerIntegratedGradients(model, model.get_input_embeddings()), TOK)
+    for i, row in enumerate(ids):
+        ref = llm.attribute(torch.tensor(row), gen_args=GEN, n_steps=STEPS, baselines=1, seq_only=True)
+        assert stored["extras/generated"][i] and stored["extras/target_length"][i] == len(ref.target_ids)
+        np.testing.assert_array_equal(stored["extras/target_ids"][i, : len(ref.target_ids)], ref.target_ids.numpy())
+        np.testing.assert_allclose(stored["attributions/seq_attr"][i], ref.seq_attr.numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_cli_runs_a_local_hf_directory(tmp_path, model):

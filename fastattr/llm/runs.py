@@ -41,6 +41,9 @@ from . import text
 logger = logging.getLogger(__name__)
 
 METHOD = "llm_integrated_gradients"
+# prompts per attribute_batch call (and per block written) unless the run says otherwise: the
+# capture pass holds a(x), a(x0) of the whole batch, and generation runs it in one generate() call
+EXAMPLES_PER_BATCH = 64
 
 
 def read_prompts(data: Any) -> list[tuple[Any, Any]]:
@@ -63,8 +66,12 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
         items, where = rows, f"{path}: sample"
     elif isinstance(data, (list, tuple)):
         items, where = list(data), "sample"
+    elif isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 2:  # (N, L) token ids: one prompt a row, no padding
+        items, where = [row for row in data], "sample"
     else:
-        raise SourceError(f"{METHOD} reads prompts from a .jsonl path or a list of prompts / {{'prompt', 'target'}} dicts, got {type(data).__name__}")
+            raise SourceError(
+            f"{METHOD} reads prompts from a .jsonl path, a list of prompts / {{'prompt', 'target'}} dicts, or an (N, L) id array; got {type(data).__name__}"
+        )
     if not items:
         raise SourceError("the prompt data is empty")
     out = []
@@ -122,7 +129,8 @@ def _stats(a: torch.Tensor) -> Stats:
 def _describe_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
     if tokenizer is None:
         return None
-    return {"class": type(tokenizer).__name__, "name_or_path": str(getattr(tokenizer, "name_or_path", "")), "size": len(tokenizer)}
+    # no path: the data fingerprint already covers the token ids, and a moved directory should still resume
+    return {"class": type(tokenizer).__name__, "size": len(tokenizer)}
 
 
 def _embedding_layer(model: torch.nn.Module, layer: Any) -> tuple[str, torch.nn.Module]:
@@ -185,6 +193,8 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
     def attribute(b: Batch) -> Any:
         from ..attribution import BatchResult
 
+        if b.forward_args or len(b.inputs) != 4:
+            raise OptionError(f"{METHOD} reads its own prompt data (four id arrays a sample): forward_args_inputs must be 0")
         ids, plen, tids, tlen = (x.cpu() for x in b.inputs)
         n, lmax, tmax = ids.shape[0], ids.shape[1], tids.shape[1]
         prompts = [ids[i, : int(plen[i])] for i in range(n)]
@@ -239,4 +249,7 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
         "n_steps": n_steps, "rule": rule, "multiply_by_inputs": opts["multiply_by_inputs"], "baselines": describe(baseline) if baseline is not None else 0,
         "layer": layer_name, "gen_args": gen_args, "seq_only": seq_only, "padding_side": opts["padding_side"], "tokenizer": _describe_tokenizer(tokenizer),
     }  # fmt: skip
-    return MethodPlan(METHOD, params, attribute, n_steps + 2, uses_target=False, attributor=llm, needs_float=False, make_source=make_source)
+    return MethodPlan(
+        METHOD, params, attribute, n_steps + 2, uses_target=False, attributor=llm, needs_float=False, make_source=make_source,
+        examples_per_batch=EXAMPLES_PER_BATCH,
+    )  # fmt: skip
