@@ -23,6 +23,8 @@ from .precision import PRECISIONS
 from .quadrature import RULES
 from .run_methods import METHOD_NAMES
 
+LLM_METHODS = ("llm_integrated_gradients", "llm_ig")
+
 logger = logging.getLogger("fastattr")
 
 RUN_EXAMPLES = """examples:
@@ -34,6 +36,8 @@ RUN_EXAMPLES = """examples:
   fastattr run ... --steps auto --tolerance 0.01 --out runs/ig-auto   # per-sample steps to a completeness tolerance
   fastattr run ... --method smoothgrad --nt-samples 16 --stdevs 0.15 --seed 0 --out runs/sg
   fastattr run ... --method gradient_shap --references refs.npy --n-samples 32 --out runs/gs
+  fastattr run --model hf:models/gpt2-small --data prompts.jsonl --steps 32 --baseline 1 --gen-arg max_new_tokens=16 \
+               --out runs/llm             # each line {"prompt": "...", "target": "..."}; no target: generated greedily
   fastattr run --model text:classifier --data text:tokens --forward-args-inputs 1 --method layer_ig --layer embed \\
                --layer-reduce sum --lengths mask --baseline 0 --out runs/tokens   # data factory returns (ids, mask)
 """
@@ -50,10 +54,27 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from .llm.text import DEFAULT_GEN_ARGS
     from .runner import run
-    from .specs import load_data, load_model, parse_kv
+    from .specs import HF_PREFIX, load_data, load_hf, load_model, parse_kv
 
-    model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
+    llm = args.method in LLM_METHODS or (args.method is None and args.model.startswith(HF_PREFIX))
+    method = args.method or ("llm_integrated_gradients" if llm else "ig")
+    llm_opts: dict = {}
+    if args.model.startswith(HF_PREFIX):
+        if args.model_arg:
+            raise OptionError("--model-arg is for a package.module:factory model; hf:DIR loads the directory as saved")
+        model, tokenizer = load_hf(args.model, device=args.device)
+        if llm:
+            llm_opts["tokenizer"] = tokenizer
+    else:
+        model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
+    if llm:
+        if args.gen_arg:
+            llm_opts["gen_args"] = {**DEFAULT_GEN_ARGS, **parse_kv(args.gen_arg)}
+        llm_opts.update({"seq_only": args.seq_only, "padding_side": args.padding_side})
+    elif args.gen_arg or args.seq_only or args.padding_side != "right":
+        raise OptionError("--gen-arg, --seq-only and --padding-side are for --method llm_integrated_gradients")
     data = load_data(args.data, parse_kv(args.data_arg))
     target: object = args.target
     if args.target not in ("predicted", "label") and not args.target.endswith(".npy"):
@@ -62,7 +83,9 @@ def _run(args: argparse.Namespace) -> int:
         except ValueError:
             raise OptionError(f"--target must be predicted, label, an int or a .npy file; got {args.target!r}") from None
     baselines: object = None
-    if args.baseline == "mean":
+    if llm:  # a token id or a token string replacing every prompt token (zeros: id 0, Captum's default)
+        baselines = None if args.baseline == "zeros" else (int(args.baseline) if args.baseline.lstrip("-").isdigit() else args.baseline)
+    elif args.baseline == "mean":
         baselines = _data_mean(data)
     elif args.baseline != "zeros":
         if args.baseline.endswith(".npy"):
@@ -78,8 +101,8 @@ def _run(args: argparse.Namespace) -> int:
             except ValueError:
                 raise OptionError(f"--baseline must be zeros, a number or a .npy file; got {args.baseline!r}") from None
     summary = run(
-        model, data, args.out, method=args.method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
-        tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args),
+        model, data, args.out, method=method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
+        tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args), **llm_opts,
         rule=args.rule, precision=args.precision, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
@@ -274,6 +297,13 @@ def _render(args: argparse.Namespace) -> int:
 
     start, stop = args.index
     with open_run(args.dir) as store:
+        if store.metadata.get("method") == "llm_integrated_gradients":  # token-by-token heatmaps, labelled
+            from .llm.render import render_llm
+
+            tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else None
+            render_llm(store[start:stop], args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
+            print(f"wrote {args.out} ({stop - start} samples, {args.size[0]}x{args.size[1]})")
+            return 0
         name = args.name or store.attribution_names[0]
         batch = store[start:stop]
         attributions = batch["attributions"][name]
@@ -286,6 +316,21 @@ def _render(args: argparse.Namespace) -> int:
     render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
     print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
     return 0
+
+
+def _local_tokenizer(spec: str) -> object:
+    """The tokenizer of a local Hugging Face directory (hf:DIR or DIR), local files only."""
+    path = spec.removeprefix("hf:")
+    if not os.path.isdir(path):
+        raise OptionError(f"--tokenizer: no such directory: {path}")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise OptionError(f"--tokenizer needs transformers: pip install 'fastattr[hf]' ({exc})") from exc
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise OptionError(f"--tokenizer {spec}: no usable tokenizer there ({type(exc).__name__}: {exc})") from exc
 
 
 AUDIT_EXAMPLES = """examples:
@@ -344,13 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     run = sub.add_parser("run", help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file or a torch.export .pt2 file")
+    run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file, a torch.export .pt2 file, or hf:DIR (a local Hugging Face causal LM + tokenizer)")
     run.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
-    run.add_argument("--data", required=True, help="file.npy, file.h5:dataset or package.module:factory")
+    run.add_argument("--data", required=True, help="file.npy, file.h5:dataset, prompts.jsonl (LLM runs) or package.module:factory")
     run.add_argument("--data-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the data factory (repeatable)")
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
-    run.add_argument("--method", default="ig", choices=list(METHOD_NAMES), help="attribution method (default ig)")
+    run.add_argument("--method", default=None, choices=list(METHOD_NAMES), help="attribution method (default ig; llm_integrated_gradients for --model hf:DIR)")
     run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="with --steps auto: the per-sample cap (default 257)")
@@ -370,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--pool", default=None, choices=["mean", "max", "sum", "l2"], help="activations: one value per channel (default: the full activation)")
     lay.add_argument("--channel-dim", type=int, default=None, help="activations: the channel dim for --pool (default 1; -1 for (B, T, D) token models)")
     lay.add_argument("--lengths", default=None, choices=["mask"], help="store extras/lengths: real tokens per padded row, from the attention mask (the first forward-arg input)")
+    gen = run.add_argument_group("llm_integrated_gradients (llm_ig): prompts.jsonl with 'prompt' and optional 'target' per line")
+    gen.add_argument("--gen-arg", action="append", default=[], metavar="KEY=VALUE",
+                     help="generation argument for prompts without a target, over Captum's defaults (max_new_tokens=25, greedy); repeatable")
+    gen.add_argument("--seq-only", action="store_true", help="store seq_attr alone (one backward per step instead of one per generated token)")
+    gen.add_argument("--padding-side", default="right", choices=["left", "right"], help="how prompts of a batch are padded (default right)")
     run.add_argument("--forward-args-inputs", type=int, default=0, metavar="K",
                      help="the last K inputs of each sample go to the model as forward args, not attributed (e.g. an attention mask)")
     run.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -421,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--data", default=None, help="the run's data (file.npy, file.h5:dataset) to draw images under the heatmaps")
     render.add_argument("--name", default=None, help="attribution name (default: the first, e.g. x)")
     render.add_argument("--percentile", type=float, default=99.0, help="clip colours at this percentile of |attribution| (default 99)")
+    render.add_argument("--tokenizer", default=None, metavar="DIR", help="LLM runs: label the heatmap with this local Hugging Face tokenizer (hf:DIR or DIR; default: token ids)")
     render.add_argument("--size", type=_size, default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
 

@@ -21,7 +21,7 @@ from .errors import OptionError
 from .methods import BatchResult, InputXGradient, IntegratedGradients, Saliency
 from .options import positive_int
 
-ALIASES = {"ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap", "layer_ig": "layer_integrated_gradients"}
+ALIASES = {"llm_ig": "llm_integrated_gradients", "ig": "integrated_gradients", "smoothgrad": "noise_tunnel", "expected_gradients": "gradient_shap", "layer_ig": "layer_integrated_gradients"}
 
 
 @dataclass
@@ -51,6 +51,8 @@ class MethodPlan:
     uses_target: bool = True  # False: forward-only capture, no target to resolve per batch
     attributor: Any = None  # the attribution object (noise_tunnel wraps its base method's)
     needs_float: bool = True  # it interpolates or perturbs the inputs (layer methods take token ids)
+    examples_per_batch: int | None = None  # the method's default samples per engine call (None: the runner's)
+    make_source: Callable[[Any, Any], Any] | None = None  # (data, labels) -> Source, where the method reads its own data (LLM prompts)
 
 
 def describe(value: Any) -> Any:
@@ -266,6 +268,12 @@ def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict
     return MethodPlan("activations", params, attribute, 1, uses_target=False, needs_float=False)
 
 
+def _llm_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
+    from .llm import runs
+
+    return runs.plan(model, opts, engine_opts)
+
+
 PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], MethodPlan]] = {
     "integrated_gradients": _ig,
     "saliency": _saliency,
@@ -274,6 +282,7 @@ PLANS: dict[str, Callable[[torch.nn.Module, dict[str, Any], dict[str, Any]], Met
     "gradient_shap": _gradient_shap,
     "layer_integrated_gradients": _layer_ig,
     "activations": _activations,
+    "llm_integrated_gradients": _llm_ig,
 }
 # options a method takes beyond the common ones (n_steps, rule, baselines, multiply_by_inputs, abs, tolerance, ...)
 EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
@@ -281,6 +290,7 @@ EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
     "gradient_shap": GS_DEFAULTS,
     "layer_integrated_gradients": LAYER_DEFAULTS,
     "activations": ACTIVATION_DEFAULTS,
+    "llm_integrated_gradients": {"tokenizer": None, "gen_args": None, "seq_only": False, "padding_side": "right", "layer": None},
 }
 METHOD_NAMES = (*PLANS, *ALIASES)
 

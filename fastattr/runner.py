@@ -167,7 +167,9 @@ def run(
     additional_forward_args (e.g. an attention mask after token ids): passed, not attributed.
     method_options: a method's own options (fastattr/run_methods.py EXTRA_OPTIONS), e.g.
     noise_tunnel: nt_type, nt_samples, stdevs, base_method, seed; gradient_shap: references,
-    n_samples, stdevs, seed. Seeds are recorded; a sample's draws depend only on (seed, index).
+    n_samples, stdevs, seed; llm_integrated_gradients: tokenizer, gen_args, seq_only, padding_side,
+    layer (data: prompts.jsonl or a list of prompts; see fastattr/llm/runs.py).
+    Seeds are recorded; a sample's draws depend only on (seed, index).
 
     allow_nonfinite: store samples whose inputs, model outputs or attributions hold NaN or inf
     (counted per sample in stats/nonfinite) instead of stopping with an error naming them.
@@ -193,7 +195,7 @@ def run(
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None else torch.device("cpu"))
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    source = open_source(data, labels)
+    source = plan.make_source(data, labels) if plan.make_source is not None else open_source(data, labels)
     total = len(source)
     targets = Targets(target, source, total, allow_nonfinite)
     n_inputs = len(source.sample_shapes)
@@ -284,7 +286,7 @@ def _run_batches(
         logger.info("%s is already complete", out)
         return RunSummary(out, total, 0, 0.0, True)
     if examples_per_batch is None:
-        examples_per_batch = _default_examples(source, dev)
+        examples_per_batch = plan.examples_per_batch or _default_examples(source, dev)
     todo = work.todo
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)  # this rank's

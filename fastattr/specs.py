@@ -1,14 +1,17 @@
 """Turn command-line specs into models and data.
 
 MODEL: ``package.module:factory`` (a callable returning an nn.Module, called with the
-``--model-arg key=value`` pairs), a TorchScript file, or a torch.export ``.pt2`` file.
+``--model-arg key=value`` pairs), a TorchScript file, a torch.export ``.pt2`` file, or
+``hf:DIR``: a local Hugging Face causal-LM directory (``save_pretrained``) with its tokenizer,
+loaded with ``local_files_only=True`` (nothing is downloaded; needs the ``hf`` extra).
 DATA: ``package.module:factory`` (returning a Dataset, DataLoader or array, called with the
 ``--data-arg key=value`` pairs), a ``.npy`` file, or ``file.h5:dataset``.
 Modules are imported as ``python -m fastattr`` would: the current directory comes first.
 
 What loading executes: a ``module:factory`` spec imports the module and calls the factory
 (arbitrary Python); ``torch.export.load`` unpickles parts of a ``.pt2`` archive (arbitrary code
-on load); a TorchScript file's code runs in the TorchScript interpreter when the model is
+on load); ``hf:DIR`` runs transformers' loaders (safetensors weights; a directory whose config
+asks for remote code is refused, as trust_remote_code stays False); a TorchScript file's code runs in the TorchScript interpreter when the model is
 called. Data paths never unpickle (``.npy`` with ``allow_pickle=False``, HDF5 through h5py).
 """
 
@@ -66,8 +69,37 @@ def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
         raise SpecError(f"{spec}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) raised {type(exc).__name__}: {exc}") from exc
 
 
+HF_PREFIX = "hf:"
+
+
+def load_hf(spec: str, device: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """``hf:DIR`` -> (causal LM in eval mode on ``device``, its tokenizer), from local files only."""
+    path = spec[len(HF_PREFIX) :]
+    if not os.path.isdir(path):
+        raise SpecError(f"{spec}: no such directory; hf: takes a local Hugging Face model directory (written by save_pretrained)")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fastattr[hf]' ({exc})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpecError(f"{spec}: not a loadable causal-LM directory ({type(exc).__name__}: {exc})") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpecError(f"{spec}: no usable tokenizer in the directory ({type(exc).__name__}: {exc}); save it there with tokenizer.save_pretrained") from exc
+    if device:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
 def load_model(spec: str, kwargs: dict[str, Any] | None = None, device: str | None = None) -> torch.nn.Module:
     """The model for a spec, in eval mode, on ``device`` (attribution explains inference)."""
+    if spec.startswith(HF_PREFIX):
+        if kwargs:
+            raise SpecError(f"--model-arg is for a package.module:factory model spec; {spec!r} is a Hugging Face directory")
+        return load_hf(spec, device)[0]
     if os.path.isfile(spec):
         if spec.endswith(".pt2"):
             model = torch.export.load(spec).module()
@@ -91,10 +123,10 @@ def load_model(spec: str, kwargs: dict[str, Any] | None = None, device: str | No
 
 def load_data(spec: str, kwargs: dict[str, Any] | None = None) -> Any:
     """A data spec as something fastattr.run accepts (paths pass through; factories get ``kwargs``)."""
-    if spec.endswith(".npy") or (":" in spec and spec.rpartition(":")[0].endswith((".h5", ".hdf5"))):
+    if spec.endswith((".npy", ".jsonl")) or (":" in spec and spec.rpartition(":")[0].endswith((".h5", ".hdf5"))):
         if kwargs:
             raise SpecError(f"--data-arg is for a package.module:factory data spec; {spec!r} is a file")
         return spec
     if ":" in spec:
         return _call_factory(spec, kwargs or {})
-    raise SpecError(f"data must be a .npy file, file.h5:dataset or package.module:factory; got {spec!r}")
+    raise SpecError(f"data must be a .npy file, file.h5:dataset, prompts.jsonl (LLM runs) or package.module:factory; got {spec!r}")

@@ -22,7 +22,7 @@ NAMED = 20  # global indices of flagged samples kept (and printed) per kind
 
 # Runs of these methods store F(x0) and the completeness residual for every sample, so a NaN there
 # is a broken sample, never "not defined by the method"; activations runs store no F(x) at all.
-DELTA_METHODS = ("integrated_gradients", "layer_integrated_gradients", "gradient_shap")
+DELTA_METHODS = ("integrated_gradients", "layer_integrated_gradients", "gradient_shap", "llm_integrated_gradients")
 NO_OUTPUT_METHODS = ("activations",)
 
 AttributeFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,6 +71,9 @@ DEFINITIONS: dict[str, str] = {
     "attribution; higher AUC is better",
     "auc": "area under the mean-normalised curve: trapezoid over the fraction of features changed in [0, 1], averaged over the sample",
     "random_control": "the same curves with a uniformly random feature order per sample (fixed seed)",
+    "text_deletion": "LLM runs: the prompt tokens with the highest seq_attr (k: --top-k, default 20% of the tokens that differ from the "
+    "baseline token) are replaced by the run's baseline token, and the drop in log p(target | prompt) (summed over the target "
+    "tokens, teacher-forced) is compared with the mean drop when k random such tokens are replaced (8 draws)",
     "beats_random": "deletion AUC below the random control's and insertion AUC above it",
     "randomization": "Adebayo et al. 2018: the sample is re-attributed with the model's parameters replaced by Gaussian noise of "
     "each tensor's mean and std (a deep copy; 'cascade' from the top layer down, 'all' at once); similarity = mean over "

@@ -178,6 +178,22 @@ def _markdown(doc: dict[str, Any], images: dict[str, str]) -> str:
             "",
             f"![deletion and insertion curves]({images['perturbation']})",
         ]
+    if "text_deletion" in doc:
+        td = doc["text_deletion"]
+        lines += [
+            "",
+            "## Text deletion (LLM run)",
+            "",
+            f"{DEFINITIONS['text_deletion']}",
+            "",
+            "| prompt tokens replaced | mean drop in log p(target) | median |",
+            "| --- | --- | --- |",
+            f"| top-{'k' if td['top_k'] is None else td['top_k']} by seq_attr | {_fmt(td['drop']['mean'])} | {_fmt(td['drop']['median'])} |",
+            f"| random ({td['draws']} draws) | {_fmt(td['random_drop']['mean'])} | {_fmt(td['random_drop']['median'])} |",
+            "",
+            f"Beats random: **{_fmt(td['beats_random'])}** on {td['samples']} samples (k mean {_fmt(td['k_mean'])}, baseline token {td['baseline_token']}); "
+            f"top-k drop above the random drop in {_fmt(td['beats_random_share'])} of them.",
+        ]
     if "randomization" in doc:
         r = doc["randomization"]
         lines += [
@@ -285,6 +301,13 @@ def summary_lines(result: AuditResult) -> list[str]:
             f"deletion AUC {_fmt(p['deletion']['auc'])} (random {_fmt(rc['deletion']['auc'])}), insertion AUC {_fmt(p['insertion']['auc'])} "
             f"(random {_fmt(rc['insertion']['auc'])}): {'beats' if p['beats_random'] else 'does NOT beat'} random on {p['samples']} samples"
             + ("" if p["beats_random"] else f": {_short(outcome(doc, 'perturbation'))}")
+        )
+    if "text_deletion" in doc:
+        td = doc["text_deletion"]
+        out.append(
+            f"text deletion: top-attributed prompt tokens -> baseline token {td['baseline_token']} drop log p(target) by {_fmt(td['drop']['mean'])} "
+            f"(random tokens {_fmt(td['random_drop']['mean'])}; k mean {_fmt(td['k_mean'])}): {'beats' if td['beats_random'] else 'does NOT beat'} random "
+            f"on {td['samples']} samples, in {_fmt(td['beats_random_share'])} of them"
         )
     if "randomization" in doc:
         rnd = doc["randomization"]

@@ -116,7 +116,7 @@ def audit_run(
             raise AuditError(f"{label} must be a positive int, got {v!r}")
     if blur_sigma <= 0:
         raise AuditError(f"blur_sigma must be > 0, got {blur_sigma}")
-    if (model is None) != (data is None):
+    if model is None and data is not None:
         raise AuditError("model-based checks need both the model and the run's data (got only one)")
     needs_model = {"require_beats_random", "require_randomization"} & {k for k, v in thresholds.items() if v}
     if needs_model and model is None:
@@ -148,7 +148,12 @@ def audit_run(
             _check_covers(reader, other)
         mask_arr = _load_masks(masks, reader.total, feature_shape) if masks is not None else None
         source = None
-        if model is not None:
+        llm = reader.metadata.get("method") == "llm_integrated_gradients"  # stores its own prompts and targets
+        if llm and (data is not None or thresholds.get("require_randomization")):
+            raise AuditError("an LLM run stores its prompts and targets: give the model alone (no data); the randomization check does not apply")
+        if model is not None and data is None and not llm:
+            raise AuditError("model-based checks need both the model and the run's data (got only one)")
+        if model is not None and not llm:
             source = open_source(data)
             if len(source) < reader.total:
                 raise AuditError(f"the data holds {len(source)} samples; the run was made from {reader.total}")
@@ -178,6 +183,10 @@ def audit_run(
             doc["run"]["compare"] = {"dir": str(other.run_dir), "method": other.metadata.get("method"), "precision": other.metadata.get("precision")}
 
         # 2. model-based checks on a random sample.
+        if model is not None and llm:
+            from ..llm.audit import text_deletion
+
+            doc["text_deletion"] = text_deletion(reader, model, top_k=top_k, sample=sample, seed=seed)
         if model is not None and source is not None:
             doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,

@@ -106,6 +106,10 @@ def check_thresholds(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> l
             sec = need("localization", key)
             if sec is not None and not sec["mass_inside"]["mean"] >= limit:
                 out.append(f"mean mass inside the masks {sec['mass_inside']['mean']:.3g} < {limit:g}")
+        elif key == "require_beats_random" and "text_deletion" in doc:  # LLM runs
+            sec = doc["text_deletion"]
+            if not sec["beats_random"]:
+                out.append(f"replacing the top-attributed prompt tokens drops log p(target) by {sec['drop']['mean']:.3g}, not more than random tokens ({sec['random_drop']['mean']:.3g})")
         elif key == "require_beats_random":
             sec = need("perturbation", key)
             if sec is not None and not sec["beats_random"]:
@@ -144,6 +148,9 @@ def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> lis
             f"randomization check did not pass (similarity {rnd['final_similarity']:.3g} with all layers randomized >= "
             f"{rnd['max_similarity']:g}); not required: --require-randomization makes it fail the audit"
         )
+    td = doc.get("text_deletion")
+    if td is not None and not td["beats_random"] and not thresholds.get("require_beats_random"):
+        out.append("replacing the top-attributed prompt tokens does not lower log p(target) more than random tokens; not required: --require-beats-random makes it fail the audit")
     pert = doc.get("perturbation")
     if pert is not None and not pert["beats_random"] and not thresholds.get("require_beats_random"):
         out.append("deletion/insertion AUC does not beat the random-order control; not required: --require-beats-random makes it fail the audit")

@@ -280,4 +280,5 @@ class LLMGradientAttribution:
             target_log_probs=torch.where(lay.t_valid, f_x, torch.zeros_like(f_x)), delta=delta, seq_delta=seq_delta,
             input_ids=in_ids, target_ids=t_ids, input_tokens=[e.input_tokens for e in examples],
             output_tokens=[text.output_tokens(e.target, self.tokenizer) for e in examples], n_steps=n_steps,
+            extras={"baseline_log_probs": torch.where(lay.t_valid, f_x0, torch.zeros_like(f_x0))} if with_delta else {},
         )  # fmt: skip
