@@ -17,13 +17,15 @@ decision from given errors and times.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .precision import AUTO
@@ -105,6 +107,14 @@ def choose(errors: dict[str, float], seconds: dict[str, float], tolerance: float
     return min(ok, key=lambda p: (seconds.get(p, math.inf), list(errors).index(p)))
 
 
+@contextlib.contextmanager
+def _restored(np_state: Any) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state)
+
+
 def _timed(call: Callable[[str], list[torch.Tensor]], policy: str, device: torch.device) -> tuple[list[torch.Tensor], float]:
     """The policy's probe attributions and the seconds of the pass (synchronized on CUDA)."""
     if device.type == "cuda":
@@ -127,7 +137,8 @@ def measure(
     repeats: int | None = None,
 ) -> ProbeResult:
     """Probe ``requested`` (a policy or "auto") with ``call(policy) -> attributions of the probe samples``.
-    Random draws (noise, references) repeat exactly for every policy: the RNG is reset before each call.
+    Random draws (noise, references) repeat exactly for every policy: torch's and numpy's global RNGs
+    are reset before each call, and restored afterwards (the call itself then draws as it would).
     ``policies``: auto's candidates (default: the device's); ``repeats``: passes per policy (default 2
     for auto, whose choice depends on times: its seconds are the fastest pass, else 1). Logs a warning when the result's error exceeds ``warn``."""
     auto = requested == AUTO
@@ -136,11 +147,13 @@ def measure(
         todo.remove(REFERENCE)
     repeats = repeats or (2 if auto else 1)
     cuda = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
+    np_state = np.random.get_state()
+    with torch.random.fork_rng(devices=cuda), _restored(np_state):
         cpu_state = torch.get_rng_state()
         cuda_state = torch.cuda.get_rng_state(device) if cuda else None
 
         def seeded(policy: str) -> list[torch.Tensor]:
+            np.random.set_state(np_state)
             torch.set_rng_state(cpu_state)
             if cuda_state is not None:
                 torch.cuda.set_rng_state(cuda_state, device)
