@@ -40,7 +40,7 @@ import torch
 
 from .budget import parse_bytes
 from .errors import AttributionInputError, OptionError
-from .precision import AUTO, POLICIES, Precision, get_precision
+from .precision import AUTO, POLICIES, PRECISIONS, Precision, get_precision
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Options:
         if isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", self.precision.name)
         if self.precision not in POLICIES:
-            raise OptionError(f"precision must be one of {', '.join(POLICIES)}, got {self.precision!r}")
+            raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}; or 'auto' (the fastest within precision_tolerance)")
         if not isinstance(self.probe, bool):
             raise OptionError(f"probe must be True or False, got {self.probe!r}")
         object.__setattr__(self, "probe_samples", positive_int("probe_samples", self.probe_samples))
