@@ -214,3 +214,17 @@ def test_auto_run_records_the_choice_and_resumes_with_it(tmp_path, monkeypatch, 
     assert main(["info", str(out)]) == 0
     shown = capsys.readouterr().out
     assert "precision fp32 (auto" in shown and "probe error vs fp32 on 4 samples" in shown
+
+
+def test_probe_through_a_prepared_options_object():
+    model, x = shallow_gelu(), torch.randn(6, 16)
+    opts = fastattr.Options(precision="bf16", probe=True, probe_samples=3, forward_kwargs={})
+    sal = fastattr.Saliency(model)
+    sal.attribute(x, target=2, options=opts)
+    assert sal.last_probe.samples == 3 and sal.last_probe.policy == "bf16"
+    first = sal.last_probe
+    sal.attribute(x, target=2, options=opts, probe=False)  # a keyword next to options= overrides it: no new probe
+    assert sal.last_probe is first
+    lay = fastattr.LayerActivation(model, model[1])
+    lay.attribute(x, precision="auto")  # forward-only capture: the probe compares activations
+    assert lay.last_probe.requested == "auto" and lay.last_probe.policy in ("fp32", "bf16")
