@@ -17,6 +17,8 @@ batches through ``attribute_batch``; otherwise it goes the generic Captum path) 
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -29,7 +31,9 @@ from .engine import Problem, frozen_parameters
 from .errors import AttributionInputError
 from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
 from .kernels import Stats
-from .options import GRADIENT, Options
+from .options import FIELDS, GRADIENT, Options
+from .precision import AUTO
+from .probe import ProbeResult, measure, take_samples
 
 
 @dataclass
@@ -89,7 +93,9 @@ class Attribution:
     noise_batched: ClassVar[bool] = True
     draws_own_noise: ClassVar[bool] = False
     captum_defaults: ClassVar[dict[str, Any]] = {}  # attribute()'s keyword defaults where they differ from attribute_batch's
+    baselines_per_sample: ClassVar[bool] = True  # False: baselines are a distribution (a probe keeps them whole)
     _multiply_by_inputs: bool = False
+    last_probe: ProbeResult | None = None  # the latest precision probe of this object (probe=True or precision="auto")
 
     def __init__(self, forward_func: Callable[..., Any]) -> None:
         if not callable(forward_func):
@@ -136,12 +142,69 @@ class Attribution:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "attribute_batch" in cls.__dict__:
+            cls.attribute_batch = _with_probe(cls.__dict__["attribute_batch"])  # type: ignore[method-assign]
         if "attribute_batch" in cls.__dict__ and "attribute" not in cls.__dict__:
             cls.attribute = _captum_attribute(cls)  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _options(self, kwargs: dict[str, Any]) -> Options:
         return Options.parse(kwargs, self.option_names, f"{type(self).__name__}.attribute")
+
+
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastattr_probing", default=False)
+
+
+def _probe_options(kwargs: dict[str, Any]) -> Options | None:
+    """The call's Options when it asks for a probe (probe=True with a policy other than fp32, or
+    precision="auto"); None otherwise, or when the options are malformed (the method reports that)."""
+    given = {k: v for k, v in kwargs.items() if k in FIELDS}
+    base = kwargs.get("options")
+    if base is not None and not isinstance(base, Options):
+        return None
+    opts = dataclasses.replace(base, **given) if base is not None else Options(**given)
+    return opts if opts.precision == AUTO or (opts.probe and opts.precision != "fp32") else None
+
+
+def _with_probe(fn: Callable[..., BatchResult]) -> Callable[..., BatchResult]:
+    """``attribute_batch`` that first probes the precision when asked (fastattr/probe.py): the first
+    ``probe_samples`` samples attributed in fp32 and in the policy (every candidate for "auto"), the
+    result kept in ``self.last_probe``; then the call runs under the probed (or chosen) policy.
+    Nested calls (NoiseTunnel's base method, the probe's own calls) do not probe again."""
+    sig = inspect.signature(fn)
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    @functools.wraps(fn)
+    def attribute_batch(self: Attribution, *args: Any, **kwargs: Any) -> BatchResult:
+        opts = None if _PROBING.get() or var_kw is None else _probe_options(kwargs)
+        if opts is None:
+            return fn(self, *args, **kwargs)
+        token = _PROBING.set(True)
+        try:
+            bound = sig.bind(self, *args, **kwargs)
+            named = {k: v for k, v in bound.arguments.items() if k not in ("self", var_kw)}
+            extra = dict(bound.arguments.get(var_kw, {}))
+            xs, _ = as_tuple(named["inputs"])
+            batch, k = xs[0].shape[0], opts.probe_samples
+            cut = functools.partial(take_samples, batch=batch, k=k, per_sample_baselines=self.baselines_per_sample)
+            named = {n: cut(v, name=n) for n, v in named.items()}
+            named.update({n: False for n in ("with_delta", "with_output") if n in sig.parameters})
+            extra = {n: cut(v, name=n) for n, v in extra.items() if n != "options"}
+            if isinstance(kwargs.get("options"), Options) and kwargs["options"].forward_kwargs:
+                extra["options"] = dataclasses.replace(kwargs["options"], forward_kwargs=cut(dict(kwargs["options"].forward_kwargs)))
+            elif "options" in kwargs:
+                extra["options"] = kwargs["options"]
+
+            def call(policy: str) -> list[torch.Tensor]:
+                return fn(self, **named, **{**extra, "precision": policy}).attributions
+
+            device = xs[0].device
+            self.last_probe = measure(call, opts.precision, device, tolerance=opts.precision_tolerance, warn=opts.precision_warn)
+            return fn(self, *args, **{**kwargs, "precision": self.last_probe.policy})
+        finally:
+            _PROBING.reset(token)
+
+    return attribute_batch
 
 
 @functools.cache

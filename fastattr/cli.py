@@ -19,7 +19,7 @@ import unicodedata
 
 from . import __version__
 from .errors import FastattrError, OptionError
-from .precision import PRECISIONS
+from .precision import POLICIES, PRECISIONS
 from .quadrature import RULES
 from .run_methods import METHOD_NAMES
 
@@ -103,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run(
         model, data, args.out, method=method, labels=args.labels, target=target, baselines=baselines, n_steps=args.steps,
         tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args), **llm_opts,
-        rule=args.rule, precision=args.precision, batch_size=args.batch_size, memory_budget=args.memory_budget,
+        rule=args.rule, precision=args.precision, precision_tolerance=args.precision_tolerance, precision_warn=args.precision_warn, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
         allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
@@ -203,6 +203,7 @@ def _data_mean(data: object, chunk: int = 1024) -> object:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from .probe import describe as describe_probe
     from .store import open_run
 
     with open_run(args.dir) as store:
@@ -236,6 +237,7 @@ def _info(args: argparse.Namespace) -> int:
             f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
             f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
+            *([describe_probe(cfg["precision_probe"])] if isinstance(cfg.get("precision_probe"), dict) else []),
             f"model: {model_line}",
             f"data: {data_line}",
             f"versions: {json.dumps(cfg.get('versions'))}; attributions: {', '.join(store.attribution_names)}",
@@ -422,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--padding-side", default="right", choices=["left", "right"], help="how prompts of a batch are padded (default right)")
     run.add_argument("--forward-args-inputs", type=int, default=0, metavar="K",
                      help="the last K inputs of each sample go to the model as forward args, not attributed (e.g. an attention mask)")
-    run.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    run.add_argument("--precision", default="fp32", choices=POLICIES,
+                     help="fp32 (default), tf32, bf16, fp16, or auto: the fastest whose probe error vs fp32 is within --precision-tolerance")
+    run.add_argument("--precision-tolerance", type=float, default=0.01, help="precision auto: largest probe error (relative L2) accepted (default 0.01)")
+    run.add_argument("--precision-warn", type=float, default=0.01, help="warn when the probe error exceeds this (default 0.01)")
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", type=_batch_size, default="auto", help="rows per forward: auto (default) or an int")

@@ -110,6 +110,7 @@ class GradientShap(GradientAttribution):
 
     has_delta = True
     draws_own_noise = True  # NoiseTunnel hands it whole noise partitions (its draws follow Captum's order)
+    baselines_per_sample = False  # baselines are a reference distribution: a precision probe keeps them whole
 
     def __init__(self, forward_func: Callable[..., Any], multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)

@@ -40,7 +40,7 @@ import torch
 
 from .budget import parse_bytes
 from .errors import AttributionInputError, OptionError
-from .precision import PRECISIONS, Precision, get_precision
+from .precision import AUTO, POLICIES, PRECISIONS, Precision, get_precision
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def optional_positive_int(name: str, value: Any) -> int | None:
 class Options:
     """fastattr's keyword options (see the module docstring); validated on construction."""
 
-    precision: str = "fp32"  # fp32, tf32, bf16, fp16: the forward/backward policy
+    precision: str = "fp32"  # fp32, tf32, bf16, fp16: the forward/backward policy; "auto": chosen by a probe
     max_rows: int | None = None  # most rows one forward may see (Captum's internal_batch_size)
     memory_budget: int | None = None  # bytes (or "8GiB" on input): CUDA rows per forward from a probe
     allow_nonfinite: bool = False  # accept NaN/inf in inputs and baselines
@@ -77,12 +77,25 @@ class Options:
     min_steps: int | None = None
     output: OutputSelector = None  # which tensor of the model's output to attribute
     forward_kwargs: Mapping[str, Any] | None = None  # keyword arguments for the model's forward
+    # precision probe (fastattr/probe.py): the first probe_samples samples attributed in fp32 and in the
+    # policy; its relative L2 error is kept in method.last_probe and warned about over precision_warn
+    probe: bool = False
+    probe_samples: int = 4
+    precision_tolerance: float = 0.01  # precision="auto": the largest probe error a faster policy may have
+    precision_warn: float = 0.01
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, Precision):
             object.__setattr__(self, "precision", self.precision.name)
-        if self.precision not in PRECISIONS:
-            raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision not in POLICIES:
+            raise OptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}; or 'auto' (the fastest within precision_tolerance)")
+        if not isinstance(self.probe, bool):
+            raise OptionError(f"probe must be True or False, got {self.probe!r}")
+        object.__setattr__(self, "probe_samples", positive_int("probe_samples", self.probe_samples))
+        for name in ("precision_tolerance", "precision_warn"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise OptionError(f"{name} must be a number >= 0 (a relative L2 error, 0.01 = 1%), got {value!r}")
         object.__setattr__(self, "max_rows", optional_positive_int("max_rows", self.max_rows))
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
         if self.memory_budget is not None and self.memory_budget < 1:
@@ -128,6 +141,8 @@ class Options:
     # ------------------------------------------------------------------ uses
     @property
     def policy(self) -> Precision:
+        if self.precision == AUTO:
+            raise OptionError("precision='auto' must be resolved by a probe before an engine is built (fastattr/probe.py)")
         return get_precision(self.precision)
 
     def adaptive(self) -> dict[str, Any]:
@@ -166,13 +181,18 @@ class OptionsDict(TypedDict, total=False):
     min_steps: int | None
     output: OutputSelector
     forward_kwargs: Mapping[str, Any] | None
+    probe: bool
+    probe_samples: int
+    precision_tolerance: float
+    precision_warn: float
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
 ADAPTIVE = frozenset({"tolerance", "max_steps", "abs_tolerance", "min_steps"})
 GRADIENT = FIELDS - ADAPTIVE  # Saliency, InputXGradient, GradientShap
 PATH = FIELDS  # IntegratedGradients, LayerIntegratedGradients
-CAPTURE = frozenset({"precision", "max_rows", "kernel_backend", "forward_kwargs"})  # LayerActivation
+PROBE = frozenset({"probe", "probe_samples", "precision_tolerance", "precision_warn"})
+CAPTURE = frozenset({"precision", "max_rows", "kernel_backend", "forward_kwargs"}) | PROBE  # LayerActivation
 
 
 # ---------------------------------------------------------------------- model outputs

@@ -6,6 +6,7 @@
 - "fp16": autocast(float16) with a scaled backward seed so small gradients do not
   underflow; a chunk whose gradients overflow (inf/NaN) is retried at a lower scale.
 
+"auto" (POLICIES) is resolved to one of these by fastattr/probe.py before any engine exists.
 Policies are context managers that restore every global flag they touch.
 """
 
@@ -21,6 +22,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTO = "auto"  # the fastest policy whose measured probe error is within a tolerance (fastattr/probe.py)
+POLICIES = (*PRECISIONS, AUTO)  # what a user may ask for
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,16 @@ from .distributed import setup as setup_distributed
 from .errors import AttributionInputError, InputDtypeError, NonFiniteError, OptionError
 from .fingerprints import model_fingerprint
 from .methods import BatchResult
+from .options import Options
+from .precision import AUTO, PRECISIONS
+from .probe import describe as describe_probe
+from .probe import measure
 from .run_inputs import ALLOW_HINT, Baselines, Targets, name_samples, nonfinite_counts, samples
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, open_source
 from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
+from .store.manifest import read_manifest
+from .store.schema import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,7 @@ class RunSummary:
     complete: bool
     residual: dict = field(default_factory=dict)  # over this call's samples
     steps: dict = field(default_factory=dict)  # adaptive runs: per-sample steps over the whole stored run
+    precision_probe: dict = field(default_factory=dict)  # precision != fp32: the probe's error vs fp32 (fastattr/probe.py)
 
     @property
     def throughput(self) -> float:
@@ -76,6 +84,8 @@ class RunSummary:
             else:
                 line += "; every sample met the tolerance"
             out.append(line)
+        if self.precision_probe:
+            out.append(describe_probe(self.precision_probe))
         return out
 
 
@@ -134,6 +144,9 @@ def run(
     max_steps: int | None = None,
     abs_tolerance: float | None = None,
     precision: str = "fp32",
+    precision_tolerance: float = 0.01,
+    precision_warn: float = 0.01,
+    probe_samples: int = 4,
     batch_size: int | str = "auto",
     memory_budget: Any = None,
     examples_per_batch: int | None = None,
@@ -173,6 +186,12 @@ def run(
 
     allow_nonfinite: store samples whose inputs, model outputs or attributions hold NaN or inf
     (counted per sample in stats/nonfinite) instead of stopping with an error naming them.
+    precision: "fp32", "tf32", "bf16", "fp16", or "auto": the fastest policy whose probe error is
+    within precision_tolerance (else fp32). Any policy but fp32 is probed first: the first
+    probe_samples samples are attributed in fp32 and in the policy, and the relative L2 error (max,
+    median) is recorded in the manifest (config "precision_probe") and the summary, with a warning
+    above precision_warn (fastattr/probe.py).
+
     train_mode: run the model in train mode (BatchNorm batch statistics, dropout); by default
     the model runs in eval mode. Either way each module's mode is restored afterwards, and in
     train mode so are its buffers (BatchNorm's running statistics).
@@ -180,12 +199,15 @@ def run(
     for flag, value in (("allow_nonfinite", allow_nonfinite), ("train_mode", train_mode)):
         if not isinstance(value, bool):
             raise OptionError(f"{flag} must be True or False, got {value!r}")
-    plan = plan_method(
-        model, method,
+    # the probe settings are checked as a call's options are
+    Options(precision=precision, precision_tolerance=precision_tolerance, precision_warn=precision_warn, probe_samples=probe_samples)
+    make_plan = functools.partial(
+        plan_method, model, method,
         {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs,
          "tolerance": tolerance, "max_steps": max_steps, "abs_tolerance": abs_tolerance},
-        precision=precision, memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite,
+        memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite,
     )  # fmt: skip
+    plan = make_plan(precision="fp32" if precision == AUTO else precision)  # auto: replanned once the probe chose
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
     if examples_per_batch is not None and (not isinstance(examples_per_batch, int) or examples_per_batch < 1):
@@ -234,14 +256,28 @@ def run(
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         max_shard_seconds=shard_seconds,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite"},
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
         with model_mode(model, train_mode):
+            probe: dict = {}
+            if precision != "fp32":
+                recorded = _recorded_choice(out, precision) if resume and not overwrite else None
+                if recorded is not None:  # an auto run resumes with the policy it chose, so all its samples share one
+                    probe = recorded
+                    logger.info("resuming with the recorded choice of precision='auto': %s", describe_probe(probe))
+                else:
+                    if precision == AUTO and ctx.world_size > 1:
+                        raise OptionError("precision='auto' under torchrun: ranks could time the policies differently; pass the policy (run auto once on one process to see its choice)")
+                    probe = _probe(make_plan, precision, source, targets, baselines, model, dev, model_dtype, n_inputs - forward_args_inputs,
+                                   samples=probe_samples, tolerance=precision_tolerance, warn=precision_warn)  # fmt: skip
+                config["precision_probe"] = probe  # volatile: a re-measured probe never blocks a resume
+                if precision == AUTO:
+                    plan = make_plan(precision=probe["policy"])
             writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
             return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
-                                ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite)  # fmt: skip
+                                ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite, probe=probe)  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:
@@ -249,6 +285,41 @@ def run(
         raise
     finally:
         ctx.close()
+
+
+def _recorded_choice(out: Any, precision: str) -> dict | None:
+    """precision='auto' resuming: the probe (with its choice) recorded by the run in ``out``, if any."""
+    path = Path(out) / MANIFEST_NAME
+    if precision != AUTO or not path.is_file():
+        return None
+    try:
+        config = read_manifest(path)["config"]
+    except Exception:  # an unreadable manifest is the writer's to report
+        return None
+    probe = config.get("precision_probe")
+    if config.get("precision") == AUTO and isinstance(probe, dict) and probe.get("policy") in PRECISIONS:
+        return probe
+    return None
+
+
+def _probe(
+    make_plan: Any, precision: str, source: Source, targets: Targets, baselines: Any, model: torch.nn.Module, dev: torch.device,
+    model_dtype: torch.dtype, n_attributed: int, *, samples: int, tolerance: float, warn: float,
+) -> dict:
+    """The precision probe of a run (fastattr/probe.py) on its first ``samples`` samples, as recorded in the manifest."""
+    k = min(samples, len(source))
+    xs, labels = source.read(0, k)
+    xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype) for x in xs)
+    base = Baselines(baselines, len(source), source.sample_shapes[:n_attributed], dev, model_dtype).for_batch(0, k)
+    plans: dict[str, MethodPlan] = {}
+
+    def call(policy: str) -> list[torch.Tensor]:
+        plan = plans.setdefault(policy, make_plan(precision=policy))
+        tgt = targets.for_batch(0, k, labels, model, xs, dev, n_attributed) if plan.uses_target else None
+        batch = Batch(xs[:n_attributed], tgt, base, 0, k, None, xs[n_attributed:])
+        return _attribute_with_retry(plan, batch, model)[0].attributions
+
+    return measure(call, precision, dev, tolerance=tolerance, warn=warn).as_dict()
 
 
 @contextlib.contextmanager
@@ -278,13 +349,13 @@ def model_mode(model: torch.nn.Module, train: bool) -> Iterator[None]:
 def _run_batches(
     writer: RunWriter, model: torch.nn.Module, source: Source, targets: Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
-    ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False,
+    ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False, probe: dict | None = None,
 ) -> RunSummary:
     work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
     if work.complete:
         writer.close()
         logger.info("%s is already complete", out)
-        return RunSummary(out, total, 0, 0.0, True)
+        return RunSummary(out, total, 0, 0.0, True, precision_probe=probe or {})
     if examples_per_batch is None:
         examples_per_batch = plan.examples_per_batch or _default_examples(source, dev)
     todo = work.todo
@@ -334,7 +405,7 @@ def _run_batches(
     outcome = ctx.finish(writer, remaining, deltas, rels, _residual_stats, bar=bar)
     bar.close()
     seconds = time.perf_counter() - t0
-    summary = RunSummary(out, total, outcome.computed, seconds, outcome.complete, outcome.residual)
+    summary = RunSummary(out, total, outcome.computed, seconds, outcome.complete, outcome.residual, precision_probe=probe or {})
     if ctx.rank == 0 and plan.params.get("n_steps") == "auto":
         summary.steps = _steps_summary(out)
     if ctx.rank == 0:
