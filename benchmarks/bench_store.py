@@ -120,7 +120,7 @@ class NearFree(nn.Module):
         self.head = nn.Linear(3, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head((x * self.scale).mean((2, 3)))
+        return self.head(torch.tanh(x * self.scale).mean((2, 3)))  # varying gradients, like real ones
 
 
 def plain_loop(model: nn.Module, data: np.ndarray, path: str) -> None:
