@@ -52,14 +52,21 @@ def attributions() -> dict[str, np.ndarray]:
     out = {}
     model = demo.trained_model(train_samples=1000)
     images, _, _ = demo.make_dataset(64, seed=1)
-    out["demo CNN IG-32"] = fastattr.IntegratedGradients(model).attribute(images, target=model(images).argmax(1), n_steps=32).detach().numpy()
+    out["demo CNN IG-32"] = (
+        fastattr.IntegratedGradients(model)
+        .attribute(images, target=model(images).argmax(1), n_steps=32)
+        .detach()
+        .numpy()
+    )
     cnn = models.ResNet18().eval()
     x = torch.randn(8, 3, 224, 224)
     out["ResNet-18 IG-8 224"] = fastattr.IntegratedGradients(cnn).attribute(x, target=0, n_steps=8).detach().numpy()
     tok = models.TokenClassifier(max_len=128)
     ids, mask, _ = models.token_batch(64, 128)
     lig = fastattr.LayerIntegratedGradients(tok, tok.embed)
-    out["token LayerIG-16 emb"] = lig.attribute(ids, target=0, n_steps=16, additional_forward_args=(mask,)).detach().numpy()
+    out["token LayerIG-16 emb"] = (
+        lig.attribute(ids, target=0, n_steps=16, additional_forward_args=(mask,)).detach().numpy()
+    )
     return out
 
 
@@ -103,8 +110,21 @@ def compression(args: argparse.Namespace) -> tuple[list[str], list[list]]:
             rows.append([name, label, f"{ratio:.2f}", f"{mbs:.0f}", "-"])
         for level in args.levels:
             one, many, ratio = pool_rate(data, chunk_rows, level)
-            rows.append([name, f"shuffle+gzip {level} (fastattr pool)", f"{ratio:.2f}", f"{one:.0f}", f"{many:.0f} ({encode.workers()} threads)"])
-        print(h.markdown(["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows[-(4 + len(args.levels)) :]), flush=True)
+            rows.append(
+                [
+                    name,
+                    f"shuffle+gzip {level} (fastattr pool)",
+                    f"{ratio:.2f}",
+                    f"{one:.0f}",
+                    f"{many:.0f} ({encode.workers()} threads)",
+                ]
+            )
+        print(
+            h.markdown(
+                ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows[-(4 + len(args.levels)) :]
+            ),
+            flush=True,
+        )
     return ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows
 
 
@@ -127,7 +147,9 @@ def plain_loop(model: nn.Module, data: np.ndarray, path: str) -> None:
     """torch saliency in batches of 64, h5py from one thread: lzf, one sample per chunk, fletcher32, fsync, sha256."""
     n = len(data)
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("attr", shape=data.shape, dtype=np.float32, chunks=(1, *data.shape[1:]), compression="lzf", fletcher32=True)
+        ds = f.create_dataset(
+            "attr", shape=data.shape, dtype=np.float32, chunks=(1, *data.shape[1:]), compression="lzf", fletcher32=True
+        )
         for start in range(0, n, 64):
             x = torch.from_numpy(np.array(data[start : start + 64])).requires_grad_(True)
             out = model(x)
@@ -156,10 +178,15 @@ def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
     tmp = tempfile.mkdtemp(prefix="fastattr-bench-store-")
     rows = []
     try:
-        np.save(os.path.join(tmp, "x.npy"), np.random.default_rng(0).standard_normal((args.samples, 3, 224, 224)).astype(np.float32))
+        np.save(
+            os.path.join(tmp, "x.npy"),
+            np.random.default_rng(0).standard_normal((args.samples, 3, 224, 224)).astype(np.float32),
+        )
         data = np.load(os.path.join(tmp, "x.npy"), mmap_mode="r")
         fastattr.run(model, data[:128], os.path.join(tmp, "warm"), "saliency", progress=False, compression="gzip")
-        cases = [("plain loop (torch + h5py lzf, 1 thread)", None)] + [(f"fastattr.run compression={c}", c) for c in args.compressions]
+        cases = [("plain loop (torch + h5py lzf, 1 thread)", None)] + [
+            (f"fastattr.run compression={c}", c) for c in args.compressions
+        ]
         for _ in range(args.repeats):
             for label, comp in cases:
                 out = os.path.join(tmp, "out")
@@ -170,11 +197,26 @@ def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
                     seconds, _, _ = h.measure_once(lambda p=p: plain_loop(model, data, p), "cpu", memory_on=None)
                     paths = [p]
                 else:
-                    seconds, _, _ = h.measure_once(lambda out=out, comp=comp: fastattr.run(model, data, out, "saliency", progress=False, compression=comp), "cpu", memory_on=None)
+                    seconds, _, _ = h.measure_once(
+                        lambda out=out, comp=comp: fastattr.run(
+                            model, data, out, "saliency", progress=False, compression=comp
+                        ),
+                        "cpu",
+                        memory_on=None,
+                    )
                     paths = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".h5"))
                 disk = sum(os.path.getsize(p) for p in paths)
                 read_back(paths, args.samples)
-                rows.append([label, args.samples, f"{seconds:.2f}", f"{args.samples / seconds:.0f}", f"{data[0].nbytes * args.samples / seconds / 1e6:.0f}", f"{disk / 1e6:.0f}"])
+                rows.append(
+                    [
+                        label,
+                        args.samples,
+                        f"{seconds:.2f}",
+                        f"{args.samples / seconds:.0f}",
+                        f"{data[0].nbytes * args.samples / seconds / 1e6:.0f}",
+                        f"{disk / 1e6:.0f}",
+                    ]
+                )
                 print(rows[-1], flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,7 +38,17 @@ def block(start: int, stop: int, width: int, **kw) -> Block:
     n = stop - start
     z = np.zeros(n, np.float32)
     stats = {"sum": z, "l1": z, "l2": z, "absmax": z, "nonfinite": np.zeros(n, np.int32)}
-    return Block(start, stop, {"x": rows(start, stop, width, **kw)}, np.arange(n, dtype=np.int64), z + 1, z, z, np.ones(n, np.int32), stats)
+    return Block(
+        start,
+        stop,
+        {"x": rows(start, stop, width, **kw)},
+        np.arange(n, dtype=np.int64),
+        z + 1,
+        z,
+        z,
+        np.ones(n, np.int32),
+        stats,
+    )
 
 
 def read_plain(run: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +71,14 @@ def test_parallel_gzip_round_trips_bit_exactly(tmp_path, dtype):
     # and shards of 16 rows end mid-chunk, so trailing partial chunks wait across blocks and shards;
     # rows from 30 on are random bits (a chunk deflate cannot shrink).
     width, total = 20000, 41
-    with RunWriter(tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=total, shard_rows=16, storage_dtype=dtype, compression="gzip") as w:
+    with RunWriter(
+        tmp_path / "run",
+        config={"m": 1, "allow_nonfinite": True},
+        total=total,
+        shard_rows=16,
+        storage_dtype=dtype,
+        compression="gzip",
+    ) as w:
         for s in range(0, total, 5):
             w.put(block(s, min(s + 5, total), width, incompressible_from=30))
     idx, got = read_plain(tmp_path / "run")
@@ -85,11 +102,19 @@ def test_checksum_is_hdf5s_own(tmp_path):
     # the same chunk written by HDF5 itself carries exactly the fletcher32 computed here
     rng = np.random.default_rng(0)
     with h5py.File(tmp_path / "f.h5", "w") as f:
-        for n, a in enumerate([rng.standard_normal(9999).astype(np.float32), np.zeros(361, np.float32), np.full(5000, -np.nan, np.float32)]):
+        for n, a in enumerate(
+            [
+                rng.standard_normal(9999).astype(np.float32),
+                np.zeros(361, np.float32),
+                np.full(5000, -np.nan, np.float32),
+            ]
+        ):
             ds = f.create_dataset(f"d{n}", data=a, chunks=a.shape, shuffle=True, compression="gzip", fletcher32=True)
             _, stored = ds.id.read_direct_chunk((0,))
             assert fletcher32(stored[:-4]) == struct.unpack("<I", stored[-4:])[0]
-            mine = f.create_dataset(f"e{n}", shape=a.shape, dtype=a.dtype, chunks=a.shape, shuffle=True, compression="gzip", fletcher32=True)
+            mine = f.create_dataset(
+                f"e{n}", shape=a.shape, dtype=a.dtype, chunks=a.shape, shuffle=True, compression="gzip", fletcher32=True
+            )
             mine.id.write_direct_chunk((0,), encode_chunk(a, 1), 0)
     with h5py.File(tmp_path / "f.h5", "r") as f:
         for n in range(3):
@@ -122,7 +147,9 @@ def c_loop_fletcher32(data: bytes) -> int:
 
 def test_corrupted_byte_is_detected_by_plain_h5py(tmp_path):
     width = 20000
-    with RunWriter(tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=12, shard_rows=12, compression="gzip") as w:
+    with RunWriter(
+        tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=12, shard_rows=12, compression="gzip"
+    ) as w:
         w.put(block(0, 12, width))
     shard = tmp_path / "run" / "shard-00000.h5"
     with h5py.File(shard, "r") as f:
@@ -152,7 +179,9 @@ with RunWriter(sys.argv[1], config={"m": 1, "allow_nonfinite": True}, total=1000
 def test_sigkill_during_parallel_encoding_loses_nothing_finalized(tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "FASTATTR_ENCODE_THREADS": "2"}
-    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(run), str(Path(__file__).parent)], env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(run), str(Path(__file__).parent)], env=env, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
