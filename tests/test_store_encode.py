@@ -207,3 +207,16 @@ def test_sigkill_during_parallel_encoding_loses_nothing_finalized(tmp_path):
     with RunWriter(run, config={"m": 1, "allow_nonfinite": True}, total=100000, shard_rows=12, compression="gzip") as w:
         assert w.covered == [(0, len(idx))]
         w.abort()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+def test_blocks_smaller_and_larger_than_a_chunk(tmp_path, step):
+    # 3 rows per chunk: blocks of 1 and 2 rows fill a chunk over several blocks, 7 spans chunks
+    width, total = 20000, 20
+    with RunWriter(
+        tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=total, shard_rows=11, compression="gzip"
+    ) as w:
+        for s in range(0, total, step):
+            w.put(block(s, min(s + step, total), width))
+    idx, got = read_plain(tmp_path / "run")
+    assert np.array_equal(idx, np.arange(total)) and got.tobytes() == rows(0, total, width).tobytes()

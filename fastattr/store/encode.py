@@ -115,14 +115,21 @@ class ChunkBuffer:
         self.tail: np.ndarray | None = None
 
     def add(self, rows: np.ndarray) -> list[tuple[int, Future[bytes]]]:
-        data = rows if self.tail is None else np.concatenate([self.tail, rows])
-        whole = len(data) // self.chunk_rows * self.chunk_rows
-        out = []
+        out: list[tuple[int, Future[bytes]]] = []
+        if self.tail is not None:  # complete the waiting chunk first (copies only that chunk's rows)
+            need = self.chunk_rows - len(self.tail)
+            if len(rows) < need:
+                self.tail = np.concatenate([self.tail, rows])
+                return out
+            out.append((self.written, pool().submit(encode_chunk, np.concatenate([self.tail, rows[:need]]), self.level)))
+            self.written += self.chunk_rows
+            rows, self.tail = rows[need:], None
+        whole = len(rows) // self.chunk_rows * self.chunk_rows
         for lo in range(0, whole, self.chunk_rows):
-            out.append((self.written + lo, pool().submit(encode_chunk, data[lo : lo + self.chunk_rows], self.level)))
+            out.append((self.written + lo, pool().submit(encode_chunk, rows[lo : lo + self.chunk_rows], self.level)))
         self.written += whole
         # a copy, so the caller's block is not kept alive (or changed) through a view
-        self.tail = data[whole:].copy() if whole < len(data) else None
+        self.tail = rows[whole:].copy() if whole < len(rows) else None
         return out
 
     def flush(self) -> list[tuple[int, Future[bytes]]]:
