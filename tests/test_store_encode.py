@@ -220,3 +220,23 @@ def test_blocks_smaller_and_larger_than_a_chunk(tmp_path, step):
             w.put(block(s, min(s + step, total), width))
     idx, got = read_plain(tmp_path / "run")
     assert np.array_equal(idx, np.arange(total)) and got.tobytes() == rows(0, total, width).tobytes()
+
+
+def test_failed_direct_chunk_writes_are_clean_errors_and_resume(tmp_path):
+    # test_crash.py's file-size-limit sweep with the parallel encoder: a write_direct_chunk (or the
+    # final partial chunk's) failing for lack of room drops the shard safely (no crash in close)
+    from test_crash import SWEEP_CHILD
+
+    child = SWEEP_CHILD.replace("shard_rows=rows)", 'shard_rows=rows, compression="gzip")')
+    assert child.count('compression="gzip"') == 2
+    limits = [3_000, 20_000, 100_000, 200_000, 300_000]
+    r = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path), *map(str, limits)], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [res["limit"] for res in results] == limits
+    for res in results:
+        assert res["outcome"].startswith(f"file too large: the file-size limit ({res['limit']} bytes"), res
+        assert res["ok"] and res["kept_ok"] and res["resumed"], res
+    assert any(res["kept"] > 0 for res in results) and any(res["kept"] == 0 for res in results)
