@@ -33,6 +33,8 @@ def samples(index: np.ndarray | list[int]) -> str:
 
 def _bad_rows(x: torch.Tensor) -> torch.Tensor:
     """(rows,) bool: rows holding a NaN or inf."""
+    if x.is_floating_point() and bool(torch.isfinite(x.sum())):  # one pass, no mask: NaN/inf make the sum non-finite
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     return ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
 
 

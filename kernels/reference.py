@@ -44,8 +44,10 @@ def finalize(
     before the cast to out_dtype, over finite elements only.
     """
     attr = acc if inputs is None else acc * (inputs.to(acc.dtype) - (0 if baselines is None else baselines.to(acc.dtype)))
-    finite = torch.isfinite(attr)
-    clean = torch.where(finite, attr, torch.zeros((), dtype=attr.dtype, device=attr.device))
+    # a finite sum proves every value finite (NaN/inf make it non-finite): skip the mask and the masked copy
+    all_finite = attr.numel() > 0 and bool(torch.isfinite(attr.sum()))
+    finite = None if all_finite else torch.isfinite(attr)
+    clean = attr if finite is None else torch.where(finite, attr, torch.zeros((), dtype=attr.dtype, device=attr.device))
     absval = clean.abs()
     red = torch.promote_types(attr.dtype, torch.float32)  # float64 attr keeps float64 sums
     stats = Stats(
@@ -53,7 +55,7 @@ def finalize(
         l1=absval.sum(1, dtype=red).float(),
         l2=clean.square().sum(1).sqrt().float(),
         absmax=absval.amax(1).float() if attr.shape[1] else torch.zeros(attr.shape[0], device=attr.device),
-        nonfinite=(~finite).sum(1, dtype=torch.int32),
+        nonfinite=torch.zeros(attr.shape[0], dtype=torch.int32, device=attr.device) if finite is None else (~finite).sum(1, dtype=torch.int32),
     )
     # copy when attr aliases acc, so callers may reuse the accumulator
     return attr.to(out_dtype or acc.dtype, copy=inputs is None), stats

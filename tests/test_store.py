@@ -26,6 +26,7 @@ from fastattr.store import (
     open_run,
     verify_run,
 )
+from fastattr.store.schema import GZIP_LEVEL
 
 # The deterministic data below counts non-finite values (stats/nonfinite) in every third sample, so
 # the runs allow them: verify reports them as counted facts instead of failing (test_store_trust.py).
@@ -191,7 +192,7 @@ def test_chunks_and_layout(tmp_path):
     with h5py.File(tmp_path / "run" / "shard-00000.h5", "r") as f:
         x = f["attributions/x"]
         assert x.chunks[1:] == (3, 4) and 1 <= x.chunks[0] <= 32
-        assert x.compression == "gzip" and x.compression_opts == 4
+        assert x.compression == "gzip" and x.compression_opts == GZIP_LEVEL and x.shuffle
         assert x.maxshape[0] is None
 
 

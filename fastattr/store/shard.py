@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import DiskFullError, StoreError
 from . import fsutil
 from .block import Block
+from .encode import ChunkBuffer
 from .manifest import ShardEntry
 from .ranges import format_ranges, value_runs
 from .schema import (
@@ -108,6 +109,12 @@ class ShardLayout:
         self.shard_rows = shard_rows
         self.run_id = ""
         self._overflow_warned = False
+
+    @property
+    def parallel(self) -> bool:
+        """Attribution chunks are encoded in the thread pool (store/encode.py) and written with
+        write_direct_chunk: for gzip, whose pipeline (shuffle + deflate + fletcher32) is emulated exactly."""
+        return self.compression == "gzip"
 
     def chunk_rows(self, feature_shape: tuple[int, ...]) -> int:
         row_bytes = max(1, math.prod(feature_shape) * self.storage_dtype.itemsize)
@@ -185,8 +192,11 @@ class ShardLayout:
             group.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail), **comp)
 
         attributions = f.create_group("attributions", track_order=True)  # keep the caller's name order
+        if self.parallel:  # exactly the pipeline store/encode.py emulates: shuffle, deflate, fletcher32
+            comp["shuffle"] = True
         for name, a in block.attributions.items():
             make(attributions, name, self.storage_dtype, a.shape[1:], self.chunk_rows(a.shape[1:]))
+        comp.pop("shuffle", None)
         make(f, "index", np.int64, (), scalar_chunk)
         make(f, "target", np.int64, block.target.shape[1:], scalar_chunk)
         for name, dtype in SCALAR_DTYPES.items():
@@ -214,6 +224,7 @@ class OpenShard:
         self.file: h5py.File | None = None
         self.datasets: dict[str, h5py.Dataset] = {}  # "index", "attributions/x", "stats/l1", ...
         self._marker_fd: int | None = None
+        self._buffers: dict[str, ChunkBuffer] = {}  # parallel encoding: per attribution dataset
 
     @property
     def stop(self) -> int:
@@ -249,6 +260,8 @@ class OpenShard:
 
         f.visititems(visit)
         self.datasets = found
+        if self.layout.parallel:
+            self._buffers = {k: ChunkBuffer(ds.chunks[0], GZIP_LEVEL) for k, ds in found.items() if k.startswith("attributions/")}
 
     def _group_names(self, group: str) -> set[str]:
         prefix = group + "/"
@@ -278,10 +291,15 @@ class OpenShard:
             if ds.shape[1:] != data.shape[1:]:
                 raise ValueError(f"{self.path}: dataset {ds.name} has rows of shape {ds.shape[1:]}, block has {data.shape[1:]}")
         try:
+            # parallel encoding: whole chunks go to the pool first, scalars are written meanwhile
+            jobs = [(self.datasets[k], job) for k in self._buffers for job in self._buffers[k].add(rows.pop(k))]
+            for key in self._buffers:
+                self.datasets[key].resize(r1, axis=0)
             for key, data in rows.items():
                 ds = self.datasets[key]
                 ds.resize(r1, axis=0)
                 ds[r0:r1] = data
+            _write_chunks(jobs)
         except Exception as exc:  # h5py raises OSError or RuntimeError for a failed write
             self.drop()
             raise write_error(exc, self.path) from exc
@@ -303,6 +321,7 @@ class OpenShard:
             f.attrs["shard_id"] = self.shard_id
             f.attrs["start"] = self.start
             f.attrs["stop"] = self.stop
+            _write_chunks([(self.datasets[k], job) for k, buf in self._buffers.items() for job in buf.flush()])
             # Every pending write happens here, where a failure raises; close then has nothing
             # left to write (closing after a failed write is what crashes, see the module docstring).
             f.flush()
@@ -337,6 +356,12 @@ class OpenShard:
             self.path.unlink(missing_ok=True)
         except OSError as exc:  # left for the next open to delete
             logger.debug("could not delete %s: %s", self.path, exc)
+
+
+def _write_chunks(jobs: list[tuple[h5py.Dataset, tuple[int, Any]]]) -> None:
+    """Write encoded chunks (row, future) in order, in the writer thread (the only one calling h5py)."""
+    for ds, (row, future) in jobs:
+        ds.id.write_direct_chunk((row, *(0,) * (ds.ndim - 1)), future.result(), 0)
 
 
 def _close_discarding(f: h5py.File, path: Path) -> None:

@@ -1,0 +1,247 @@
+"""The store's speed: which compression to default to, and whether a dataset run keeps up.
+
+``compression``: on real attributions (the demo CNN's IG, a ResNet-18's IG at 224x224, a token
+model's LayerIG on its embeddings), the ratio (raw / stored bytes) and the encode rate (raw MB/s)
+of: h5py's own lzf and gzip filters (one thread, inside h5py's lock: what a single writer does) and
+fastattr's parallel shuffle + deflate (store/encode.py: one chunk per task in the thread pool), at
+several levels, and no compression.
+
+``dataset``: saliency over 3x224x224 inputs through a near-free model (the store is the bottleneck):
+fastattr.run (lzf, and gzip = the parallel encoder) against a plain loop that computes the same
+saliency with torch in batches of 64 and writes it with h5py from one thread (lzf, one sample per
+chunk, fletcher32, fsync and sha256 like a shard). Every output is read back with plain h5py.
+
+    python benchmarks/bench_store.py compression
+    python benchmarks/bench_store.py dataset --samples 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as h  # noqa: E402
+import models  # noqa: E402
+
+import fastattr  # noqa: E402
+from fastattr.store import encode  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+# --------------------------------------------------------------------------- compression choice
+
+
+def attributions() -> dict[str, np.ndarray]:
+    """Real attributions, float32, one row per sample."""
+    from fastattr import demo
+
+    torch.manual_seed(0)
+    out = {}
+    model = demo.trained_model(train_samples=1000)
+    images, _, _ = demo.make_dataset(64, seed=1)
+    out["demo CNN IG-32"] = (
+        fastattr.IntegratedGradients(model)
+        .attribute(images, target=model(images).argmax(1), n_steps=32)
+        .detach()
+        .numpy()
+    )
+    cnn = models.ResNet18().eval()
+    x = torch.randn(8, 3, 224, 224)
+    out["ResNet-18 IG-8 224"] = fastattr.IntegratedGradients(cnn).attribute(x, target=0, n_steps=8).detach().numpy()
+    tok = models.TokenClassifier(max_len=128)
+    ids, mask, _ = models.token_batch(64, 128)
+    lig = fastattr.LayerIntegratedGradients(tok, tok.embed)
+    out["token LayerIG-16 emb"] = (
+        lig.attribute(ids, target=0, n_steps=16, additional_forward_args=(mask,)).detach().numpy()
+    )
+    return out
+
+
+def h5py_rate(a: np.ndarray, chunk_rows: int, **filters) -> tuple[float, float]:
+    """(raw MB/s, ratio) writing a through h5py's own filters (one thread) with fletcher32."""
+    path = tempfile.mktemp(suffix=".h5")
+    try:
+        t = time.perf_counter()
+        with h5py.File(path, "w") as f:
+            f.create_dataset("a", data=a, chunks=(chunk_rows, *a.shape[1:]), fletcher32=True, **filters)
+        seconds = time.perf_counter() - t
+        return a.nbytes / seconds / 1e6, a.nbytes / os.path.getsize(path)
+    finally:
+        os.unlink(path)
+
+
+def pool_rate(a: np.ndarray, chunk_rows: int, level: int) -> tuple[float, float, float]:
+    """(raw MB/s one thread, raw MB/s through the pool, ratio) of store/encode.py's encoder."""
+    chunks = [a[i : i + chunk_rows] for i in range(0, len(a), chunk_rows)]
+    t = time.perf_counter()
+    size = sum(len(encode.encode_chunk(c, level)) for c in chunks)
+    one = a.nbytes / (time.perf_counter() - t) / 1e6
+    t = time.perf_counter()
+    list(encode.pool().map(lambda c: encode.encode_chunk(c, level), chunks))
+    many = a.nbytes / (time.perf_counter() - t) / 1e6
+    return one, many, a.nbytes / size
+
+
+def compression(args: argparse.Namespace) -> tuple[list[str], list[list]]:
+    from fastattr.store.schema import CHUNK_TARGET_BYTES
+
+    rows = []
+    for name, a in attributions().items():
+        # the shard's chunking (rows per chunk for 256 KiB); tile the rows to a few MB so timings mean something
+        chunk_rows = max(1, CHUNK_TARGET_BYTES // (a[0].nbytes))
+        reps = max(1, int(np.ceil(8e6 / a.nbytes)))
+        data = np.ascontiguousarray(np.concatenate([a] * reps)) if reps > 1 else a
+        for label, kw in (("none (h5py)", {}), ("lzf (h5py)", {"compression": "lzf"}), ("gzip 4 (h5py)", {"compression": "gzip", "compression_opts": 4}),
+                          ("shuffle+gzip 1 (h5py)", {"compression": "gzip", "compression_opts": 1, "shuffle": True})):  # fmt: skip
+            mbs, ratio = h5py_rate(data, chunk_rows, **kw)
+            rows.append([name, label, f"{ratio:.2f}", f"{mbs:.0f}", "-"])
+        for level in args.levels:
+            one, many, ratio = pool_rate(data, chunk_rows, level)
+            rows.append(
+                [
+                    name,
+                    f"shuffle+gzip {level} (fastattr pool)",
+                    f"{ratio:.2f}",
+                    f"{one:.0f}",
+                    f"{many:.0f} ({encode.workers()} threads)",
+                ]
+            )
+        print(
+            h.markdown(
+                ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows[-(4 + len(args.levels)) :]
+            ),
+            flush=True,
+        )
+    return ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows
+
+
+# --------------------------------------------------------------------------- store-bound dataset run
+
+
+class NearFree(nn.Module):
+    """A model that costs almost nothing: a per-pixel scale and a 10-way linear head on the channel means."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3, 1, 1))
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(x * self.scale).mean((2, 3)))  # varying gradients, like real ones
+
+
+def plain_loop(model: nn.Module, data: np.ndarray, path: str) -> None:
+    """torch saliency in batches of 64, h5py from one thread: lzf, one sample per chunk, fletcher32, fsync, sha256."""
+    n = len(data)
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset(
+            "attr", shape=data.shape, dtype=np.float32, chunks=(1, *data.shape[1:]), compression="lzf", fletcher32=True
+        )
+        for start in range(0, n, 64):
+            x = torch.from_numpy(np.array(data[start : start + 64])).requires_grad_(True)
+            out = model(x)
+            target = out.argmax(1)
+            (g,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), x)
+            ds[start : start + len(x)] = g.abs().numpy()
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+    hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def read_back(paths: list[str], n: int) -> None:
+    """Every sample read with plain h5py (fletcher32 checked on each chunk)."""
+    rows = 0
+    for p in paths:
+        with h5py.File(p, "r") as f:
+            a = f["attr"] if "attr" in f else f["attributions"][next(iter(f["attributions"]))]
+            for i in range(0, len(a), 256):
+                rows += len(a[i : i + 256])
+    assert rows == n, (rows, n)
+
+
+def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
+    torch.manual_seed(0)
+    model = NearFree().eval()
+    tmp = tempfile.mkdtemp(prefix="fastattr-bench-store-")
+    rows = []
+    try:
+        np.save(
+            os.path.join(tmp, "x.npy"),
+            np.random.default_rng(0).standard_normal((args.samples, 3, 224, 224)).astype(np.float32),
+        )
+        data = np.load(os.path.join(tmp, "x.npy"), mmap_mode="r")
+        fastattr.run(model, data[:128], os.path.join(tmp, "warm"), "saliency", progress=False, compression="gzip")
+        cases = [("plain loop (torch + h5py lzf, 1 thread)", None)] + [
+            (f"fastattr.run compression={c}", c) for c in args.compressions
+        ]
+        for _ in range(args.repeats):
+            for label, comp in cases:
+                out = os.path.join(tmp, "out")
+                shutil.rmtree(out, ignore_errors=True)
+                if comp is None:
+                    os.makedirs(out)
+                    p = os.path.join(out, "attr.h5")
+                    seconds, _, _ = h.measure_once(lambda p=p: plain_loop(model, data, p), "cpu", memory_on=None)
+                    paths = [p]
+                else:
+                    seconds, _, _ = h.measure_once(
+                        lambda out=out, comp=comp: fastattr.run(
+                            model, data, out, "saliency", progress=False, compression=comp
+                        ),
+                        "cpu",
+                        memory_on=None,
+                    )
+                    paths = sorted(os.path.join(out, f) for f in os.listdir(out) if f.endswith(".h5"))
+                disk = sum(os.path.getsize(p) for p in paths)
+                read_back(paths, args.samples)
+                rows.append(
+                    [
+                        label,
+                        args.samples,
+                        f"{seconds:.2f}",
+                        f"{args.samples / seconds:.0f}",
+                        f"{data[0].nbytes * args.samples / seconds / 1e6:.0f}",
+                        f"{disk / 1e6:.0f}",
+                    ]
+                )
+                print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ["implementation", "samples", "time (s)", "samples/s", "raw MB/s", "on disk (MB)"], rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("compression")
+    c.add_argument("--levels", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
+    d = sub.add_parser("dataset")
+    d.add_argument("--samples", type=int, default=1024)
+    d.add_argument("--repeats", type=int, default=2)
+    d.add_argument("--compressions", type=lambda s: s.split(","), default=["lzf", "gzip"])
+    for p in (c, d):
+        p.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    headers, rows = compression(args) if args.what == "compression" else dataset(args)
+    env = h.env_line(h.env("cpu"))
+    print(f"\n{env}, {h.commit()}\n\n" + h.markdown(headers, rows))
+    if args.json:
+        h.write_json(args.json, {"env_line": env, "args": vars(args), "headers": headers, "rows": rows}, "cpu")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

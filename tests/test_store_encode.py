@@ -1,0 +1,242 @@
+"""Parallel chunk encoding (store/encode.py): shards written with compression="gzip" hold chunks
+encoded in the thread pool and written with write_direct_chunk; plain h5py must read them bit for
+bit, check their fletcher32, and a SIGKILL while encoding must lose nothing finalized."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fastattr.store import Block, RunWriter, verify_run
+from fastattr.store.encode import encode_chunk, fletcher32
+
+
+def rows(start: int, stop: int, width: int, incompressible_from: int | None = None) -> np.ndarray:
+    """Deterministic float32 rows; from ``incompressible_from`` on, random bits (deflate cannot shrink them)."""
+    np.seterr(all="ignore")
+    i = np.arange(start, stop, dtype=np.float32)[:, None]
+    a = np.sin(i * 0.37 + np.arange(width, dtype=np.float32)[None, :] * 0.011).astype(np.float32) * 3.0
+    if incompressible_from is not None:
+        for r in range(start, stop):
+            if r >= incompressible_from:
+                bits = np.random.default_rng(r).integers(0, 2**32, width, dtype=np.uint32)
+                a[r - start] = bits.view(np.float32)  # some NaN/inf: the store counts them, stores the bits
+    return a
+
+
+def block(start: int, stop: int, width: int, **kw) -> Block:
+    n = stop - start
+    z = np.zeros(n, np.float32)
+    stats = {"sum": z, "l1": z, "l2": z, "absmax": z, "nonfinite": np.zeros(n, np.int32)}
+    return Block(
+        start,
+        stop,
+        {"x": rows(start, stop, width, **kw)},
+        np.arange(n, dtype=np.int64),
+        z + 1,
+        z,
+        z,
+        np.ones(n, np.int32),
+        stats,
+    )
+
+
+def read_plain(run: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(index, attributions/x) of every listed shard, read with plain h5py only."""
+    entries = json.loads((run / "manifest.json").read_text())["shards"]
+    idx, xs = [], []
+    for e in entries:
+        with h5py.File(run / e["file"], "r") as f:
+            ds = f["attributions/x"]
+            assert ds.shuffle and ds.compression == "gzip" and ds.fletcher32  # the declared pipeline
+            idx.append(f["index"][()])
+            xs.append(ds[()])
+    order = np.argsort(np.concatenate(idx))
+    return np.concatenate(idx)[order], np.concatenate(xs)[order]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_parallel_gzip_round_trips_bit_exactly(tmp_path, dtype):
+    # 20000 values per row: 3 rows per chunk in float32, 6 in float16 (odd sizes); blocks of 5 rows
+    # and shards of 16 rows end mid-chunk, so trailing partial chunks wait across blocks and shards;
+    # rows from 30 on are random bits (a chunk deflate cannot shrink).
+    width, total = 20000, 41
+    with RunWriter(
+        tmp_path / "run",
+        config={"m": 1, "allow_nonfinite": True},
+        total=total,
+        shard_rows=16,
+        storage_dtype=dtype,
+        compression="gzip",
+    ) as w:
+        for s in range(0, total, 5):
+            w.put(block(s, min(s + 5, total), width, incompressible_from=30))
+    idx, got = read_plain(tmp_path / "run")
+    want = rows(0, total, width, incompressible_from=30)
+    if dtype == "float16":
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = want.astype(np.float16)
+    assert np.array_equal(idx, np.arange(total))
+    assert got.dtype == np.dtype(dtype) and got.tobytes() == want.tobytes()
+    with h5py.File(tmp_path / "run" / "shard-00002.h5", "r") as f:  # rows 32..40: random bits
+        ds = f["attributions/x"]
+        assert ds.chunks[0] == (3 if dtype == "float32" else 6)
+        sizes = [ds.id.get_chunk_info(i).size for i in range(ds.id.get_num_chunks())]
+        raw = ds.chunks[0] * width * ds.dtype.itemsize
+        if dtype == "float32":  # random float32 bits cast to float16 are mostly inf or 0: compressible
+            assert max(sizes) > raw  # a chunk that did not compress is stored (deflate's expansion + checksum)
+    assert verify_run(tmp_path / "run").ok
+
+
+def test_checksum_is_hdf5s_own(tmp_path):
+    # the same chunk written by HDF5 itself carries exactly the fletcher32 computed here
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        for n, a in enumerate(
+            [
+                rng.standard_normal(9999).astype(np.float32),
+                np.zeros(361, np.float32),
+                np.full(5000, -np.nan, np.float32),
+            ]
+        ):
+            ds = f.create_dataset(f"d{n}", data=a, chunks=a.shape, shuffle=True, compression="gzip", fletcher32=True)
+            _, stored = ds.id.read_direct_chunk((0,))
+            assert fletcher32(stored[:-4]) == struct.unpack("<I", stored[-4:])[0]
+            mine = f.create_dataset(
+                f"e{n}", shape=a.shape, dtype=a.dtype, chunks=a.shape, shuffle=True, compression="gzip", fletcher32=True
+            )
+            mine.id.write_direct_chunk((0,), encode_chunk(a, 1), 0)
+    with h5py.File(tmp_path / "f.h5", "r") as f:
+        for n in range(3):
+            assert f[f"e{n}"][()].tobytes() == f[f"d{n}"][()].tobytes()
+    # odd lengths, block edges and all-0xff data (whose sums wrap in 32 bits) against the C loop
+    for n in (0, 1, 2, 3, 719, 720, 721, 1001, 65537):
+        for data in (rng.integers(0, 256, n, dtype=np.uint8).tobytes(), b"\xff" * n, bytes(n)):
+            assert fletcher32(data) == c_loop_fletcher32(data), n
+
+
+def c_loop_fletcher32(data: bytes) -> int:
+    """H5_checksum_fletcher32 transcribed line by line (uint32 arithmetic masked)."""
+    m = 0xFFFFFFFF
+    words, s1, s2, p = len(data) // 2, 0, 0, 0
+    while words:
+        t = min(words, 360)
+        words -= t
+        for _ in range(t):
+            s1 = (s1 + ((data[p] << 8) | data[p + 1])) & m
+            s2 = (s2 + s1) & m
+            p += 2
+        s1, s2 = (s1 & 0xFFFF) + (s1 >> 16), (s2 & 0xFFFF) + (s2 >> 16)
+    if len(data) % 2:
+        s1 = (s1 + (data[p] << 8)) & m
+        s2 = (s2 + s1) & m
+        s1, s2 = (s1 & 0xFFFF) + (s1 >> 16), (s2 & 0xFFFF) + (s2 >> 16)
+    s1, s2 = (s1 & 0xFFFF) + (s1 >> 16), (s2 & 0xFFFF) + (s2 >> 16)
+    return ((s2 << 16) | s1) & m
+
+
+def test_corrupted_byte_is_detected_by_plain_h5py(tmp_path):
+    width = 20000
+    with RunWriter(
+        tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=12, shard_rows=12, compression="gzip"
+    ) as w:
+        w.put(block(0, 12, width))
+    shard = tmp_path / "run" / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:
+        info = f["attributions/x"].id.get_chunk_info(1)
+    with open(shard, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        b = fh.read(1)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([b[0] ^ 0x10]))
+    with h5py.File(shard, "r") as f:
+        f["attributions/x"][:3]  # chunk 0 is intact
+        with pytest.raises(OSError):
+            f["attributions/x"][3:6]
+
+
+KILL_CHILD = r"""
+import sys, numpy as np
+sys.path.insert(0, sys.argv[2])
+from test_store_encode import block
+from fastattr.store import RunWriter
+with RunWriter(sys.argv[1], config={"m": 1, "allow_nonfinite": True}, total=100000, shard_rows=12, compression="gzip", queue_size=2) as w:
+    for s in range(0, 100000, 5):
+        w.put(block(s, s + 5, 60000, incompressible_from=0))
+"""
+
+
+def test_sigkill_during_parallel_encoding_loses_nothing_finalized(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "FASTATTR_ENCODE_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_CHILD, str(run), str(Path(__file__).parent)], env=env, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            m = run / "manifest.json"
+            if m.exists() and len(json.loads(m.read_text()).get("shards", [])) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        else:
+            pytest.fail("no shard was finalized in time")
+        proc.send_signal(signal.SIGKILL)  # mid-way: the pool is encoding the next shard's chunks
+    finally:
+        proc.kill()
+        proc.wait()
+    listed = json.loads((run / "manifest.json").read_text())["shards"]
+    assert len(listed) >= 2
+    idx, got = read_plain(run)
+    assert got.tobytes() == rows(int(idx[0]), int(idx[-1]) + 1, 60000, incompressible_from=0).tobytes()
+    assert np.array_equal(idx, np.arange(len(idx)))
+    report = verify_run(run)
+    assert report.ok and report.problems == [] and report.samples == len(idx)
+    # resuming (a new writer) trusts exactly the listed shards
+    with RunWriter(run, config={"m": 1, "allow_nonfinite": True}, total=100000, shard_rows=12, compression="gzip") as w:
+        assert w.covered == [(0, len(idx))]
+        w.abort()
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7])
+def test_blocks_smaller_and_larger_than_a_chunk(tmp_path, step):
+    # 3 rows per chunk: blocks of 1 and 2 rows fill a chunk over several blocks, 7 spans chunks
+    width, total = 20000, 20
+    with RunWriter(
+        tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=total, shard_rows=11, compression="gzip"
+    ) as w:
+        for s in range(0, total, step):
+            w.put(block(s, min(s + step, total), width))
+    idx, got = read_plain(tmp_path / "run")
+    assert np.array_equal(idx, np.arange(total)) and got.tobytes() == rows(0, total, width).tobytes()
+
+
+def test_failed_direct_chunk_writes_are_clean_errors_and_resume(tmp_path):
+    # test_crash.py's file-size-limit sweep with the parallel encoder: a write_direct_chunk (or the
+    # final partial chunk's) failing for lack of room drops the shard safely (no crash in close)
+    from test_crash import SWEEP_CHILD
+
+    child = SWEEP_CHILD.replace("shard_rows=rows)", 'shard_rows=rows, compression="gzip")')
+    assert child.count('compression="gzip"') == 2
+    limits = [3_000, 20_000, 100_000, 200_000, 300_000]
+    r = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path), *map(str, limits)], capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    results = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [res["limit"] for res in results] == limits
+    for res in results:
+        assert res["outcome"].startswith(f"file too large: the file-size limit ({res['limit']} bytes"), res
+        assert res["ok"] and res["kept_ok"] and res["resumed"], res
+    assert any(res["kept"] > 0 for res in results) and any(res["kept"] == 0 for res in results)
