@@ -102,3 +102,25 @@ def test_run_forward_kwargs_mask_per_sample_equals_forward_args_inputs(tmp_path)
 def test_run_option_errors_are_option_errors(tmp_path, kwargs, match):
     with pytest.raises(OptionError, match=match):
         fastattr.run(Wrapped("plain"), np.zeros((4, 12), np.float32), tmp_path / "run", progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "key"),
+    [
+        ("input_x_gradient", {}, "x"),
+        ("noise_tunnel", {"nt_samples": 3, "stdevs": 0.1, "base_method": "saliency"}, "x"),
+        ("gradient_shap", {"references": np.zeros((2, 12), np.float32), "n_samples": 3}, "x"),
+        ("layer_ig", {"layer": "net.net.2"}, "net.net.2"),
+    ],
+)
+def test_every_run_method_attributes_the_selected_output(tmp_path, method, extra, key):
+    """output=1 of a (sum, logits) tuple reaches each method: the same as the plain logits model."""
+    model = Wrapped("tuple")
+    x = np.random.default_rng(4).standard_normal((6, 12)).astype(np.float32)
+    common = dict(method=method, target="predicted", n_steps=5, examples_per_batch=4, progress=False, **extra)
+    fastattr.run(model, x, tmp_path / "run", output=1, **common)
+    plain_extra = {**extra, "layer": "net.2"} if method == "layer_ig" else extra
+    fastattr.run(model.net, x, tmp_path / "plain", **{**common, **plain_extra})
+    got, ref = fastattr.open(tmp_path / "run")[:], fastattr.open(tmp_path / "plain")[:]
+    np.testing.assert_array_equal(got["target"], ref["target"])
+    np.testing.assert_allclose(got["attributions"][key], ref["attributions"]["net.2" if method == "layer_ig" else key], rtol=1e-6, atol=1e-7)
