@@ -124,3 +124,16 @@ def test_every_run_method_attributes_the_selected_output(tmp_path, method, extra
     got, ref = fastattr.open(tmp_path / "run")[:], fastattr.open(tmp_path / "plain")[:]
     np.testing.assert_array_equal(got["target"], ref["target"])
     np.testing.assert_allclose(got["attributions"][key], ref["attributions"]["net.2" if method == "layer_ig" else key], rtol=1e-6, atol=1e-7)
+
+
+def test_the_randomization_audit_refuses_a_run_it_cannot_rebuild(tmp_path):
+    """A run made with output= or forward_kwargs=: the audit's re-attribution would silently drop them."""
+    from fastattr.audit.randomization import method_from_run
+    from fastattr.errors import AuditError
+
+    x = np.random.default_rng(5).standard_normal((3, 12)).astype(np.float32)
+    fastattr.run(Wrapped("tuple"), x, tmp_path / "run", output=1, n_steps=4, progress=False)
+    with pytest.raises(AuditError, match="output="):
+        method_from_run(fastattr.open(tmp_path / "run").metadata)
+    fastattr.run(Wrapped("plain"), x, tmp_path / "plain", n_steps=4, progress=False)
+    assert callable(method_from_run(fastattr.open(tmp_path / "plain").metadata))  # runs without them: unchanged
