@@ -8,6 +8,8 @@ is imported. Test modules therefore bind fastattr's class by ``from captum.attr.
 while Captum's own modules, imported first, keep Captum's classes internally (NeuronIntegratedGradients
 still runs Captum's IntegratedGradients, for instance): only what the tests call is substituted.
 With FASTATTR_SUBSTITUTE=0 nothing is rebound: the same run with Captum alone.
+FASTATTR_SUBSTITUTE_EXTRA (comma-separated names, e.g. "LayerGradientXActivation,LLMGradientAttribution")
+substitutes further classes fastattr has, for experiments beyond the seven (captum_suite.py --extra).
 
 Either way it records each test's outcome, the exception line of a failure, and whether one of
 the seven classes (fastattr's when substituted, Captum's when not) was constructed while the test
@@ -43,7 +45,8 @@ def _substitute(substitute: bool) -> list[str]:
     import fastattr
 
     done = []
-    for name in NAMES:
+    extra = [n for n in os.environ.get("FASTATTR_SUBSTITUTE_EXTRA", "").split(",") if n]
+    for name in (*NAMES, *extra):
         original = getattr(captum_attr, name)
         replacement = getattr(fastattr, name)
         _record_construction(replacement if substitute else original)

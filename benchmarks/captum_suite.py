@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 from captum_suite_known import KNOWN  # noqa: E402
 
 
-def run_pytest(src: str, paths: list[str], substitute: bool, extra: list[str], timeout: int) -> dict:
+def run_pytest(src: str, paths: list[str], substitute: bool, extra: list[str], timeout: int, extra_classes: str = "") -> dict:
     """One pytest run in ``src``; returns {nodeid: {"outcome", "message", "used"}}."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
@@ -43,6 +43,7 @@ def run_pytest(src: str, paths: list[str], substitute: bool, extra: list[str], t
             **os.environ,
             "PYTHONPATH": os.pathsep.join([HERE, src, os.environ.get("PYTHONPATH", "")]),
             "FASTATTR_SUBSTITUTE": "1" if substitute else "0",
+            "FASTATTR_SUBSTITUTE_EXTRA": extra_classes if substitute else "",
             "FASTATTR_SUITE_OUT": out,
             "HF_HUB_OFFLINE": "1",  # Captum's Hugging Face tests would wait on downloads; offline they fail at once, in both runs
             "TRANSFORMERS_OFFLINE": "1",
@@ -86,7 +87,9 @@ def compare(captum: dict, fast: dict) -> dict:
             category, reason = classify(nodeid, f.get("message", ""))
             failures.append({"test": nodeid, "outcome": f["outcome"], "category": category, "reason": reason,
                              "message": f.get("message", ""), "used_fastattr": bool(f.get("used"))})  # fmt: skip
-    fixed = [f"{t!r} {e!r}" for t, e, _, _ in KNOWN if not any(re.search(t, x["test"]) and re.search(e, x["message"]) for x in failures)]
+    # a reason starting "--extra" belongs to runs with --extra classes: not stale in a run without them
+    fixed = [f"{t!r} {e!r}" for t, e, _, r in KNOWN
+             if not r.startswith("--extra") and not any(re.search(t, x["test"]) and re.search(e, x["message"]) for x in failures)]  # fmt: skip
     return {"files": {k: dict(v) for k, v in sorted(files.items())}, "failures": failures, "stale_known": fixed}
 
 
@@ -130,6 +133,7 @@ def main() -> int:
     parser.add_argument("--baseline", default=None, help="reuse the Captum-alone outcomes from an earlier --json")
     parser.add_argument("--reclassify", default=None, metavar="JSON", help="run nothing: summarize an earlier --json with today's KNOWN")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per pytest run")
+    parser.add_argument("--extra", default="", help="further classes to substitute, comma-separated (e.g. LLMGradientAttribution)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k saliency")
     args = parser.parse_args()
     if args.reclassify:
@@ -159,11 +163,14 @@ def run_both(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     if args.baseline:
         with open(args.baseline) as f:
             captum_results = json.load(f)["captum"]
+        # only the tests under --paths (a run of one file compares that file)
+        captum_results = {k: v for k, v in captum_results.items() if any(k == p or k.startswith(p.rstrip("/") + ("/" if not p.endswith(".py") else "::")) for p in args.paths)}
         print(f"[Captum alone] reused from {args.baseline}")
     else:
         captum_results = run_pytest(src, args.paths, False, args.pytest_args, args.timeout)
-    fast_results = run_pytest(src, args.paths, True, args.pytest_args, args.timeout)
+    fast_results = run_pytest(src, args.paths, True, args.pytest_args, args.timeout, args.extra)
     meta = {"captum_src": src, "captum_commit": _commit(src), "captum": captum.__version__, "fastattr": fastattr.__version__,
+            "fastattr_commit": _commit(HERE), "extra": args.extra, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": " ".join([os.path.basename(sys.executable), *sys.argv])}  # fmt: skip
     return meta, captum_results, fast_results
 

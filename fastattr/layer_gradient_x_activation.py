@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .engine import frozen_parameters
-from .errors import AttributionInputError, NoGradientError
+from .errors import AttributionInputError, NoGradientError, OptionError
 from .inputs import (
     TensorOrTuple,
     as_tuple,
@@ -34,6 +34,7 @@ from .inputs import (
     normalize_target,
 )
 from .layers import resolve_layers
+from .options import check_selector, select_output
 from .precision import get_precision
 
 logger = logging.getLogger(__name__)
@@ -73,10 +74,19 @@ class LayerGradientXActivation:
         target: Any = None,
         additional_forward_args: Any = None,
         attribute_to_layer_input: bool = False,
+        grad_kwargs: dict[str, Any] | None = None,
         *,
         internal_batch_size: int | None = None,
         precision: str = "fp32",
+        output: Any = None,
     ) -> Any:
+        """``output``: which tensor of the model's output to attribute (fastattr.Options; default the
+        output itself, its ``.logits`` or a ``"logits"`` key).
+        ``grad_kwargs``: Captum's, passed to ``torch.autograd.grad`` (``{"materialize_grads": True}``
+        gives zeros for a layer the output does not depend on, instead of NoGradientError)."""
+        check_selector(output)
+        if grad_kwargs is not None and not isinstance(grad_kwargs, dict):
+            raise OptionError(f"grad_kwargs must be a dict, got {type(grad_kwargs).__name__}")
         xs, _ = as_tuple(inputs)
         batch = check_inputs(xs, need_float=False, allow_nonfinite=True)
         if internal_batch_size is not None and (not isinstance(internal_batch_size, int) or internal_batch_size < 1):
@@ -92,7 +102,7 @@ class LayerGradientXActivation:
                 r1 = min(batch, r0 + rows)
                 ex = torch.arange(r0, r1, device=xs[0].device)
                 args = tuple(a[r0:r1] if isinstance(a, torch.Tensor) and a.dim() and a.shape[0] == batch else a for a in fargs)
-                chunks.append(self._chunk(tuple(x[r0:r1] for x in xs), args, tgt, ex, attribute_to_layer_input, policy, structure))
+                chunks.append(self._chunk(tuple(x[r0:r1] for x in xs), args, tgt, ex, attribute_to_layer_input, policy, structure, grad_kwargs or {}, output))
         out = []
         for k in range(len(self.layers)):
             cat = [torch.cat([c[k][j] for c in chunks]) for j in range(len(chunks[0][k]))]
@@ -108,6 +118,8 @@ class LayerGradientXActivation:
         to_input: bool,
         policy: Any,
         structure: list[list[int] | None],
+        grad_kwargs: dict[str, Any] | None = None,
+        output: Any = None,
     ) -> list[list[torch.Tensor]]:
         leaves: list[list[torch.Tensor]] = [[] for _ in self.layers]  # per layer, its attributed values
         calls = [0] * len(self.layers)
@@ -139,7 +151,7 @@ class LayerGradientXActivation:
                 hook = make_hook(k, name)
                 handles.append(module.register_forward_pre_hook(hook) if to_input else module.register_forward_hook(hook))
             with torch.enable_grad(), policy.flags(), policy.autocast(xs[0].device):
-                y = self.forward_func(*xs, *args)
+                y = select_output(self.forward_func(*xs, *args), output)
                 if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != ex.shape[0]:
                     raise AttributionInputError(f"the model must return a (rows, ...) tensor, got {getattr(y, 'shape', type(y))}")
                 t = check_target(None if tgt is None else tgt[ex], y.shape)
@@ -153,7 +165,8 @@ class LayerGradientXActivation:
         flat = [leaf for per in leaves for leaf in per]
         if not flat:
             raise AttributionInputError("no floating-point layer value to attribute (integer values such as token ids cannot be)")
-        grads = torch.autograd.grad(sel.sum(), flat, allow_unused=True)
+        with torch.enable_grad():  # also when called under torch.no_grad(), as Captum allows
+            grads = torch.autograd.grad(sel.sum(), flat, **{"allow_unused": True, **(grad_kwargs or {})})
         if any(g is None for g in grads):
             raise NoGradientError("the selected output does not depend on (one of) the layer values: no gradient to attribute")
         res: list[list[torch.Tensor]] = []

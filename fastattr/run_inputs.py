@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import AttributionInputError, NonFiniteError, SourceError
-from .run_methods import Batch
+from .errors import AttributionInputError, NonFiniteError, OptionError, SourceError
+from .options import OutputSelector, select_output
+from .run_methods import Batch, describe
 from .sources import Source
 
 ALLOW_HINT = "pass allow_nonfinite=True (fastattr run --allow-nonfinite) to store such samples, counted in stats/nonfinite"
@@ -41,18 +42,19 @@ def _bad_rows(x: torch.Tensor) -> torch.Tensor:
 class Targets:
     """Per-batch targets from a fixed int or tuple, the labels, the prediction, or an array."""
 
-    def __init__(self, spec: Any, source: Source, total: int, allow_nonfinite: bool = False) -> None:
+    def __init__(self, spec: Any, source: Source, total: int, allow_nonfinite: bool = False, output: OutputSelector = None) -> None:
         if isinstance(spec, str) and spec.endswith(".npy"):
             from .sources import load_npy
 
             spec = load_npy(spec)
         self.spec = spec
         self.allow_nonfinite = allow_nonfinite
+        self.output = output  # which tensor of the model's output the prediction is taken from
         self.nonfinite_rows: np.ndarray | None = None  # last batch, target="predicted": rows whose output held NaN/inf
         self.array = None
         if isinstance(spec, str):
             if spec not in ("label", "predicted"):
-                raise ValueError(f"target must be an int, a tuple of ints, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
+                raise OptionError(f"target must be an int, a tuple of ints, 'label', 'predicted', a per-sample array or a .npy path; got {spec!r}")
             if spec == "label" and not source.has_labels:
                 raise SourceError("target='label' but the data has no labels")
         elif spec is None or isinstance(spec, int) or (isinstance(spec, tuple) and all(isinstance(v, int) for v in spec)):
@@ -60,12 +62,15 @@ class Targets:
         else:
             arr = spec.detach().cpu() if isinstance(spec, torch.Tensor) else torch.as_tensor(np.asarray(spec))
             if arr.is_floating_point() or arr.is_complex() or arr.dtype == torch.bool:
-                raise ValueError(f"a per-sample target array must hold integers, got dtype {arr.dtype}")
+                raise OptionError(f"a per-sample target array must hold integers, got dtype {arr.dtype}")
             if arr.dim() not in (1, 2) or arr.shape[0] != total:
-                raise ValueError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
+                raise OptionError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
             self.array = arr.long()
 
-    def for_batch(self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device, n_attributed: int) -> Any:
+    def for_batch(
+        self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device, n_attributed: int,
+        forward_kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         if self.array is not None:
             return self.array[start:stop].to(device)
         if isinstance(self.spec, str) and self.spec == "label":
@@ -74,13 +79,13 @@ class Targets:
                 raise SourceError(f"sample {bad} has label {int(labels[bad - start])}; target='label' needs class indices >= 0")
             return labels.to(device)
         if isinstance(self.spec, str) and self.spec == "predicted":
-            return self._predicted(start, model, inputs, n_attributed)
+            return self._predicted(start, model, inputs, n_attributed, forward_kwargs or {})
         return self.spec
 
-    def _predicted(self, start: int, model: Any, inputs: tuple, n_attributed: int) -> torch.Tensor | None:
+    def _predicted(self, start: int, model: Any, inputs: tuple, n_attributed: int, forward_kwargs: dict[str, Any]) -> torch.Tensor | None:
         self.nonfinite_rows = None
         with torch.no_grad():
-            out = model(*inputs)
+            out = select_output(model(*inputs, **forward_kwargs), self.output)  # the tensor the method attributes
         per_sample = out.shape[1:]
         if math.prod(per_sample) == 1:
             return None  # a single output per sample: nothing to pick
@@ -134,7 +139,50 @@ class Baselines:
         return tuple(out) if self.tuple else out[0]
 
 
-def name_samples(exc: AttributionInputError, batch: Batch, model: Any) -> AttributionInputError | None:
+class ForwardKwargs:
+    """A run's ``forward_kwargs``: an array or tensor with one row per sample (an attention mask
+    for the whole dataset) is sliced per batch like the data; anything else is moved to the
+    device once (tensors) or passed as given, for every batch."""
+
+    def __init__(self, kwargs: dict[str, Any] | None, total: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.per_sample: dict[str, Any] = {}
+        self.fixed: dict[str, Any] = {}
+        for k, v in (kwargs or {}).items():
+            if isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim >= 1 and v.shape[0] == total:
+                self.per_sample[k] = v
+            else:
+                self.fixed[k] = self._move(torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v)
+
+    def _move(self, v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v.to(self.device, self.dtype if v.is_floating_point() else v.dtype)
+
+    def for_batch(self, start: int, stop: int) -> dict[str, Any]:
+        rows = {k: v[start:stop] for k, v in self.per_sample.items()}
+        return {**self.fixed, **{k: self._move(torch.from_numpy(np.array(v)) if isinstance(v, np.ndarray) else v) for k, v in rows.items()}}
+
+    @staticmethod
+    def describe(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """For the run's manifest: arrays by shape, dtype and hash, plain values as they are,
+        other objects by their type (their values cannot be compared across processes)."""
+        out: dict[str, Any] = {}
+        for k, v in kwargs.items():
+            plain = v is None or isinstance(v, (int, float, str, np.ndarray, torch.Tensor))
+            out[k] = describe(v) if plain else {"object": f"{type(v).__module__}.{type(v).__qualname__}"}
+        return out
+
+
+def describe_output(selector: OutputSelector) -> Any:
+    """output= for the run's manifest: a key or index as given, a callable by its qualified name."""
+    if callable(selector):
+        module, name = getattr(selector, "__module__", None), getattr(selector, "__qualname__", None) or type(selector).__qualname__
+        return {"callable": f"{module}.{name}" if module else name}
+    return int(selector) if isinstance(selector, (int, np.integer)) else selector
+
+
+def name_samples(exc: AttributionInputError, batch: Batch, model: Any, output: OutputSelector = None) -> AttributionInputError | None:
     """The batch's input error restated for the samples that cause it, by global index, or None
     when it is not about particular samples. Runs only after an error, so it costs nothing else."""
     rows = batch.stop - batch.start
@@ -150,7 +198,8 @@ def name_samples(exc: AttributionInputError, batch: Batch, model: Any) -> Attrib
     if model is not None and isinstance(t, torch.Tensor) and t.dim() in (1, 2) and t.shape[0] == rows:
         try:
             with torch.no_grad():
-                out = model(*(x[:1] for x in batch.inputs), *(a[:1] for a in batch.forward_args))
+                kw = {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == rows else v for k, v in (batch.forward_kwargs or {}).items()}
+                out = select_output(model(*(x[:1] for x in batch.inputs), *(a[:1] for a in batch.forward_args), **kw), output)
         except Exception:  # noqa: BLE001 - the original error stands
             return None
         dims = tuple(out.shape[1:])

@@ -35,6 +35,12 @@ class Batch:
     stop: int
     max_rows: int | None  # rows per forward (None: the engine's planner decides)
     forward_args: tuple = ()  # per-sample additional_forward_args (e.g. an attention mask), not attributed
+    forward_kwargs: dict[str, Any] | None = None  # this batch's keyword arguments for the model's forward
+
+    @property
+    def kw(self) -> dict[str, Any]:
+        """forward_kwargs= for the attribution call, where there are any."""
+        return {"forward_kwargs": self.forward_kwargs} if self.forward_kwargs else {}
 
     @property
     def model_inputs(self) -> Any:
@@ -86,7 +92,7 @@ def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any
     ig = IntegratedGradients(model, multiply_by_inputs=opts["multiply_by_inputs"])
 
     def attribute(b: Batch) -> BatchResult:
-        return ig.attribute_batch(b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto)
+        return ig.attribute_batch(b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto, **b.kw)
 
     # an adaptive sample costs at most max_steps rows; start the OOM fallback from the fixed default
     return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50, attributor=ig)
@@ -96,7 +102,7 @@ def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
     sal, absolute = Saliency(model), opts["abs"]
 
     def attribute(b: Batch) -> BatchResult:
-        return sal.attribute_batch(b.model_inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
+        return sal.attribute_batch(b.model_inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts, **b.kw)
 
     return MethodPlan("saliency", {"abs": absolute}, attribute, 1, attributor=sal)
 
@@ -105,7 +111,7 @@ def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts:
     ixg = InputXGradient(model, multiply_by_inputs=opts["multiply_by_inputs"])
 
     def attribute(b: Batch) -> BatchResult:
-        return ixg.attribute_batch(b.model_inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts)
+        return ixg.attribute_batch(b.model_inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts, **b.kw)
 
     return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1, attributor=ixg)
 
@@ -151,7 +157,7 @@ def _noise_tunnel(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dic
         path = {"baselines": b.baselines} if base == "integrated_gradients" else {}
         return nt.attribute_batch(
             b.model_inputs, opts["nt_type"], nt_samples, opts["nt_samples_batch_size"], stdevs, seed=seed, sample_ids=_sample_ids(b),
-            target=b.target, additional_forward_args=b.forward_args or None, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts,
+            target=b.target, additional_forward_args=b.forward_args or None, **{rows_key: b.max_rows}, **path, **base_kwargs, **engine_opts, **b.kw,
         )  # fmt: skip
 
     params = {"base_method": base, "base_params": inner_plan.params, "nt_type": opts["nt_type"], "nt_samples": nt_samples,
@@ -192,7 +198,7 @@ def _gradient_shap(model: torch.nn.Module, opts: dict[str, Any], engine_opts: di
                 on_device[dev] = moved if len(moved) > 1 else moved[0]
             baselines = on_device[dev]
         return gs.attribute_batch(
-            b.model_inputs, baselines, n_samples, stdevs, b.target, b.forward_args or None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts
+            b.model_inputs, baselines, n_samples, stdevs, b.target, b.forward_args or None, True, seed=seed, sample_ids=_sample_ids(b), max_rows=b.max_rows, **engine_opts, **b.kw
         )
 
     params = {"multiply_by_inputs": opts["multiply_by_inputs"], "references": desc, "n_samples": n_samples,
@@ -241,7 +247,7 @@ def _layer_ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
     def attribute(b: Batch) -> BatchResult:
         return lig.attribute_batch(
             b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, to_input,
-            reduce=opts["layer_reduce"], lengths=_lengths(opts["lengths"], b), **auto, **engine_opts,
+            reduce=opts["layer_reduce"], lengths=_lengths(opts["lengths"], b), **auto, **engine_opts, **b.kw,
         )  # fmt: skip
 
     params = {**ig_params, "layer": names, "attribute_to_layer_input": to_input, "layer_reduce": opts["layer_reduce"], "lengths": opts["lengths"]}
@@ -261,7 +267,7 @@ def _activations(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict
     def attribute(b: Batch) -> BatchResult:
         return act.attribute_batch(
             b.model_inputs, b.forward_args or None, to_input, pool=opts["pool"], channel_dim=opts["channel_dim"], lengths=_lengths(opts["lengths"], b),
-            max_rows=b.max_rows, precision=engine_opts["precision"],
+            max_rows=b.max_rows, precision=engine_opts["precision"], **b.kw,
         )  # fmt: skip
 
     params = {"layer": names, "attribute_to_layer_input": to_input, "pool": opts["pool"], "channel_dim": opts["channel_dim"], "lengths": opts["lengths"]}
@@ -297,11 +303,12 @@ METHOD_NAMES = (*PLANS, *ALIASES)
 
 def plan_method(
     model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any, extra: dict[str, Any] | None = None,
-    allow_nonfinite: bool = False,
+    allow_nonfinite: bool = False, output: Any = None,
 ) -> MethodPlan:
     """Validate ``method`` and its options; raises ValueError naming the problem before any work.
     ``extra``: the method's own options (EXTRA_OPTIONS), e.g. nt_samples for noise_tunnel;
-    ``allow_nonfinite``: accept NaN/inf inputs and baselines (activations always do)."""
+    ``allow_nonfinite``: accept NaN/inf inputs and baselines (activations always do); ``output``:
+    which tensor of the model's output to attribute (fastattr/options.py; activations ignore it)."""
     name = ALIASES.get(method, method)
     if name not in PLANS:
         raise OptionError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
@@ -312,7 +319,7 @@ def plan_method(
         raise OptionError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
     opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
-    return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite})
+    return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite, "output": output})
 
 
 def _baselines_from_desc(desc: Any) -> Any:

@@ -32,11 +32,20 @@ from .distributed import setup as setup_distributed
 from .errors import AttributionInputError, InputDtypeError, NonFiniteError, OptionError
 from .fingerprints import model_fingerprint
 from .methods import BatchResult
-from .options import Options
+from .options import Options, positive_int
 from .precision import AUTO, PRECISIONS
 from .probe import describe as describe_probe
 from .probe import measure
-from .run_inputs import ALLOW_HINT, Baselines, Targets, name_samples, nonfinite_counts, samples
+from .run_inputs import (
+    ALLOW_HINT,
+    Baselines,
+    ForwardKwargs,
+    Targets,
+    describe_output,
+    name_samples,
+    nonfinite_counts,
+    samples,
+)
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .sources import Source, open_source
 from .store import VOLATILE_CONFIG_KEYS, Block, RunWriter
@@ -163,6 +172,8 @@ def run(
     forward_args_inputs: int = 0,
     allow_nonfinite: bool = False,
     train_mode: bool = False,
+    output: Any = None,
+    forward_kwargs: dict[str, Any] | None = None,
     **method_options: Any,
 ) -> RunSummary:
     """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
@@ -195,23 +206,30 @@ def run(
     train_mode: run the model in train mode (BatchNorm batch statistics, dropout); by default
     the model runs in eval mode. Either way each module's mode is restored afterwards, and in
     train mode so are its buffers (BatchNorm's running statistics).
+
+    output: which tensor of the model's output to attribute and to take target="predicted" from
+    (fastattr.Options: a key, an index or a callable; default: the output itself, its .logits or a
+    "logits" key). forward_kwargs: keyword arguments for the model's forward; an array or tensor
+    with one row per sample (e.g. an attention mask) is sliced per batch like the data. Both are
+    recorded in the run's config (arrays by hash, a callable by its qualified name).
     """
     for flag, value in (("allow_nonfinite", allow_nonfinite), ("train_mode", train_mode)):
         if not isinstance(value, bool):
             raise OptionError(f"{flag} must be True or False, got {value!r}")
-    # the probe settings are checked as a call's options are
-    Options(precision=precision, precision_tolerance=precision_tolerance, precision_warn=precision_warn, probe_samples=probe_samples)
+    # the probe settings, output= and forward_kwargs= are checked as a call's options are (OptionError), before any work
+    Options(precision=precision, precision_tolerance=precision_tolerance, precision_warn=precision_warn, probe_samples=probe_samples,
+            output=output, forward_kwargs=forward_kwargs)  # fmt: skip
     make_plan = functools.partial(
         plan_method, model, method,
         {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs,
          "tolerance": tolerance, "max_steps": max_steps, "abs_tolerance": abs_tolerance},
-        memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite,
+        memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite, output=output,
     )  # fmt: skip
     plan = make_plan(precision="fp32" if precision == AUTO else precision)  # auto: replanned once the probe chose
-    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
-    if examples_per_batch is not None and (not isinstance(examples_per_batch, int) or examples_per_batch < 1):
-        raise ValueError(f"examples_per_batch must be a positive int, got {examples_per_batch!r}")
+    if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise OptionError(f"batch_size must be 'auto' or a positive int, got {batch_size!r}")
+    if examples_per_batch is not None:
+        examples_per_batch = positive_int("examples_per_batch", examples_per_batch)
     if shard_seconds is not None and (isinstance(shard_seconds, bool) or not isinstance(shard_seconds, (int, float)) or not shard_seconds > 0):
         raise OptionError(f"shard_seconds must be a positive number of seconds or None (no time limit), got {shard_seconds!r}")
     param = next(model.parameters(), None)
@@ -219,10 +237,10 @@ def run(
     model_dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     source = plan.make_source(data, labels) if plan.make_source is not None else open_source(data, labels)
     total = len(source)
-    targets = Targets(target, source, total, allow_nonfinite)
+    targets = Targets(target, source, total, allow_nonfinite, output)
     n_inputs = len(source.sample_shapes)
     if isinstance(forward_args_inputs, bool) or not isinstance(forward_args_inputs, int) or not 0 <= forward_args_inputs < n_inputs:
-        raise ValueError(f"forward_args_inputs must be an int in [0, {n_inputs}) for data with {n_inputs} input(s) per sample, got {forward_args_inputs!r}")
+        raise OptionError(f"forward_args_inputs must be an int in [0, {n_inputs}) for data with {n_inputs} input(s) per sample, got {forward_args_inputs!r}")
     if plan.needs_float:  # before any forward: an integer batch would fail deep inside the model
         for i, dt in enumerate(source.dtypes[: n_inputs - forward_args_inputs]):
             if not dt.is_floating_point:
@@ -246,6 +264,10 @@ def run(
     }
     if forward_args_inputs:  # only when used, so runs made before the option still resume
         config["forward_args_inputs"] = forward_args_inputs
+    if output is not None and plan.uses_target:  # likewise; activations never read the output
+        config["output"] = describe_output(output)
+    if forward_kwargs:
+        config["forward_kwargs"] = ForwardKwargs.describe(forward_kwargs)
     # Under torchrun each rank runs this on its share of the samples (fastattr/distributed.py);
     # without it (or at world size 1) ctx changes nothing.
     dev = local_device(dev)  # cuda -> cuda:LOCAL_RANK under torchrun
@@ -271,13 +293,15 @@ def run(
                     if precision == AUTO and ctx.world_size > 1:
                         raise OptionError("precision='auto' under torchrun: ranks could time the policies differently; pass the policy (run auto once on one process to see its choice)")
                     probe = _probe(make_plan, precision, source, targets, baselines, model, dev, model_dtype, n_inputs - forward_args_inputs,
-                                   samples=probe_samples, tolerance=precision_tolerance, warn=precision_warn)  # fmt: skip
+                                   samples=probe_samples, tolerance=precision_tolerance, warn=precision_warn,
+                                   forward_kwargs=forward_kwargs)  # fmt: skip
                 config["precision_probe"] = probe  # volatile: a re-measured probe never blocks a resume
                 if precision == AUTO:
                     plan = make_plan(precision=probe["policy"])
             writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
             return _run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
-                                ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite, probe=probe)  # fmt: skip
+                                ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite, probe=probe,
+                                forward_kwargs=forward_kwargs, output=output)  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:
@@ -304,19 +328,20 @@ def _recorded_choice(out: Any, precision: str) -> dict | None:
 
 def _probe(
     make_plan: Any, precision: str, source: Source, targets: Targets, baselines: Any, model: torch.nn.Module, dev: torch.device,
-    model_dtype: torch.dtype, n_attributed: int, *, samples: int, tolerance: float, warn: float,
+    model_dtype: torch.dtype, n_attributed: int, *, samples: int, tolerance: float, warn: float, forward_kwargs: dict[str, Any] | None = None,
 ) -> dict:
     """The precision probe of a run (fastattr/probe.py) on its first ``samples`` samples, as recorded in the manifest."""
     k = min(samples, len(source))
     xs, labels = source.read(0, k)
     xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype) for x in xs)
     base = Baselines(baselines, len(source), source.sample_shapes[:n_attributed], dev, model_dtype).for_batch(0, k)
+    kw = ForwardKwargs(forward_kwargs, len(source), dev, model_dtype).for_batch(0, k)
     plans: dict[str, MethodPlan] = {}
 
     def call(policy: str) -> list[torch.Tensor]:
         plan = plans.setdefault(policy, make_plan(precision=policy))
-        tgt = targets.for_batch(0, k, labels, model, xs, dev, n_attributed) if plan.uses_target else None
-        batch = Batch(xs[:n_attributed], tgt, base, 0, k, None, xs[n_attributed:])
+        tgt = targets.for_batch(0, k, labels, model, xs, dev, n_attributed, kw) if plan.uses_target else None
+        batch = Batch(xs[:n_attributed], tgt, base, 0, k, None, xs[n_attributed:], kw)
         return _attribute_with_retry(plan, batch, model)[0].attributions
 
     return measure(call, precision, dev, tolerance=tolerance, warn=warn).as_dict()
@@ -350,6 +375,7 @@ def _run_batches(
     writer: RunWriter, model: torch.nn.Module, source: Source, targets: Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
     ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False, probe: dict | None = None,
+    forward_kwargs: dict[str, Any] | None = None, output: Any = None,
 ) -> RunSummary:
     work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
     if work.complete:
@@ -363,6 +389,7 @@ def _run_batches(
     remaining = sum(stop - start for start, stop in todo)  # this rank's
     n_attributed = len(source.sample_shapes) - forward_args_inputs  # the rest are forward args
     baselines = Baselines(baselines, total, source.sample_shapes[:n_attributed], dev, model_dtype)
+    fwd_kwargs = ForwardKwargs(forward_kwargs, total, dev, model_dtype)
     max_rows = None if batch_size == "auto" else batch_size
     show = (sys.stderr.isatty() if progress is None else progress) and _is_rank_zero()
     from tqdm.auto import tqdm
@@ -375,10 +402,11 @@ def _run_batches(
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
-            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed) if plan.uses_target else None
+            kw = fwd_kwargs.for_batch(start, stop)
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed, kw) if plan.uses_target else None
             base = baselines.for_batch(start, stop)
-            batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:])
-            res, max_rows = _attribute_with_retry(plan, batch, model)
+            batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:], kw)
+            res, max_rows = _attribute_with_retry(plan, batch, model, output)
             copied = _to_host(res, dev)
             copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
@@ -424,7 +452,7 @@ def _default_examples(source: Source, device: torch.device) -> int:
     return max(16, min(4096, (64 * 2**20) // max(1, sample_bytes)))
 
 
-def _attribute_with_retry(plan: MethodPlan, batch: Batch, model: Any = None) -> tuple[BatchResult, int | None]:
+def _attribute_with_retry(plan: MethodPlan, batch: Batch, model: Any = None, output: Any = None) -> tuple[BatchResult, int | None]:
     """One engine call; on CUDA out-of-memory halve the rows per forward and retry the same samples.
     Returns the result and the rows per forward that worked (kept for the next batches). An input
     error is restated for the samples that cause it, by global index."""
@@ -432,7 +460,7 @@ def _attribute_with_retry(plan: MethodPlan, batch: Batch, model: Any = None) -> 
         try:
             return plan.attribute(batch), batch.max_rows
         except AttributionInputError as exc:
-            named = name_samples(exc, batch, model)
+            named = name_samples(exc, batch, model, output)
             if named is None:
                 raise
             raise named from exc

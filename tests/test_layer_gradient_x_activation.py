@@ -76,3 +76,47 @@ def test_errors(mlp):
         gxa.attribute(torch.randn(3, 5), target=1, internal_batch_size=0)
     with pytest.raises(ValueError, match="not a submodule"):
         fastattr.LayerGradientXActivation(mlp, nn.Linear(2, 2))
+
+
+class Branches(nn.Module):
+    """``unused`` runs but the output does not depend on it (Captum's multi_input_module case)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 4)
+
+    def forward(self, x):
+        self.unused(x)
+        return self.used(x)
+
+
+def test_grad_kwargs_materialize_grads_gives_zeros_for_an_unused_layer():
+    m, x = Branches(), torch.randn(3, 5)
+    got = fastattr.LayerGradientXActivation(m, [m.used, m.unused]).attribute(x, target=0, grad_kwargs={"materialize_grads": True})
+    want = captum_attr.LayerGradientXActivation(m, [m.used, m.unused]).attribute(x, target=0, grad_kwargs={"materialize_grads": True})
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert not got[1].any()
+    with pytest.raises(fastattr.errors.NoGradientError):  # without it, as before: an error naming the cause
+        fastattr.LayerGradientXActivation(m, [m.used, m.unused]).attribute(x, target=0)
+
+
+def test_works_under_no_grad_and_on_model_outputs(mlp):
+    """Captum's tests call attribute under torch.no_grad(); a ModelOutput-like result gives its .logits."""
+    x = torch.randn(4, 5)
+    want = captum_attr.LayerGradientXActivation(mlp, mlp[1]).attribute(x, target=2)
+    with torch.no_grad():
+        got = fastattr.LayerGradientXActivation(mlp, mlp[1]).attribute(x, target=2)
+    torch.testing.assert_close(got, want)
+
+    class Out(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp
+
+        def forward(self, x):
+            return {"logits": self.net(x), "hidden": x}
+
+    wrapped = Out()
+    torch.testing.assert_close(fastattr.LayerGradientXActivation(wrapped, wrapped.net[1]).attribute(x, target=2), want)

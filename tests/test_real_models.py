@@ -2,8 +2,9 @@
 
 Optional: needs the `models` extra (transformers; torchvision where a build matching the
 installed torch imports). Each library's cases are skipped when it is missing or does not import.
-Hugging Face models return a ModelOutput; until fastattr selects ``.logits`` itself (issue 14
-item 4), these tests wrap the model in ``Logits`` (the same wrapper for Captum and fastattr).
+Hugging Face models return a ModelOutput: fastattr gets the UNWRAPPED model (it attributes
+``.logits``; a causal LM's next-token logits through ``output=``, the attention mask through
+``forward_kwargs=``), Captum gets the model wrapped in ``Logits`` as a Captum user writes it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import textwrap
 
 import captum.attr as ca
+import numpy as np
 import pytest
 import torch
 from models import assert_attr_close, rel_l2
@@ -57,14 +59,20 @@ class Logits(torch.nn.Module):
         return logits[:, -1] if self.last_token else logits
 
 
+def next_token_logits(out) -> torch.Tensor:
+    """output= for a causal LM: the last position's logits."""
+    return out.logits[:, -1]
+
+
 def _hf_image(kind: str) -> torch.nn.Module:
+    """The model as Hugging Face builds it (returns an ImageClassifierOutput)."""
     torch.manual_seed(0)
     t = transformers
     if kind == "resnet":
         config = t.ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", num_labels=5)
-        return Logits(t.ResNetForImageClassification(config)).eval()
+        return t.ResNetForImageClassification(config).eval()
     config = t.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, num_labels=5)
-    return Logits(t.ViTForImageClassification(config)).eval()
+    return t.ViTForImageClassification(config).eval()
 
 
 def _tv_image(kind: str) -> torch.nn.Module:
@@ -74,14 +82,16 @@ def _tv_image(kind: str) -> torch.nn.Module:
     return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5).eval()
 
 
-def _check_image_model(model: torch.nn.Module) -> None:
+def _check_image_model(model: torch.nn.Module, captum_model: torch.nn.Module | None = None) -> None:
+    """fastattr on ``model`` against Captum on ``captum_model`` (a wrapper returning logits) or the model."""
+    captum_model = captum_model or model
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     target = [0, 3]
     got = fastattr.Saliency(model).attribute(x, target=target)
-    ref = ca.Saliency(model).attribute(x, target=target)
+    ref = ca.Saliency(captum_model).attribute(x, target=target)
     assert_attr_close(got, ref, **TOL[x.dtype])
     got, delta = fastattr.IntegratedGradients(model).attribute(x, target=target, n_steps=8, return_convergence_delta=True)
-    ref, ref_delta = ca.IntegratedGradients(model).attribute(x, target=target, n_steps=8, return_convergence_delta=True)
+    ref, ref_delta = ca.IntegratedGradients(captum_model).attribute(x, target=target, n_steps=8, return_convergence_delta=True)
     assert rel_l2(got, ref) < TOL[x.dtype]["rtol"], rel_l2(got, ref)
     assert_attr_close(got, ref, **TOL[x.dtype])
     torch.testing.assert_close(delta, ref_delta, rtol=1e-4, atol=1e-5 * float(ref.abs().sum(dim=(1, 2, 3)).max()))
@@ -89,8 +99,9 @@ def _check_image_model(model: torch.nn.Module) -> None:
 
 @needs_transformers
 @pytest.mark.parametrize("kind", ["resnet", "vit"])
-def test_hf_image_models_match_captum(kind):
-    _check_image_model(_hf_image(kind))
+def test_hf_image_models_unwrapped_match_captum(kind):
+    model = _hf_image(kind)
+    _check_image_model(model, Logits(model))
 
 
 @needs_torchvision
@@ -99,27 +110,27 @@ def test_torchvision_models_match_captum(kind):
     _check_image_model(_tv_image(kind))
 
 
-def _hf_token(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(wrapped model returning logits, its token-embedding layer)."""
+def _hf_token(kind: str) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(the unwrapped model, its token-embedding layer, the output= fastattr needs)."""
     torch.manual_seed(0)
     t = transformers
     if kind == "bert":
         config = t.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, max_position_embeddings=64, num_labels=3)
         model = t.BertForSequenceClassification(config).eval()
-        return Logits(model), model.bert.embeddings.word_embeddings
+        return model, model.bert.embeddings.word_embeddings, {}  # .logits is (B, 3): the default
     if kind == "gpt2":
         config = t.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0)
         model = t.GPT2LMHeadModel(config).eval()
-        return Logits(model, last_token=True), model.transformer.wte
+        return model, model.transformer.wte, {"output": next_token_logits}
     config = t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=0)
     model = t.LlamaForCausalLM(config).eval()
-    return Logits(model, last_token=True), model.model.embed_tokens
+    return model, model.model.embed_tokens, {"output": next_token_logits}
 
 
 @needs_transformers
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_hf_token_models_layer_ig_match_captum(kind):
-    model, embed = _hf_token(kind)
+def test_hf_token_models_unwrapped_layer_ig_match_captum(kind):
+    model, embed, output = _hf_token(kind)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(1, VOCAB, (2, T), generator=g)
     mask = torch.ones_like(ids)
@@ -127,15 +138,51 @@ def test_hf_token_models_layer_ig_match_captum(kind):
         mask[1, -3:] = 0  # a padded row, the mask through additional_forward_args
     target = [1, 2]
     base = torch.zeros_like(ids)
+    # fastattr: the model as it comes, the mask by keyword; Captum: the wrapper, the mask positionally
     got, delta = fastattr.LayerIntegratedGradients(model, embed).attribute(
-        ids, baselines=base, target=target, additional_forward_args=(mask,), n_steps=8, return_convergence_delta=True
+        ids, baselines=base, target=target, forward_kwargs={"attention_mask": mask}, n_steps=8, return_convergence_delta=True, **output
     )
-    ref, ref_delta = ca.LayerIntegratedGradients(model, embed).attribute(
+    ref, ref_delta = ca.LayerIntegratedGradients(Logits(model, last_token=kind != "bert"), embed).attribute(
         ids, baselines=base, target=target, additional_forward_args=(mask,), n_steps=8, return_convergence_delta=True
     )
     assert got.shape == (2, T, 32)
     assert_attr_close(got, ref, **TOL[torch.float32])
     torch.testing.assert_close(delta, ref_delta, rtol=1e-4, atol=1e-5 * float(ref.abs().sum(dim=(1, 2)).max()))
+
+
+@needs_transformers
+@pytest.mark.parametrize("mask_via", ["forward_kwargs", "forward_args_inputs"])
+def test_run_over_an_unwrapped_bert_classifier_matches_captum(tmp_path, mask_via):
+    """fastattr.run on BertForSequenceClassification as it comes: target="predicted" from .logits,
+    the attention mask by keyword (one row per sample) or as the data's second input; read back
+    with fastattr.open and compared with Captum's LayerIG over the wrapped model."""
+    model, embed, _ = _hf_token("bert")
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, VOCAB, (7, T), generator=g)
+    lengths = torch.tensor([T, 5, T, 9, 3, T, 7])
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    if mask_via == "forward_kwargs":
+        data, extra = ids.numpy(), {"forward_kwargs": {"attention_mask": mask.numpy()}}
+    else:
+        data, extra = (ids.numpy(), mask.numpy()), {"forward_args_inputs": 1}
+    summary = fastattr.run(
+        model, data, tmp_path / "run", method="layer_ig", layer="bert.embeddings.word_embeddings", target="predicted", baselines=0,
+        n_steps=8, examples_per_batch=3, progress=False, **extra,
+    )  # fmt: skip
+    assert summary.complete and summary.computed == 7
+    wrapped = Logits(model)
+    with torch.no_grad():
+        pred = wrapped(ids, mask).argmax(1)
+    ref, ref_delta = ca.LayerIntegratedGradients(wrapped, embed).attribute(
+        ids, baselines=torch.zeros_like(ids), target=pred, additional_forward_args=(mask,), n_steps=8, return_convergence_delta=True
+    )
+    store = fastattr.open(tmp_path / "run")
+    got = store[:]
+    np.testing.assert_array_equal(got["target"], pred.numpy())
+    assert_attr_close(torch.from_numpy(got["attributions"]["bert.embeddings.word_embeddings"]), ref, **TOL[torch.float32])
+    np.testing.assert_allclose(got["delta"], ref_delta.numpy(), rtol=1e-4, atol=1e-5 * float(ref.abs().sum(dim=(1, 2)).max()))
+    assert ("forward_kwargs" in store.metadata) == (mask_via == "forward_kwargs")
 
 
 FACTORY = textwrap.dedent(

@@ -103,6 +103,10 @@ def method_from_run(metadata: Mapping[str, Any]) -> AttributeFn:
     from ..methods import InputXGradient, IntegratedGradients, Saliency
 
     method, params = metadata.get("method"), dict(metadata.get("params") or {})
+    given = [k for k in ("output", "forward_kwargs") if metadata.get(k) is not None]
+    if given:  # re-attributing without them would attribute another output or drop the attention mask
+        raise AuditError(f"the run used {' and '.join(k + '=' for k in given)}, which the randomization check does not rebuild from the manifest; "
+                         "pass attribute_fn= (API) or --randomization none (CLI)")
     if method == "integrated_gradients":
         desc = params.get("baselines", "zeros")
         if desc not in ("zeros", None) and not isinstance(desc, (int, float)):

@@ -131,8 +131,9 @@ def output_tokens(ids: torch.Tensor, tokenizer: Any) -> list[str]:
     per-token decoding when the re-encoding does not match the ids."""
     if tokenizer is None:
         return [str(int(i)) for i in ids]
+    ids = ids.detach().cpu()
     ids_l = ids.tolist()
-    txt = tokenizer.decode(ids_l)
+    txt = tokenizer.decode(ids)  # a tensor, as Captum passes it (its test tokenizers call .tolist())
     try:
         enc = tokenizer(txt, return_offsets_mapping=True, add_special_tokens=False)
         re_ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
@@ -150,7 +151,7 @@ def output_tokens(ids: torch.Tensor, tokenizer: Any) -> list[str]:
         end_prev, idx = end, idx + 1
     if len(out) != len(ids_l):
         logger.debug("pretty tokens did not line up with the ids; decoding token by token")
-        return [_clean(tokenizer.decode([i])) for i in ids_l]
+        return [_clean(tokenizer.decode(ids[k])) for k in range(len(ids_l))]
     return out
 
 
