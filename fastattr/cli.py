@@ -541,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fastattr info run | head`: the reader left; not an error of ours
+        # Python flushes stdout again at exit and would report the broken pipe: point it at devnull.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by it
     except FastattrError as exc:  # a deliberate error: one line that says what to do
         _record_for_torchrun(exc)
         if args.debug:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -352,3 +353,11 @@ def test_baseline_npy_is_never_unpickled(tmp_path, env):
         np.lib.format.write_array(f, evil, allow_pickle=True)
     r = fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "o", "--baseline", "evil.npy", env=env, cwd=tmp_path)
     assert r.returncode == 2 and "allow_pickle=False" in r.stderr, r.stderr
+
+
+def test_output_into_a_closed_pipe_is_not_a_bug(tmp_path, env):
+    """`fastattr info run | head`: a reader that leaves early (here: before anything is written) is no bug."""
+    assert fastattr("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "p", "--steps", "2", "--target", "0", env=env, cwd=tmp_path).returncode == 0
+    cmd = f"{shlex.quote(sys.executable)} -m fastattr info p | true; echo ${{PIPESTATUS[0]}}"
+    r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr and r.stdout.strip() in ("0", "141"), (r.stdout, r.stderr)
