@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastattr.kernels import reference
 
 from fastattr.errors import AttributionInputError
 from fastattr.inputs import check_inputs
 from fastattr.run_inputs import _bad_rows
-from kernels import reference
 
 
 def test_overflowing_sum_of_finite_values_is_not_an_error():
