@@ -64,7 +64,7 @@ import models  # noqa: E402
 import fastattr  # noqa: E402
 
 warnings.filterwarnings("ignore")
-STAGES = ("kernels", "engine", "captum", "dataset", "noise", "layer", "adaptive", "distributed", "kernel_tests")
+STAGES = ("kernels", "engine", "captum", "dataset", "noise", "layer", "adaptive", "precision", "llm", "distributed", "kernel_tests")
 Result = tuple[list[Any], str]  # (rows for the JSON, markdown for the report)
 
 
@@ -212,6 +212,30 @@ def stage_adaptive(cfg: argparse.Namespace) -> Result:
     args = bench_adaptive.parse(argv + ["--device", str(cfg.device), "--repeats", str(cfg.repeats)])
     points, _ = bench_adaptive.run(args)
     return points, bench_adaptive.table(points) + "\n\n" + "\n".join(bench_adaptive.target_lines(points))
+
+
+def _script_rows(cfg: argparse.Namespace, script: str, argv: list[str]) -> list[dict]:
+    """Run a bench script that writes its own JSON (in a child: it sets its own threads and flags)."""
+    path = os.path.join(cfg.work, script.replace(".py", ".json"))
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *argv, "--json", path]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"{script} failed (see its output above)")
+    with open(path) as f:
+        return json.load(f)["rows"]
+
+
+def stage_precision(cfg: argparse.Namespace) -> Result:
+    """Probe error vs fp32 of every policy and what precision='auto' picks (ResNet-50 vs ViT-S/16)."""
+    argv = ["--models", "vit", "--image", "32", "--steps", "4", "--samples", "2"] if cfg.quick else ["--image", "224", "--steps", "16", "--samples", "4"]
+    rows = _script_rows(cfg, "bench_precision.py", argv + ["--device", str(cfg.device)])
+    return rows, h.dict_table(rows)
+
+
+def stage_llm(cfg: argparse.Namespace) -> Result:
+    """Language-model generations vs Captum's LLMGradientAttribution loop (GPU size: ~86M parameters, 32 prompts)."""
+    argv = ["--quick", "--no-inseq", "--models", "gpt2"] if cfg.quick else ["--gpu-size", "--no-inseq", "--threads", str(os.cpu_count() or 1)]
+    rows = _script_rows(cfg, "bench_llm.py", argv + ["--device", str(cfg.device)])
+    return rows, h.dict_table(rows)
 
 
 def stage_distributed(cfg: argparse.Namespace) -> Result:
