@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
         tolerance=args.tolerance, max_steps=args.max_steps, forward_args_inputs=args.forward_args_inputs, **_method_options(args), **llm_opts,
         rule=args.rule, precision=args.precision, precision_tolerance=args.precision_tolerance, precision_warn=args.precision_warn, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
-        resume=not args.overwrite, overwrite=args.overwrite, device=args.device, progress=None if not args.quiet else False,
+        resume=not args.overwrite, overwrite=args.overwrite, allow_other_files=args.allow_other_files, device=args.device, progress=None if not args.quiet else False,
         allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
     )  # fmt: skip
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     run.add_argument("--resume", action="store_true", default=True, help="continue an existing run in --out (the default)")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it")
+    run.add_argument("--allow-other-files", action="store_true",
+                     help="write the run into a directory that holds other files (fastattr never touches them)")
     run.add_argument("--allow-nonfinite", action="store_true",
                      help="store samples whose inputs, outputs or attributions hold NaN/inf (counted in stats/nonfinite) instead of stopping")
     run.add_argument("--train-mode", action="store_true",

@@ -165,6 +165,7 @@ def run(
     shard_seconds: float | None = 60.0,
     resume: bool = True,
     overwrite: bool = False,
+    allow_other_files: bool = False,
     device: str | torch.device | None = None,
     progress: bool | None = None,
     multiply_by_inputs: bool = True,
@@ -277,7 +278,7 @@ def run(
         model.to(dev)
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
-        max_shard_seconds=shard_seconds,
+        max_shard_seconds=shard_seconds, allow_other_files=allow_other_files,
         volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe"},
     )  # fmt: skip
     writer: RunWriter | None = None

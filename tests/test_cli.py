@@ -361,3 +361,20 @@ def test_output_into_a_closed_pipe_is_not_a_bug(tmp_path, env):
     cmd = f"{shlex.quote(sys.executable)} -m fastattr info p | true; echo ${{PIPESTATUS[0]}}"
     r = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr and r.stdout.strip() in ("0", "141"), (r.stdout, r.stderr)
+
+
+def test_a_directory_with_user_files_needs_allow_other_files_and_keeps_them(tmp_path, env):
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "shard-00000.h5").write_bytes(b"not fastattr's")
+    args = ("run", "--model", "cli_models:cnn", "--data", "x.npy", "--out", "mixed", "--steps", "2", "--target", "0")
+    r = fastattr(*args, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "--allow-other-files" in r.stderr, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shard-00000.h5"]  # refused before writing anything
+    r = fastattr(*args, "--allow-other-files", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shard-00000.h5").read_bytes() == b"not fastattr's"
+    assert fastattr("verify", "mixed", env=env, cwd=tmp_path).returncode == 0
+    assert fastattr(*args, env=env, cwd=tmp_path).returncode == 0  # a fastattr run now: resuming needs no flag
+    assert (out / "notes.txt").read_text() == "mine" and (out / "shard-00000.h5").read_bytes() == b"not fastattr's"

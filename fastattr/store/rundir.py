@@ -150,7 +150,7 @@ class RunDirectory:
             shown = ", ".join(other[:5]) + (f" and {len(other) - 5} more" if len(other) > 5 else "")
             raise StoreError(
                 f"{d} holds no fastattr run but other files ({shown}); choose a new or empty directory, "
-                "or allow other files (RunWriter(allow_other_files=True)), which fastattr then leaves alone"
+                "or allow other files (fastattr.run(..., allow_other_files=True), `fastattr run --allow-other-files`), which fastattr then leaves alone"
             )
         if self.world_size > 1:
             for p in d.iterdir():
