@@ -239,13 +239,17 @@ def pool_channels(
     return red / count[:, None].to(red.dtype) if mode == "mean" else red
 
 
-def layer_slots(forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None) -> tuple[list[LayerSlot], bool]:
-    """The constructor checks shared by the layer methods: a callable model, no DataParallel
-    device_ids; returns the layers' slots and whether a list of layers was given."""
+def check_layer_method(forward_func: Callable[..., Any], device_ids: list[int] | None) -> None:
+    """The constructor checks shared by the layer methods: a callable model, no DataParallel device_ids."""
     if not callable(forward_func):
         raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
     if device_ids:
         raise OptionError("device_ids (DataParallel) is not supported; run one process per device (torchrun) instead")
+
+
+def layer_slots(forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None) -> tuple[list[LayerSlot], bool]:
+    """check_layer_method, then the layers' slots and whether a list of layers was given."""
+    check_layer_method(forward_func, device_ids)
     return make_slots(forward_func, layer)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .activations import check_layer_method
 from .engine import frozen_parameters
 from .errors import AttributionInputError, NoGradientError, OptionError
 from .inputs import (
@@ -52,10 +53,7 @@ class LayerGradientXActivation:
         device_ids: list[int] | None = None,
         multiply_by_inputs: bool = True,
     ) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be a model or callable, got {type(forward_func).__name__}")
-        if device_ids:
-            raise ValueError("device_ids (DataParallel) is not supported; run one process per device (torchrun) instead")
+        check_layer_method(forward_func, device_ids)
         self.forward_func = forward_func
         self.layers, self.is_list = resolve_layers(forward_func, layer)
         self.layer = layer
