@@ -294,7 +294,7 @@ def _render(args: argparse.Namespace) -> int:
 
     from .render import render_grid
     from .sources import open_source
-    from .specs import load_data
+    from .specs import load_data, load_tokenizer
     from .store import open_run
 
     start, stop = args.index
@@ -302,7 +302,7 @@ def _render(args: argparse.Namespace) -> int:
         if store.metadata.get("method") == "llm_integrated_gradients":  # token-by-token heatmaps, labelled
             from .llm.render import render_llm
 
-            tokenizer = _local_tokenizer(args.tokenizer) if args.tokenizer else None
+            tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
             render_llm(store[start:stop], args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
             print(f"wrote {args.out} ({stop - start} samples, {args.size[0]}x{args.size[1]})")
             return 0
@@ -318,21 +318,6 @@ def _render(args: argparse.Namespace) -> int:
     render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
     print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
     return 0
-
-
-def _local_tokenizer(spec: str) -> object:
-    """The tokenizer of a local Hugging Face directory (hf:DIR or DIR), local files only."""
-    path = spec.removeprefix("hf:")
-    if not os.path.isdir(path):
-        raise OptionError(f"--tokenizer: no such directory: {path}")
-    try:
-        from transformers import AutoTokenizer
-    except ImportError as exc:
-        raise OptionError(f"--tokenizer needs transformers: pip install 'fastattr[hf]' ({exc})") from exc
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise OptionError(f"--tokenizer {spec}: no usable tokenizer there ({type(exc).__name__}: {exc})") from exc
 
 
 AUDIT_EXAMPLES = """examples:

@@ -72,23 +72,39 @@ def _call_factory(spec: str, kwargs: dict[str, Any]) -> Any:
 HF_PREFIX = "hf:"
 
 
-def load_hf(spec: str, device: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """``hf:DIR`` -> (causal LM in eval mode on ``device``, its tokenizer), from local files only."""
-    path = spec[len(HF_PREFIX) :]
+def _hf_directory(spec: str) -> str:
+    """The local directory of ``hf:DIR`` (or a bare DIR), once it exists and transformers imports."""
+    path = spec.removeprefix(HF_PREFIX)
     if not os.path.isdir(path):
         raise SpecError(f"{spec}: no such directory; hf: takes a local Hugging Face model directory (written by save_pretrained)")
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        import transformers  # noqa: F401 - only to say what is missing
     except ImportError as exc:
         raise SpecError(f"{spec}: loading Hugging Face models needs transformers: pip install 'fastattr[hf]' ({exc})") from exc
+    return path
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer saved in a local Hugging Face directory (``hf:DIR`` or DIR), local files only."""
+    path = _hf_directory(spec)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise SpecError(f"{spec}: no usable tokenizer in the directory ({type(exc).__name__}: {exc}); save it there with tokenizer.save_pretrained") from exc
+
+
+def load_hf(spec: str, device: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """``hf:DIR`` -> (causal LM in eval mode on ``device``, its tokenizer), from local files only."""
+    path = _hf_directory(spec)
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise SpecError(f"{spec}: not a loadable causal-LM directory ({type(exc).__name__}: {exc})") from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise SpecError(f"{spec}: no usable tokenizer in the directory ({type(exc).__name__}: {exc}); save it there with tokenizer.save_pretrained") from exc
+    tokenizer = load_tokenizer(spec)
     if device:
         model = model.to(device)
     return model.eval(), tokenizer
