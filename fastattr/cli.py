@@ -143,13 +143,22 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _steps(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return _positive_int(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be a positive int or auto, got {value!r}") from None
+def _auto_or_positive_int(expected: str):  # noqa: ANN202 - an argparse type
+    """An argparse type for 'auto' or a positive int; ``expected`` says so in the error."""
+
+    def parse(value: str) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            return _positive_int(value)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be {expected}, got {value!r}") from None
+
+    return parse
+
+
+_steps = _auto_or_positive_int("a positive int or auto")
+_batch_size = _auto_or_positive_int("auto or a positive int")
 
 
 def _shape(value: str) -> tuple[int, ...]:
@@ -175,15 +184,6 @@ def _size(value: str) -> tuple[int, int]:
         return int(width), int(height)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, got {value!r}") from None
-
-
-def _batch_size(value: str) -> int | str:
-    if value == "auto":
-        return value
-    try:
-        return _positive_int(value)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"must be auto or a positive int, got {value!r}") from None
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
