@@ -213,8 +213,8 @@ def test_sigkill_at_random_moments_then_resume_gives_each_sample_once(tmp_path):
 
 
 def test_out_of_memory_halves_rows_and_retries_the_same_samples():
+    from fastattr.run_loop import attribute_with_retry as _attribute_with_retry
     from fastattr.run_methods import Batch, MethodPlan
-    from fastattr.runner import _attribute_with_retry
 
     class FlakyIG:
         """Raises CUDA OOM while more than 40 rows per forward are allowed."""
@@ -237,8 +237,8 @@ def test_out_of_memory_halves_rows_and_retries_the_same_samples():
 
 
 def test_out_of_memory_at_one_row_is_raised():
+    from fastattr.run_loop import attribute_with_retry as _attribute_with_retry
     from fastattr.run_methods import Batch, MethodPlan
-    from fastattr.runner import _attribute_with_retry
 
     class AlwaysOOM:
         def attribute_batch(self, *a, **kw):
