@@ -17,13 +17,15 @@ import torch
 from .errors import NonFiniteError
 from .methods import BatchResult
 from .run_inputs import ALLOW_HINT, nonfinite_counts, samples
+from .run_reduce import reduce_channels
 from .store import Block, RunWriter
 
 logger = logging.getLogger(__name__)
 
 
-def to_host(res: BatchResult, dev: torch.device) -> dict:
-    """Start asynchronous device-to-host copies of everything a block needs."""
+def to_host(res: BatchResult, dev: torch.device, channel_reduce: str | None = None) -> dict:
+    """Start asynchronous device-to-host copies of everything a block needs; channel_reduce: the
+    attributions are reduced over their channel dim on the device first (fastattr/run_reduce.py)."""
     pin = dev.type == "cuda"
 
     def host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -35,7 +37,7 @@ def to_host(res: BatchResult, dev: torch.device) -> dict:
         return buf.copy_(t.detach(), non_blocking=True)
 
     copied = {
-        "attributions": [host(a.float()) for a in res.attributions],
+        "attributions": [host(reduce_channels(a, channel_reduce) if channel_reduce else a.float()) for a in res.attributions],
         "stats": {k: host(getattr(res.stats, k)) for k in ("sum", "l1", "l2", "absmax", "nonfinite")},
         "output": host(res.output),
         "baseline_output": host(res.baseline_output),

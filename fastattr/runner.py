@@ -32,6 +32,7 @@ from .probe import measure
 from .run_inputs import Baselines, ForwardKwargs, Targets, describe_output
 from .run_loop import RunSummary, attribute_with_retry, run_batches
 from .run_methods import Batch, MethodPlan, describe, plan_method
+from .run_reduce import channel_reduce_config
 from .sources import Source, open_source
 from .store import VOLATILE_CONFIG_KEYS, RunWriter
 from .store.manifest import read_manifest
@@ -64,6 +65,7 @@ def run(
     memory_budget: Any = None,
     examples_per_batch: int | None = None,
     storage_dtype: str = "float32",
+    channel_reduce: str | None = None,
     compression: str = "lzf",
     shard_size: int = 4096,
     shard_seconds: float | None = 60.0,
@@ -117,6 +119,13 @@ def run(
     "logits" key). forward_kwargs: keyword arguments for the model's forward; an array or tensor
     with one row per sample (e.g. an attention mask) is sliced per batch like the data. Both are
     recorded in the run's config (arrays by hash, a callable by its qualified name).
+
+    Storage reductions (README, "Storage reductions"): storage_dtype="float16" halves the bytes
+    (values beyond 65504 become inf, counted in stats/nonfinite); channel_reduce="sum" | "abs" | "l2"
+    stores each (C, H, W) input attribution as one (H, W) map, reduced over the channel dim on the
+    device before the copy to the host (fastattr/run_reduce.py; input-attributing methods, every
+    attributed input needs >= 3 dims per sample). stats/* and delta stay those of the full
+    attributions. Both are recorded in the run's config; a resume with another value is refused.
     """
     for flag, value in (("allow_nonfinite", allow_nonfinite), ("train_mode", train_mode)):
         if not isinstance(value, bool):
@@ -153,6 +162,7 @@ def run(
                     f"input {i} of the data has dtype {dt}; {plan.name} interpolates inputs and needs floating point "
                     "(convert the data to float, or for token ids use method='layer_ig' on the embedding layer)"
                 )
+    reduction = channel_reduce_config(channel_reduce, plan.name, source.sample_shapes[: n_inputs - forward_args_inputs])
     config = {
         "method": plan.name,
         "params": plan.params,
@@ -167,6 +177,8 @@ def run(
         "fingerprints": {"model": model_fingerprint(model), "data": source.fingerprint()},
         "versions": {"fastattr": __version__, "torch": torch.__version__},
     }
+    if reduction is not None:  # only when used, so runs made before the option still resume
+        config["channel_reduce"] = reduction
     if forward_args_inputs:  # only when used, so runs made before the option still resume
         config["forward_args_inputs"] = forward_args_inputs
     if output is not None and plan.uses_target:  # likewise; activations never read the output
@@ -206,7 +218,7 @@ def run(
             writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
             return run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
                                 ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite, probe=probe,
-                                forward_kwargs=forward_kwargs, output=output)  # fmt: skip
+                                forward_kwargs=forward_kwargs, output=output, channel_reduce=channel_reduce)  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:

@@ -28,10 +28,11 @@ from .schema import MANIFEST_NAME, SCALAR_DTYPES, STAT_KEYS
 from .status import InProgress, run_state, shards_in_progress
 
 
-def open_run(run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False) -> RunReader:
+def open_run(run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None) -> RunReader:
     """Open a run directory for reading (see RunReader); verify=True also checks every shard's
-    sha256 first (reads the whole run once)."""
-    return RunReader(run_dir, max_open_files=max_open_files, verify=verify)
+    sha256 first (reads the whole run once); dtype="float32": attributions are returned in that
+    dtype whatever the run stores (None: as stored, e.g. float16 for storage_dtype="float16")."""
+    return RunReader(run_dir, max_open_files=max_open_files, verify=verify, dtype=dtype)
 
 
 class RunReader:
@@ -42,10 +43,19 @@ class RunReader:
     ``iter_batches()`` -> shard-by-shard batches in constant memory. Works on a run in progress
     (a snapshot of its manifest at open). Close it (or use ``with``) to release file handles.
     A damaged shard raises CorruptShardError (a StoreError) naming it, at open or on read.
+
+    Attributions come back in the stored dtype (``storage_dtype``) unless ``dtype`` is given. A run
+    made with ``channel_reduce`` stores (H, W) maps of (C, H, W) inputs: ``channel_reduce`` says how.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False) -> None:
+    def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None) -> None:
         self.run_dir = Path(run_dir)
+        try:
+            self.dtype: np.dtype | None = None if dtype is None else np.dtype(dtype)
+        except TypeError as exc:
+            raise StoreError(f"dtype must be a numpy floating dtype such as 'float32' or None (as stored), got {dtype!r}") from exc
+        if self.dtype is not None and self.dtype.kind != "f":
+            raise StoreError(f"dtype must be a floating dtype such as 'float32' or None (as stored), got {dtype!r}")
         man = read_listing(self.run_dir)  # manifest.json plus unmerged rank fragments
         self._manifest = man
         self._shards: list[ShardEntry] = man["shards"]
@@ -111,6 +121,20 @@ class RunReader:
         return shards_in_progress(self.run_dir, self.run_id)
 
     @property
+    def storage_dtype(self) -> str:
+        """The dtype the run stores its attributions in ("float32" or "float16"), from its config."""
+        return str(self._manifest["config"].get("storage_dtype") or "float32")
+
+    @property
+    def channel_reduce(self) -> dict[str, Any] | None:
+        """None, or how the run reduced its attributions before storing them (run(channel_reduce=)):
+        {"mode": "sum" | "abs" | "l2", "dim": 0 (the sample's channel dim), "input_shapes",
+        "stored_shapes" (per sample, per attributed input: (C, H, W) -> (H, W)), "stats": a note that
+        stats/* and delta are those of the full attributions}."""
+        value = self._manifest["config"].get("channel_reduce")
+        return json.loads(json.dumps(value)) if isinstance(value, dict) else None
+
+    @property
     def attribution_names(self) -> list[str]:
         return list(self._names)
 
@@ -164,7 +188,7 @@ class RunReader:
         sl = slice(lo, hi, step)
         try:
             return {
-                "attributions": {name: f["attributions"][name][sl] for name in self._names},
+                "attributions": {name: self._cast(f["attributions"][name][sl]) for name in self._names},
                 "target": f["target"][sl],
                 "output": f["output"][sl],
                 "baseline_output": f["baseline_output"][sl],
@@ -176,6 +200,9 @@ class RunReader:
             }
         except Exception as exc:  # a failed fletcher32 checksum reads "filter returned failure"
             raise_problem(f"{self.run_dir / shard.file}: cannot read rows [{lo}, {hi}), the shard is damaged ({type(exc).__name__}: {exc})")
+
+    def _cast(self, a: np.ndarray) -> np.ndarray:
+        return a if self.dtype is None or a.dtype == self.dtype else a.astype(self.dtype)
 
     @staticmethod
     def _stack(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -279,7 +306,7 @@ class RunReader:
                 known = ["index", "target", *SCALAR_DTYPES, *(f"stats/{k}" for k in STAT_KEYS)]
                 raise KeyError(f"no field {name!r} in {self.run_dir / s.file}; fields: {', '.join(known)}")
             try:
-                parts.append(f[name][()])
+                parts.append(self._cast(f[name][()]) if name.startswith("attributions/") else f[name][()])
             except Exception as exc:
                 raise_problem(f"{self.run_dir / s.file}: cannot read {name}, the shard is damaged ({type(exc).__name__}: {exc})")
         if not parts:
