@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         rule=args.rule, precision=args.precision, precision_tolerance=args.precision_tolerance, precision_warn=args.precision_warn, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, allow_other_files=args.allow_other_files, device=args.device, progress=None if not args.quiet else False,
-        allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode,
+        allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode, channel_reduce=args.channel_reduce,
     )  # fmt: skip
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
@@ -238,6 +238,7 @@ def _info(args: argparse.Namespace) -> int:
             f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
             *([describe_probe(cfg["precision_probe"])] if isinstance(cfg.get("precision_probe"), dict) else []),
+            *([_describe_reduction(cfg["channel_reduce"])] if isinstance(cfg.get("channel_reduce"), dict) else []),
             f"model: {model_line}",
             f"data: {data_line}",
             f"versions: {json.dumps(cfg.get('versions'))}; attributions: {', '.join(store.attribution_names)}",
@@ -245,6 +246,12 @@ def _info(args: argparse.Namespace) -> int:
     for line in lines:
         print(printable(line))
     return 0
+
+
+def _describe_reduction(red: dict) -> str:
+    """The info line of a run stored channel-reduced (run(channel_reduce=))."""
+    shapes = ", ".join(f"{tuple(a)} -> {tuple(b)}" for a, b in zip(red.get("input_shapes") or [], red.get("stored_shapes") or []))
+    return f"channel-reduced: {red.get('mode')} over the channel dim, stored {shapes or '?'} per sample; stats and delta of the full attributions"
 
 
 def printable(text: str) -> str:
@@ -417,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", type=_batch_size, default="auto", help="rows per forward: auto (default) or an int")
     run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
+    run.add_argument("--channel-reduce", default=None, choices=["sum", "abs", "l2"],
+                     help="store each (C, H, W) input attribution as one (H, W) map: the channels' sum, sum of |a| or L2 norm "
+                          "(stats and delta stay those of the full attributions)")
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
     run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
     run.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard (default 4096)")

@@ -68,7 +68,8 @@ def perturbation_curves(
     """Deletion and insertion curves, each (B, steps + 1), for inputs x (B, *shape).
 
     Features are ordered by descending attribution (``attr`` of x's shape; for (C, H, W) inputs
-    the channel sum per pixel), or uniformly at random with ``generator`` when ``attr`` is None.
+    the channel sum per pixel, or an (H, W) map as a run with channel_reduce stores it: every
+    channel of a pixel is replaced together), or uniformly at random with ``generator`` when ``attr`` is None.
     After step t the first round(t * P / steps) of the P features are replaced (deletion) or
     restored onto the replacement (insertion). Forward passes only, at most ``max_rows`` rows each.
     """
@@ -77,8 +78,12 @@ def perturbation_curves(
     b, shape = x.shape[0], tuple(x.shape[1:])
     p, mask_shape = feature_view(shape)
     if attr is not None:
-        imp = attr.detach().to(torch.float64).cpu().reshape(b, *shape)
-        imp = imp.sum(1) if len(shape) == 3 else imp
+        imp = attr.detach().to(torch.float64).cpu()
+        if len(shape) == 3 and tuple(imp.shape[1:]) == shape[1:]:  # a channel-reduced run's (H, W) map: one value per pixel
+            imp = imp.reshape(b, p)
+        else:
+            imp = imp.reshape(b, *shape)
+            imp = imp.sum(1) if len(shape) == 3 else imp
         keys = -imp.reshape(b, p).numpy()
     else:
         if generator is None:

@@ -18,7 +18,7 @@ from .metrics import flatten_rows, spearman
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["method_from_run", "parameterized_layers", "randomization_check"]
+__all__ = ["method_from_run", "parameterized_layers", "randomization_check", "reduced_like_run"]
 
 
 def parameterized_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -96,6 +96,18 @@ def randomization_check(
         "max_similarity": max_similarity,
         "passed": bool(final < max_similarity),
     }
+
+
+def reduced_like_run(attribute_fn: AttributeFn, mode: str) -> AttributeFn:
+    """Re-attribution for a run stored channel-reduced (run(channel_reduce=mode)): full (B, C, H, W)
+    results are reduced the same way, so they compare with the stored (B, H, W) maps."""
+    from ..run_reduce import reduce_channels
+
+    def reduced(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = attribute_fn(model, x, t)
+        return reduce_channels(a, mode) if a.dim() == x.dim() and a.shape == x.shape else a
+
+    return reduced
 
 
 def method_from_run(metadata: Mapping[str, Any]) -> AttributeFn:

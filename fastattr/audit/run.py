@@ -22,7 +22,7 @@ from .definitions import (
     is_padded,
 )
 from .model_checks import model_checks
-from .randomization import method_from_run
+from .randomization import method_from_run, reduced_like_run
 from .streaming import StreamingAudit
 from .verdict import AuditResult, audit_warnings, check_thresholds
 
@@ -47,7 +47,9 @@ def _check_covers(a: RunReader, b: RunReader) -> None:
             raise AuditError(f"the compared run {b.run_dir} does not store samples [{pos}, {stop}) that {a.run_dir} holds")
 
 
-def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...]) -> np.ndarray:
+def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...], reduced: bool = False) -> tuple[np.ndarray, bool]:
+    """The masks (memory-mapped if a .npy) and whether they carry a channel dim to reduce: a
+    channel-reduced run (reduced=True) stores (H, W) maps and accepts (C, H, W) masks of its inputs."""
     if isinstance(masks, (str, os.PathLike)):
         path = str(masks)
         if not os.path.isfile(path) or not path.endswith(".npy"):
@@ -57,13 +59,18 @@ def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...]) -> np.nd
     m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else masks if isinstance(masks, np.ndarray) else np.asarray(masks)
     if m.shape[0] < total:
         raise AuditError(f"masks hold {m.shape[0]} samples; the run has {total}")
-    try:
-        fits = np.broadcast_shapes(m.shape[1:], feature_shape) == feature_shape
-    except ValueError:
-        fits = False
-    if not fits:
-        raise AuditError(f"a mask has shape {m.shape[1:]}, which does not broadcast to the attribution's {feature_shape}")
-    return m
+    def fits(shape: tuple[int, ...]) -> bool:
+        try:
+            return np.broadcast_shapes(shape, feature_shape) == feature_shape
+        except ValueError:
+            return False
+
+    if fits(m.shape[1:]):
+        return m, False
+    if reduced and m.ndim == len(feature_shape) + 2 and fits(m.shape[2:]):
+        return m, True
+    raise AuditError(f"a mask has shape {m.shape[1:]}, which does not broadcast to the attribution's {feature_shape}"
+                     f"{' (the run is channel-reduced; (C, *shape) masks are accepted too)' if reduced else ''}")
 
 
 def audit_run(
@@ -146,7 +153,8 @@ def audit_run(
             if theirs != feature_shape:
                 raise AuditError(f"attribution {name!r} has shape {feature_shape} in {reader.run_dir} but {theirs} in {other.run_dir}")
             _check_covers(reader, other)
-        mask_arr = _load_masks(masks, reader.total, feature_shape) if masks is not None else None
+        reduction = reader.channel_reduce  # (C, H, W) inputs stored as (H, W) maps: masks and checks per pixel
+        mask_arr, per_channel = _load_masks(masks, reader.total, feature_shape, reduction is not None) if masks is not None else (None, False)
         source = None
         llm = reader.metadata.get("method") == "llm_integrated_gradients"  # stores its own prompts and targets
         if llm and (data is not None or thresholds.get("require_randomization")):
@@ -159,12 +167,16 @@ def audit_run(
                 raise AuditError(f"the data holds {len(source)} samples; the run was made from {reader.total}")
             if len(source.sample_shapes) != 1:
                 raise AuditError(f"model-based checks support single-input models; the data has {len(source.sample_shapes)} inputs")
-            if tuple(source.sample_shapes[0]) != feature_shape:
-                raise AuditError(f"attribution {name!r} has shape {feature_shape} but the data's samples have {source.sample_shapes[0]}: model-based checks need input attributions")
+            expected = tuple(source.sample_shapes[0])[1:] if reduction is not None else tuple(source.sample_shapes[0])
+            if expected != feature_shape:
+                raise AuditError(f"attribution {name!r} has shape {feature_shape} but the data's samples have {source.sample_shapes[0]}"
+                                 f"{' (channel-reduced: ' + str(expected) + ')' if reduction is not None else ''}: model-based checks need input attributions")
             if replacement == "blur" and len(feature_shape) < 2:
                 raise AuditError(f"replacement 'blur' needs samples with two spatial dimensions; they have shape {feature_shape}")
             if randomization != "none" and attribute_fn is None:
                 attribute_fn = method_from_run(reader.metadata)
+            if randomization != "none" and reduction is not None:
+                attribute_fn = reduced_like_run(attribute_fn, reduction["mode"])
 
         # 1. attribution-only metrics, streamed.
         meta = reader.metadata
@@ -175,6 +187,7 @@ def audit_run(
             lo, hi = int(idx[0]), int(idx[-1]) + 1  # a batch is contiguous: it never spans shards
             theirs_b = other[lo:hi] if other is not None else None
             mb = np.asarray(mask_arr[lo:hi]) if mask_arr is not None else None
+            mb = mb.any(1) if per_channel and mb is not None else mb  # a pixel is inside if any of its channels is
             acc.update(batch, theirs_b, mb)
         doc = acc.result()
         doc["definitions"] = dict(DEFINITIONS)
