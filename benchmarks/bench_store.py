@@ -11,8 +11,15 @@ fastattr.run (lzf, and gzip = the parallel encoder) against a plain loop that co
 saliency with torch in batches of 64 and writes it with h5py from one thread (lzf, one sample per
 chunk, fletcher32, fsync and sha256 like a shard). Every output is read back with plain h5py.
 
+``reductions``: what storage_dtype="float16" and channel_reduce="sum" save on image attributions
+(ResNet-18 IG at 3x224x224, random init with BatchNorm statistics, Gaussian inputs): end-to-end
+fastattr.run per setting (bytes on disk, run time), the store alone writing the same real
+attributions tiled to --write-samples rows (reduction included, finalize + fsync + sha256), and the
+error of float16 storage against float32 (relative L2, max abs).
+
     python benchmarks/bench_store.py compression
     python benchmarks/bench_store.py dataset --samples 1024
+    python benchmarks/bench_store.py reductions --samples 16 --write-samples 256
 """
 
 from __future__ import annotations
@@ -223,6 +230,82 @@ def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
     return ["implementation", "samples", "time (s)", "samples/s", "raw MB/s", "on disk (MB)"], rows
 
 
+# --------------------------------------------------------------------------- storage reductions
+
+REDUCTIONS = [("float32", None), ("float16", None), ("float32", "sum"), ("float16", "sum")]
+
+
+def _stored(out: str) -> tuple[np.ndarray, int]:
+    """A run's attributions (as float32, global order) and its shards' bytes on disk."""
+    with fastattr.open(out, dtype="float32") as store:
+        a = store[:]["attributions"]["x"]
+    return a, sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".h5"))
+
+
+def _write(a: torch.Tensor, out: str, storage_dtype: str, reduce: str | None, compression: str, device_cast: bool = True) -> None:
+    """The store alone, as a run feeds it: the run's device-side form (channel reduction, float16 cast:
+    fastattr/run_reduce.py; here on the CPU) then RunWriter, 64 samples a block. device_cast=False:
+    float32 blocks, the writer thread casts with numpy (what runs did before the cast moved)."""
+    from fastattr.run_reduce import StoredForm
+    from fastattr.store import Block, RunWriter
+
+    form = StoredForm(reduce, storage_dtype == "float16" and device_cast)
+    n = len(a)
+    zeros = np.zeros(64, np.float32)
+    with RunWriter(out, config={"method": "bench"}, total=n, storage_dtype=storage_dtype, compression=compression) as w:
+        for lo in range(0, n, 64):
+            hi = min(n, lo + 64)
+            part, _ = form.apply(a[lo:hi])
+            z = zeros[: hi - lo]
+            stats = {"sum": z, "l1": z, "l2": z, "absmax": z, "nonfinite": np.zeros(hi - lo, np.int32)}
+            w.put(Block(lo, hi, {"x": part.numpy()}, np.zeros(hi - lo, np.int64), z, z, z, np.full(hi - lo, 8, np.int32), stats))
+
+
+def reductions(args: argparse.Namespace) -> tuple[list[str], list[list]]:
+    torch.manual_seed(0)
+    model = models.randomize_batchnorm(models.ResNet18().eval())
+    x = torch.randn(args.samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    raw = x[0].numel() * 4  # float32 bytes of one full attribution
+    tmp = tempfile.mkdtemp(prefix="fastattr-bench-reduce-")
+    rows, stored = [], {}
+    try:
+        for dtype, reduce in REDUCTIONS:  # end to end: fastattr.run, model compute included
+            out = os.path.join(tmp, f"run-{dtype}-{reduce}")
+            seconds, _, _ = h.measure_once(lambda out=out, dtype=dtype, reduce=reduce: fastattr.run(
+                model, x.numpy(), out, target=0, n_steps=args.steps, progress=False, storage_dtype=dtype, channel_reduce=reduce,
+                compression=args.compression), "cpu", memory_on=None)  # fmt: skip
+            stored[dtype, reduce], disk = _stored(out)
+            rows.append([f"fastattr.run IG-{args.steps}", dtype, reduce or "-", args.compression, args.samples, f"{seconds:.1f}",
+                         f"{args.samples / seconds:.2f}", f"{disk / args.samples / 1e3:.0f}", "-", "-"])  # fmt: skip
+            print(rows[-1], flush=True)
+        full = torch.from_numpy(stored["float32", None])
+        tiled = full.repeat(-(-args.write_samples // len(full)), 1, 1, 1)[: args.write_samples].contiguous()
+        for comp in args.write_compressions:  # the store alone, on the same real attributions
+            for dtype, reduce, device_cast in [*((d, r, True) for d, r in REDUCTIONS), ("float16", None, False)]:
+                out = os.path.join(tmp, f"write-{comp}-{dtype}-{reduce}-{device_cast}")
+                best = min(h.measure_once(lambda out=out, dtype=dtype, reduce=reduce, comp=comp, dc=device_cast: (
+                    shutil.rmtree(out, ignore_errors=True), _write(tiled, out, dtype, reduce, comp, dc)), "cpu", memory_on=None).seconds
+                    for _ in range(args.repeats))  # fmt: skip
+                disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".h5"))
+                n = args.write_samples
+                label = "store only (RunWriter)" if device_cast else "store only, numpy cast in the writer (old path)"
+                rows.append([label, dtype, reduce or "-", comp, n, f"{best:.2f}", f"{n / best:.0f}", f"{disk / n / 1e3:.0f}",
+                             f"{disk / best / 1e6:.0f}", f"{raw * n / best / 1e6:.0f}"])  # fmt: skip
+                print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for reduce in (None, "sum"):  # float16 storage against float32, same run otherwise
+        ref, got = stored["float32", reduce].astype(np.float64), stored["float16", reduce].astype(np.float64)
+        rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        worst = np.abs(got - ref).max()
+        scale = np.abs(ref).reshape(len(ref), -1).max(1).mean()
+        print(f"float16 vs float32 ({reduce or 'full'}): relative L2 {rel:.2e}, max abs {worst:.2e} "
+              f"(mean per-sample absmax {scale:.2e}, max abs / absmax {worst / scale:.2e})")  # fmt: skip
+    headers = ["path", "storage_dtype", "channel_reduce", "compression", "samples", "time (s)", "samples/s", "KB/sample on disk",
+               "stored MB/s", "full-fp32 MB/s"]  # fmt: skip
+    return headers, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -232,10 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--samples", type=int, default=1024)
     d.add_argument("--repeats", type=int, default=2)
     d.add_argument("--compressions", type=lambda s: s.split(","), default=["lzf", "gzip"])
-    for p in (c, d):
+    r = sub.add_parser("reductions")
+    r.add_argument("--samples", type=int, default=16, help="samples of the end-to-end runs (ResNet-18 IG at 224)")
+    r.add_argument("--steps", type=int, default=4)
+    r.add_argument("--compression", default="lzf", help="of the end-to-end runs")
+    r.add_argument("--write-samples", type=int, default=256, help="rows written in the store-only part")
+    r.add_argument("--write-compressions", type=lambda s: s.split(","), default=["lzf", "gzip", "none"])
+    r.add_argument("--repeats", type=int, default=2)
+    for p in (c, d, r):
         p.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    headers, rows = compression(args) if args.what == "compression" else dataset(args)
+    headers, rows = {"compression": compression, "dataset": dataset, "reductions": reductions}[args.what](args)
     env = h.env_line(h.env("cpu"))
     print(f"\n{env}, {h.commit()}\n\n" + h.markdown(headers, rows))
     if args.json:

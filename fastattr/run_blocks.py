@@ -10,6 +10,7 @@ results is counted in stats/nonfinite, and without allow_nonfinite the run stops
 from __future__ import annotations
 
 import logging
+import weakref
 
 import numpy as np
 import torch
@@ -17,15 +18,16 @@ import torch
 from .errors import NonFiniteError
 from .methods import BatchResult
 from .run_inputs import ALLOW_HINT, nonfinite_counts, samples
-from .run_reduce import reduce_channels
+from .run_reduce import AS_COMPUTED, StoredForm
 from .store import Block, RunWriter
 
 logger = logging.getLogger(__name__)
+_overflow_warned: weakref.WeakSet = weakref.WeakSet()  # writers that logged a float16 overflow
 
 
-def to_host(res: BatchResult, dev: torch.device, channel_reduce: str | None = None) -> dict:
-    """Start asynchronous device-to-host copies of everything a block needs; channel_reduce: the
-    attributions are reduced over their channel dim on the device first (fastattr/run_reduce.py)."""
+def to_host(res: BatchResult, dev: torch.device, form: StoredForm = AS_COMPUTED) -> dict:
+    """Start asynchronous device-to-host copies of everything a block needs; ``form``: the
+    attributions are channel-reduced and / or cast to float16 on the device first (fastattr/run_reduce.py)."""
     pin = dev.type == "cuda"
 
     def host(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -36,8 +38,10 @@ def to_host(res: BatchResult, dev: torch.device, channel_reduce: str | None = No
         buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return buf.copy_(t.detach(), non_blocking=True)
 
+    stored = [form.apply(a) for a in res.attributions]
     copied = {
-        "attributions": [host(reduce_channels(a, channel_reduce) if channel_reduce else a.float()) for a in res.attributions],
+        "attributions": [host(t) for t, _ in stored],
+        "cast_nonfinite": host(sum(m for _, m in stored)) if form.float16 else None,  # type: ignore[arg-type]
         "stats": {k: host(getattr(res.stats, k)) for k in ("sum", "l1", "l2", "absmax", "nonfinite")},
         "output": host(res.output),
         "baseline_output": host(res.baseline_output),
@@ -78,6 +82,13 @@ def write_block(writer: RunWriter, start: int, stop: int, c: dict, deltas: list,
         if not allow_nonfinite:
             raise NonFiniteError(f"{samples(bad)}: non-finite results (sample {bad[0]}: {what}); fix the model or data, or {ALLOW_HINT}")
         logger.warning("%s: non-finite results stored (sample %d: %s), counted in stats/nonfinite", samples(bad), bad[0], what)
+    if c.get("cast_nonfinite") is not None:  # float16 made on the device: values it overflowed are counted as stored, the run goes on
+        made = c["cast_nonfinite"].numpy().astype(np.int32)
+        stats["nonfinite"] = stats["nonfinite"] + made
+        if made.any() and writer not in _overflow_warned:  # once per writer, like the store's own cast (store/shard.py)
+            _overflow_warned.add(writer)
+            logger.warning("%s: attribution values beyond the float16 range are stored as inf and counted in stats/nonfinite "
+                           "(fastattr verify fails on them); use storage_dtype='float32' to keep them", samples(start + np.flatnonzero(made)))  # fmt: skip
     block = Block(
         start=start,
         stop=stop,

@@ -29,6 +29,7 @@ from .probe import describe as describe_probe
 from .run_blocks import to_host, write_block
 from .run_inputs import Baselines, ForwardKwargs, Targets, name_samples
 from .run_methods import Batch, MethodPlan
+from .run_reduce import AS_COMPUTED, StoredForm
 from .sources import Source
 from .store import RunWriter
 
@@ -122,7 +123,7 @@ def run_batches(
     writer: RunWriter, model: torch.nn.Module, source: Source, targets: Targets, plan: MethodPlan, baselines: Any, batch_size: int | str,
     examples_per_batch: int | None, dev: torch.device, model_dtype: torch.dtype, progress: bool | None, out: str, total: int,
     ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False, probe: dict | None = None,
-    forward_kwargs: dict[str, Any] | None = None, output: Any = None, channel_reduce: str | None = None,
+    forward_kwargs: dict[str, Any] | None = None, output: Any = None, form: StoredForm = AS_COMPUTED,
 ) -> RunSummary:
     work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
     if work.complete:
@@ -154,7 +155,7 @@ def run_batches(
             base = baselines.for_batch(start, stop)
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:], kw)
             res, max_rows = attribute_with_retry(plan, batch, model, output)
-            copied = to_host(res, dev, channel_reduce)
+            copied = to_host(res, dev, form)
             copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted

@@ -1,4 +1,4 @@
-"""Storage reductions of a dataset run: ``channel_reduce`` stores channel-reduced image maps.
+"""Storage reductions of a dataset run: channel-reduced image maps and float16, made on the device.
 
 An image attribution of shape (C, H, W) is stored as one (H, W) map (a third of the bytes for RGB):
 the channel dim, dim 0 of each sample (dim 1 of a batch), is reduced on the device by
@@ -7,16 +7,23 @@ returns, before the device-to-host copy. It applies to every attributed input of
 to methods that attribute the inputs; every such input needs a channel dim (at least 3 dims per
 sample: (C, H, W), (C, D, H, W), ...). The per-sample stats (sum, l1, l2, absmax, nonfinite) and the
 completeness delta are computed by the engine from the full attributions, before the reduction.
+
+``storage_dtype="float16"``: the cast happens on the device too (``StoredForm``), which halves the
+device-to-host bytes and is about 20x faster than numpy's float32 -> float16 cast in the writer
+thread (114 MB/s on the 2-core machine, slower than lzf). Values beyond float16's 65504 become
+inf; they are counted per sample here, exactly, and added to stats/nonfinite (counted as stored).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from . import kernels
 from .errors import OptionError
 
-__all__ = ["CHANNEL_REDUCE_MODES", "INPUT_METHODS", "channel_reduce_config", "reduce_channels"]
+__all__ = ["AS_COMPUTED", "CHANNEL_REDUCE_MODES", "INPUT_METHODS", "StoredForm", "channel_reduce_config", "reduce_channels"]
 
 # "sum": the signed sum over channels (a "sum" map's total equals the full map's);
 # "abs": sum of |a| over channels; "l2": the channels' Euclidean norm.
@@ -59,3 +66,24 @@ def reduce_channels(a: torch.Tensor, mode: str) -> torch.Tensor:
     if moved.is_contiguous():  # channels-last memory (the engine's working layout for images): no copy
         return kernels.channel_reduce(moved, moved.dim() - 1, mode, out_dtype=torch.float32)
     return kernels.channel_reduce(a.detach().contiguous(), 1, mode, out_dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class StoredForm:
+    """What a run stores of each attribution tensor, made on the device before the host copy."""
+
+    channel_reduce: str | None = None
+    float16: bool = False
+
+    def apply(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the tensor to copy to the host, and with float16 the per-sample count of values the cast
+        made non-finite: finite before, inf after)."""
+        out = reduce_channels(a, self.channel_reduce) if self.channel_reduce else a.detach().float()
+        if not self.float16:
+            return out, None
+        half = out.to(torch.float16)
+        made = (torch.isinf(half) & torch.isfinite(out)).reshape(out.shape[0], -1).sum(1)
+        return half, made
+
+
+AS_COMPUTED = StoredForm()  # float32, every channel

@@ -32,7 +32,7 @@ from .probe import measure
 from .run_inputs import Baselines, ForwardKwargs, Targets, describe_output
 from .run_loop import RunSummary, attribute_with_retry, run_batches
 from .run_methods import Batch, MethodPlan, describe, plan_method
-from .run_reduce import channel_reduce_config
+from .run_reduce import StoredForm, channel_reduce_config
 from .sources import Source, open_source
 from .store import VOLATILE_CONFIG_KEYS, RunWriter
 from .store.manifest import read_manifest
@@ -218,7 +218,7 @@ def run(
             writer = ctx.open_writer(make_writer, resume=resume, overwrite=overwrite)
             return run_batches(writer, model, source, targets, plan, baselines, batch_size, examples_per_batch, dev, model_dtype, progress, str(out), total,
                                 ctx=ctx, forward_args_inputs=forward_args_inputs, allow_nonfinite=allow_nonfinite, probe=probe,
-                                forward_kwargs=forward_kwargs, output=output, channel_reduce=channel_reduce)  # fmt: skip
+                                forward_kwargs=forward_kwargs, output=output, form=StoredForm(channel_reduce, storage_dtype == "float16"))  # fmt: skip
     except BaseException as exc:
         ctx.fail(exc)  # other ranks stop instead of waiting for this one (no-op for one process)
         if writer is not None:

@@ -174,6 +174,35 @@ def test_float16_storage_is_recorded_and_read_back_in_either_dtype(tmp_path):
         assert f["attributions/x"].dtype == np.float16
 
 
+def test_float16_cast_on_the_device_counts_overflow_exactly(tmp_path, caplog):
+    """The runner casts to float16 before the host copy; values it overflows are counted on top of
+    what the run counted itself (here a NaN input's non-finite output and attribution), and logged:
+    the same counts as the store's own cast gave when it did the cast (a guard for the move)."""
+    import logging
+
+    model = nn.Linear(8, 2)
+    with torch.no_grad():
+        model.weight.fill_(500.0)
+        model.bias.zero_()
+    x = np.full((6, 8), 300.0, dtype=np.float32)  # IG ~ 500 * 300 = 1.5e5 per feature: above float16's 65504
+    x[:, 4:] = 1.0  # these stay finite
+    x[3, 0] = np.nan
+    kw = {"n_steps": 4, "target": 0, "progress": False, "allow_nonfinite": True}
+    fastattr.run(model, x, str(tmp_path / "f32"), **kw)
+    with caplog.at_level(logging.WARNING, logger="fastattr"):
+        fastattr.run(model, x, str(tmp_path / "f16"), storage_dtype="float16", **kw)
+    assert any("beyond the float16 range" in r.getMessage() for r in caplog.records)
+    with fastattr.open(tmp_path / "f32") as r32, fastattr.open(tmp_path / "f16") as r16:
+        a32, a16 = r32[:]["attributions"]["x"], r16[:]["attributions"]["x"]
+        counts32, counts16 = r32.field("stats/nonfinite"), r16.field("stats/nonfinite")
+    with np.errstate(over="ignore"):
+        overflowed = (np.isinf(a32.astype(np.float16)) & np.isfinite(a32)).sum(1)
+    assert overflowed.tolist() == [4, 4, 4, 3, 4, 4]
+    np.testing.assert_array_equal(counts16, counts32 + overflowed)
+    assert ((~np.isfinite(a16)).sum(1) <= counts16).all() and counts32[3] > 0
+    assert verify_run(tmp_path / "f16").verdict == "OK"  # allow_nonfinite: the samples are listed as facts
+
+
 def test_both_reductions_together(tmp_path):
     model, x = cnn(), images(8)
     fastattr.run(model, x, tmp_path / "b", target=2, n_steps=8, progress=False, storage_dtype="float16", channel_reduce="sum")

@@ -23,7 +23,7 @@ class Block:
 
     start: int
     stop: int
-    attributions: dict[str, np.ndarray]  # name -> (rows, *feature_shape), float32 (cast to the storage dtype)
+    attributions: dict[str, np.ndarray]  # name -> (rows, *feature_shape), float32 or float16 (cast to the storage dtype)
     target: np.ndarray  # (rows,) or (rows, k) int64
     output: np.ndarray  # (rows,) float32, F(x) at the target
     baseline_output: np.ndarray  # (rows,) float32, F(x0) (NaN for methods without a baseline)
