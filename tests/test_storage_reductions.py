@@ -203,6 +203,22 @@ def test_float16_cast_on_the_device_counts_overflow_exactly(tmp_path, caplog):
     assert verify_run(tmp_path / "f16").verdict == "OK"  # allow_nonfinite: the samples are listed as facts
 
 
+def test_the_device_cast_counts_only_values_it_made_non_finite():
+    from fastattr.run_reduce import StoredForm
+
+    a = torch.randn(5, 3, 4, 4)
+    a[1, 0, 0, 0] = 7e4  # overflows
+    a[1, 2, 3, 3] = -65519.0  # rounds to -65504: stays finite
+    a[2, 0, 0, 0], a[2, 1, 0, 0] = float("nan"), -1e6  # NaN (not made by the cast) and an overflow
+    a[3, 0, 0, 0] = float("inf")  # inf already: not made by the cast
+    half, made = StoredForm(None, True).apply(a)
+    assert half.dtype == torch.float16 and made.tolist() == [0, 1, 1, 0, 0]
+    assert StoredForm(None, True).apply(a[4:])[1].tolist() == [0]  # the fast path: nothing near the limit
+    red, made = StoredForm("abs", True).apply(torch.full((2, 3, 2, 2), 3e4))  # 9e4 after the reduction: overflows
+    assert red.shape == (2, 2, 2) and made.tolist() == [4, 4]
+    assert StoredForm("sum").apply(a)[1] is None
+
+
 def test_both_reductions_together(tmp_path):
     model, x = cnn(), images(8)
     fastattr.run(model, x, tmp_path / "b", target=2, n_steps=8, progress=False, storage_dtype="float16", channel_reduce="sum")
