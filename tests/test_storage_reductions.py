@@ -106,6 +106,26 @@ def test_reduction_reads_channels_last_memory_without_changing_the_result():
     assert reduce_channels(five, "l2").shape == (2, 4, 5, 6)
 
 
+def test_reduction_through_the_triton_kernel(monkeypatch):
+    """The CUDA path (kernels/triton_channel_reduce.py) on both memory layouts; on CPU under the interpreter."""
+    import importlib.util
+
+    from fastattr.run_reduce import reduce_channels
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton was imported without TRITON_INTERPRET=1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is imported: on first use of a Triton kernel
+    monkeypatch.setenv("FASTATTR_KERNELS", "triton")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(3, 3, 7, 9, device=dev)
+    for t in (a, a.contiguous(memory_format=torch.channels_last)):
+        for mode in ("sum", "abs", "l2"):
+            np.testing.assert_allclose(reduce_channels(t, mode).cpu().numpy(), reduce_ref(a.cpu(), mode), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_refuses_a_changed_channel_reduce(tmp_path):
     model, x = cnn(), images(9)
     kw = {"target": 2, "n_steps": 4, "progress": False}
