@@ -15,11 +15,12 @@ chunk, fletcher32, fsync and sha256 like a shard). Every output is read back wit
 (ResNet-18 IG at 3x224x224, random init with BatchNorm statistics, Gaussian inputs): end-to-end
 fastattr.run per setting (bytes on disk, run time), the store alone writing the same real
 attributions tiled to --write-samples rows (reduction included, finalize + fsync + sha256), and the
-error of float16 storage against float32 (relative L2, max abs).
+error of float16 storage against float32 (relative L2, max abs). ``--device cuda``: the runs and the
+storage form on the GPU, the store-only timing then includes the device-to-host copy.
 
     python benchmarks/bench_store.py compression
     python benchmarks/bench_store.py dataset --samples 1024
-    python benchmarks/bench_store.py reductions --samples 16 --write-samples 256
+    python benchmarks/bench_store.py reductions --samples 16 --write-samples 256 [--device cuda]
 """
 
 from __future__ import annotations
@@ -258,12 +259,13 @@ def _write(a: torch.Tensor, out: str, storage_dtype: str, reduce: str | None, co
             part, _ = form.apply(a[lo:hi])
             z = zeros[: hi - lo]
             stats = {"sum": z, "l1": z, "l2": z, "absmax": z, "nonfinite": np.zeros(hi - lo, np.int32)}
-            w.put(Block(lo, hi, {"x": part.numpy()}, np.zeros(hi - lo, np.int64), z, z, z, np.full(hi - lo, 8, np.int32), stats))
+            w.put(Block(lo, hi, {"x": part.cpu().numpy()}, np.zeros(hi - lo, np.int64), z, z, z, np.full(hi - lo, 8, np.int32), stats))
 
 
 def reductions(args: argparse.Namespace) -> tuple[list[str], list[list]]:
     torch.manual_seed(0)
-    model = models.randomize_batchnorm(models.ResNet18().eval())
+    dev = torch.device(args.device)
+    model = models.randomize_batchnorm(models.ResNet18().eval()).to(dev)
     x = torch.randn(args.samples, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     raw = x[0].numel() * 4  # float32 bytes of one full attribution
     tmp = tempfile.mkdtemp(prefix="fastattr-bench-reduce-")
@@ -273,18 +275,18 @@ def reductions(args: argparse.Namespace) -> tuple[list[str], list[list]]:
             out = os.path.join(tmp, f"run-{dtype}-{reduce}")
             seconds, _, _ = h.measure_once(lambda out=out, dtype=dtype, reduce=reduce: fastattr.run(
                 model, x.numpy(), out, target=0, n_steps=args.steps, progress=False, storage_dtype=dtype, channel_reduce=reduce,
-                compression=args.compression), "cpu", memory_on=None)  # fmt: skip
+                compression=args.compression, device=dev), dev, memory_on=None)  # fmt: skip
             stored[dtype, reduce], disk = _stored(out)
             rows.append([f"fastattr.run IG-{args.steps}", dtype, reduce or "-", args.compression, args.samples, f"{seconds:.1f}",
                          f"{args.samples / seconds:.2f}", f"{disk / args.samples / 1e3:.0f}", "-", "-"])  # fmt: skip
             print(rows[-1], flush=True)
         full = torch.from_numpy(stored["float32", None])
-        tiled = full.repeat(-(-args.write_samples // len(full)), 1, 1, 1)[: args.write_samples].contiguous()
+        tiled = full.repeat(-(-args.write_samples // len(full)), 1, 1, 1)[: args.write_samples].contiguous().to(dev)  # the form is made where the run makes it
         for comp in args.write_compressions:  # the store alone, on the same real attributions
             for dtype, reduce, device_cast in [*((d, r, True) for d, r in REDUCTIONS), ("float16", None, False)]:
                 out = os.path.join(tmp, f"write-{comp}-{dtype}-{reduce}-{device_cast}")
                 best = min(h.measure_once(lambda out=out, dtype=dtype, reduce=reduce, comp=comp, dc=device_cast: (
-                    shutil.rmtree(out, ignore_errors=True), _write(tiled, out, dtype, reduce, comp, dc)), "cpu", memory_on=None).seconds
+                    shutil.rmtree(out, ignore_errors=True), _write(tiled, out, dtype, reduce, comp, dc)), dev, memory_on=None).seconds
                     for _ in range(args.repeats))  # fmt: skip
                 disk = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out) if f.endswith(".h5"))
                 n = args.write_samples
@@ -322,14 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--write-samples", type=int, default=256, help="rows written in the store-only part")
     r.add_argument("--write-compressions", type=lambda s: s.split(","), default=["lzf", "gzip", "none"])
     r.add_argument("--repeats", type=int, default=2)
+    r.add_argument("--device", default="cpu", help="where the runs and the storage form (reduction, float16 cast) run; cuda on a GPU")
     for p in (c, d, r):
         p.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     headers, rows = {"compression": compression, "dataset": dataset, "reductions": reductions}[args.what](args)
-    env = h.env_line(h.env("cpu"))
+    env = h.env_line(h.env(getattr(args, "device", "cpu")))
     print(f"\n{env}, {h.commit()}\n\n" + h.markdown(headers, rows))
     if args.json:
-        h.write_json(args.json, {"env_line": env, "args": vars(args), "headers": headers, "rows": rows}, "cpu")
+        h.write_json(args.json, {"env_line": env, "args": vars(args), "headers": headers, "rows": rows}, getattr(args, "device", "cpu"))
     return 0
 
 
