@@ -149,12 +149,15 @@ def test_inputs_without_a_channel_dim_and_other_methods_are_refused_before_any_w
     seq = np.random.default_rng(0).standard_normal((6, 5, 8)).astype(np.float32)  # (T, D): no channel dim either
     with pytest.raises(OptionError, match=r"input 0 has per-sample shape \(5, 8\)"):
         fastattr.run(mlp, seq, tmp_path / "b", target=0, progress=False, channel_reduce="sum")
+    two = (images(6), vectors)  # per sample an image and a vector: the vector is named
+    with pytest.raises(OptionError, match=r"input 1 has per-sample shape \(8,\)"):
+        fastattr.run(mlp, two, tmp_path / "e", target=0, progress=False, channel_reduce="sum")
     with pytest.raises(OptionError, match="channel_reduce must be None or one of 'sum', 'abs', 'l2'"):
         fastattr.run(cnn(), images(4), tmp_path / "c", target=0, progress=False, channel_reduce="mean")
     model = cnn()
     with pytest.raises(OptionError, match="method 'activations' stores other attributions"):
         fastattr.run(model, images(4), tmp_path / "d", method="activations", layer="0", progress=False, channel_reduce="sum")
-    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcd")
+    assert not any((tmp_path / d).exists() and any((tmp_path / d).iterdir()) for d in "abcde")
 
 
 def test_saliency_and_noise_tunnel_runs_reduce_too(tmp_path):
