@@ -5,15 +5,32 @@
   every later chunk to the memory budget (default: half the free device memory).
 - CPU: the best chunk is cache-bound, not memory-bound (a 32x32 CNN ran 1.7x slower at
   1024 rows than at 256 on 2 cores), so rows start small and double until measured
-  throughput clearly drops, then settle on the best size seen. The first chunk warms
-  up the model's kernels and is not timed; each size is timed over CPU_MIN_SECONDS.
+  throughput clearly drops (below CPU_GIVE_UP of the best), then settle on the SMALLEST
+  size within CPU_TOLERANCE of the best rate measured (``pick_rows``): a larger size that
+  is no faster only costs memory (ResNet-50 ran as fast at 64 rows as at the 3-5x larger
+  sizes the old "best size seen" rule picked). The first chunk warms up the model's kernels
+  and is not timed. Each size is timed over CPU_WINDOWS windows of at least CPU_WINDOW_SECONDS
+  and rated by its best window: a neighbour's load only ever slows a window down.
+- CPU memory: rows are also bounded by a host memory budget (``memory_budget``, default
+  HOST_BUDGET_FRACTION of MemAvailable in /proc/meminfo). The bytes a row needs are estimated
+  on the warm-up chunk from the tensors autograd saves for the backward (``watch``: a
+  saved_tensors_hooks pack hook summing distinct storages, parameters excluded), times
+  HOST_PEAK_FACTOR for the backward's gradients and allocator slack (peak RSS / saved bytes
+  measured 1.2-1.6 on ResNet-50 and a ViT; benchmarks/RESULTS.md). Cheap (no copies, no RSS
+  sampling) and deterministic, unlike RSS growth under other threads' allocations.
+- ``fixed=True`` (torch.compile'd models, fastattr/engine.py): one row count for every chunk
+  of every pass (the engine pads short chunks up to it), so the model is not recompiled per
+  size: the user cap, else on the CPU the start size (no doubling), on CUDA the probe's fit
+  (one extra size, then remembered), at most FIXED_MAX_ROWS.
 Every chunk is real work: probing costs no extra forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -27,8 +44,13 @@ CUDA_HEADROOM = 0.9  # allocator fragmentation
 CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
 CPU_START_ROWS = 32  # ... but at least this many rows
 CPU_MAX_ROWS = 16384
-CPU_MIN_SECONDS = 0.1  # time a size over at least this long before judging it (timer and neighbour noise)
+CPU_WINDOW_SECONDS = 0.05  # time a size over windows at least this long (timer and neighbour noise)
+CPU_WINDOWS = 2  # ... this many of them; the size's rate is its best window's
 CPU_GIVE_UP = 0.85  # stop doubling once a size runs below 85% of the best rate seen
+CPU_TOLERANCE = 0.05  # then settle on the smallest size within 5% of the best rate
+HOST_BUDGET_FRACTION = 0.5  # CPU default memory budget: this share of MemAvailable
+HOST_PEAK_FACTOR = 2.0  # peak bytes per row / saved-tensor bytes per row (measured 1.2-1.6; slack)
+FIXED_MAX_ROWS = 512  # fixed=True: the largest size (short chunks are padded up to it)
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -47,6 +69,47 @@ def parse_bytes(value: int | str | None) -> int | None:
         raise OptionError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 
+def host_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_budget() -> int | None:
+    """The default CPU memory budget: HOST_BUDGET_FRACTION of the memory available now."""
+    available = host_available()
+    return None if available is None else int(available * HOST_BUDGET_FRACTION)
+
+
+def pick_rows(rates: dict[int, float], tolerance: float = CPU_TOLERANCE) -> int:
+    """The smallest measured size whose rate (rows/s) is within ``tolerance`` of the best."""
+    best = max(rates.values())
+    return min(rows for rows, rate in rates.items() if rate >= best * (1 - tolerance))
+
+
+@contextlib.contextmanager
+def saved_bytes_counter() -> Iterator[dict[int, int]]:
+    """Count the distinct storages autograd saves for the backward inside the block (parameters
+    excluded: they are not per row). Yields {storage address: bytes}; sum its values afterwards."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter) and t.device.type == "cpu":
+            with contextlib.suppress(RuntimeError):  # a tensor without storage (sparse, ...)
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
 # Sizes settled by earlier passes, keyed by what determines them (model, row shapes,
 # device, precision, budget), so a loop over batches -- a dataset run, or a user calling
 # attribute() per batch -- tunes once instead of on every call. A hint only: a stale
@@ -55,7 +118,10 @@ _settled: dict[tuple, int] = {}
 
 
 class RowPlanner:
-    """Decides the rows of each chunk of a pass over ``total`` rows."""
+    """Decides the rows of each chunk of a pass over ``total`` rows.
+
+    ``row_peak_bytes``: peak bytes one row needs on the CPU, if known (tests inject it); else
+    measured on the first chunk through ``watch``."""
 
     def __init__(
         self,
@@ -65,29 +131,66 @@ class RowPlanner:
         memory_budget: int | str | None = None,
         row_bytes: int = 0,
         key: tuple | None = None,
+        *,
+        fixed: bool = False,
+        row_peak_bytes: int | None = None,
     ) -> None:
         self.device = device
         self.total = total
-        self.cap = min(max_rows or total, total)
+        self.fixed = fixed
+        # fixed: chunks are padded up to the size, so it is not clamped to this pass's total
+        self.cap = (max_rows or FIXED_MAX_ROWS) if fixed else min(max_rows or total, total)
         self.memory_budget = parse_bytes(memory_budget)
         self.tuning = max_rows is None or max_rows > CPU_START_ROWS
         self.key = None if key is None else (*key, str(device), self.memory_budget)
+        self.row_peak_bytes = row_peak_bytes
+        self.limit: int | None = None  # most rows the CPU memory budget allows, once known
         if self.tuning and self.key in _settled:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap
+        elif fixed:  # a compiled model on the CPU: one size, no doubling (each size is a compile)
+            start = max(CPU_START_ROWS, min(FIXED_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
+            self.rows, self.tuning = max_rows or start, False
         else:
             start = max(CPU_START_ROWS, min(CPU_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows = min(self.cap, start) if self.tuning else self.cap
-        self._best: tuple[float, int] | None = None
+            if self.tuning and row_peak_bytes is not None:
+                self._bound(row_peak_bytes)
+        self._rates: dict[int, float] = {}
         self._t0 = 0.0
         self._base = 0
         self._warm = device.type == "cuda"
-        self._timed = (0, 0.0)  # rows and seconds measured at the current size
+        self._windows: list[float] = []  # rates of the current size's finished windows
+        self._window = (0, 0.0)  # rows and seconds of the window in progress
+        self._saved: dict[int, int] | None = None
 
     def _settle(self, rows: int) -> None:
         if self.key is not None:
             _settled[self.key] = rows
+
+    def _bound(self, per_row: int) -> None:
+        """Cap rows to the CPU memory budget at ``per_row`` peak bytes per row."""
+        budget = self.memory_budget if self.memory_budget is not None else host_budget()
+        if budget is None:
+            return
+        self.limit = max(1, budget // max(1, per_row))
+        self.cap = min(self.cap, self.limit)
+        self.rows = min(self.rows, self.cap)
+        logger.debug("CPU memory: %d bytes/row, budget %d bytes -> at most %d rows per forward", per_row, budget, self.limit)
+
+    def watch(self) -> contextlib.AbstractContextManager:
+        """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
+        saves, for the per-row memory estimate (module docstring)."""
+        if self.device.type == "cuda" or not self.tuning or self._warm or self.row_peak_bytes is not None:
+            return contextlib.nullcontext()
+        return self._count()
+
+    @contextlib.contextmanager
+    def _count(self) -> Iterator[None]:
+        with saved_bytes_counter() as seen:
+            yield
+        self._saved = seen
 
     def begin(self) -> None:
         if not self.tuning:
@@ -115,21 +218,30 @@ class RowPlanner:
         elapsed = time.perf_counter() - self._t0
         if not self._warm:
             self._warm = True
+            if self._saved is not None and self.row_peak_bytes is None:
+                self.row_peak_bytes = int(sum(self._saved.values()) * HOST_PEAK_FACTOR / rows_done)
+                self._saved = None
+                self._bound(self.row_peak_bytes)
             return
-        rows, seconds = self._timed[0] + rows_done, self._timed[1] + elapsed
-        if seconds < CPU_MIN_SECONDS:
-            self._timed = (rows, seconds)
+        rows, seconds = self._window[0] + rows_done, self._window[1] + elapsed
+        if seconds < CPU_WINDOW_SECONDS:
+            self._window = (rows, seconds)
             return
-        self._timed = (0, 0.0)
-        rate = rows / seconds
-        if self._best is None or rate > self._best[0]:
-            self._best = (rate, self.rows)
+        self._window = (0, 0.0)
+        self._windows.append(rows / seconds)
+        if len(self._windows) < CPU_WINDOWS:
+            return
+        rate, self._windows = max(self._windows), []
+        self._rates[self.rows] = rate
+        best = max(self._rates.values())
         grown = min(self.cap, CPU_MAX_ROWS, self.rows * 2)
-        if rate < self._best[0] * CPU_GIVE_UP or grown == self.rows:
-            self.rows = self._best[1]
+        dropped = rate < best * CPU_GIVE_UP
+        if dropped or grown == self.rows:
+            self.rows = pick_rows(self._rates)
             self.tuning = False
-            if rate < self._best[0] * CPU_GIVE_UP or grown == CPU_MAX_ROWS:  # a real optimum, not the pass's end
+            # a real optimum (throughput fell, or the memory / size ceiling), not the pass's end
+            if dropped or grown == CPU_MAX_ROWS or grown == self.limit:
                 self._settle(self.rows)
-            logger.debug("CPU tuning: %d rows per forward (%.0f rows/s)", self.rows, self._best[0])
+            logger.debug("CPU tuning: %d rows per forward (rates %s)", self.rows, {r: round(v) for r, v in self._rates.items()})
         else:
             self.rows = grown
