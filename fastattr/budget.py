@@ -14,7 +14,8 @@
 - CPU memory: rows are also bounded by a host memory budget (``memory_budget``, default
   HOST_BUDGET_FRACTION of MemAvailable in /proc/meminfo). The bytes a row needs are estimated
   on the warm-up chunk from the tensors autograd saves for the backward (``watch``: a
-  saved_tensors_hooks pack hook summing distinct storages, parameters excluded), times
+  saved_tensors_hooks pack hook summing distinct storages of per-row tensors; weights and
+  other constants excluded, ``saved_bytes_counter``), times
   HOST_PEAK_FACTOR for the backward's gradients and allocator slack (peak RSS / saved bytes
   measured 1.2-1.6 on ResNet-50 and a ViT; benchmarks/RESULTS.md). Cheap (no copies, no RSS
   sampling) and deterministic, unlike RSS growth under other threads' allocations.
@@ -95,12 +96,15 @@ def pick_rows(rates: dict[int, float], tolerance: float = CPU_TOLERANCE) -> int:
 
 @contextlib.contextmanager
 def saved_bytes_counter() -> Iterator[dict[int, int]]:
-    """Count the distinct storages autograd saves for the backward inside the block (parameters
-    excluded: they are not per row). Yields {storage address: bytes}; sum its values afterwards."""
+    """Count the distinct storages autograd saves for the backward inside the block. Yields
+    {storage address: bytes}; sum its values afterwards. Counted: tensors on the gradient's path
+    (they require grad: activations, the input rows) and integer / bool ones (max-pool indices,
+    dropout masks); not float tensors off the path: weights, their transposes and autocast copies,
+    BatchNorm statistics (the same for any row count). Several views of one storage count once."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, torch.nn.Parameter) and t.device.type == "cpu":
+        if t.device.type == "cpu" and (t.requires_grad or not (t.is_floating_point() or t.is_complex())):
             with contextlib.suppress(RuntimeError):  # a tensor without storage (sparse, ...)
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()

@@ -142,17 +142,20 @@ def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
 
 # compile=True: one compiled forward per callable, so engines built per call share its cache
 _compiled: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend for compile=True (tests count frames with another)
 
 
 def compiled_forward(forward: Any) -> Any:
-    """torch.compile(forward, dynamic=False), made once per callable (compile=True)."""
+    """torch.compile(forward, dynamic=False), made once per callable (compile=True). Not the whole
+    chunk step: autograd.grad inside a compiled region breaks the graph, so the forward is compiled
+    (its backward is AOT-compiled with it) and the engine keeps its shapes fixed (RowPlanner fixed)."""
     try:
         with _layout_lock:
             if forward not in _compiled:
-                _compiled[forward] = torch.compile(forward, dynamic=False)
+                _compiled[forward] = torch.compile(forward, dynamic=False, backend=COMPILE_BACKEND)
             return _compiled[forward]
     except TypeError:  # not weak-referenceable or not hashable
-        return torch.compile(forward, dynamic=False)
+        return torch.compile(forward, dynamic=False, backend=COMPILE_BACKEND)
 
 
 # Models known to run (True) or to fail (False) on channels-last rows, so each is tried once per
