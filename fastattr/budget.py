@@ -119,6 +119,10 @@ def saved_bytes_counter() -> Iterator[dict[int, int]]:
 # attribute() per batch -- tunes once instead of on every call. A hint only: a stale
 # entry costs speed, never correctness.
 _settled: dict[tuple, int] = {}
+# CPU tuning not finished when its pass ended (a pass shorter than the ladder of sizes: a dataset run's
+# batches), per key as above: (rates measured, size being measured, its finished windows' rates, peak
+# bytes per row); the next pass goes on from there.
+_progress: dict[tuple, tuple[dict[int, float], int, list[float], int | None]] = {}
 
 
 class RowPlanner:
@@ -168,10 +172,29 @@ class RowPlanner:
         self._windows: list[float] = []  # rates of the current size's finished windows
         self._window = (0, 0.0)  # rows and seconds of the window in progress
         self._saved: dict[int, int] | None = None
+        if self.tuning and device.type != "cuda" and self.key in _progress:  # an earlier pass's tuning, unfinished
+            self._resume(*_progress[self.key])
 
     def _settle(self, rows: int) -> None:
         if self.key is not None:
             _settled[self.key] = rows
+            _progress.pop(self.key, None)
+
+    def _resume(self, rates: dict[int, float], rows: int, windows: list[float], row_peak_bytes: int | None) -> None:
+        """Continue tuning where an earlier pass stopped (warm kernels: no warm-up chunk). A size
+        this pass cannot fill is not measured: it runs the best-so-far size instead."""
+        self._rates, self._warm, self._saved = dict(rates), True, None
+        if row_peak_bytes is not None:
+            self.row_peak_bytes = row_peak_bytes
+            self._bound(row_peak_bytes)
+        if rows <= self.cap:
+            self.rows, self._windows = rows, list(windows)
+        elif rates:
+            self.rows, self.tuning = min(self.cap, pick_rows(rates)), False
+
+    def _keep_progress(self) -> None:
+        if self.key is not None:
+            _progress[self.key] = (dict(self._rates), self.rows, list(self._windows), self.row_peak_bytes)
 
     def _bound(self, per_row: int) -> None:
         """Cap rows to the CPU memory budget at ``per_row`` peak bytes per row."""
@@ -234,18 +257,24 @@ class RowPlanner:
         self._window = (0, 0.0)
         self._windows.append(rows / seconds)
         if len(self._windows) < CPU_WINDOWS:
+            self._keep_progress()
             return
         rate, self._windows = max(self._windows), []
         self._rates[self.rows] = rate
         best = max(self._rates.values())
-        grown = min(self.cap, CPU_MAX_ROWS, self.rows * 2)
+        grown = min(CPU_MAX_ROWS, self.rows * 2, self.limit or CPU_MAX_ROWS)
         dropped = rate < best * CPU_GIVE_UP
-        if dropped or grown == self.rows:
-            self.rows = pick_rows(self._rates)
-            self.tuning = False
-            # a real optimum (throughput fell, or the memory / size ceiling), not the pass's end
-            if dropped or grown == CPU_MAX_ROWS or grown == self.limit:
-                self._settle(self.rows)
+        if dropped or grown == self.rows:  # a real optimum: throughput fell, or the memory / size ceiling
+            self.rows, self.tuning = pick_rows(self._rates), False
+            self._settle(self.rows)
             logger.debug("CPU tuning: %d rows per forward (rates %s)", self.rows, {r: round(v) for r, v in self._rates.items()})
+        elif grown > self.cap:  # this pass is too short for the next size, or the user's cap is below it
+            if self.cap < self.total and self.cap not in self._rates:  # the user's cap: measure it too
+                self.rows = self.cap
+            else:
+                self.rows, self.tuning = grown, False
+                self._keep_progress()  # the next pass measures ``grown``
+                self.rows = min(self.cap, pick_rows(self._rates))
         else:
             self.rows = grown
+            self._keep_progress()

@@ -28,6 +28,7 @@ CPU = torch.device("cpu")
 def _fresh(monkeypatch):
     """No size settled by another test, no compiled frames from another test."""
     monkeypatch.setattr(budget, "_settled", {})
+    monkeypatch.setattr(budget, "_progress", {})
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -104,6 +105,29 @@ def test_tuner_rates_a_size_by_its_best_window(clock):
         clock[0] += cost[rows] * rows * factor
         planner.end(rows)
     assert planner.rows == 64
+
+
+def test_tuning_continues_across_short_passes(clock):
+    """Passes of 300 rows (a dataset run's batches) are shorter than the ladder of sizes: each goes on
+    where the last stopped, and once the next size no longer fits a pass, passes run the smallest
+    size within tolerance (old: every pass restarted at 32 rows and doubled again)."""
+    cost = {32: 1 / 1000, 64: 1 / 1480, 128: 1 / 1500, 256: 1 / 1400}
+    seen = []
+    for _ in range(12):
+        planner = RowPlanner(CPU, 300, row_bytes=8192, memory_budget="1TB", key=("short",))
+        done, sizes = 0, []
+        while done < 300:
+            rows = min(planner.rows, 300 - done)
+            sizes.append(rows)
+            planner.begin()
+            clock[0] += cost.get(rows, 1 / 1000) * rows
+            planner.end(rows)
+            done += rows
+        seen.append(sizes)
+    assert seen[-1] == [64, 64, 64, 64, 44], seen
+    assert 256 in sum(seen, [])  # every size of the ladder that fits a pass was measured
+    later = RowPlanner(CPU, 300, row_bytes=8192, memory_budget="1TB", key=("short",))
+    assert later.rows == 64 and not later.tuning
 
 
 class Recorder(nn.Module):
