@@ -9,8 +9,12 @@
   size within CPU_TOLERANCE of the best rate measured (``pick_rows``): a larger size that
   is no faster only costs memory (ResNet-50 ran as fast at 64 rows as at the 3-5x larger
   sizes the old "best size seen" rule picked). The first chunk warms up the model's kernels
-  and is not timed. Each size is timed over CPU_WINDOWS windows of at least CPU_WINDOW_SECONDS
-  and rated by its best window: a neighbour's load only ever slows a window down.
+  and is not timed. Sizes are compared in pairs (r, 2r) measured ALTERNATELY, window by window
+  (a window: chunks of one size over at least CPU_WINDOW_SECONDS), CPU_WINDOWS windows each,
+  each size rated by its best window: other jobs on a shared host slow both sizes of a pair
+  alike and only ever slow a window down. Rates are kept relative to the first size (the
+  product of the pairs' ratios), so a busy minute between two pairs does not skew the choice.
+  A pass too short for the ladder leaves its progress for the next pass with the same key.
 - CPU memory: rows are also bounded by a host memory budget (``memory_budget``, default
   HOST_BUDGET_FRACTION of MemAvailable in /proc/meminfo). The bytes a row needs are estimated
   on the warm-up chunk from the tensors autograd saves for the backward (``watch``: a
@@ -32,6 +36,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,10 +48,10 @@ CUDA_PROBE_ROWS = 16
 CUDA_BUDGET_FRACTION = 0.5
 CUDA_HEADROOM = 0.9  # allocator fragmentation
 CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
-CPU_START_ROWS = 32  # ... but at least this many rows
+CPU_START_ROWS = 16  # ... but at least this many rows
 CPU_MAX_ROWS = 16384
 CPU_WINDOW_SECONDS = 0.05  # time a size over windows at least this long (timer and neighbour noise)
-CPU_WINDOWS = 2  # ... this many of them; the size's rate is its best window's
+CPU_WINDOWS = 2  # ... this many per size of a pair, alternating; a size's rate is its best window's
 CPU_GIVE_UP = 0.85  # stop doubling once a size runs below 85% of the best rate seen
 CPU_TOLERANCE = 0.05  # then settle on the smallest size within 5% of the best rate
 HOST_BUDGET_FRACTION = 0.5  # CPU default memory budget: this share of MemAvailable
@@ -119,10 +124,21 @@ def saved_bytes_counter() -> Iterator[dict[int, int]]:
 # attribute() per batch -- tunes once instead of on every call. A hint only: a stale
 # entry costs speed, never correctness.
 _settled: dict[tuple, int] = {}
-# CPU tuning not finished when its pass ended (a pass shorter than the ladder of sizes: a dataset run's
-# batches), per key as above: (rates measured, size being measured, its finished windows' rates, peak
-# bytes per row); the next pass goes on from there.
-_progress: dict[tuple, tuple[dict[int, float], int, list[float], int | None]] = {}
+
+
+@dataclass
+class _Tuning:
+    """CPU tuning state, kept per key between passes until a size settles (``_progress``)."""
+
+    pair: tuple[int, int]  # (incumbent, challenger = twice it) being compared
+    rel: dict[int, float] = field(default_factory=dict)  # size -> rate relative to the first size compared
+    windows: dict[int, list[float]] = field(default_factory=dict)  # the pair's window rates (rows/s)
+    row_peak_bytes: int | None = None
+
+
+# CPU tuning not finished when its pass ended (a pass shorter than the ladder of sizes: a dataset
+# run's batches), per key as above; the next pass goes on from there.
+_progress: dict[tuple, _Tuning] = {}
 
 
 class RowPlanner:
@@ -148,11 +164,18 @@ class RowPlanner:
         self.fixed = fixed
         # fixed: chunks are padded up to the size, so it is not clamped to this pass's total
         self.cap = (max_rows or FIXED_MAX_ROWS) if fixed else min(max_rows or total, total)
+        self.user_cap = max_rows is not None and max_rows < total
         self.memory_budget = parse_bytes(memory_budget)
         self.tuning = max_rows is None or max_rows > CPU_START_ROWS
         self.key = None if key is None else (*key, str(device), self.memory_budget)
         self.row_peak_bytes = row_peak_bytes
         self.limit: int | None = None  # most rows the CPU memory budget allows, once known
+        self._t0 = 0.0
+        self._base = 0
+        self._warm = device.type == "cuda"
+        self._window = (0, 0.0)  # rows and seconds of the window in progress
+        self._saved: dict[int, int] | None = None
+        self._state: _Tuning | None = None
         if self.tuning and self.key in _settled:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
@@ -160,41 +183,24 @@ class RowPlanner:
         elif fixed:  # a compiled model on the CPU: one size, no doubling (each size is a compile)
             start = max(CPU_START_ROWS, min(FIXED_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows, self.tuning = max_rows or start, False
+        elif self.tuning and self.key in _progress:  # an earlier pass's tuning, unfinished
+            self._resume(_progress[self.key])
         else:
             start = max(CPU_START_ROWS, min(CPU_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows = min(self.cap, start) if self.tuning else self.cap
             if self.tuning and row_peak_bytes is not None:
                 self._bound(row_peak_bytes)
-        self._rates: dict[int, float] = {}
-        self._t0 = 0.0
-        self._base = 0
-        self._warm = device.type == "cuda"
-        self._windows: list[float] = []  # rates of the current size's finished windows
-        self._window = (0, 0.0)  # rows and seconds of the window in progress
-        self._saved: dict[int, int] | None = None
-        if self.tuning and device.type != "cuda" and self.key in _progress:  # an earlier pass's tuning, unfinished
-            self._resume(*_progress[self.key])
 
+    # ------------------------------------------------------------------ CPU state
     def _settle(self, rows: int) -> None:
         if self.key is not None:
             _settled[self.key] = rows
             _progress.pop(self.key, None)
 
-    def _resume(self, rates: dict[int, float], rows: int, windows: list[float], row_peak_bytes: int | None) -> None:
-        """Continue tuning where an earlier pass stopped (warm kernels: no warm-up chunk). A size
-        this pass cannot fill is not measured: it runs the best-so-far size instead."""
-        self._rates, self._warm, self._saved = dict(rates), True, None
-        if row_peak_bytes is not None:
-            self.row_peak_bytes = row_peak_bytes
-            self._bound(row_peak_bytes)
-        if rows <= self.cap:
-            self.rows, self._windows = rows, list(windows)
-        elif rates:
-            self.rows, self.tuning = min(self.cap, pick_rows(rates)), False
-
-    def _keep_progress(self) -> None:
-        if self.key is not None:
-            _progress[self.key] = (dict(self._rates), self.rows, list(self._windows), self.row_peak_bytes)
+    def _ceiling(self) -> int:
+        """The largest size tuning may try: CPU_MAX_ROWS, the memory limit, a user cap."""
+        top = min(CPU_MAX_ROWS, self.limit or CPU_MAX_ROWS)
+        return min(top, self.cap) if self.user_cap else top
 
     def _bound(self, per_row: int) -> None:
         """Cap rows to the CPU memory budget at ``per_row`` peak bytes per row."""
@@ -206,6 +212,50 @@ class RowPlanner:
         self.rows = min(self.rows, self.cap)
         logger.debug("CPU memory: %d bytes/row, budget %d bytes -> at most %d rows per forward", per_row, budget, self.limit)
 
+    def _start_pair(self, incumbent: int) -> None:
+        """Compare ``incumbent`` with twice it next; stop where no larger size may be tried."""
+        ceiling = self._ceiling()
+        challenger = min(incumbent * 2, ceiling)
+        if challenger <= incumbent:  # at the size or memory ceiling: settled (a user cap is this call's only)
+            self._finish(settle=not (self.user_cap and ceiling == self.cap))
+            return
+        self._state.pair, self._state.windows = (incumbent, challenger), {}
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Run the pair's size with fewer windows, or stop for this pass if the pass cannot hold it."""
+        inc, ch = self._state.pair
+        if ch > self.cap:  # this pass is too short for the challenger: the next pass measures it
+            self._keep()
+            self._finish(settle=False)
+            return
+        w = self._state.windows
+        self.rows = ch if len(w.get(ch, ())) < len(w.get(inc, ())) else inc
+        self._keep()
+
+    def _finish(self, settle: bool) -> None:
+        rel = self._state.rel if self._state is not None else {}
+        self.rows = min(self.cap, pick_rows(rel)) if rel else min(self.cap, self.rows)
+        self.tuning = False
+        if settle:
+            self._settle(self.rows)
+        logger.debug("CPU tuning: %d rows per forward (relative rates %s)", self.rows, {r: round(v, 3) for r, v in rel.items()})
+
+    def _keep(self) -> None:
+        if self.key is not None and self._state is not None:
+            self._state.row_peak_bytes = self.row_peak_bytes
+            _progress[self.key] = self._state
+
+    def _resume(self, state: _Tuning) -> None:
+        """Continue tuning where an earlier pass stopped (warm kernels: no warm-up chunk)."""
+        self._state, self._warm = state, True
+        self.rows = state.pair[0]
+        if state.row_peak_bytes is not None:
+            self.row_peak_bytes = state.row_peak_bytes
+            self._bound(state.row_peak_bytes)
+        self._go_on()
+
+    # ------------------------------------------------------------------ per chunk
     def watch(self) -> contextlib.AbstractContextManager:
         """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
         saves, for the per-row memory estimate (module docstring)."""
@@ -243,38 +293,30 @@ class RowPlanner:
             logger.debug("CUDA probe: %d bytes/row -> %d rows per forward", per_row, self.rows)
             return
         elapsed = time.perf_counter() - self._t0
-        if not self._warm:
+        if not self._warm:  # the warm-up chunk: not timed; sizes the memory bound
             self._warm = True
             if self._saved is not None and self.row_peak_bytes is None:
                 self.row_peak_bytes = int(sum(self._saved.values()) * HOST_PEAK_FACTOR / rows_done)
                 self._saved = None
                 self._bound(self.row_peak_bytes)
+            self._state = _Tuning(pair=(self.rows, self.rows))
+            self._start_pair(self.rows)
             return
         rows, seconds = self._window[0] + rows_done, self._window[1] + elapsed
         if seconds < CPU_WINDOW_SECONDS:
             self._window = (rows, seconds)
             return
         self._window = (0, 0.0)
-        self._windows.append(rows / seconds)
-        if len(self._windows) < CPU_WINDOWS:
-            self._keep_progress()
+        state = self._state
+        state.windows.setdefault(self.rows, []).append(rows / seconds)
+        inc, ch = state.pair
+        if min(len(state.windows.get(inc, ())), len(state.windows.get(ch, ()))) < CPU_WINDOWS:
+            self.rows = ch if self.rows == inc else inc  # alternate, so both see the same load
+            self._keep()
             return
-        rate, self._windows = max(self._windows), []
-        self._rates[self.rows] = rate
-        best = max(self._rates.values())
-        grown = min(CPU_MAX_ROWS, self.rows * 2, self.limit or CPU_MAX_ROWS)
-        dropped = rate < best * CPU_GIVE_UP
-        if dropped or grown == self.rows:  # a real optimum: throughput fell, or the memory / size ceiling
-            self.rows, self.tuning = pick_rows(self._rates), False
-            self._settle(self.rows)
-            logger.debug("CPU tuning: %d rows per forward (rates %s)", self.rows, {r: round(v) for r, v in self._rates.items()})
-        elif grown > self.cap:  # this pass is too short for the next size, or the user's cap is below it
-            if self.cap < self.total and self.cap not in self._rates:  # the user's cap: measure it too
-                self.rows = self.cap
-            else:
-                self.rows, self.tuning = grown, False
-                self._keep_progress()  # the next pass measures ``grown``
-                self.rows = min(self.cap, pick_rows(self._rates))
+        state.rel.setdefault(inc, 1.0)
+        state.rel[ch] = state.rel[inc] * max(state.windows[ch]) / max(state.windows[inc])
+        if state.rel[ch] < max(state.rel.values()) * CPU_GIVE_UP:
+            self._finish(settle=True)
         else:
-            self.rows = grown
-            self._keep_progress()
+            self._start_pair(ch)

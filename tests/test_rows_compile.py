@@ -107,6 +107,23 @@ def test_tuner_rates_a_size_by_its_best_window(clock):
     assert planner.rows == 64
 
 
+def test_tuner_compares_sizes_under_the_same_load(clock):
+    """A load burst over the first two timed chunks (other jobs on the host) slows one window of
+    each size of the first pair, not both windows of one size: 32 and 64 still rate alike and the
+    smallest size stays (timed one size after the other, 64 would look 2x faster)."""
+    planner = RowPlanner(CPU, 10**6, row_bytes=8192, memory_budget="1TB")
+    cost = {32: 1 / 100, 64: 1 / 100, 128: 1 / 100, 256: 1 / 50}  # every chunk is a window of its own
+    sizes = []
+    while planner.tuning:
+        rows = planner.rows
+        sizes.append(rows)
+        planner.begin()
+        clock[0] += cost[rows] * rows * (2.0 if len(sizes) in (2, 3) else 1.0)  # chunk 1 is the warm-up
+        planner.end(rows)
+    assert sizes[:5] == [32, 32, 64, 32, 64], sizes
+    assert planner.rows == 32
+
+
 def test_tuning_continues_across_short_passes(clock):
     """Passes of 300 rows (a dataset run's batches) are shorter than the ladder of sizes: each goes on
     where the last stopped, and once the next size no longer fits a pass, passes run the smallest
