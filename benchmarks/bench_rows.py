@@ -1,7 +1,7 @@
 """CPU rows per forward: fixed sizes vs batch_size="auto" (fastattr/budget.py), and compiled models.
 
     python benchmarks/bench_rows.py [--models demo,resnet50,vit] [--rows 16,32,64,128,256] [--repeats 2]
-                                    [--compile demo] [--json PATH]
+                                    [--compile demo] [--threads N] [--json PATH]
 
 Workload per model: IntegratedGradients (gausslegendre) over one batch per call, fp32, CPU:
 - demo: fastattr/demo.py's CNN (untrained; timing only), 1x24x24, 256 samples x 32 steps = 8192 rows
@@ -145,8 +145,11 @@ def main() -> None:
     ap.add_argument("--rows", default="16,32,64,128,256")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compile", default="", help="models for the compile comparison (e.g. demo)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", default=os.path.join(h.RESULTS, "rows_cpu.json"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows_list = [int(r) for r in args.rows.split(",") if r]
     info = h.env()
     print(h.env_line(info))

@@ -228,7 +228,7 @@ class Engine:
     ) -> None:
         if not isinstance(compile, bool):
             raise OptionError(f"compile must be True or False, got {compile!r}")
-        self.forward_func = compiled_forward(forward_func) if compile else forward_func
+        self.forward_func = compiled_forward(forward_func) if compile and not is_compiled(forward_func) else forward_func
         # a compiled model recompiles per input shape and stride layout: one row count for every chunk
         # (RowPlanner fixed=True) and, where rows are independent (no module in train mode, where
         # BatchNorm mixes rows), short chunks padded up to it with copies of a row whose results are dropped
