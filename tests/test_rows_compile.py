@@ -65,13 +65,22 @@ def test_pick_rows_smallest_within_tolerance():
 
 def test_cpu_tuner_settles_on_smallest_size_within_tolerance(clock):
     """Rates 1000, 1480, 1500, 1400 rows/s at 32..256: 64 runs within 2% of the best (128), so the
-    tuner keeps 64 rows (the old rule kept the best size seen, 128, for 2x the memory)."""
+    tuner keeps 64 rows (the old rule kept the best size seen, 128, for 2x the memory, after
+    trying 256 and 512)."""
     cost = {32: 1 / 1000, 64: 1 / 1480, 128: 1 / 1500, 256: 1 / 1400, 512: 1 / 1000}
     planner = RowPlanner(CPU, 10**6, row_bytes=8192, memory_budget="1TB", key=("model",))
     sizes = _tune(planner, cost, clock)
     assert planner.rows == 64, sizes
-    assert max(sizes) == 512  # doubled until the rate fell below 85% of the best (1000 < 1275)
+    assert max(sizes) == 128  # 128 gained 1.4% over 64: doubling stopped there
     assert budget._settled[("model", "cpu", 10**12)] == 64  # remembered: a real optimum
+
+
+def test_cpu_tuner_keeps_doubling_while_it_pays(clock):
+    """Each doubling up to 256 gains more than 5%, the next one does not: 256 is kept."""
+    cost = {32: 1 / 500, 64: 1 / 800, 128: 1 / 1000, 256: 1 / 1100, 512: 1 / 1120, 1024: 1 / 900}
+    planner = RowPlanner(CPU, 10**6, row_bytes=8192, memory_budget="1TB")
+    sizes = _tune(planner, cost, clock)
+    assert planner.rows == 256 and max(sizes) == 512, sizes
 
 
 def test_cpu_tuner_stops_growing_at_host_budget(clock):
@@ -125,9 +134,8 @@ def test_tuner_compares_sizes_under_the_same_load(clock):
 
 
 def test_tuning_continues_across_short_passes(clock):
-    """Passes of 300 rows (a dataset run's batches) are shorter than the ladder of sizes: each goes on
-    where the last stopped, and once the next size no longer fits a pass, passes run the smallest
-    size within tolerance (old: every pass restarted at 32 rows and doubled again)."""
+    """Passes of 300 rows (a dataset run's batches) are too short to tune in one: each goes on where
+    the last stopped until the size settles (old: every pass restarted at 32 rows and doubled again)."""
     cost = {32: 1 / 1000, 64: 1 / 1480, 128: 1 / 1500, 256: 1 / 1400}
     seen = []
     for _ in range(12):
@@ -142,9 +150,26 @@ def test_tuning_continues_across_short_passes(clock):
             done += rows
         seen.append(sizes)
     assert seen[-1] == [64, 64, 64, 64, 44], seen
-    assert 256 in sum(seen, [])  # every size of the ladder that fits a pass was measured
+    assert 128 in sum(seen, []) and 256 not in sum(seen, [])  # 128 gained too little over 64: stop
     later = RowPlanner(CPU, 300, row_bytes=8192, memory_budget="1TB", key=("short",))
     assert later.rows == 64 and not later.tuning
+
+
+def test_passes_too_short_for_the_next_size_run_the_best_measured(clock):
+    """Passes of 100 rows cannot hold the next size (128): they run the best size measured so far."""
+    cost = {32: 1 / 500, 64: 1 / 800, 128: 1 / 1000}
+    for _ in range(10):
+        planner = RowPlanner(CPU, 100, row_bytes=8192, memory_budget="1TB", key=("tiny",))
+        done, sizes = 0, []
+        while done < 100:
+            rows = min(planner.rows, 100 - done)
+            sizes.append(rows)
+            planner.begin()
+            clock[0] += cost.get(rows, 1 / 400) * rows
+            planner.end(rows)
+            done += rows
+    assert sizes == [64, 36], sizes
+    assert budget._progress[("tiny", "cpu", 10**12)].pair == (64, 128)  # a longer pass would go on with 128
 
 
 class Recorder(nn.Module):
