@@ -9,7 +9,8 @@ Workload per model: IntegratedGradients (gausslegendre) over one batch per call,
   row on 2 cores), 16 samples x 32 steps = 512 rows
 - vit: benchmarks/models.py's ViT-S/16 (12 blocks, dim 384) at 3x64x64 (17 tokens), 16 x 32 = 512 rows
 
-For each fixed ``internal_batch_size`` in ``--rows``: rows/s (the best of ``--repeats`` calls: on a
+For each fixed ``internal_batch_size`` in ``--rows`` (exactly that many rows: the planner's tuning
+below a cap is switched off for these calls, see ``_fixed``): rows/s (the best of ``--repeats`` calls: on a
 shared host other jobs only ever slow a call down) after one call that measures peak host memory
 (RSS high-water above the start, _harness.PeakMemory). For "auto" (no cap; the planner tunes): the
 FIRST call (tuning from scratch, rows/s and peak RSS), then one call for memory and ``--repeats``
@@ -56,6 +57,21 @@ def _reset_planner() -> None:
     getattr(budget, "_progress", {}).clear()
 
 
+def _fixed(call: Any, **kw: Any) -> Any:
+    """A call at exactly ``internal_batch_size`` rows: a cap above budget.CPU_TUNE_ABOVE (32; older
+    checkouts: CPU_START_ROWS) is a cap the CPU planner tunes below, so tuning is switched off here."""
+    names = [n for n in ("CPU_TUNE_ABOVE", "CPU_START_ROWS") if hasattr(budget, n)]
+    saved = {n: getattr(budget, n) for n in names}
+    try:
+        for n in names:
+            if n == "CPU_TUNE_ABOVE" or "CPU_TUNE_ABOVE" not in names:
+                setattr(budget, n, 1 << 30)
+        return call(**kw)
+    finally:
+        for n, v in saved.items():
+            setattr(budget, n, v)
+
+
 def _load() -> str:
     return f"{os.getloadavg()[0]:.2f}"
 
@@ -83,7 +99,7 @@ def bench_model(name: str, rows_list: list[int], repeats: int) -> list[dict[str,
         return work / h.best_of(fn, "cpu", repeats).seconds, mem.peak_mb
 
     for rows in rows_list:
-        rate, peak = measured(lambda r=rows: call(internal_batch_size=r))
+        rate, peak = measured(lambda r=rows: _fixed(call, internal_batch_size=r))
         out.append({"model": name, "rows": str(rows), "rows/s": rate, "peak MiB": peak, "settled rows": rows})
         print(f"  {name} rows={rows}: {rate:.0f} rows/s, {peak:.0f} MiB", file=sys.stderr, flush=True)
     for label, kw in (("auto", {}), ("auto 1GiB", {"memory_budget": "1GiB"})):

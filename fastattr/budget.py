@@ -51,6 +51,7 @@ CUDA_BUDGET_FRACTION = 0.5
 CUDA_HEADROOM = 0.9  # allocator fragmentation
 CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
 CPU_START_ROWS = 16  # ... but at least this many rows
+CPU_TUNE_ABOVE = 32  # a user cap at or below this many rows is used as it is, not tuned below
 CPU_MAX_ROWS = 16384
 CPU_WINDOW_SECONDS = 0.05  # time a size over windows at least this long (timer and neighbour noise)
 CPU_WINDOWS = 2  # ... this many per size of a pair, alternating; a size's rate is its best window's
@@ -167,7 +168,7 @@ class RowPlanner:
         self.cap = (max_rows or FIXED_MAX_ROWS) if fixed else min(max_rows or total, total)
         self.user_cap = max_rows is not None and max_rows < total
         self.memory_budget = parse_bytes(memory_budget)
-        self.tuning = max_rows is None or max_rows > CPU_START_ROWS
+        self.tuning = max_rows is None or max_rows > CPU_TUNE_ABOVE
         self.key = None if key is None else (*key, str(device), self.memory_budget)
         self.row_peak_bytes = row_peak_bytes
         self.limit: int | None = None  # most rows the CPU memory budget allows, once known
