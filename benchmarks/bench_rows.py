@@ -133,7 +133,10 @@ def bench_compile(name: str, repeats: int) -> list[dict[str, Any]]:
     ig = fastattr.IntegratedGradients(model)
     eager = ig.attribute(x, target=target, n_steps=steps, channels_last=False)
     out = []
-    for label, kw in (("eager (default layout)", {}), ("eager NCHW", {"channels_last": False}), ("compile=True", {"compile": True})):
+    runs = [("eager (default layout)", {}), ("eager NCHW", {"channels_last": False})]
+    if "compile" in fastattr.Options.__dataclass_fields__:  # older checkouts have no compile option
+        runs.append(("compile=True", {"compile": True}))
+    for label, kw in runs:
         _reset_planner()
         torch._dynamo.reset()
         first = h.measure_once(lambda k=kw: ig.attribute(x, target=target, n_steps=steps, **k))
@@ -171,7 +174,8 @@ def main() -> None:
     print(h.env_line(info))
     print(f"fastattr from {os.path.dirname(fastattr.__file__)}; load {_load()}")
     rows = [r for m in args.models.split(",") if m for r in bench_model(m, rows_list, args.repeats)]
-    print(h.dict_table(rows))
+    if rows:
+        print(h.dict_table(rows))
     comp = [r for m in args.compile.split(",") if m for r in bench_compile(m, args.repeats)]
     if comp:
         print()
