@@ -4,16 +4,41 @@
 - CUDA: the first chunk is a small probe; its peak allocated memory per row sizes
   every later chunk to the memory budget (default: half the free device memory).
 - CPU: the best chunk is cache-bound, not memory-bound (a 32x32 CNN ran 1.7x slower at
-  1024 rows than at 256 on 2 cores), so rows start small and double until measured
-  throughput clearly drops, then settle on the best size seen. The first chunk warms
-  up the model's kernels and is not timed; each size is timed over CPU_MIN_SECONDS.
+  1024 rows than at 256 on 2 cores), so rows start small and double while doubling pays:
+  tuning stops at the first doubling that gains no more than CPU_TOLERANCE, and the size kept
+  is the SMALLEST within CPU_TOLERANCE of the best rate measured (``pick_rows``). A larger size
+  that is no faster only costs memory: issue 16 measured ResNet-50 at 3-5x the memory of 64
+  rows for the same throughput under the old rule (double until a size ran below 85% of the
+  best, keep the best seen), whose tuning chunks far past the plateau also set the peak; and
+  a noisy ratio now errs towards the smaller size. The first chunk warms up the model's kernels
+  and is not timed. Sizes are compared in pairs (r, 2r) measured ALTERNATELY, window by window
+  (a window: chunks of one size over at least CPU_WINDOW_SECONDS), CPU_WINDOWS windows each,
+  each size rated by its best window: other jobs on a shared host slow both sizes of a pair
+  alike and only ever slow a window down. Rates are kept relative to the first size (the
+  product of the pairs' ratios), so a busy minute between two pairs does not skew the choice.
+  A pass too short for the ladder leaves its progress for the next pass with the same key.
+- CPU memory: rows are also bounded by a host memory budget (``memory_budget``, default
+  HOST_BUDGET_FRACTION of MemAvailable in /proc/meminfo). The bytes a row needs are estimated
+  on the warm-up chunk from the tensors autograd saves for the backward (``watch``: a
+  saved_tensors_hooks pack hook summing distinct storages of per-row tensors; weights and
+  other constants excluded, ``saved_bytes_counter``), times
+  HOST_PEAK_FACTOR for the backward's gradients and allocator slack (peak RSS / saved bytes
+  measured 1.2-1.6 on ResNet-50 and a ViT; benchmarks/RESULTS.md). Cheap (no copies, no RSS
+  sampling) and deterministic, unlike RSS growth under other threads' allocations.
+- ``fixed=True`` (torch.compile'd models, fastattr/engine.py): one row count for every chunk
+  of every pass (the engine pads short chunks up to it), so the model is not recompiled per
+  size: the user cap, else on the CPU the start size (no doubling), on CUDA the probe's fit
+  (one extra size, then remembered), at most FIXED_MAX_ROWS.
 Every chunk is real work: probing costs no extra forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,10 +50,15 @@ CUDA_PROBE_ROWS = 16
 CUDA_BUDGET_FRACTION = 0.5
 CUDA_HEADROOM = 0.9  # allocator fragmentation
 CPU_START_BYTES = 256 * 2**10  # first size: about this much interpolated input per chunk
-CPU_START_ROWS = 32  # ... but at least this many rows
+CPU_START_ROWS = 16  # ... but at least this many rows
+CPU_TUNE_ABOVE = 32  # a user cap at or below this many rows is used as it is, not tuned below
 CPU_MAX_ROWS = 16384
-CPU_MIN_SECONDS = 0.1  # time a size over at least this long before judging it (timer and neighbour noise)
-CPU_GIVE_UP = 0.85  # stop doubling once a size runs below 85% of the best rate seen
+CPU_WINDOW_SECONDS = 0.05  # time a size over windows at least this long (timer and neighbour noise)
+CPU_WINDOWS = 2  # ... this many per size of a pair, alternating; a size's rate is its best window's
+CPU_TOLERANCE = 0.05  # stop doubling when it gains no more than 5%; keep the smallest size within 5% of the best
+HOST_BUDGET_FRACTION = 0.5  # CPU default memory budget: this share of MemAvailable
+HOST_PEAK_FACTOR = 2.0  # peak bytes per row / saved-tensor bytes per row (measured 1.2-1.6; slack)
+FIXED_MAX_ROWS = 512  # fixed=True: the largest size (short chunks are padded up to it)
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -47,6 +77,50 @@ def parse_bytes(value: int | str | None) -> int | None:
         raise OptionError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 
+def host_available() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def host_budget() -> int | None:
+    """The default CPU memory budget: HOST_BUDGET_FRACTION of the memory available now."""
+    available = host_available()
+    return None if available is None else int(available * HOST_BUDGET_FRACTION)
+
+
+def pick_rows(rates: dict[int, float], tolerance: float = CPU_TOLERANCE) -> int:
+    """The smallest measured size whose rate (rows/s) is within ``tolerance`` of the best."""
+    best = max(rates.values())
+    return min(rows for rows, rate in rates.items() if rate >= best * (1 - tolerance))
+
+
+@contextlib.contextmanager
+def saved_bytes_counter() -> Iterator[dict[int, int]]:
+    """Count the distinct storages autograd saves for the backward inside the block. Yields
+    {storage address: bytes}; sum its values afterwards. Counted: tensors on the gradient's path
+    (they require grad: activations, the input rows) and integer / bool ones (max-pool indices,
+    dropout masks); not float tensors off the path: weights, their transposes and autocast copies,
+    BatchNorm statistics (the same for any row count). Several views of one storage count once."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type == "cpu" and (t.requires_grad or not (t.is_floating_point() or t.is_complex())):
+            with contextlib.suppress(RuntimeError):  # a tensor without storage (sparse, ...)
+                storage = t.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
 # Sizes settled by earlier passes, keyed by what determines them (model, row shapes,
 # device, precision, budget), so a loop over batches -- a dataset run, or a user calling
 # attribute() per batch -- tunes once instead of on every call. A hint only: a stale
@@ -54,8 +128,26 @@ def parse_bytes(value: int | str | None) -> int | None:
 _settled: dict[tuple, int] = {}
 
 
+@dataclass
+class _Tuning:
+    """CPU tuning state, kept per key between passes until a size settles (``_progress``)."""
+
+    pair: tuple[int, int]  # (incumbent, challenger = twice it) being compared
+    rel: dict[int, float] = field(default_factory=dict)  # size -> rate relative to the first size compared
+    windows: dict[int, list[float]] = field(default_factory=dict)  # the pair's window rates (rows/s)
+    row_peak_bytes: int | None = None
+
+
+# CPU tuning not finished when its pass ended (a pass shorter than the ladder of sizes: a dataset
+# run's batches), per key as above; the next pass goes on from there.
+_progress: dict[tuple, _Tuning] = {}
+
+
 class RowPlanner:
-    """Decides the rows of each chunk of a pass over ``total`` rows."""
+    """Decides the rows of each chunk of a pass over ``total`` rows.
+
+    ``row_peak_bytes``: peak bytes one row needs on the CPU, if known (tests inject it); else
+    measured on the first chunk through ``watch``."""
 
     def __init__(
         self,
@@ -65,29 +157,119 @@ class RowPlanner:
         memory_budget: int | str | None = None,
         row_bytes: int = 0,
         key: tuple | None = None,
+        *,
+        fixed: bool = False,
+        row_peak_bytes: int | None = None,
     ) -> None:
         self.device = device
         self.total = total
-        self.cap = min(max_rows or total, total)
+        self.fixed = fixed
+        # fixed: chunks are padded up to the size, so it is not clamped to this pass's total
+        self.cap = (max_rows or FIXED_MAX_ROWS) if fixed else min(max_rows or total, total)
+        self.user_cap = max_rows is not None and max_rows < total
         self.memory_budget = parse_bytes(memory_budget)
-        self.tuning = max_rows is None or max_rows > CPU_START_ROWS
+        self.tuning = max_rows is None or max_rows > CPU_TUNE_ABOVE
         self.key = None if key is None else (*key, str(device), self.memory_budget)
+        self.row_peak_bytes = row_peak_bytes
+        self.limit: int | None = None  # most rows the CPU memory budget allows, once known
+        self._t0 = 0.0
+        self._base = 0
+        self._warm = device.type == "cuda"
+        self._window = (0, 0.0)  # rows and seconds of the window in progress
+        self._saved: dict[int, int] | None = None
+        self._state: _Tuning | None = None
         if self.tuning and self.key in _settled:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap
+        elif fixed:  # a compiled model on the CPU: one size, no doubling (each size is a compile)
+            start = max(CPU_START_ROWS, min(FIXED_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
+            self.rows, self.tuning = max_rows or start, False
+        elif self.tuning and self.key in _progress:  # an earlier pass's tuning, unfinished
+            self._resume(_progress[self.key])
         else:
             start = max(CPU_START_ROWS, min(CPU_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows = min(self.cap, start) if self.tuning else self.cap
-        self._best: tuple[float, int] | None = None
-        self._t0 = 0.0
-        self._base = 0
-        self._warm = device.type == "cuda"
-        self._timed = (0, 0.0)  # rows and seconds measured at the current size
+            if self.tuning and row_peak_bytes is not None:
+                self._bound(row_peak_bytes)
 
+    # ------------------------------------------------------------------ CPU state
     def _settle(self, rows: int) -> None:
         if self.key is not None:
             _settled[self.key] = rows
+            _progress.pop(self.key, None)
+
+    def _ceiling(self) -> int:
+        """The largest size tuning may try: CPU_MAX_ROWS, the memory limit, a user cap."""
+        top = min(CPU_MAX_ROWS, self.limit or CPU_MAX_ROWS)
+        return min(top, self.cap) if self.user_cap else top
+
+    def _bound(self, per_row: int) -> None:
+        """Cap rows to the CPU memory budget at ``per_row`` peak bytes per row."""
+        budget = self.memory_budget if self.memory_budget is not None else host_budget()
+        if budget is None:
+            return
+        self.limit = max(1, budget // max(1, per_row))
+        self.cap = min(self.cap, self.limit)
+        self.rows = min(self.rows, self.cap)
+        logger.debug("CPU memory: %d bytes/row, budget %d bytes -> at most %d rows per forward", per_row, budget, self.limit)
+
+    def _start_pair(self, incumbent: int) -> None:
+        """Compare ``incumbent`` with twice it next; stop where no larger size may be tried."""
+        ceiling = self._ceiling()
+        challenger = min(incumbent * 2, ceiling)
+        if challenger <= incumbent:  # at the size or memory ceiling: settled (a user cap is this call's only)
+            self._finish(settle=not (self.user_cap and ceiling == self.cap))
+            return
+        self._state.pair, self._state.windows = (incumbent, challenger), {}
+        self._go_on()
+
+    def _go_on(self) -> None:
+        """Run the pair's size with fewer windows, or stop for this pass if the pass cannot hold it."""
+        inc, ch = self._state.pair
+        if ch > self.cap:  # this pass is too short for the challenger: the next pass measures it
+            self._keep()
+            self._finish(settle=False)
+            return
+        w = self._state.windows
+        self.rows = ch if len(w.get(ch, ())) < len(w.get(inc, ())) else inc
+        self._keep()
+
+    def _finish(self, settle: bool) -> None:
+        rel = self._state.rel if self._state is not None else {}
+        self.rows = min(self.cap, pick_rows(rel)) if rel else min(self.cap, self.rows)
+        self.tuning = False
+        if settle:
+            self._settle(self.rows)
+        logger.debug("CPU tuning: %d rows per forward (relative rates %s)", self.rows, {r: round(v, 3) for r, v in rel.items()})
+
+    def _keep(self) -> None:
+        if self.key is not None and self._state is not None:
+            self._state.row_peak_bytes = self.row_peak_bytes
+            _progress[self.key] = self._state
+
+    def _resume(self, state: _Tuning) -> None:
+        """Continue tuning where an earlier pass stopped (warm kernels: no warm-up chunk)."""
+        self._state, self._warm = state, True
+        self.rows = state.pair[0]
+        if state.row_peak_bytes is not None:
+            self.row_peak_bytes = state.row_peak_bytes
+            self._bound(state.row_peak_bytes)
+        self._go_on()
+
+    # ------------------------------------------------------------------ per chunk
+    def watch(self) -> contextlib.AbstractContextManager:
+        """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
+        saves, for the per-row memory estimate (module docstring)."""
+        if self.device.type == "cuda" or not self.tuning or self._warm or self.row_peak_bytes is not None:
+            return contextlib.nullcontext()
+        return self._count()
+
+    @contextlib.contextmanager
+    def _count(self) -> Iterator[None]:
+        with saved_bytes_counter() as seen:
+            yield
+        self._saved = seen
 
     def begin(self) -> None:
         if not self.tuning:
@@ -113,23 +295,30 @@ class RowPlanner:
             logger.debug("CUDA probe: %d bytes/row -> %d rows per forward", per_row, self.rows)
             return
         elapsed = time.perf_counter() - self._t0
-        if not self._warm:
+        if not self._warm:  # the warm-up chunk: not timed; sizes the memory bound
             self._warm = True
+            if self._saved is not None and self.row_peak_bytes is None:
+                self.row_peak_bytes = int(sum(self._saved.values()) * HOST_PEAK_FACTOR / rows_done)
+                self._saved = None
+                self._bound(self.row_peak_bytes)
+            self._state = _Tuning(pair=(self.rows, self.rows))
+            self._start_pair(self.rows)
             return
-        rows, seconds = self._timed[0] + rows_done, self._timed[1] + elapsed
-        if seconds < CPU_MIN_SECONDS:
-            self._timed = (rows, seconds)
+        rows, seconds = self._window[0] + rows_done, self._window[1] + elapsed
+        if seconds < CPU_WINDOW_SECONDS:
+            self._window = (rows, seconds)
             return
-        self._timed = (0, 0.0)
-        rate = rows / seconds
-        if self._best is None or rate > self._best[0]:
-            self._best = (rate, self.rows)
-        grown = min(self.cap, CPU_MAX_ROWS, self.rows * 2)
-        if rate < self._best[0] * CPU_GIVE_UP or grown == self.rows:
-            self.rows = self._best[1]
-            self.tuning = False
-            if rate < self._best[0] * CPU_GIVE_UP or grown == CPU_MAX_ROWS:  # a real optimum, not the pass's end
-                self._settle(self.rows)
-            logger.debug("CPU tuning: %d rows per forward (%.0f rows/s)", self.rows, self._best[0])
+        self._window = (0, 0.0)
+        state = self._state
+        state.windows.setdefault(self.rows, []).append(rows / seconds)
+        inc, ch = state.pair
+        if min(len(state.windows.get(inc, ())), len(state.windows.get(ch, ()))) < CPU_WINDOWS:
+            self.rows = ch if self.rows == inc else inc  # alternate, so both see the same load
+            self._keep()
+            return
+        state.rel.setdefault(inc, 1.0)
+        state.rel[ch] = state.rel[inc] * max(state.windows[ch]) / max(state.windows[inc])
+        if state.rel[ch] <= state.rel[inc] * (1 + CPU_TOLERANCE):  # doubling no longer pays
+            self._finish(settle=True)
         else:
-            self.rows = grown
+            self._start_pair(ch)

@@ -105,6 +105,59 @@ def use_channels_last(requested: bool | None, device: torch.device, precision: P
     return device.type != "cuda" or precision.autocast_dtype is not None
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def is_compiled(forward: Any) -> bool:
+    """Whether ``forward`` runs through torch.compile: an OptimizedModule, a compiled function, a module
+    after ``module.compile()``, or a bound method of one. Such a model is recompiled for every new
+    input shape or stride layout, so the engine gives it one layout and one row count (``Engine``)."""
+    owner = getattr(forward, "__self__", None)
+    for f in (forward, owner):
+        if f is None:
+            continue
+        if type(f).__name__ == "OptimizedModule" or hasattr(f, "_torchdynamo_orig_callable"):
+            return True
+        if isinstance(f, torch.nn.Module) and getattr(f, "_compiled_call_impl", None) is not None:
+            return True
+    return False
+
+
+def _module_of(forward: Any) -> torch.nn.Module | None:
+    module = forward if isinstance(forward, torch.nn.Module) else getattr(forward, "__self__", None)
+    return module if isinstance(module, torch.nn.Module) else None
+
+
+def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
+    """``t`` with ``pad`` copies of its first row appended (real values: nothing non-finite is
+    introduced), in ``t``'s memory format."""
+    if pad <= 0:
+        return t
+    out = torch.cat([t, t[:1].expand(pad, *t.shape[1:])])
+    if _is_channels_last(t):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+# compile=True: one compiled forward per callable, so engines built per call share its cache
+_compiled: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+COMPILE_BACKEND: Any = "inductor"  # torch.compile's backend for compile=True (tests count frames with another)
+
+
+def compiled_forward(forward: Any) -> Any:
+    """torch.compile(forward, dynamic=False), made once per callable (compile=True). Not the whole
+    chunk step: autograd.grad inside a compiled region breaks the graph, so the forward is compiled
+    (its backward is AOT-compiled with it) and the engine keeps its shapes fixed (RowPlanner fixed)."""
+    try:
+        with _layout_lock:
+            if forward not in _compiled:
+                _compiled[forward] = torch.compile(forward, dynamic=False, backend=COMPILE_BACKEND)
+            return _compiled[forward]
+    except TypeError:  # not weak-referenceable or not hashable
+        return torch.compile(forward, dynamic=False, backend=COMPILE_BACKEND)
+
+
 # Models known to run (True) or to fail (False) on channels-last rows, so each is tried once per
 # process. Keyed weakly by the forward callable; an unhashable callable is tried on every call.
 _layout_verdicts: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
@@ -171,8 +224,17 @@ class Engine:
         kernel_backend: str | None = None,
         output: OutputSelector = None,
         grad_kwargs: dict[str, Any] | None = None,
+        compile: bool = False,  # noqa: A002 - the option's name
     ) -> None:
-        self.forward_func = forward_func
+        if not isinstance(compile, bool):
+            raise OptionError(f"compile must be True or False, got {compile!r}")
+        self.forward_func = compiled_forward(forward_func) if compile and not is_compiled(forward_func) else forward_func
+        # a compiled model recompiles per input shape and stride layout: one row count for every chunk
+        # (RowPlanner fixed=True) and, where rows are independent (no module in train mode, where
+        # BatchNorm mixes rows), short chunks padded up to it with copies of a row whose results are dropped
+        self.fixed_rows = is_compiled(self.forward_func)
+        module = _module_of(self.forward_func)
+        self.pad_rows = self.fixed_rows and module is not None and not any(m.training for m in module.modules())
         self.precision = precision
         self.max_rows = optional_positive_int("max_rows", max_rows)
         self.memory_budget = parse_bytes(memory_budget)  # fail fast on a malformed size
@@ -197,6 +259,8 @@ class Engine:
         max-pool decisions a last-bit difference can flip (README, benchmarks/RESULTS.md)."""
         if requested is not None or not any(x.dim() == 4 for x in problem.inputs):
             problem.set_channels_last(bool(requested))
+        elif self.fixed_rows:  # compiled: the inputs' own layout, so strides never flip between passes
+            problem.set_channels_last(all(_is_channels_last(x) for x in problem.inputs if x.dim() == 4))
         elif not use_channels_last(None, problem.device, self.precision):
             problem.set_channels_last(False)
         else:
@@ -232,6 +296,23 @@ class Engine:
                 "%s fails on channels-last inputs (%s: %s); it runs in the inputs' own layout from now on",
                 type(self.forward_func).__name__, type(e).__name__, (str(e).splitlines() or [""])[0][:200],
             )  # fmt: skip
+
+    # ------------------------------------------------------------- rows per chunk
+    def _planner(self, device: torch.device, total: int, row_bytes: int, key: tuple) -> RowPlanner:
+        return RowPlanner(device, total, self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key, fixed=self.fixed_rows)
+
+    def _pad(self, rows: int, n: int) -> int:
+        """Rows to append to a chunk of ``n`` so a compiled model sees one shape (0 unless pad_rows)."""
+        return rows - n if self.pad_rows and n < rows else 0
+
+    def _forward_rows(self, problem: Problem, total: int | None) -> int:
+        """Rows per no-grad forward: the cap (else FORWARD_ONLY_ROWS), at most ``total``; for a compiled
+        model one fixed size (the gradient passes' fixed size, never clamped to the pass)."""
+        if not self.fixed_rows:
+            rows = self.max_rows or FORWARD_ONLY_ROWS
+            return rows if total is None else min(rows, total)
+        row_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
+        return self._planner(problem.device, 1, row_bytes, ("forward-only",)).rows
 
     def _forward(self, problem: Problem, rows: Sequence[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> Any:
         """The model on ``rows`` (the chunk's inputs) with its per-row forward args and kwargs."""
@@ -304,14 +385,15 @@ class Engine:
         batch = problem.batch
         stacked = [torch.cat([r[i] for r in rows_inputs]) for i in range(len(problem.inputs))]
         total = stacked[0].shape[0]
-        rows = min(self.max_rows or FORWARD_ONLY_ROWS, total)
+        rows = self._forward_rows(problem, total)
         out = torch.empty(total, dtype=torch.float64 if problem.inputs[0].dtype == torch.float64 else torch.float32, device=problem.device)
         with torch.no_grad(), self.precision.flags():
             for r0 in range(0, total, rows):
                 r1 = min(total, r0 + rows)
-                ex = torch.arange(r0, r1, device=problem.device) % batch
-                y = self._forward(problem, [s[r0:r1] for s in stacked], ex)
-                out[r0:r1] = self._select(y, ex, problem).to(out.dtype)
+                pad = self._pad(rows, r1 - r0)
+                ex = _padded(torch.arange(r0, r1, device=problem.device) % batch, pad)
+                y = self._forward(problem, [_padded(s[r0:r1], pad) for s in stacked], ex)
+                out[r0:r1] = self._select(y, ex, problem)[: r1 - r0].to(out.dtype)
         return list(out.split(batch))
 
     # -------------------------------------------------------------- gradients
@@ -351,11 +433,12 @@ class Engine:
         total = n_steps * batch
         row_bytes = sum(x.shape[1] * x.element_size() for x in flat_inputs)
         key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
-        planner = RowPlanner(device, total, self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key)
+        planner = self._planner(device, total, row_bytes, key)
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
             segments = _segments(p0, p1, batch)
+            n, pad = p1 - p0, self._pad(planner.rows, p1 - p0)
             planner.begin()
             # interpolated rows for this chunk, built on the device, one leaf per input
             leaves = []
@@ -369,9 +452,12 @@ class Engine:
                             for s0, s1, e0, e1 in segments
                         ]
                     )
-                leaves.append(problem.layouts[i].rows(rows_i).detach().requires_grad_(True))
-            example_idx = torch.arange(p0, p1, device=device) % batch
-            grads, selected = self._grad_chunk(problem, leaves, example_idx)
+                leaves.append(problem.layouts[i].rows(_padded(rows_i, pad)).detach().requires_grad_(True))
+            example_idx = _padded(torch.arange(p0, p1, device=device) % batch, pad)
+            with planner.watch():
+                grads, selected = self._grad_chunk(problem, leaves, example_idx)
+            if pad:  # the padded rows' results are dropped (rows are independent: Engine.pad_rows)
+                grads, selected = tuple(g[:n] for g in grads), selected[:n]
             if endpoint_steps:
                 for step, buf in endpoint_steps.items():
                     lo, hi = max(p0, step * batch), min(p1, (step + 1) * batch)
@@ -381,10 +467,9 @@ class Engine:
                 g = lay.flat(g).contiguous()  # the kernels take dense rows
                 r = 0
                 for s0, s1, e0, e1 in segments:
-                    n = (s1 - s0) * (e1 - e0)
-                    kernels.path_accumulate(acc[e0:e1], g[r : r + n].view(s1 - s0, e1 - e0, -1), weight_t[s0:s1], backend=self.kernel_backend)
-                    r += n
-            planner.end(p1 - p0)
+                    kernels.path_accumulate(acc[e0:e1], g[r : r + (s1 - s0) * (e1 - e0)].view(s1 - s0, e1 - e0, -1), weight_t[s0:s1], backend=self.kernel_backend)
+                    r += (s1 - s0) * (e1 - e0)
+            planner.end(n + pad)
             p0 = p1
         return accs
 
@@ -457,21 +542,25 @@ class Engine:
         key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
         if seq is not None:  # trimmed rows cost less than full ones: tune them apart
             key = (*key, "seq-trimmed")
-        planner = RowPlanner(device, max(total, 1), self.max_rows, self.memory_budget, row_bytes=row_bytes, key=key)
+        planner = self._planner(device, max(total, 1), row_bytes, key)
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
+            m, pad = p1 - p0, 0 if seq is not None else self._pad(planner.rows, p1 - p0)  # trimmed chunks vary anyway
             planner.begin()
             ex = example_idx[p0:p1]
-            points, chunk_diffs, cut, cols = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths)
+            points, chunk_diffs, cut, cols = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths, pad)
             leaves = [p.detach().requires_grad_(True) for p in points]
-            grads, selected = self._grad_chunk(problem, leaves, ex, None if seq is None else (seq[0], cut))
+            with planner.watch():
+                grads, selected = self._grad_chunk(problem, leaves, _padded(ex, pad), None if seq is None else (seq[0], cut))
+            if pad:  # the padded rows' results are dropped
+                grads, selected = tuple(g[:m] for g in grads), selected[:m]
             outs[p0:p1] = selected.to(acc_dtype)
             for acc, g, lay, d, n in zip(accs, grads, problem.layouts, chunk_diffs, cols):
                 g = g.reshape(g.shape[0], -1).to(acc_dtype) if cut is not None else lay.flat(g).to(acc_dtype)
                 dots[p0:p1] += (g * d.to(acc_dtype)).sum(1)
                 acc[:, :n].index_add_(0, dest[p0:p1], g * weights[p0:p1, None])  # a view: positions >= L get nothing
-            planner.end(p1 - p0)
+            planner.end(m + pad)
             p0 = p1
         return outs, dots
 
@@ -491,14 +580,15 @@ class Engine:
         example_idx = example_idx.to(device=device, dtype=torch.long)
         alpha_ts = [alphas.to(device=device, dtype=x.dtype) for x in problem.inputs]
         out = torch.zeros(total, dtype=acc_dtype, device=device)
-        rows = self.max_rows or FORWARD_ONLY_ROWS
+        rows = self._forward_rows(problem, None)
         with torch.no_grad(), self.precision.flags(), self.precision.autocast(device):
             for p0 in range(0, total, rows):
                 p1 = min(total, p0 + rows)
+                pad = 0 if seq is not None else self._pad(rows, p1 - p0)
                 ex = example_idx[p0:p1]
-                xs, _, cut, _ = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths)
-                y = self._forward(problem, xs, ex, None if seq is None else (seq[0], cut))
-                out[p0:p1] = self._select(y, ex, problem).to(acc_dtype)
+                xs, _, cut, _ = self._pair_points(problem, starts, diffs, alpha_ts, ex, p0, p1, seq, seq_lengths, pad)
+                y = self._forward(problem, xs, _padded(ex, pad), None if seq is None else (seq[0], cut))
+                out[p0:p1] = self._select(y, _padded(ex, pad), problem)[: p1 - p0].to(acc_dtype)
         return out
 
     def finalize(self, problem: Problem, accs: Sequence[torch.Tensor], multiply_by_inputs: bool) -> tuple[list[torch.Tensor], list[kernels.Stats]]:
@@ -526,14 +616,17 @@ class Engine:
         p1: int,
         seq: tuple[int, list[int]] | None,
         seq_lengths: torch.Tensor | None,
+        pad: int = 0,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], int | None, list[int]]:
         """Path points x0 + alpha (x - x0) of pairs [p0, p1) (examples ``ex``) in the model's view,
-        per input; also each row's x - x0, the trimmed length (None: full) and the flat columns kept."""
+        per input, plus ``pad`` copies of the first pair's point; also each pair's x - x0 (unpadded),
+        the trimmed length (None: full) and the flat columns kept."""
         cut = None if seq is None else self._chunk_len(seq_lengths, ex)
         cols = [d.shape[1] if cut is None else cut * c for d, c in zip(diffs, seq[1] if seq else diffs)]
         chunk_diffs = [d[:, :n].index_select(0, ex) for d, n in zip(diffs, cols)]
+        ex_p = _padded(ex, pad)
         points = [
-            self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex), a[p0:p1].view(-1, 1), d), cut)
+            self._rows(lay, torch.addcmul(s[:, :n].index_select(0, ex_p), _padded(a[p0:p1], pad).view(-1, 1), _padded(d, pad)), cut)
             for lay, s, d, a, n in zip(problem.layouts, starts, chunk_diffs, alpha_ts, cols)
         ]
         return points, chunk_diffs, cut, cols

@@ -67,7 +67,7 @@ class Options:
 
     precision: str = "fp32"  # fp32, tf32, bf16, fp16: the forward/backward policy; "auto": chosen by a probe
     max_rows: int | None = None  # most rows one forward may see (Captum's internal_batch_size)
-    memory_budget: int | None = None  # bytes (or "8GiB" on input): CUDA rows per forward from a probe
+    memory_budget: int | None = None  # bytes (or "8GiB" on input): bounds rows per forward (CUDA probe; CPU saved-tensor estimate)
     allow_nonfinite: bool = False  # accept NaN/inf in inputs and baselines
     kernel_backend: str | None = None  # "auto", "triton", "torch" (None: FASTATTR_KERNELS or auto)
     channels_last: bool | None = None  # None: by device and precision, with a fallback (fastattr/engine.py)
@@ -83,6 +83,7 @@ class Options:
     probe_samples: int = 4
     precision_tolerance: float = 0.01  # precision="auto": the largest probe error a faster policy may have
     precision_warn: float = 0.01
+    compile: bool = False  # torch.compile the model's forward per chunk (dynamic=False, fixed chunk shapes; engine.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.precision, Precision):
@@ -100,7 +101,7 @@ class Options:
         object.__setattr__(self, "memory_budget", parse_bytes(self.memory_budget))
         if self.memory_budget is not None and self.memory_budget < 1:
             raise OptionError(f"memory_budget must be positive, got {self.memory_budget!r}")
-        for name in ("allow_nonfinite",):
+        for name in ("allow_nonfinite", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.channels_last not in (None, True, False):
@@ -155,7 +156,9 @@ class Options:
         fp32 side passes: F(x), F(x0), adaptive nodes)."""
         from .engine import Engine  # engine imports this module
 
-        kw: dict[str, Any] = dict(max_rows=self.max_rows, memory_budget=self.memory_budget, kernel_backend=self.kernel_backend, output=self.output)
+        kw: dict[str, Any] = dict(
+            max_rows=self.max_rows, memory_budget=self.memory_budget, kernel_backend=self.kernel_backend, output=self.output, compile=self.compile
+        )
         kw.update(overrides)
         return Engine(forward_func, get_precision(precision or self.precision), **kw)
 
@@ -185,6 +188,7 @@ class OptionsDict(TypedDict, total=False):
     probe_samples: int
     precision_tolerance: float
     precision_warn: float
+    compile: bool
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
