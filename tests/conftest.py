@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Before anything imports triton (torch.compile's inductor does): kernels run in the interpreter on
+# CPU tensors unless the caller says otherwise (TRITON_INTERPRET=0 on a GPU machine).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
