@@ -141,6 +141,7 @@ class Problem:
     forward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword args of the forward, rows like forward_args
     layout_open: bool = False  # the layout may still fall back (Engine.settle_layout / _pass)
     layout_error: Exception | None = None  # why it fell back
+    predict: Any = None  # a TargetFromOutput (fastattr/inputs.py): the target comes from the passes' forwards on x itself
 
     def __post_init__(self) -> None:
         self.set_channels_last(self.channels_last)
@@ -240,14 +241,22 @@ class Engine:
         return self.forward_func(*rows, *args, **kwargs)
 
     # ------------------------------------------------------------- selection
-    def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem) -> torch.Tensor:
-        """The selected output per row, (N,); validates the target on first use."""
+    def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem, fresh: int = 0) -> torch.Tensor:
+        """The selected output per row, (N,); validates the target on first use. The first ``fresh``
+        rows are the inputs themselves, seen for the first time: with ``problem.predict`` their
+        targets are taken from this output before it is selected."""
         n_rows = example_idx.shape[0]
         output = select_output(output, self.output)
         if output.dim() == 0 or output.shape[0] != n_rows:
             raise AttributionInputError(
                 f"the model returned shape {tuple(output.shape)} for {n_rows} rows; its first dimension must be the batch"
             )
+        if fresh and problem.predict is not None:
+            t = problem.predict.resolve(output[:fresh].detach(), example_idx[:fresh])
+            if t is not None:  # None: one output per example, nothing to pick
+                if problem.target is None:  # zeros (a valid index) until every row is resolved
+                    problem.target = torch.zeros((problem.batch, t.shape[1]), dtype=torch.long, device=t.device)
+                problem.target[example_idx[:fresh]] = t
         if not problem.target_checked:
             problem.target = check_target(problem.target, output.shape)
             problem.target_checked = True
@@ -311,7 +320,8 @@ class Engine:
                 r1 = min(total, r0 + rows)
                 ex = torch.arange(r0, r1, device=problem.device) % batch
                 y = self._forward(problem, [s[r0:r1] for s in stacked], ex)
-                out[r0:r1] = self._select(y, ex, problem).to(out.dtype)
+                fresh = max(0, min(r1, batch) - r0) if rows_inputs[0] is problem.inputs else 0  # rows of x itself
+                out[r0:r1] = self._select(y, ex, problem, fresh).to(out.dtype)
         return list(out.split(batch))
 
     # -------------------------------------------------------------- gradients
@@ -371,7 +381,8 @@ class Engine:
                     )
                 leaves.append(problem.layouts[i].rows(rows_i).detach().requires_grad_(True))
             example_idx = torch.arange(p0, p1, device=device) % batch
-            grads, selected = self._grad_chunk(problem, leaves, example_idx)
+            fresh = max(0, min(p1, batch) - p0) if problem.baselines is None else 0  # step 0 of plain gradients: x itself
+            grads, selected = self._grad_chunk(problem, leaves, example_idx, fresh=fresh)
             if endpoint_steps:
                 for step, buf in endpoint_steps.items():
                     lo, hi = max(p0, step * batch), min(p1, (step + 1) * batch)
@@ -544,13 +555,13 @@ class Engine:
         return lay.rows(flat) if cut is None else flat.view(flat.shape[0], cut, *lay.shape[1:])
 
     def _grad_chunk(
-        self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None
+        self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None, fresh: int = 0
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
             with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):
                 output = self._forward(problem, leaves, example_idx, seq)
-                selected = self._select(output, example_idx, problem)
+                selected = self._select(output, example_idx, problem, fresh)
             if not selected.requires_grad:
                 if self.materialize_grads:  # Captum's grad_kwargs={"materialize_grads": True}: zeros
                     return tuple(torch.zeros_like(leaf) for leaf in leaves), selected.detach()

@@ -150,12 +150,12 @@ def run_batches(
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
             kw = fwd_kwargs.for_batch(start, stop)
-            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed, kw) if plan.uses_target else None
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed, kw, fused=plan.fuses_predicted) if plan.uses_target else None
             base = baselines.for_batch(start, stop)
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:], kw)
             res, max_rows = attribute_with_retry(plan, batch, model, output)
             copied = to_host(res, dev)
-            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
+            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None  # complete now the call returned
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
                 write_block(writer, *done, deltas, rels, allow_nonfinite)
