@@ -29,7 +29,15 @@ import torch
 
 from .engine import Problem, frozen_parameters
 from .errors import AttributionInputError
-from .inputs import TargetFromOutput, TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
+from .inputs import (
+    TargetFromOutput,
+    TensorOrTuple,
+    as_tuple,
+    check_inputs,
+    expand_baselines,
+    normalize_forward_args,
+    normalize_target,
+)
 from .kernels import Stats
 from .options import FIELDS, GRADIENT, Options
 from .precision import AUTO
