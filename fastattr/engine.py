@@ -370,7 +370,9 @@ class Engine:
             # interpolated rows for this chunk, built on the device, one leaf per input
             leaves = []
             for i, x in enumerate(flat_inputs):
-                if problem.baselines is None:
+                if problem.baselines is None and len(segments) == 1 and segments[0][1] - segments[0][0] == 1:
+                    rows_i = x[segments[0][2] : segments[0][3]]  # the inputs themselves: a view, no copy (the leaf is detached)
+                elif problem.baselines is None:
                     rows_i = torch.cat([x[e0:e1].unsqueeze(0).expand(s1 - s0, -1, -1).reshape(-1, x.shape[1]) for s0, s1, e0, e1 in segments])
                 else:
                     rows_i = torch.cat(
@@ -521,7 +523,8 @@ class Engine:
             if multiply_by_inputs:
                 xf = lay.flat(x).contiguous()
                 x0f = None if problem.baselines is None else lay.flat(problem.baselines[i]).contiguous()
-            attr, st = kernels.finalize(acc, xf, x0f, out_dtype=x.dtype, backend=self.kernel_backend)
+            # lay.user copies channels-last rows into the user's layout anyway: no copy of acc before it
+            attr, st = kernels.finalize(acc, xf, x0f, out_dtype=x.dtype, backend=self.kernel_backend, copy=not lay.channels_last)
             attrs.append(lay.user(attr))
             stats.append(st)
         return attrs, stats
