@@ -64,7 +64,7 @@ def run(
     memory_budget: Any = None,
     examples_per_batch: int | None = None,
     storage_dtype: str = "float32",
-    compression: str = "lzf",
+    compression: str = "auto",
     shard_size: int = 4096,
     shard_seconds: float | None = 60.0,
     resume: bool = True,
@@ -159,7 +159,7 @@ def run(
         "precision": precision,
         "target": describe(target) if plan.uses_target else None,
         "storage_dtype": storage_dtype,
-        "compression": compression,
+        "compression": compression,  # volatile: each shard's filter is in the shard; any mix reads back (plain h5py too)
         "shard_size": shard_size,
         "train_mode": train_mode,
         "allow_nonfinite": allow_nonfinite,  # volatile: resuming with it changed is allowed (values are counted either way)
@@ -183,7 +183,7 @@ def run(
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         max_shard_seconds=shard_seconds, allow_other_files=allow_other_files,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe"},
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fastattr.store import Block, RunWriter, verify_run
 from fastattr.store.encode import encode_chunk, fletcher32
@@ -240,3 +241,96 @@ def test_failed_direct_chunk_writes_are_clean_errors_and_resume(tmp_path):
         assert res["outcome"].startswith(f"file too large: the file-size limit ({res['limit']} bytes"), res
         assert res["ok"] and res["kept_ok"] and res["resumed"], res
     assert any(res["kept"] > 0 for res in results) and any(res["kept"] == 0 for res in results)
+
+
+# -- compression="auto" (the default): per shard, gzip where it shrinks the attributions 1.5x, else none
+
+
+def filters(run: Path) -> list[str | None]:
+    """Each listed shard's attribution filter, as plain h5py sees it."""
+    out = []
+    for e in json.loads((run / "manifest.json").read_text())["shards"]:
+        with h5py.File(run / e["file"], "r") as f:
+            ds = f["attributions/x"]
+            assert ds.fletcher32
+            out.append(ds.compression)
+    return out
+
+
+def test_auto_compresses_the_shards_that_shrink_and_reads_back_any_mix(tmp_path):
+    # shard 0: smooth rows (deflate shrinks them many times) -> gzip; shard 1: random bits -> stored raw
+    width = 20000
+    with RunWriter(tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=16, shard_rows=8) as w:  # default: auto
+        assert w.compression == "auto"
+        w.put(block(0, 8, width, incompressible_from=8))
+        w.put(block(8, 16, width, incompressible_from=8))
+    assert filters(tmp_path / "run") == ["gzip", None]
+    idx, got = [], []
+    for e in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]:
+        with h5py.File(tmp_path / "run" / e["file"], "r") as f:
+            idx.append(f["index"][()])
+            got.append(f["attributions/x"][()])
+    assert np.array_equal(np.concatenate(idx), np.arange(16))
+    assert np.concatenate(got).tobytes() == rows(0, 16, width, incompressible_from=8).tobytes()
+    assert verify_run(tmp_path / "run").ok
+    import fastattr
+
+    with fastattr.open(tmp_path / "run") as r:
+        assert r[:]["attributions"]["x"].tobytes() == rows(0, 16, width, incompressible_from=8).tobytes()
+
+
+def test_auto_choice_follows_the_measured_ratio():
+    from fastattr.store.encode import deflate_ratio
+    from fastattr.store.schema import AUTO_MIN_RATIO, AUTO_PROBE_BYTES
+
+    smooth = rows(0, 8, 20000)
+    noise = np.random.default_rng(0).standard_normal((8, 20000)).astype(np.float32)  # a float's low bytes: noise
+    assert deflate_ratio(smooth, 1, AUTO_PROBE_BYTES) >= AUTO_MIN_RATIO
+    assert 1.0 < deflate_ratio(noise, 1, AUTO_PROBE_BYTES) < AUTO_MIN_RATIO  # shrinks a little (exponent bytes), not enough
+    assert deflate_ratio(noise, 1, AUTO_PROBE_BYTES) == deflate_ratio(noise.copy(), 1, AUTO_PROBE_BYTES)  # deterministic
+
+
+class Flaky(torch.nn.Module):
+    """A small CNN whose ``fail_at``-th forward raises while ``broken`` is set: a run that stops midway."""
+
+    broken = True
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 4))
+        self.fail_at, self.calls = fail_at, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if Flaky.broken and self.calls == self.fail_at:
+            raise OSError("disk went away")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("first,second", [("lzf", "auto"), ("gzip", "none"), ("none", "lzf")])
+def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, first, second):
+    import fastattr
+
+    model = Flaky(fail_at=4).eval()  # batches of 4 samples, one forward each: the 4th batch fails
+    data = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    opts = dict(method="saliency", examples_per_batch=4, shard_size=4, progress=False)
+    Flaky.broken = True
+    try:
+        with pytest.raises(OSError, match="disk went away"):
+            fastattr.run(model, data, tmp_path / "run", compression=first, **opts)
+    finally:
+        Flaky.broken = False
+    kept = filters(tmp_path / "run")
+    assert len(kept) == 3 and set(kept) == {None if first == "none" else first}  # samples 0..11 stored
+    summary = fastattr.run(model, data, tmp_path / "run", compression=second, **opts)  # resumes, never refused
+    assert summary.complete and summary.computed == 12
+    new = filters(tmp_path / "run")[3:]
+    assert len(new) == 3 and set(new) <= ({None, "gzip"} if second == "auto" else {None if second == "none" else second})
+    fastattr.run(model, data, tmp_path / "fresh", **opts)
+    with fastattr.open(tmp_path / "run") as got, fastattr.open(tmp_path / "fresh") as want:
+        assert np.array_equal(got.field("index"), np.arange(24))
+        a, b = got[:], want[:]
+        assert a["attributions"]["x"].tobytes() == b["attributions"]["x"].tobytes() and np.array_equal(a["target"], b["target"])
+    report = verify_run(tmp_path / "run")
+    assert report.ok and report.samples == 24
