@@ -291,19 +291,18 @@ def test_auto_choice_follows_the_measured_ratio():
 
 
 class Flaky(torch.nn.Module):
-    """A small CNN whose ``fail_at``-th forward raises while ``broken`` is set: a run that stops midway."""
+    """A small CNN that raises on the batch holding sample 13 (marked by a pixel of 1000) while
+    ``broken`` is set: a run that stops midway."""
 
     broken = True
 
-    def __init__(self, fail_at: int) -> None:
+    def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 4))
-        self.fail_at, self.calls = fail_at, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if Flaky.broken and self.calls == self.fail_at:
+        if Flaky.broken and bool((x[:, 0, 0, 0] == 1000).any()):
             raise OSError("disk went away")
         return self.net(x)
 
@@ -312,8 +311,9 @@ class Flaky(torch.nn.Module):
 def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, first, second):
     import fastattr
 
-    model = Flaky(fail_at=4).eval()  # batches of 4 samples, one forward each: the 4th batch fails
+    model = Flaky().eval()
     data = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    data[13, 0, 0, 0] = 1000  # batches of 4: the 4th fails, 3 shards of 4 are stored
     opts = dict(method="saliency", examples_per_batch=4, shard_size=4, progress=False)
     Flaky.broken = True
     try:
@@ -334,3 +334,69 @@ def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, fi
         assert a["attributions"]["x"].tobytes() == b["attributions"]["x"].tobytes() and np.array_equal(a["target"], b["target"])
     report = verify_run(tmp_path / "run")
     assert report.ok and report.samples == 24
+
+
+RUN_CHILD = r"""
+import os, sys, time, numpy as np, torch
+import fastattr
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SLOW", "0")))
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+data = np.load(sys.argv[2], mmap_mode="r")
+s = fastattr.run(Slow().eval(), data, sys.argv[1], "saliency", compression="gzip", shard_size=16, examples_per_batch=8, progress=False)
+print(s.computed, s.complete)
+"""
+
+
+def test_sigkill_during_a_gzip_run_loses_nothing_finalized_and_a_rerun_completes_exactly_once(tmp_path):
+    # fastattr.run itself, killed while the pool encodes: 3x48x48 rows (9 per chunk), blocks of 8 and
+    # shards of 16, so chunks wait across blocks and every shard ends in a padded partial chunk
+    (tmp_path / "child.py").write_text(RUN_CHILD)
+    x = np.random.default_rng(4).standard_normal((240, 3, 48, 48)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "FASTATTR_ENCODE_THREADS": "2"}
+    cmd = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "run"), str(tmp_path / "x.npy")]
+    proc = subprocess.Popen(cmd, env={**env, "SLOW": "0.1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = tmp_path / "run" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if manifest.exists() and len(json.loads(manifest.read_text()).get("shards", [])) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        else:
+            pytest.fail("no shard was finalized in time")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    listed = {e["file"]: e["sha256"] for e in json.loads(manifest.read_text())["shards"]}
+    kept = sum(e["stop"] - e["start"] for e in json.loads(manifest.read_text())["shards"])
+    assert 2 <= len(listed) and kept < 240
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(240 - kept), "True"]  # exactly the samples not finalized before the kill
+    after = {e["file"]: e["sha256"] for e in json.loads(manifest.read_text())["shards"]}
+    assert all(after[f] == h for f, h in listed.items())  # every finalized shard kept as it was
+    fresh = subprocess.run([*cmd[:2], str(tmp_path / "fresh"), cmd[3]], env=env, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    got, want = {}, {}
+    for run, out in (("run", got), ("fresh", want)):
+        for e in json.loads((tmp_path / run / "manifest.json").read_text())["shards"]:
+            with h5py.File(tmp_path / run / e["file"], "r") as f:  # plain h5py: fletcher32 checked per chunk
+                for i, row in zip(f["index"][()], f["attributions/x"][()]):
+                    assert int(i) not in out  # every sample once
+                    out[int(i)] = row.tobytes()
+    assert sorted(got) == list(range(240)) and got == want
+    report = verify_run(tmp_path / "run")
+    assert report.ok and report.samples == 240
