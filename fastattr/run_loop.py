@@ -4,7 +4,8 @@
 writer and the probe are settled: batches are read by a prefetch thread (into pinned memory on
 CUDA), attributed by the engine under the row budget (on CUDA out-of-memory the rows per forward
 halve and the same samples are retried), copied back asynchronously and written one batch later
-(fastattr/run_blocks.py), so the device never waits on the disk. It returns the RunSummary.
+(fastattr/run_blocks.py), so the device never waits on the disk; on CPU, where the results are
+host memory already, each batch is handed over at once. It returns the RunSummary.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ def run_batches(
                 write_block(writer, *done, deltas, rels, allow_nonfinite)
                 ctx.advance(bar, done[1] - done[0])
             pending = (start, stop, copied)
+            if "event" not in copied:  # host results already (CPU): hand them over now, written while the next batch computes
+                done, pending = pending, None
+                write_block(writer, *done, deltas, rels, allow_nonfinite)
+                ctx.advance(bar, done[1] - done[0])
         if pending is not None:
             done, pending = pending, None
             write_block(writer, *done, deltas, rels, allow_nonfinite)
