@@ -25,6 +25,7 @@ from .distributed import local_device
 from .distributed import setup as setup_distributed
 from .errors import InputDtypeError, OptionError
 from .fingerprints import model_fingerprint
+from .host_memory import reuse_freed_pages
 from .options import Options, positive_int
 from .precision import AUTO, PRECISIONS
 from .probe import describe as describe_probe
@@ -187,7 +188,7 @@ def run(
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
-        with model_mode(model, train_mode):
+        with model_mode(model, train_mode), reuse_freed_pages(dev.type == "cpu"):  # fastattr/host_memory.py
             probe: dict = {}
             if precision != "fp32":
                 recorded = _recorded_choice(out, precision) if resume and not overwrite else None
