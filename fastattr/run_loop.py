@@ -156,7 +156,7 @@ def run_batches(
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:], kw)
             res, max_rows = attribute_with_retry(plan, batch, model, output)
             copied = to_host(res, dev)
-            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None  # complete now the call returned
+            copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
                 done, pending = pending, None  # never handed over twice, even if put() is interrupted
                 write_block(writer, *done, deltas, rels, allow_nonfinite)
