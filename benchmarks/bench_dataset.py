@@ -35,8 +35,9 @@ warnings.filterwarnings("ignore")
 EXAMPLES = 256  # samples per Captum call (fastattr.run picks its own examples_per_batch)
 MODELS = {"small_cnn": (models.small_cnn, 32), "resnet50": (models.resnet50, 224)}  # builder, default input size
 # per method: fastattr.run's name, gradient rows per sample per step, forward-only rows per sample
-# any such run needs with a predicted target (IG: argmax, F(x), F(x0) for the delta; saliency: argmax)
-METHODS = {"ig": ("integrated_gradients", 1, 3), "saliency": ("saliency", 1, 1)}
+# any such run needs with a predicted target (IG: F(x), F(x0) for the delta, the argmax taken from
+# F(x)'s forward; saliency: none, the argmax comes from the gradient pass's own forward)
+METHODS = {"ig": ("integrated_gradients", 1, 2), "saliency": ("saliency", 1, 0)}
 
 
 def captum_loop(model: torch.nn.Module, data: np.ndarray, out_dir: str, method: str, n_steps: int, device: torch.device, ibs: int) -> None:
@@ -57,10 +58,10 @@ def captum_loop(model: torch.nn.Module, data: np.ndarray, out_dir: str, method: 
         np.save(os.path.join(out_dir, f"attr-{start:08d}.npy"), attr.detach().cpu().numpy())
 
 
-def model_only(model: torch.nn.Module, data: np.ndarray, n_steps: int, device: torch.device, rows: int, precision: str, forward_rows: int = 3) -> None:
+def model_only(model: torch.nn.Module, data: np.ndarray, n_steps: int, device: torch.device, rows: int, precision: str, forward_rows: int = 2) -> None:
     """The floor: forward + one autograd.grad over every (step, sample) row, in the chunk size
     and memory layout fastattr used, plus the forward-only rows per sample that any run with a
-    predicted target needs (IG with a convergence delta: argmax, F(x), F(x0))."""
+    predicted target needs (IG with a convergence delta: F(x), F(x0))."""
     policy = fastattr.precision.get_precision(precision)
     total = len(data) * n_steps
     x = torch.randn(rows, *data.shape[1:], device=device)

@@ -7,7 +7,7 @@ fastattr's parallel shuffle + deflate (store/encode.py: one chunk per task in th
 several levels, and no compression.
 
 ``dataset``: saliency over 3x224x224 inputs through a near-free model (the store is the bottleneck):
-fastattr.run (lzf, and gzip = the parallel encoder) against a plain loop that computes the same
+fastattr.run (auto = the default, lzf, gzip = the parallel encoder, none) against a plain loop that computes the same
 saliency with torch in batches of 64 and writes it with h5py from one thread (lzf, one sample per
 chunk, fletcher32, fsync and sha256 like a shard). Every output is read back with plain h5py.
 
@@ -104,7 +104,7 @@ def pool_rate(a: np.ndarray, chunk_rows: int, level: int) -> tuple[float, float,
 
 
 def compression(args: argparse.Namespace) -> tuple[list[str], list[list]]:
-    from fastattr.store.schema import CHUNK_TARGET_BYTES
+    from fastattr.store.schema import AUTO_MIN_RATIO, AUTO_PROBE_BYTES, CHUNK_TARGET_BYTES, GZIP_LEVEL
 
     rows = []
     for name, a in attributions().items():
@@ -121,15 +121,19 @@ def compression(args: argparse.Namespace) -> tuple[list[str], list[list]]:
             rows.append(
                 [
                     name,
-                    f"shuffle+gzip {level} (fastattr pool)",
+                    f"shuffle+gzip {level}, planes (fastattr pool)",
                     f"{ratio:.2f}",
                     f"{one:.0f}",
                     f"{many:.0f} ({encode.workers()} threads)",
                 ]
             )
+        # what compression="auto" picks for a shard of these rows (its estimate on a sample of the first block)
+        est = encode.deflate_ratio(a[:64], GZIP_LEVEL, AUTO_PROBE_BYTES)
+        choice = "gzip" if est >= AUTO_MIN_RATIO else "none"
+        rows.append([name, f"auto -> {choice} (estimate on {AUTO_PROBE_BYTES // 1024} KiB)", f"{est:.2f}", "-", "-"])
         print(
             h.markdown(
-                ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows[-(4 + len(args.levels)) :]
+                ["attributions", "encoding", "ratio", "MB/s 1 thread", "MB/s pool"], rows[-(5 + len(args.levels)) :]
             ),
             flush=True,
         )
@@ -191,7 +195,8 @@ def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
             np.random.default_rng(0).standard_normal((args.samples, 3, 224, 224)).astype(np.float32),
         )
         data = np.load(os.path.join(tmp, "x.npy"), mmap_mode="r")
-        fastattr.run(model, data[:128], os.path.join(tmp, "warm"), "saliency", progress=False, compression="gzip")
+        for comp in args.compressions:  # warm-up: allocator, the encode pool, first-call costs
+            fastattr.run(model, data[:128], os.path.join(tmp, f"warm-{comp}"), "saliency", progress=False, compression=comp)
         cases = [("plain loop (torch + h5py lzf, 1 thread)", None)] + [
             (f"fastattr.run compression={c}", c) for c in args.compressions
         ]
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dataset")
     d.add_argument("--samples", type=int, default=1024)
     d.add_argument("--repeats", type=int, default=2)
-    d.add_argument("--compressions", type=lambda s: s.split(","), default=["lzf", "gzip"])
+    d.add_argument("--compressions", type=lambda s: s.split(","), default=["auto", "lzf", "gzip", "none"])
     r = sub.add_parser("reductions")
     r.add_argument("--samples", type=int, default=16, help="samples of the end-to-end runs (ResNet-18 IG at 224)")
     r.add_argument("--steps", type=int, default=4)

@@ -29,7 +29,15 @@ import torch
 
 from .engine import Problem, frozen_parameters
 from .errors import AttributionInputError
-from .inputs import TensorOrTuple, as_tuple, check_inputs, expand_baselines, normalize_forward_args, normalize_target
+from .inputs import (
+    TargetFromOutput,
+    TensorOrTuple,
+    as_tuple,
+    check_inputs,
+    expand_baselines,
+    normalize_forward_args,
+    normalize_target,
+)
 from .kernels import Stats
 from .options import FIELDS, GRADIENT, Options
 from .precision import AUTO
@@ -257,14 +265,20 @@ def _captum_attribute(cls: type) -> Callable[..., Any]:
 class GradientAttribution(Attribution):
     """Gradient methods: input checks shared by them and Captum's ``compute_convergence_delta``."""
 
-    def _problem(self, engine: Any, opts: Options, inputs: TensorOrTuple, baselines: Any, target: Any, additional_forward_args: Any, *, with_path: bool) -> tuple[Problem, bool]:
+    def _problem(
+        self, engine: Any, opts: Options, inputs: TensorOrTuple, baselines: Any, target: Any, additional_forward_args: Any, *, with_path: bool,
+        fuse_predict: bool = False,
+    ) -> tuple[Problem, bool]:
         """The validated problem (inputs, baselines, target, forward args and kwargs) and whether
-        the inputs were a tuple; its working layout settled by the engine (after all checks)."""
+        the inputs were a tuple; its working layout settled by the engine (after all checks).
+        fuse_predict: a TargetFromOutput target is resolved by the engine's passes (the caller runs
+        the model on the inputs themselves in fp32), not by a forward of its own."""
         xs, is_tuple = as_tuple(inputs)
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         bs = expand_baselines(baselines, xs, allow_nonfinite=opts.allow_nonfinite) if with_path else None
-        tgt = normalize_target(target, batch, xs[0].device)
-        problem = Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args), forward_kwargs=opts.kwargs)
+        predict = target if fuse_predict and isinstance(target, TargetFromOutput) else None
+        tgt = None if predict is not None else normalize_target(target, batch, xs[0].device)
+        problem = Problem(tuple(x.detach() for x in xs), bs, tgt, normalize_forward_args(additional_forward_args), forward_kwargs=opts.kwargs, predict=predict)
         return engine.settle_layout(problem, opts.channels_last), is_tuple
 
     def compute_convergence_delta(

@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store each (C, H, W) input attribution as one (H, W) map: the channels' sum, sum of |a| or L2 norm "
                           "(stats and delta stay those of the full attributions)")
     run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
-    run.add_argument("--compression", default="lzf", choices=["lzf", "gzip", "none"])
+    run.add_argument("--compression", default="auto", choices=["auto", "lzf", "gzip", "none"],
+                     help="auto (default): each shard gzip (shuffle + deflate, encoded on every core) where that shrinks it at least 1.5x, else none")
     run.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard (default 4096)")
     run.add_argument("--shard-seconds", type=float, default=60.0, help="also finalize a shard once it is this old, bounding what a crash can lose (default 60; 0: no time limit)")
     run.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

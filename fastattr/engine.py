@@ -194,6 +194,7 @@ class Problem:
     forward_kwargs: dict[str, Any] = field(default_factory=dict)  # keyword args of the forward, rows like forward_args
     layout_open: bool = False  # the layout may still fall back (Engine.settle_layout / _pass)
     layout_error: Exception | None = None  # why it fell back
+    predict: Any = None  # a TargetFromOutput (fastattr/inputs.py): the target comes from the passes' forwards on x itself
 
     def __post_init__(self) -> None:
         self.set_channels_last(self.channels_last)
@@ -321,14 +322,22 @@ class Engine:
         return self.forward_func(*rows, *args, **kwargs)
 
     # ------------------------------------------------------------- selection
-    def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem) -> torch.Tensor:
-        """The selected output per row, (N,); validates the target on first use."""
+    def _select(self, output: torch.Tensor, example_idx: torch.Tensor, problem: Problem, fresh: int = 0) -> torch.Tensor:
+        """The selected output per row, (N,); validates the target on first use. The first ``fresh``
+        rows are the inputs themselves, seen for the first time: with ``problem.predict`` their
+        targets are taken from this output before it is selected."""
         n_rows = example_idx.shape[0]
         output = select_output(output, self.output)
         if output.dim() == 0 or output.shape[0] != n_rows:
             raise AttributionInputError(
                 f"the model returned shape {tuple(output.shape)} for {n_rows} rows; its first dimension must be the batch"
             )
+        if fresh and problem.predict is not None:
+            t = problem.predict.resolve(output[:fresh].detach(), example_idx[:fresh])
+            if t is not None:  # None: one output per example, nothing to pick
+                if problem.target is None:  # zeros (a valid index) until every row is resolved
+                    problem.target = torch.zeros((problem.batch, t.shape[1]), dtype=torch.long, device=t.device)
+                problem.target[example_idx[:fresh]] = t
         if not problem.target_checked:
             problem.target = check_target(problem.target, output.shape)
             problem.target_checked = True
@@ -393,7 +402,8 @@ class Engine:
                 pad = self._pad(rows, r1 - r0)
                 ex = _padded(torch.arange(r0, r1, device=problem.device) % batch, pad)
                 y = self._forward(problem, [_padded(s[r0:r1], pad) for s in stacked], ex)
-                out[r0:r1] = self._select(y, ex, problem)[: r1 - r0].to(out.dtype)
+                fresh = max(0, min(r1, batch) - r0) if rows_inputs[0] is problem.inputs else 0  # rows of x itself
+                out[r0:r1] = self._select(y, ex, problem, fresh)[: r1 - r0].to(out.dtype)
         return list(out.split(batch))
 
     # -------------------------------------------------------------- gradients
@@ -443,7 +453,9 @@ class Engine:
             # interpolated rows for this chunk, built on the device, one leaf per input
             leaves = []
             for i, x in enumerate(flat_inputs):
-                if problem.baselines is None:
+                if problem.baselines is None and len(segments) == 1 and segments[0][1] - segments[0][0] == 1:
+                    rows_i = x[segments[0][2] : segments[0][3]]  # the inputs themselves: a view, no copy (the leaf is detached)
+                elif problem.baselines is None:
                     rows_i = torch.cat([x[e0:e1].unsqueeze(0).expand(s1 - s0, -1, -1).reshape(-1, x.shape[1]) for s0, s1, e0, e1 in segments])
                 else:
                     rows_i = torch.cat(
@@ -454,8 +466,9 @@ class Engine:
                     )
                 leaves.append(problem.layouts[i].rows(_padded(rows_i, pad)).detach().requires_grad_(True))
             example_idx = _padded(torch.arange(p0, p1, device=device) % batch, pad)
+            fresh = max(0, min(p1, batch) - p0) if problem.baselines is None else 0  # step 0 of plain gradients: x itself
             with planner.watch():
-                grads, selected = self._grad_chunk(problem, leaves, example_idx)
+                grads, selected = self._grad_chunk(problem, leaves, example_idx, fresh=fresh)
             if pad:  # the padded rows' results are dropped (rows are independent: Engine.pad_rows)
                 grads, selected = tuple(g[:n] for g in grads), selected[:n]
             if endpoint_steps:
@@ -600,7 +613,8 @@ class Engine:
             if multiply_by_inputs:
                 xf = lay.flat(x).contiguous()
                 x0f = None if problem.baselines is None else lay.flat(problem.baselines[i]).contiguous()
-            attr, st = kernels.finalize(acc, xf, x0f, out_dtype=x.dtype, backend=self.kernel_backend)
+            # lay.user copies channels-last rows into the user's layout anyway: no copy of acc before it
+            attr, st = kernels.finalize(acc, xf, x0f, out_dtype=x.dtype, backend=self.kernel_backend, copy=not lay.channels_last)
             attrs.append(lay.user(attr))
             stats.append(st)
         return attrs, stats
@@ -637,13 +651,13 @@ class Engine:
         return lay.rows(flat) if cut is None else flat.view(flat.shape[0], cut, *lay.shape[1:])
 
     def _grad_chunk(
-        self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None
+        self, problem: Problem, leaves: list[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None, fresh: int = 0
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
             with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):
                 output = self._forward(problem, leaves, example_idx, seq)
-                selected = self._select(output, example_idx, problem)
+                selected = self._select(output, example_idx, problem, fresh)
             if not selected.requires_grad:
                 if self.materialize_grads:  # Captum's grad_kwargs={"materialize_grads": True}: zeros
                     return tuple(torch.zeros_like(leaf) for leaf in leaves), selected.detach()

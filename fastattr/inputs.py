@@ -104,8 +104,29 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class TargetFromOutput:
+    """A target taken from the model's own output on the inputs (a dataset run's target="predicted").
+
+    A method that runs the model on the inputs themselves in fp32 anyway (Saliency and InputXGradient
+    in their gradient pass, IntegratedGradients in the F(x) pass of its delta) hands it to the engine
+    (``Problem.predict``), which asks ``resolve`` for each chunk's rows: one forward fewer per
+    sample. Every other caller gets ``full()`` (its own forward over the batch) through
+    ``normalize_target``."""
+
+    def resolve(self, output: torch.Tensor, example_idx: torch.Tensor) -> torch.Tensor | None:
+        """(N, k) target indices for the rows ``example_idx`` of the batch from their selected
+        output (N, *out), or None when there is one output per example."""
+        raise NotImplementedError
+
+    def full(self) -> torch.Tensor | None:
+        """The batch's targets from a forward of its own (no gradient)."""
+        raise NotImplementedError
+
+
 def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Tensor | None:
     """Target as a (B, k) int64 tensor on ``device`` (k output dims indexed), or None."""
+    if isinstance(target, TargetFromOutput):
+        target = target.full()
     if target is None:
         return None
     if _is_int(target):

@@ -31,7 +31,9 @@ class _PlainGradient(GradientAttribution):
 
     def _gradient_batch(self, opts: Options, inputs: TensorOrTuple, target: Any, additional_forward_args: Any, with_output: bool, *, absolute: bool) -> BatchResult:
         engine = opts.engine(self.forward_func)
-        problem, is_tuple = self._problem(engine, opts, inputs, None, target, additional_forward_args, with_path=False)
+        # the gradient pass's own forward (fp32: the plain forward) gives target="predicted" in a run
+        fuse = engine.precision.name == "fp32"
+        problem, is_tuple = self._problem(engine, opts, inputs, None, target, additional_forward_args, with_path=False, fuse_predict=fuse)
         out = torch.empty(problem.batch, dtype=torch.float32, device=problem.device) if with_output else None
         with frozen_parameters(self.forward_func):
             accs = engine.integrate(problem, [1.0], [1.0], endpoint_steps={0: out} if with_output else None)
@@ -118,7 +120,10 @@ class IntegratedGradients(GradientAttribution):
         if settings is None:
             alphas, weights = points_and_weights(method or "gausslegendre", n_steps)  # Captum's default rule
         engine = opts.engine(self.forward_func)
-        problem, is_tuple = self._problem(engine, opts, inputs, baselines, target, additional_forward_args, with_path=True)
+        # target="predicted" of a run comes from the fp32 F(x) pass below, where that pass runs (not
+        # when the gradient pass's endpoint gives F(x): its rows are x0 + 1 (x - x0), not x)
+        fuse = settings is None and with_delta and not (engine.precision.name == "fp32" and alphas[-1] == 1.0)
+        problem, is_tuple = self._problem(engine, opts, inputs, baselines, target, additional_forward_args, with_path=True, fuse_predict=fuse)
         if settings is not None:
             return self._adaptive_batch(opts, engine, problem, is_tuple, settings, with_delta)
         batch, device = problem.batch, problem.device

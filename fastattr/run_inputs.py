@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import AttributionInputError, NonFiniteError, OptionError, SourceError
+from .inputs import TargetFromOutput
 from .options import OutputSelector, select_output
 from .run_methods import Batch, describe
 from .sources import Source
@@ -50,7 +51,7 @@ class Targets:
         self.spec = spec
         self.allow_nonfinite = allow_nonfinite
         self.output = output  # which tensor of the model's output the prediction is taken from
-        self.nonfinite_rows: np.ndarray | None = None  # last batch, target="predicted": rows whose output held NaN/inf
+        self._last: PredictedTarget | None = None  # last batch's target="predicted"
         self.array = None
         if isinstance(spec, str):
             if spec not in ("label", "predicted"):
@@ -67,10 +68,20 @@ class Targets:
                 raise OptionError(f"the per-sample target array has shape {tuple(arr.shape)}; expected ({total},) or ({total}, k) for {total} samples")
             self.array = arr.long()
 
+    @property
+    def nonfinite_rows(self) -> np.ndarray | None:
+        """Last batch, target="predicted": (B,) bool, rows whose output held NaN/inf (None: none did).
+        With a fused target it is complete once the batch's attribution call returned."""
+        return None if self._last is None else self._last.nonfinite_rows
+
     def for_batch(
         self, start: int, stop: int, labels: torch.Tensor | None, model: Any, inputs: tuple, device: torch.device, n_attributed: int,
-        forward_kwargs: dict[str, Any] | None = None,
+        forward_kwargs: dict[str, Any] | None = None, fused: bool = False,
     ) -> Any:
+        """The batch's target. fused=True (methods that run the model on the inputs themselves in
+        fp32 anyway, run_methods.MethodPlan.fuses_predicted): target="predicted" comes back as a
+        PredictedTarget that the engine resolves from that forward; otherwise from a forward here."""
+        self._last = None
         if self.array is not None:
             return self.array[start:stop].to(device)
         if isinstance(self.spec, str) and self.spec == "label":
@@ -79,35 +90,62 @@ class Targets:
                 raise SourceError(f"sample {bad} has label {int(labels[bad - start])}; target='label' needs class indices >= 0")
             return labels.to(device)
         if isinstance(self.spec, str) and self.spec == "predicted":
-            return self._predicted(start, model, inputs, n_attributed, forward_kwargs or {})
+            self._last = PredictedTarget(self, start, stop - start, model, inputs, n_attributed, forward_kwargs or {})
+            return self._last if fused else self._last.full()
         return self.spec
 
-    def _predicted(self, start: int, model: Any, inputs: tuple, n_attributed: int, forward_kwargs: dict[str, Any]) -> torch.Tensor | None:
-        self.nonfinite_rows = None
+
+class PredictedTarget(TargetFromOutput):
+    """target="predicted" for one batch: the argmax of the ``output=``-selected model output, never
+    over NaN. Resolved from the method's own forward (``resolve``, per chunk of rows) or from a
+    no-grad forward of the batch (``full``); both give the same targets, the same errors and the
+    same ``nonfinite_rows``."""
+
+    def __init__(self, targets: Targets, start: int, rows: int, model: Any, inputs: tuple, n_attributed: int, forward_kwargs: dict[str, Any]) -> None:
+        self.targets, self.start, self.rows, self.model = targets, start, rows, model
+        self.inputs, self.n_attributed, self.forward_kwargs = inputs, n_attributed, forward_kwargs
+        self.nonfinite_rows: np.ndarray | None = None  # (rows,) bool once a resolved row held NaN/inf
+
+    def full(self) -> torch.Tensor | None:
         with torch.no_grad():
-            out = select_output(model(*inputs, **forward_kwargs), self.output)  # the tensor the method attributes
+            out = select_output(self.model(*self.inputs, **self.forward_kwargs), self.targets.output)  # the tensor the method attributes
+        t = self._pick(out, torch.arange(out.shape[0], device=out.device), whole=True)
+        return t[:, 0] if t is not None and out.dim() == 2 else t  # (B,) for one output dim, as before
+
+    def resolve(self, out: torch.Tensor, example_idx: torch.Tensor) -> torch.Tensor | None:
+        return self._pick(out, example_idx, whole=False)
+
+    def _pick(self, out: torch.Tensor, example_idx: torch.Tensor, whole: bool) -> torch.Tensor | None:
         per_sample = out.shape[1:]
         if math.prod(per_sample) == 1:
             return None  # a single output per sample: nothing to pick
         flat_out = out.reshape(out.shape[0], -1)
         bad = _bad_rows(flat_out)
         if bool(bad.any()):  # argmax of NaN is NaN's position (class 0 when all are NaN): never a silent pick
-            rows = bad.nonzero()[:, 0].cpu().numpy()
-            if not self.allow_nonfinite:
-                for i, x in enumerate(inputs[:n_attributed]):
-                    if x.is_floating_point() and bool(_bad_rows(x[rows]).any()):
-                        culprits = rows[_bad_rows(x[rows]).cpu().numpy()]
-                        raise AttributionInputError(f"{samples(start + culprits)}: input {i} contains NaN or inf values; {ALLOW_HINT}")
-                raise NonFiniteError(
-                    f"{samples(start + rows)}: the model's output is NaN or inf, so target='predicted' has no class to pick; "
-                    f"fix the model or data, or {ALLOW_HINT} (their target is then the largest non-NaN output)"
-                )
-            self.nonfinite_rows = bad.cpu().numpy()  # counted in stats/nonfinite when the batch is written
+            rows = example_idx[bad].cpu().numpy()
+            if not self.targets.allow_nonfinite:
+                if not whole:
+                    self.full()  # the error names every such sample of the batch, as a forward of the batch does
+                self._refuse(rows)
+            if self.nonfinite_rows is None:
+                self.nonfinite_rows = np.zeros(self.rows, dtype=bool)
+            self.nonfinite_rows[rows] = True  # counted in stats/nonfinite when the batch is written
             flat_out = torch.where(torch.isnan(flat_out), torch.full_like(flat_out, -math.inf), flat_out)
         flat = flat_out.argmax(1)
         if len(per_sample) == 1:
-            return flat
-        return torch.stack(torch.unravel_index(flat, tuple(per_sample)), dim=1)  # (B, k) indices
+            return flat[:, None]
+        return torch.stack(torch.unravel_index(flat, tuple(per_sample)), dim=1)  # (N, k) indices
+
+    def _refuse(self, rows: np.ndarray) -> None:
+        """Raise for rows whose output held NaN/inf: naming the inputs that hold NaN/inf, else the outputs."""
+        for i, x in enumerate(self.inputs[: self.n_attributed]):
+            if x.is_floating_point() and bool(_bad_rows(x[rows]).any()):
+                culprits = rows[_bad_rows(x[rows]).cpu().numpy()]
+                raise AttributionInputError(f"{samples(self.start + culprits)}: input {i} contains NaN or inf values; {ALLOW_HINT}")
+        raise NonFiniteError(
+            f"{samples(self.start + rows)}: the model's output is NaN or inf, so target='predicted' has no class to pick; "
+            f"fix the model or data, or {ALLOW_HINT} (their target is then the largest non-NaN output)"
+        )
 
 
 class Baselines:

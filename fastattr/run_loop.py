@@ -4,7 +4,8 @@
 writer and the probe are settled: batches are read by a prefetch thread (into pinned memory on
 CUDA), attributed by the engine under the row budget (on CUDA out-of-memory the rows per forward
 halve and the same samples are retried), copied back asynchronously and written one batch later
-(fastattr/run_blocks.py), so the device never waits on the disk. It returns the RunSummary.
+(fastattr/run_blocks.py), so the device never waits on the disk; on CPU, where the results are
+host memory already, each batch is handed over at once. It returns the RunSummary.
 """
 
 from __future__ import annotations
@@ -151,7 +152,7 @@ def run_batches(
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
             xs = tuple(x.to(dev, model_dtype if x.is_floating_point() else x.dtype, non_blocking=True) for x in xs)
             kw = fwd_kwargs.for_batch(start, stop)
-            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed, kw) if plan.uses_target else None
+            tgt = targets.for_batch(start, stop, labels_b, model, xs, dev, n_attributed, kw, fused=plan.fuses_predicted) if plan.uses_target else None
             base = baselines.for_batch(start, stop)
             batch = Batch(xs[:n_attributed], tgt, base, start, stop, max_rows, xs[n_attributed:], kw)
             res, max_rows = attribute_with_retry(plan, batch, model, output)
@@ -162,6 +163,10 @@ def run_batches(
                 write_block(writer, *done, deltas, rels, allow_nonfinite)
                 ctx.advance(bar, done[1] - done[0])
             pending = (start, stop, copied)
+            if "event" not in copied:  # host results already (CPU): hand them over now, written while the next batch computes
+                done, pending = pending, None
+                write_block(writer, *done, deltas, rels, allow_nonfinite)
+                ctx.advance(bar, done[1] - done[0])
         if pending is not None:
             done, pending = pending, None
             write_block(writer, *done, deltas, rels, allow_nonfinite)

@@ -59,6 +59,7 @@ class MethodPlan:
     needs_float: bool = True  # it interpolates or perturbs the inputs (layer methods take token ids)
     examples_per_batch: int | None = None  # the method's default samples per engine call (None: the runner's)
     make_source: Callable[[Any, Any], Any] | None = None  # (data, labels) -> Source, where the method reads its own data (LLM prompts)
+    fuses_predicted: bool = False  # target="predicted" is resolved from the method's own forward (run_inputs.PredictedTarget)
 
 
 def describe(value: Any) -> Any:
@@ -95,7 +96,7 @@ def _ig(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any
         return ig.attribute_batch(b.model_inputs, b.baselines, b.target, b.forward_args or None, n_steps, rule, b.max_rows, True, **engine_opts, **auto, **b.kw)
 
     # an adaptive sample costs at most max_steps rows; start the OOM fallback from the fixed default
-    return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50, attributor=ig)
+    return MethodPlan("integrated_gradients", params, attribute, n_steps if isinstance(n_steps, int) else 50, attributor=ig, fuses_predicted=True)
 
 
 def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -104,7 +105,7 @@ def _saliency(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[st
     def attribute(b: Batch) -> BatchResult:
         return sal.attribute_batch(b.model_inputs, b.target, absolute, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts, **b.kw)
 
-    return MethodPlan("saliency", {"abs": absolute}, attribute, 1, attributor=sal)
+    return MethodPlan("saliency", {"abs": absolute}, attribute, 1, attributor=sal, fuses_predicted=True)
 
 
 def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> MethodPlan:
@@ -113,7 +114,7 @@ def _input_x_gradient(model: torch.nn.Module, opts: dict[str, Any], engine_opts:
     def attribute(b: Batch) -> BatchResult:
         return ixg.attribute_batch(b.model_inputs, b.target, b.forward_args or None, True, max_rows=b.max_rows, **engine_opts, **b.kw)
 
-    return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1, attributor=ixg)
+    return MethodPlan("input_x_gradient", {"multiply_by_inputs": opts["multiply_by_inputs"]}, attribute, 1, attributor=ixg, fuses_predicted=True)
 
 
 NT_DEFAULTS = {"nt_type": "smoothgrad", "nt_samples": 5, "nt_samples_batch_size": None, "stdevs": 1.0, "base_method": "integrated_gradients", "seed": 0}

@@ -25,6 +25,7 @@ from .distributed import local_device
 from .distributed import setup as setup_distributed
 from .errors import InputDtypeError, OptionError
 from .fingerprints import model_fingerprint
+from .host_memory import reuse_freed_pages
 from .options import Options, positive_int
 from .precision import AUTO, PRECISIONS
 from .probe import describe as describe_probe
@@ -66,7 +67,7 @@ def run(
     examples_per_batch: int | None = None,
     storage_dtype: str = "float32",
     channel_reduce: str | None = None,
-    compression: str = "lzf",
+    compression: str = "auto",
     shard_size: int = 4096,
     shard_seconds: float | None = 60.0,
     resume: bool = True,
@@ -169,7 +170,7 @@ def run(
         "precision": precision,
         "target": describe(target) if plan.uses_target else None,
         "storage_dtype": storage_dtype,
-        "compression": compression,
+        "compression": compression,  # volatile: each shard's filter is in the shard; any mix reads back (plain h5py too)
         "shard_size": shard_size,
         "train_mode": train_mode,
         "allow_nonfinite": allow_nonfinite,  # volatile: resuming with it changed is allowed (values are counted either way)
@@ -195,11 +196,11 @@ def run(
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         max_shard_seconds=shard_seconds, allow_other_files=allow_other_files,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe"},
+        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"},
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
-        with model_mode(model, train_mode):
+        with model_mode(model, train_mode), reuse_freed_pages(dev.type == "cpu"):  # fastattr/host_memory.py
             probe: dict = {}
             if precision != "fp32":
                 recorded = _recorded_choice(out, precision) if resume and not overwrite else None

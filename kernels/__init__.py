@@ -82,12 +82,14 @@ def finalize(
     *,
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    copy: bool = True,
 ) -> tuple[torch.Tensor, Stats]:
     """attr = acc * (inputs - baselines) (acc alone when inputs is None), cast to out_dtype,
-    with per-row Stats (sum, l1, l2, absmax over finite elements; nonfinite count)."""
+    with per-row Stats (sum, l1, l2, absmax over finite elements; nonfinite count).
+    copy=False: the result may alias acc (the caller copies it anyway or drops acc)."""
     if resolve_backend(backend, acc) == "triton" and acc.dtype == torch.float32:
         return _triton_op("finalize")(acc, inputs, baselines, out_dtype=out_dtype)
-    return reference.finalize(acc, inputs, baselines, out_dtype)
+    return reference.finalize(acc, inputs, baselines, out_dtype, copy)
 
 
 def moments(

@@ -25,7 +25,9 @@ class Stats(NamedTuple):
 def path_accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """acc[b, :] += sum_s w[s(, b)] * grads[s, b, :], in acc's dtype; returns acc."""
     w = weights.to(acc.dtype)
-    if w.dim() == 1:
+    if grads.shape[0] == 1 and w.dim() == 1 and acc.device.type == "cpu" and float(w[0]) == 1.0:
+        acc.add_(grads[0].to(acc.dtype))  # plain gradients: the same sum, without einsum's (B, F) temporary
+    elif w.dim() == 1:
         acc += torch.einsum("s,sbf->bf", w, grads.to(acc.dtype))
     else:
         acc += torch.einsum("sb,sbf->bf", w, grads.to(acc.dtype))
@@ -37,11 +39,13 @@ def finalize(
     inputs: torch.Tensor | None = None,
     baselines: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    copy: bool = True,
 ) -> tuple[torch.Tensor, Stats]:
     """attr = acc * (inputs - baselines) (acc alone when inputs is None), plus stats.
 
     baselines None means zeros. Statistics are taken on the full-precision product,
-    before the cast to out_dtype, over finite elements only.
+    before the cast to out_dtype, over finite elements only. copy=False: the result may be
+    acc itself (for a caller that copies it anyway or never touches acc again).
     """
     attr = acc if inputs is None else acc * (inputs.to(acc.dtype) - (0 if baselines is None else baselines.to(acc.dtype)))
     # a finite sum proves every value finite (NaN/inf make it non-finite): skip the mask and the masked copy
@@ -50,15 +54,13 @@ def finalize(
     clean = attr if finite is None else torch.where(finite, attr, torch.zeros((), dtype=attr.dtype, device=attr.device))
     absval = clean.abs()
     red = torch.promote_types(attr.dtype, torch.float32)  # float64 attr keeps float64 sums
-    stats = Stats(
-        sum=clean.sum(1, dtype=red).float(),
-        l1=absval.sum(1, dtype=red).float(),
-        l2=clean.square().sum(1).sqrt().float(),
-        absmax=absval.amax(1).float() if attr.shape[1] else torch.zeros(attr.shape[0], device=attr.device),
-        nonfinite=torch.zeros(attr.shape[0], dtype=torch.int32, device=attr.device) if finite is None else (~finite).sum(1, dtype=torch.int32),
-    )
+    total, l1 = clean.sum(1, dtype=red).float(), absval.sum(1, dtype=red).float()
+    absmax = absval.amax(1).float() if attr.shape[1] else torch.zeros(attr.shape[0], device=attr.device)
+    # the squares go into absval's buffer: one (B, F) temporary fewer (fresh host memory is page-faulted in)
+    l2 = torch.square(clean, out=absval).sum(1).sqrt().float()
+    nonfinite = torch.zeros(attr.shape[0], dtype=torch.int32, device=attr.device) if finite is None else (~finite).sum(1, dtype=torch.int32)
     # copy when attr aliases acc, so callers may reuse the accumulator
-    return attr.to(out_dtype or acc.dtype, copy=inputs is None), stats
+    return attr.to(out_dtype or acc.dtype, copy=copy and inputs is None), Stats(total, l1, l2, absmax, nonfinite)
 
 
 def moments(

@@ -40,3 +40,35 @@ def test_all_finite_stats_match_the_masked_computation():
     assert torch.allclose(stats.sum.double(), x.sum(1).float().double())
     assert torch.allclose(stats.l1.double(), x.abs().sum(1).float().double())
     assert stats.nonfinite.dtype == torch.int32 and stats.nonfinite.sum() == 0
+
+
+def _old_finalize(acc: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """The reference finalize of plain accumulators as it was (separate temporaries, always a copy)."""
+    finite = torch.isfinite(acc)
+    clean = torch.where(finite, acc, torch.zeros(()))
+    absval = clean.abs()
+    return acc.clone(), (clean.sum(1), absval.sum(1), clean.square().sum(1).sqrt(), absval.amax(1), (~finite).sum(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_finalize_without_temporaries_gives_the_same_bits(bad):
+    acc = torch.randn(6, 3001) * 1e3
+    if bad is not None:
+        acc[1, 5] = bad
+    want_attr, want = _old_finalize(acc)
+    attr, stats = reference.finalize(acc.clone())
+    assert attr.data_ptr() != acc.data_ptr()  # a copy by default: callers may reuse the accumulator
+    assert torch.equal(attr.nan_to_num(), want_attr.nan_to_num())
+    for got, old in zip(stats, want):
+        assert got.numpy().tobytes() == old.numpy().tobytes()
+    shared, _ = reference.finalize(acc, copy=False)  # copy=False: may be acc itself
+    assert shared.data_ptr() == acc.data_ptr()
+
+
+@pytest.mark.parametrize("weights", [torch.ones(1), torch.tensor([0.3]), torch.ones(1, 5)])
+def test_one_step_accumulate_matches_einsum_bit_for_bit(weights):
+    acc = torch.randn(5, 777)
+    grads = torch.randn(1, 5, 777)
+    want = acc + torch.einsum("s,sbf->bf" if weights.dim() == 1 else "sb,sbf->bf", weights, grads)
+    got = reference.path_accumulate(acc.clone(), grads, weights)
+    assert got.numpy().tobytes() == want.numpy().tobytes()

@@ -338,3 +338,33 @@ def test_loader_collate_fn_applies_and_negative_labels_are_refused(tmp_path):
     bad[6] = -1
     with pytest.raises(SourceError, match="sample 6 has label -1"):
         fastattr.run(model, LabelledDataset(x, bad), tmp_path / "neg", target="label", n_steps=4, progress=False)
+
+
+class WaitsForTheWriter(nn.Module):
+    """Saliency's one forward per batch; on the second batch it waits (at most 20 s) until the first
+    batch's shard is listed in the manifest, and records whether it was."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3))
+        self.run_dir, self.calls, self.seen = run_dir, 0, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == 2:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not (self.run_dir / "shard-00000.h5").exists():
+                time.sleep(0.01)
+            self.seen = (self.run_dir / "shard-00000.h5").exists()
+        return self.net(x)
+
+
+def test_on_cpu_each_batch_is_written_while_the_next_computes(tmp_path):
+    # before: a batch was handed to the writer only after the next one had been computed (the CUDA
+    # pattern, for asynchronous copies), so a run of two batches wrote nothing while computing
+    model = WaitsForTheWriter(tmp_path / "run")
+    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    fastattr.run(model, x, tmp_path / "run", "saliency", target=0, examples_per_batch=4, shard_size=4, progress=False)
+    assert model.calls == 2 and model.seen is True
+    assert fastattr.store.verify_run(tmp_path / "run").ok

@@ -103,7 +103,7 @@ def check_values(data: dict, idx: np.ndarray, *, k: int = 0, rtol: float = 0.0) 
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("compression", ["lzf", "gzip", "none"])
+@pytest.mark.parametrize("compression", ["auto", "lzf", "gzip", "none"])
 @pytest.mark.parametrize("k", [0, 2])
 def test_round_trip(tmp_path, compression, k):
     sizes = [7, 9, 13, 5, 16, 3]  # 53 rows in shards of 16: blocks straddle shard boundaries
@@ -229,7 +229,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("compression", ["lzf", "gzip"])
+@pytest.mark.parametrize("compression", ["auto", "lzf", "gzip"])
 def test_plain_h5py_reads_shards(tmp_path, compression):
     write_run(tmp_path / "run", [10, 12, 8], shard_rows=16, compression=compression, storage_dtype="float16")
     files = sorted(str(p) for p in (tmp_path / "run").glob("shard-*.h5"))

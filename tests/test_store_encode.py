@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from fastattr.store import Block, RunWriter, verify_run
 from fastattr.store.encode import encode_chunk, fletcher32
@@ -240,3 +241,171 @@ def test_failed_direct_chunk_writes_are_clean_errors_and_resume(tmp_path):
         assert res["outcome"].startswith(f"file too large: the file-size limit ({res['limit']} bytes"), res
         assert res["ok"] and res["kept_ok"] and res["resumed"], res
     assert any(res["kept"] > 0 for res in results) and any(res["kept"] == 0 for res in results)
+
+
+# -- compression="auto" (the default): per shard, gzip where it shrinks the attributions 1.5x, else none
+
+
+def filters(run: Path) -> list[str | None]:
+    """Each listed shard's attribution filter, as plain h5py sees it."""
+    out = []
+    for e in json.loads((run / "manifest.json").read_text())["shards"]:
+        with h5py.File(run / e["file"], "r") as f:
+            ds = f["attributions/x"]
+            assert ds.fletcher32
+            out.append(ds.compression)
+    return out
+
+
+def test_auto_compresses_the_shards_that_shrink_and_reads_back_any_mix(tmp_path):
+    # shard 0: smooth rows (deflate shrinks them many times) -> gzip; shard 1: random bits -> stored raw
+    width = 20000
+    with RunWriter(tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=16, shard_rows=8) as w:  # default: auto
+        assert w.compression == "auto"
+        w.put(block(0, 8, width, incompressible_from=8))
+        w.put(block(8, 16, width, incompressible_from=8))
+    assert filters(tmp_path / "run") == ["gzip", None]
+    idx, got = [], []
+    for e in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]:
+        with h5py.File(tmp_path / "run" / e["file"], "r") as f:
+            idx.append(f["index"][()])
+            got.append(f["attributions/x"][()])
+    assert np.array_equal(np.concatenate(idx), np.arange(16))
+    assert np.concatenate(got).tobytes() == rows(0, 16, width, incompressible_from=8).tobytes()
+    assert verify_run(tmp_path / "run").ok
+    import fastattr
+
+    with fastattr.open(tmp_path / "run") as r:
+        assert r[:]["attributions"]["x"].tobytes() == rows(0, 16, width, incompressible_from=8).tobytes()
+
+
+def test_auto_choice_follows_the_measured_ratio():
+    from fastattr.store.encode import deflate_ratio
+    from fastattr.store.schema import AUTO_MIN_RATIO, AUTO_PROBE_BYTES
+
+    smooth = rows(0, 8, 20000)
+    noise = np.random.default_rng(0).standard_normal((8, 20000)).astype(np.float32)  # a float's low bytes: noise
+    assert deflate_ratio(smooth, 1, AUTO_PROBE_BYTES) >= AUTO_MIN_RATIO
+    assert 1.0 < deflate_ratio(noise, 1, AUTO_PROBE_BYTES) < AUTO_MIN_RATIO  # shrinks a little (exponent bytes), not enough
+    assert deflate_ratio(noise, 1, AUTO_PROBE_BYTES) == deflate_ratio(noise.copy(), 1, AUTO_PROBE_BYTES)  # deterministic
+    # small rows whose end is padding (token attributions past each sequence's length): whole rows
+    padded = np.random.default_rng(1).standard_normal((64, 4096)).astype(np.float32)
+    padded[:, 2048:] = 0  # stored: about 2.3x smaller
+    assert deflate_ratio(padded, 1, AUTO_PROBE_BYTES) >= AUTO_MIN_RATIO
+    # wide rows: pieces spread over each row, not its prefix (here the noise half)
+    wide = np.zeros((4, 100000), np.float32)
+    wide[:, :50000] = np.random.default_rng(2).standard_normal((4, 50000))
+    wide[:, 50000:] = np.sin(np.arange(50000, dtype=np.float32) * 0.01)  # smooth: compresses well
+    assert deflate_ratio(wide, 1, AUTO_PROBE_BYTES) > deflate_ratio(wide[:, :50000], 1, AUTO_PROBE_BYTES) + 0.05  # a prefix: equal
+
+
+class Flaky(torch.nn.Module):
+    """A small CNN that raises on the batch holding sample 13 (marked by a pixel of 1000) while
+    ``broken`` is set: a run that stops midway."""
+
+    broken = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(72, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if Flaky.broken and bool((x[:, 0, 0, 0] == 1000).any()):
+            raise OSError("disk went away")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("first,second", [("lzf", "auto"), ("gzip", "none"), ("none", "lzf")])
+def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, first, second):
+    import fastattr
+
+    model = Flaky().eval()
+    data = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    data[13, 0, 0, 0] = 1000  # batches of 4: the 4th fails, 3 shards of 4 are stored
+    opts = dict(method="saliency", examples_per_batch=4, shard_size=4, progress=False)
+    Flaky.broken = True
+    try:
+        with pytest.raises(OSError, match="disk went away"):
+            fastattr.run(model, data, tmp_path / "run", compression=first, **opts)
+    finally:
+        Flaky.broken = False
+    kept = filters(tmp_path / "run")
+    assert len(kept) == 3 and set(kept) == {None if first == "none" else first}  # samples 0..11 stored
+    summary = fastattr.run(model, data, tmp_path / "run", compression=second, **opts)  # resumes, never refused
+    assert summary.complete and summary.computed == 12
+    new = filters(tmp_path / "run")[3:]
+    assert len(new) == 3 and set(new) <= ({None, "gzip"} if second == "auto" else {None if second == "none" else second})
+    fastattr.run(model, data, tmp_path / "fresh", **opts)
+    with fastattr.open(tmp_path / "run") as got, fastattr.open(tmp_path / "fresh") as want:
+        assert np.array_equal(got.field("index"), np.arange(24))
+        a, b = got[:], want[:]
+        assert a["attributions"]["x"].tobytes() == b["attributions"]["x"].tobytes() and np.array_equal(a["target"], b["target"])
+    report = verify_run(tmp_path / "run")
+    assert report.ok and report.samples == 24
+
+
+RUN_CHILD = r"""
+import os, sys, time, numpy as np, torch
+import fastattr
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        time.sleep(float(os.environ.get("SLOW", "0")))
+        return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+data = np.load(sys.argv[2], mmap_mode="r")
+s = fastattr.run(Slow().eval(), data, sys.argv[1], "saliency", compression="gzip", shard_size=16, examples_per_batch=8, progress=False)
+print(s.computed, s.complete)
+"""
+
+
+def test_sigkill_during_a_gzip_run_loses_nothing_finalized_and_a_rerun_completes_exactly_once(tmp_path):
+    # fastattr.run itself, killed while the pool encodes: 3x48x48 rows (9 per chunk), blocks of 8 and
+    # shards of 16, so chunks wait across blocks and every shard ends in a padded partial chunk
+    (tmp_path / "child.py").write_text(RUN_CHILD)
+    x = np.random.default_rng(4).standard_normal((240, 3, 48, 48)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "FASTATTR_ENCODE_THREADS": "2"}
+    cmd = [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "run"), str(tmp_path / "x.npy")]
+    proc = subprocess.Popen(cmd, env={**env, "SLOW": "0.1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = tmp_path / "run" / "manifest.json"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if manifest.exists() and len(json.loads(manifest.read_text()).get("shards", [])) >= 2:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.02)
+        else:
+            pytest.fail("no shard was finalized in time")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    listed = {e["file"]: e["sha256"] for e in json.loads(manifest.read_text())["shards"]}
+    kept = sum(e["stop"] - e["start"] for e in json.loads(manifest.read_text())["shards"])
+    assert 2 <= len(listed) and kept < 240
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == [str(240 - kept), "True"]  # exactly the samples not finalized before the kill
+    after = {e["file"]: e["sha256"] for e in json.loads(manifest.read_text())["shards"]}
+    assert all(after[f] == h for f, h in listed.items())  # every finalized shard kept as it was
+    fresh = subprocess.run([*cmd[:2], str(tmp_path / "fresh"), cmd[3]], env=env, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    got, want = {}, {}
+    for run, out in (("run", got), ("fresh", want)):
+        for e in json.loads((tmp_path / run / "manifest.json").read_text())["shards"]:
+            with h5py.File(tmp_path / run / e["file"], "r") as f:  # plain h5py: fletcher32 checked per chunk
+                for i, row in zip(f["index"][()], f["attributions/x"][()]):
+                    assert int(i) not in out  # every sample once
+                    out[int(i)] = row.tobytes()
+    assert sorted(got) == list(range(240)) and got == want
+    report = verify_run(tmp_path / "run")
+    assert report.ok and report.samples == 240

@@ -98,6 +98,31 @@ def deflate_planes(shuffled: bytes, planes: int, level: int) -> bytes:
     return b"".join(out)
 
 
+_PIECES = 16  # contiguous pieces per sampled row, spread over it (padding at a row's end counts too)
+
+
+def deflate_ratio(rows: np.ndarray, level: int, budget: int) -> float:
+    """raw / stored size of ``rows`` through this encoder, estimated on about ``budget`` bytes: whole
+    rows spread over the block where they are small; else four rows spread over the block, from each
+    _PIECES contiguous, non-overlapping pieces spread over the row (a prefix alone would miss, e.g.,
+    the padded end of token rows). Deterministic: the same rows always give the same estimate (so a
+    rerun makes the same choice)."""
+    n = rows.shape[0]
+    flat = rows.reshape(n, -1)
+    if n == 0 or flat.shape[1] == 0:
+        return 1.0
+    width, item = flat.shape[1], flat.itemsize
+    if width * item * min(n, 4) <= budget:  # small rows: as many whole rows as the budget holds
+        picks = np.unique(np.linspace(0, n - 1, num=min(n, max(1, budget // (width * item)))).round().astype(np.int64))
+        sample = np.ascontiguousarray(flat[picks])
+    else:
+        picks = np.unique(np.linspace(0, n - 1, num=min(n, 4)).round().astype(np.int64))
+        piece = max(1, budget // len(picks) // _PIECES // item)  # piece * _PIECES < width: no overlap
+        starts = np.linspace(0, width - piece, num=_PIECES).round().astype(np.int64)
+        sample = np.ascontiguousarray(np.stack([flat[r, s : s + piece] for r in picks for s in starts]))
+    return sample.nbytes / len(deflate_planes(shuffle(sample), sample.dtype.itemsize, level))
+
+
 def encode_chunk(a: np.ndarray, level: int) -> bytes:
     """One whole chunk as HDF5 stores it through shuffle + deflate(level) + fletcher32."""
     packed = deflate_planes(shuffle(a), a.dtype.itemsize, level)

@@ -48,8 +48,13 @@ MARKER_ROWS_OFFSET = 16 + 32 + 8 + 8
 # HDF5 filters a shard may use (ids of H5Z): anything else could need a plugin or run foreign code.
 ALLOWED_FILTERS = {1: "gzip", 2: "shuffle", 3: "fletcher32", 32000: "lzf"}
 STORAGE_DTYPES = ("float32", "float16")
-COMPRESSIONS = ("lzf", "gzip", "none")
+COMPRESSIONS = ("auto", "lzf", "gzip", "none")
 GZIP_LEVEL = 1  # shuffle+deflate level 1: within 0.06 of level 4's ratio on real attributions, 20-25% faster (benchmarks/RESULTS.md)
+# compression="auto": each shard is "gzip" when shuffle + deflate shrinks a sample of its first block's
+# attributions at least this much (raw / stored), else "none". Measured (benchmarks/RESULTS.md, "Store"):
+# demo CNN IG 1.65, token LayerIG 2.15 (compressed); ResNet IG at 224 1.14, image saliency 1.21 (stored raw).
+AUTO_MIN_RATIO = 1.5
+AUTO_PROBE_BYTES = 256 * 1024  # bytes of a block's attributions the choice compresses (a few ms)
 STATUSES = ("running", "complete")
 
 # Per-sample scalar datasets and their on-disk dtypes (the contract's layout).

@@ -38,10 +38,12 @@ import numpy as np
 from ..errors import DiskFullError, StoreError
 from . import fsutil
 from .block import Block
-from .encode import ChunkBuffer
+from .encode import ChunkBuffer, deflate_ratio
 from .manifest import ShardEntry
 from .ranges import format_ranges, value_runs
 from .schema import (
+    AUTO_MIN_RATIO,
+    AUTO_PROBE_BYTES,
     CHUNK_TARGET_BYTES,
     GZIP_LEVEL,
     MARKER_FORMAT,
@@ -110,11 +112,16 @@ class ShardLayout:
         self.run_id = ""
         self._overflow_warned = False
 
-    @property
-    def parallel(self) -> bool:
-        """Attribution chunks are encoded in the thread pool (store/encode.py) and written with
-        write_direct_chunk: for gzip, whose pipeline (shuffle + deflate + fletcher32) is emulated exactly."""
-        return self.compression == "gzip"
+    def choose(self, block: Block) -> str:
+        """The compression of a new shard: as configured, or for "auto" "gzip" when shuffle + deflate
+        shrinks a sample of the block's attributions (in the storage dtype) at least AUTO_MIN_RATIO
+        times, else "none". gzip shards are encoded in the thread pool (store/encode.py)."""
+        if self.compression != "auto":
+            return self.compression
+        budget = AUTO_PROBE_BYTES // max(1, len(block.attributions))
+        with np.errstate(over="ignore", invalid="ignore"):
+            ratios = [deflate_ratio(a[: min(len(a), 64)].astype(self.storage_dtype, copy=False), GZIP_LEVEL, budget) for a in block.attributions.values()]
+        return "gzip" if ratios and min(ratios) >= AUTO_MIN_RATIO else "none"
 
     def chunk_rows(self, feature_shape: tuple[int, ...]) -> int:
         row_bytes = max(1, math.prod(feature_shape) * self.storage_dtype.itemsize)
@@ -159,6 +166,7 @@ class ShardLayout:
         """A new empty shard file, named partial_name(final_name) until finished, with the
         datasets of block's fields and the marker in its user block."""
         shard = OpenShard(run_dir / partial_name(final_name), final_name, shard_id, start, self)
+        shard.compression = self.choose(block)
         # A chunk cache larger than the largest chunk (1 MiB) keeps a block's trailing partial
         # chunk in memory until the next block completes it, instead of recompressing it twice
         # (the datasets stay open between blocks for that: see OpenShard.bind).
@@ -169,21 +177,21 @@ class ShardLayout:
         shard.file = f
         try:
             shard.open_marker()
-            self._create_datasets(f, block)
+            self._create_datasets(f, block, shard.compression)
             shard.bind()
         except BaseException as exc:
             shard.drop()
             if isinstance(exc, Exception):
                 raise write_error(exc, shard.path) from exc
             raise
-        logger.debug("opened %s at index %d", shard.path.name, start)
+        logger.debug("opened %s at index %d (compression %s)", shard.path.name, start, shard.compression)
         return shard
 
-    def _create_datasets(self, f: h5py.File, block: Block) -> None:
+    def _create_datasets(self, f: h5py.File, block: Block, compression: str) -> None:
         comp: dict[str, Any] = {"fletcher32": True}  # per-chunk checksums, checked by every HDF5 read
-        if self.compression == "lzf":
+        if compression == "lzf":
             comp.update(compression="lzf")
-        elif self.compression == "gzip":
+        elif compression == "gzip":
             comp.update(compression="gzip", compression_opts=GZIP_LEVEL)
         scalar_chunk = min(self.shard_rows, SCALAR_CHUNK_ROWS)
 
@@ -192,7 +200,7 @@ class ShardLayout:
             group.create_dataset(name, shape=(0, *tail), maxshape=(None, *tail), dtype=dtype, chunks=(chunk_rows, *tail), **comp)
 
         attributions = f.create_group("attributions", track_order=True)  # keep the caller's name order
-        if self.parallel:  # exactly the pipeline store/encode.py emulates: shuffle, deflate, fletcher32
+        if compression == "gzip":  # exactly the pipeline store/encode.py emulates: shuffle, deflate, fletcher32
             comp["shuffle"] = True
         for name, a in block.attributions.items():
             make(attributions, name, self.storage_dtype, a.shape[1:], self.chunk_rows(a.shape[1:]))
@@ -225,6 +233,7 @@ class OpenShard:
         self.datasets: dict[str, h5py.Dataset] = {}  # "index", "attributions/x", "stats/l1", ...
         self._marker_fd: int | None = None
         self._buffers: dict[str, ChunkBuffer] = {}  # parallel encoding: per attribution dataset
+        self.compression = layout.compression  # this shard's (ShardLayout.choose settles "auto")
 
     @property
     def stop(self) -> int:
@@ -260,7 +269,7 @@ class OpenShard:
 
         f.visititems(visit)
         self.datasets = found
-        if self.layout.parallel:
+        if self.compression == "gzip":  # chunks encoded in the pool, written with write_direct_chunk
             self._buffers = {k: ChunkBuffer(ds.chunks[0], GZIP_LEVEL) for k, ds in found.items() if k.startswith("attributions/")}
 
     def _group_names(self, group: str) -> set[str]:

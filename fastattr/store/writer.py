@@ -76,7 +76,7 @@ class RunWriter:
         total: int,
         shard_rows: int = 4096,
         storage_dtype: str = "float32",
-        compression: str = "lzf",
+        compression: str = "auto",
         queue_size: int = 4,
         resume: bool = True,
         overwrite: bool = False,
