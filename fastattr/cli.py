@@ -106,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         rule=args.rule, precision=args.precision, precision_tolerance=args.precision_tolerance, precision_warn=args.precision_warn, batch_size=args.batch_size, memory_budget=args.memory_budget,
         storage_dtype=args.storage_dtype, compression=args.compression, shard_size=args.shard_size, shard_seconds=args.shard_seconds or None,
         resume=not args.overwrite, overwrite=args.overwrite, allow_other_files=args.allow_other_files, device=args.device, progress=None if not args.quiet else False,
-        allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode, channel_reduce=args.channel_reduce,
+        allow_nonfinite=args.allow_nonfinite, train_mode=args.train_mode, channel_reduce=args.channel_reduce, compile=args.compile,
     )  # fmt: skip
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
@@ -441,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="store samples whose inputs, outputs or attributions hold NaN/inf (counted in stats/nonfinite) instead of stopping")
     run.add_argument("--train-mode", action="store_true",
                      help="run the model in train mode (BatchNorm batch statistics, dropout); default: eval mode. Modes and buffers are restored")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model's forward for the engine's chunks (off by default: slower on the CPUs measured)")
     run.set_defaults(func=_run)
 
     info = sub.add_parser("info", help="what a run directory holds: config, provenance, progress, size")

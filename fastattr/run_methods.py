@@ -300,16 +300,18 @@ EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
     "llm_integrated_gradients": {"tokenizer": None, "gen_args": None, "seq_only": False, "padding_side": "right", "layer": None},
 }
 METHOD_NAMES = (*PLANS, *ALIASES)
+NO_COMPILE = ("activations", "llm_integrated_gradients")  # forward-only capture and the LLM engine take no compile=
 
 
 def plan_method(
     model: torch.nn.Module, method: str, options: dict[str, Any], *, precision: str, memory_budget: Any, extra: dict[str, Any] | None = None,
-    allow_nonfinite: bool = False, output: Any = None,
+    allow_nonfinite: bool = False, output: Any = None, compile: bool = False,  # noqa: A002 - Options' name
 ) -> MethodPlan:
     """Validate ``method`` and its options; raises ValueError naming the problem before any work.
     ``extra``: the method's own options (EXTRA_OPTIONS), e.g. nt_samples for noise_tunnel;
     ``allow_nonfinite``: accept NaN/inf inputs and baselines (activations always do); ``output``:
-    which tensor of the model's output to attribute (fastattr/options.py; activations ignore it)."""
+    which tensor of the model's output to attribute (fastattr/options.py; activations ignore it);
+    ``compile``: torch.compile the model's forward for the engine's chunks (fastattr/engine.py)."""
     name = ALIASES.get(method, method)
     if name not in PLANS:
         raise OptionError(f"unknown method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
@@ -320,7 +322,14 @@ def plan_method(
         raise OptionError(f"method {name!r} does not take option(s) {', '.join(unknown)}; {takes}")
     opts = {**accepted, **dict(options), **(extra or {})}
     opts["baselines_desc"] = describe(opts.get("baselines")) if opts.get("baselines") is not None else "zeros"
-    return PLANS[name](model, opts, {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite, "output": output})
+    engine_opts = {"precision": precision, "memory_budget": memory_budget, "allow_nonfinite": allow_nonfinite, "output": output}
+    if compile is not False:
+        if not isinstance(compile, bool):
+            raise OptionError(f"compile must be True or False, got {compile!r}")
+        if name in NO_COMPILE:
+            raise OptionError(f"compile=True applies to the gradient engine's methods; {name!r} runs its own passes: leave compile unset")
+        engine_opts["compile"] = True
+    return PLANS[name](model, opts, engine_opts)
 
 
 def _baselines_from_desc(desc: Any) -> Any:

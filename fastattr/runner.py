@@ -80,6 +80,7 @@ def run(
     forward_args_inputs: int = 0,
     allow_nonfinite: bool = False,
     train_mode: bool = False,
+    compile: bool = False,  # noqa: A002 - Options' name
     output: Any = None,
     forward_kwargs: dict[str, Any] | None = None,
     **method_options: Any,
@@ -111,6 +112,10 @@ def run(
     median) is recorded in the manifest (config "precision_probe") and the summary, with a warning
     above precision_warn (fastattr/probe.py).
 
+    compile: torch.compile the model's forward for the engine's chunks (fixed chunk shapes, one
+    layout; README "Compiled models"); off by default: on the 2-core CPU it measured slower
+    (benchmarks/RESULTS.md, "CPU rows"). Recorded in the config when set.
+
     train_mode: run the model in train mode (BatchNorm batch statistics, dropout); by default
     the model runs in eval mode. Either way each module's mode is restored afterwards, and in
     train mode so are its buffers (BatchNorm's running statistics).
@@ -138,7 +143,7 @@ def run(
         plan_method, model, method,
         {"n_steps": n_steps, "rule": rule, "baselines": baselines, "multiply_by_inputs": multiply_by_inputs, "abs": abs,
          "tolerance": tolerance, "max_steps": max_steps, "abs_tolerance": abs_tolerance},
-        memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite, output=output,
+        memory_budget=memory_budget, extra=method_options, allow_nonfinite=allow_nonfinite, output=output, compile=compile,
     )  # fmt: skip
     plan = make_plan(precision="fp32" if precision == AUTO else precision)  # auto: replanned once the probe chose
     if batch_size != "auto" and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -180,6 +185,8 @@ def run(
     }
     if reduction is not None:  # only when used, so runs made before the option still resume
         config["channel_reduce"] = reduction
+    if compile:  # only when used, like the options below; compiled kernels may round differently, so a resume compares it
+        config["compile"] = True
     if forward_args_inputs:  # only when used, so runs made before the option still resume
         config["forward_args_inputs"] = forward_args_inputs
     if output is not None and plan.uses_target:  # likewise; activations never read the output

@@ -300,3 +300,68 @@ def test_compile_option_compiles_the_forward_once(monkeypatch):
         got = ig.attribute(x, target=t, n_steps=steps, compile=True)
         torch.testing.assert_close(got, ig.attribute(x, target=t, n_steps=steps, channels_last=False), rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- compile=True in dataset runs
+
+
+def test_run_compile_compiles_once_records_it_and_matches_eager(tmp_path, monkeypatch):
+    counter = CompileCounter()
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", counter)
+    torch.manual_seed(0)
+    model = _cnn().eval()
+    data = torch.randn(21, 3, 12, 12)  # 21 samples in batches of 8: a short last batch (padded chunks)
+    kw = {"n_steps": 4, "target": 0, "examples_per_batch": 8, "progress": False}
+    fastattr.run(model, data, tmp_path / "c", compile=True, **kw)
+    fastattr.run(model, data, tmp_path / "e", **kw)
+    # two graphs for the whole run, however many batches: the gradient chunks' forward and the no-grad
+    # F(x) / F(x0) forward (grad mode is part of a graph's guards); 8 or 40 samples give the same two
+    assert counter.frame_count == 2
+    with fastattr.open(tmp_path / "c") as c, fastattr.open(tmp_path / "e") as e:
+        assert c.metadata["compile"] is True and "compile" not in e.metadata
+        torch.testing.assert_close(
+            torch.as_tensor(c.field("attributions/x")), torch.as_tensor(e.field("attributions/x")), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_run_compile_is_compared_on_resume(tmp_path, monkeypatch):
+    from fastattr.errors import RunMismatchError
+
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", CompileCounter())
+    model, data = _cnn().eval(), torch.randn(4, 3, 12, 12)
+    fastattr.run(model, data, tmp_path / "r", n_steps=2, target=0, compile=True, progress=False)
+    with pytest.raises(RunMismatchError, match="compile"):
+        fastattr.run(model, data, tmp_path / "r", n_steps=2, target=0, progress=False)
+
+
+def test_run_compile_refused_where_it_does_not_apply(tmp_path):
+    model = _cnn().eval()
+    with pytest.raises(OptionError, match="compile must be True or False"):
+        fastattr.run(model, torch.randn(2, 3, 12, 12), tmp_path / "a", n_steps=2, target=0, compile="yes", progress=False)
+    with pytest.raises(OptionError, match="'activations' runs its own passes"):
+        fastattr.run(model, torch.randn(2, 3, 12, 12), tmp_path / "b", "activations", layer="0", compile=True, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cli_compile_flag_reaches_the_run(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fastattr import cli, runner
+
+    (tmp_path / "compile_models.py").write_text(
+        "import torch\n\ndef cnn():\n    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))\n"
+    )
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 2, 2), np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    seen = {}
+
+    def fake_run(*args, **kwargs):
+        seen.update(kwargs)
+        return runner.RunSummary("out", 2, 2, 1.0, True)
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert cli.main(["-q", "run", "--model", "compile_models:cnn", "--data", "x.npy", "--out", "out", "--compile"]) == 0
+    assert seen["compile"] is True
+    assert cli.main(["-q", "run", "--model", "compile_models:cnn", "--data", "x.npy", "--out", "out"]) == 0
+    assert seen["compile"] is False
