@@ -13,13 +13,16 @@ failing stage records its traceback and the suite goes on, exiting 1 at the end)
                row's error against a float64 reference (bench_captum)
   dataset      fastattr.run vs a Captum loop, ResNet-50 at 224, saliency and IG-16: samples/s, time
                outside forward/backward, store MB/s (bench_dataset)
+  store        the store alone on this machine's cores: ratio and MB/s of every compression on real
+               attributions (bench_store compression), and the storage reductions (float16, channel
+               sums) made on the device: bytes, write rate, float16 error (bench_store reductions)
   noise        NoiseTunnel (SmoothGrad over IG) and GradientShap vs Captum (bench_noise)
   layer        LayerIntegratedGradients on a token classifier vs Captum (bench_layer)
   adaptive     n_steps="auto" vs Captum's fixed steps on the demo CNNs (bench_adaptive)
+  compile      compile=True vs eager, IG on ResNet-50 (224 on a GPU): seconds, peak memory, error
+               against eager (the default stays off until a device measures it faster)
   distributed  torchrun on every visible GPU vs one (bench_distributed); skipped with one GPU
   kernel_tests tests/test_kernels.py on CUDA tensors (needs pytest; the --quick run takes a subset)
-
-Language-model attribution (issue 15) has no stage: it is not built in this checkout.
 
 Writes DIR/gpu_suite.json (env: card, date, commit, versions; per stage: status, seconds, rows)
 and DIR/gpu_suite.md (the same as tables), rewritten after every stage so a killed run keeps
@@ -64,7 +67,7 @@ import models  # noqa: E402
 import fastattr  # noqa: E402
 
 warnings.filterwarnings("ignore")
-STAGES = ("kernels", "engine", "captum", "dataset", "noise", "layer", "adaptive", "precision", "llm", "distributed", "kernel_tests")
+STAGES = ("kernels", "engine", "captum", "dataset", "store", "noise", "layer", "adaptive", "precision", "compile", "llm", "distributed", "kernel_tests")
 Result = tuple[list[Any], str]  # (rows for the JSON, markdown for the report)
 
 
@@ -181,6 +184,48 @@ def stage_dataset(cfg: argparse.Namespace) -> Result:
         if r["outside_model"] is not None
     ]
     return rows, envs[0] + "\n\n" + bench_dataset.table(rows) + "\n\n" + "\n".join(targets)
+
+
+def _script_table(cfg: argparse.Namespace, script: str, argv: list[str]) -> tuple[list, str]:
+    """Run a bench script whose JSON holds headers + list rows (bench_store); its rows and markdown."""
+    path = os.path.join(cfg.work, f"{script}-{argv[0]}.json")
+    cmd = [sys.executable, os.path.join(HERE, script), *argv, "--json", path]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"{script} {argv[0]} failed (see its output above)")
+    with open(path) as f:
+        got = json.load(f)
+    return got["rows"], got["env_line"] + "\n\n" + h.markdown(got["headers"], got["rows"])
+
+
+def stage_store(cfg: argparse.Namespace) -> Result:
+    """The encoder's MB/s on every core of the machine (issue 16: >= 1.5 GB/s on the device machine's 16 cores)."""
+    comp = ["compression", "--levels", "1"]
+    red = ["reductions", "--device", str(cfg.device), "--repeats", "1" if cfg.quick else "2"]
+    red += ["--samples", "2", "--steps", "2", "--write-samples", "16"] if cfg.quick else ["--samples", "64", "--steps", "16", "--write-samples", "1024"]
+    rows_c, md_c = _script_table(cfg, "bench_store.py", comp)
+    rows_r, md_r = _script_table(cfg, "bench_store.py", red)
+    return [{"compression": rows_c}, {"reductions": rows_r}], md_c + "\n\n" + md_r
+
+
+def stage_compile(cfg: argparse.Namespace) -> Result:
+    """compile=True (the engine's torch.compile'd forward) against eager, IG on ResNet-50, fp32."""
+    size, n, steps = (32, 2, 2) if cfg.quick else (224, 32, 16)
+    torch.manual_seed(0)
+    model = models.resnet50().to(cfg.device).eval()
+    x = torch.randn(n, 3, size, size, device=cfg.device)
+    ig = fastattr.IntegratedGradients(model)
+    rows: list[dict] = []
+    eager = None
+    for label, kw in (("eager", {}), ("compile=True", {"compile": True})):
+        t0 = time.perf_counter()
+        ig.attribute(x, target=0, n_steps=steps, **kw)  # warm-up; compile=True compiles here
+        first = time.perf_counter() - t0
+        seconds, peak, got = h.measure_once(lambda kw=kw: ig.attribute(x, target=0, n_steps=steps, **kw), cfg.device, memory_on=cfg.device)
+        eager = got if eager is None else eager
+        rows.append({"impl": label, "samples": n, "steps": steps, "image": size, "first call (s)": round(first, 2),
+                     "seconds": round(seconds, 3), "x vs eager": round(rows[0]["seconds"] / seconds, 2) if rows else 1.0,
+                     "peak MiB": peak, "rel. L2 vs eager": h.rel_err(got, eager)})  # fmt: skip
+    return rows, h.dict_table(rows)
 
 
 def stage_noise(cfg: argparse.Namespace) -> Result:

@@ -165,7 +165,7 @@ def test_run_records_the_probe_and_warns(tmp_path, caplog):
     assert any("precision_warn" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     # the recorded error is the stored attributions' error against fp32 on the probe samples
     ref = tmp_path / "ref"
-    fastattr.run(deep_relu_cnn(), x, str(ref), n_steps=4, progress=False)
+    fastattr.run(deep_relu_cnn(), x, str(ref), n_steps=4, progress=False, batch_size=16)
     with open_run(str(out)) as a, open_run(str(ref)) as b:
         got, want = torch.from_numpy(a.field("attributions/x")[:4]), torch.from_numpy(b.field("attributions/x")[:4])
     assert probe["rel_err_max"] == pytest.approx(float(probe_mod.rel_errors([want], [got]).max()), rel=1e-4)
@@ -194,7 +194,9 @@ def test_resume_is_not_blocked_by_a_remeasured_probe(tmp_path, monkeypatch):
 def test_auto_run_records_the_choice_and_resumes_with_it(tmp_path, monkeypatch, capsys):
     x = torch.randn(8, 3, 8, 8).numpy()
     out = tmp_path / "run"
-    summary = fastattr.run(deep_relu_cnn(), x, str(out), n_steps=4, precision="auto", progress=False, shard_size=4)
+    # fixed rows per forward: on CPU the chunk sizes decide the last bits of a conv's results, and the
+    # row tuner carries what the probe's passes measured into the run's own passes
+    summary = fastattr.run(deep_relu_cnn(), x, str(out), n_steps=4, precision="auto", progress=False, shard_size=4, batch_size=16)
     probe = _manifest(out)["config"]["precision_probe"]
     assert _manifest(out)["config"]["precision"] == "auto"
     assert probe["requested"] == "auto" and probe["policy"] == "fp32" and probe["tolerance"] == 0.01
@@ -202,12 +204,12 @@ def test_auto_run_records_the_choice_and_resumes_with_it(tmp_path, monkeypatch, 
     assert summary.precision_probe == probe
     # the stored attributions are fp32's
     ref = tmp_path / "ref"
-    fastattr.run(deep_relu_cnn(), x, str(ref), n_steps=4, progress=False)
+    fastattr.run(deep_relu_cnn(), x, str(ref), n_steps=4, progress=False, batch_size=16)
     with open_run(str(out)) as a, open_run(str(ref)) as b:
         np.testing.assert_array_equal(a.field("attributions/x"), b.field("attributions/x"))
     # resuming an auto run keeps its recorded choice instead of timing the policies again
     monkeypatch.setattr("fastattr.runner.measure", lambda *a, **k: pytest.fail("re-measured on resume"))
-    again = fastattr.run(deep_relu_cnn(), x, str(out), n_steps=4, precision="auto", progress=False, shard_size=4)
+    again = fastattr.run(deep_relu_cnn(), x, str(out), n_steps=4, precision="auto", progress=False, shard_size=4, batch_size=16)
     assert again.precision_probe == probe
     from fastattr.cli import main
 
