@@ -278,6 +278,22 @@ def test_compiled_model_in_train_mode_is_not_padded():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_model_with_batchnorm_without_running_stats_is_not_padded():
+    """BatchNorm(track_running_stats=False) normalises over the chunk in eval mode too: padding a
+    short chunk of 2 rows with a copy of its first row changed both rows' saliency (1.6e-2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(512, 5))
+    model.eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    compiled = torch.compile(model, backend=CompileCounter(), dynamic=False)
+    x, t = torch.randn(8, 3, 8, 8), torch.arange(8) % 5
+    got = fastattr.Saliency(compiled).attribute(x, target=t, max_rows=3)
+    assert seen == [3, 3, 2], seen
+    ref = fastattr.Saliency(model).attribute(x, target=t, max_rows=3, channels_last=False)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- compile=True
 
 
