@@ -41,3 +41,51 @@ def test_opt_out(monkeypatch):
     pages = 64 * 150528 * 4 // resource.getpagesize()
     with reuse_freed_pages():
         assert min(faults_per_temporary()) > pages // 2
+
+
+USER_SETTING = """
+import ctypes
+from fastattr.host_memory import reuse_freed_pages
+
+libc = ctypes.CDLL("libc.so.6")
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def mapped(size=1 << 20):
+    before = libc.mallinfo2().hblks  # blocks glibc serves with their own mapping
+    p = libc.malloc(size)
+    n = libc.mallinfo2().hblks - before
+    libc.free(p)
+    return n == 1
+
+
+states = [mapped()]
+with reuse_freed_pages():
+    states.append(mapped())
+states.append(mapped())
+print(states)
+"""
+
+
+@pytest.mark.parametrize(
+    "env", [{"MALLOC_MMAP_THRESHOLD_": "262144"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=262144"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1:glibc.malloc.mmap_threshold=262144"}]
+)
+def test_the_users_glibc_thresholds_win(env):
+    """A process started with a 256 KiB mmap threshold (glibc's environment variable or its tunable)
+    maps a 1 MiB block before, inside and after the context: fastattr leaves the user's setting alone.
+    Before: GLIBC_TUNABLES was overridden during the run and replaced by 32 MiB after it."""
+    import os
+    import subprocess
+
+    if not hasattr(_libc(), "mallinfo2"):
+        pytest.skip("glibc before 2.33")
+    out = subprocess.run([sys.executable, "-c", USER_SETTING], env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[True, True, True]", out.stdout + out.stderr
