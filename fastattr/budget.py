@@ -73,7 +73,7 @@ def parse_bytes(value: int | str | None) -> int | None:
         if unit not in units:
             raise ValueError
         return int(float(number) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e400"
         raise OptionError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 

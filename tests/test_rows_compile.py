@@ -186,6 +186,15 @@ class Recorder(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400GiB", "nan", "-inf"])
+def test_memory_budget_that_is_no_size_is_an_option_error(value):
+    """Before: "inf" and "1e400GiB" escaped as a bare OverflowError from int(float(...))."""
+    with pytest.raises(OptionError, match="cannot parse memory size"):
+        budget.parse_bytes(value)
+    with pytest.raises(OptionError, match="cannot parse memory size"):
+        fastattr.Options(memory_budget=value)
+
+
 def test_engine_rows_respect_cpu_memory_budget():
     """The warm-up chunk's saved tensors size the rest: with a budget for about 10 rows every later
     chunk has at most that many rows (the old planner ignored memory_budget on the CPU and doubled)."""
