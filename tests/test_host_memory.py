@@ -89,3 +89,68 @@ def test_the_users_glibc_thresholds_win(env):
         pytest.skip("glibc before 2.33")
     out = subprocess.run([sys.executable, "-c", USER_SETTING], env={**os.environ, **env}, capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[True, True, True]", out.stdout + out.stderr
+
+
+INTERRUPTED_RUN = """
+import ctypes, os, signal, sys, tempfile
+import numpy as np
+import torch
+from torch import nn
+import fastattr
+from fastattr import host_memory
+
+libc = ctypes.CDLL("libc.so.6")
+
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def mapped(size=48 << 20):
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(size)
+    n = libc.mallinfo2().hblks - before
+    libc.free(p)
+    return n == 1
+
+
+class Interrupting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 3)
+        self.calls, self.inside = 0, None
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            self.inside = mapped()
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to the main thread in the run
+        return self.lin(x)
+
+
+before = mapped()
+model = Interrupting()
+x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
+try:
+    fastattr.run(model, x, os.path.join(tempfile.mkdtemp(), "r"), "saliency", examples_per_batch=8, progress=False)
+    print("not interrupted")
+except KeyboardInterrupt:
+    print([before, model.inside, mapped(), host_memory._active])
+"""
+
+
+def test_thresholds_restored_after_a_ctrl_c_in_a_run():
+    """A SIGINT in the middle of a CPU run: a 48 MiB block is mapped before the run, comes from the
+    heap inside it, and is mapped again after the KeyboardInterrupt (thresholds restored, no run left
+    counted)."""
+    import subprocess
+
+    if not hasattr(_libc(), "mallinfo2"):
+        pytest.skip("glibc before 2.33")
+    out = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[True, False, True, 0]", out.stdout + out.stderr
