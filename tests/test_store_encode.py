@@ -345,6 +345,29 @@ def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, fi
     assert report.ok and report.samples == 24
 
 
+def test_info_names_the_filters_the_shards_hold_after_a_resume_with_another_compression(tmp_path):
+    """The config keeps the last compression given; `fastattr info` said "storage: float32 none" for a
+    run whose first 3 shards are gzip. It now reads the filters from the shards."""
+    import fastattr
+
+    model = Flaky().eval()
+    data = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    data[13, 0, 0, 0] = 1000
+    opts = dict(method="saliency", examples_per_batch=4, shard_size=4, progress=False)
+    Flaky.broken = True
+    try:
+        with pytest.raises(OSError, match="disk went away"):
+            fastattr.run(model, data, tmp_path / "run", compression="gzip", **opts)
+    finally:
+        Flaky.broken = False
+    fastattr.run(model, data, tmp_path / "run", compression="none", **opts)
+    with fastattr.open(tmp_path / "run") as store:
+        assert store.compressions() == {"gzip": 3, "none": 3}
+    info = subprocess.run([sys.executable, "-m", "fastattr", "info", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "storage: float32 gzip (3 shards), none (3 shards), model mode" in info.stdout, info.stdout
+
+
 RUN_CHILD = r"""
 import os, sys, time, numpy as np, torch
 import fastattr
