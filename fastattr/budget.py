@@ -27,8 +27,9 @@
   sampling) and deterministic, unlike RSS growth under other threads' allocations.
 - ``fixed=True`` (torch.compile'd models, fastattr/engine.py): one row count for every chunk
   of every pass (the engine pads short chunks up to it), so the model is not recompiled per
-  size: the user cap, else on the CPU the start size (no doubling), on CUDA the probe's fit
-  (one extra size, then remembered), at most FIXED_MAX_ROWS.
+  size: the user cap, else on the CPU the start size (no doubling; bounded by the host memory
+  budget from the first chunk's estimate: over it, one smaller size, then remembered), on CUDA
+  the probe's fit (one extra size, then remembered), at most FIXED_MAX_ROWS.
 Every chunk is real work: probing costs no extra forward.
 """
 
@@ -178,6 +179,7 @@ class RowPlanner:
         self._window = (0, 0.0)  # rows and seconds of the window in progress
         self._saved: dict[int, int] | None = None
         self._state: _Tuning | None = None
+        self._measure_fixed = False  # fixed on the CPU: the first chunk measures the memory a row needs
         if self.tuning and self.key in _settled:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
@@ -185,6 +187,10 @@ class RowPlanner:
         elif fixed:  # a compiled model on the CPU: one size, no doubling (each size is a compile)
             start = max(CPU_START_ROWS, min(FIXED_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows, self.tuning = max_rows or start, False
+            if max_rows is None and row_peak_bytes is not None:
+                self._bound(row_peak_bytes)
+            else:  # the memory budget bounds it too: over it, the size drops once after the first chunk (one more compile)
+                self._measure_fixed = max_rows is None
         elif self.tuning and self.key in _progress:  # an earlier pass's tuning, unfinished
             self._resume(_progress[self.key])
         else:
@@ -261,6 +267,8 @@ class RowPlanner:
     def watch(self) -> contextlib.AbstractContextManager:
         """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
         saves, for the per-row memory estimate (module docstring)."""
+        if self._measure_fixed:
+            return self._count()
         if self.device.type == "cuda" or not self.tuning or self._warm or self.row_peak_bytes is not None:
             return contextlib.nullcontext()
         return self._count()
@@ -281,6 +289,13 @@ class RowPlanner:
         self._t0 = time.perf_counter()
 
     def end(self, rows_done: int) -> None:
+        if self._measure_fixed:  # fixed: bound by the memory budget, settled for the next passes
+            self._measure_fixed = False
+            if self._saved:
+                self._bound(int(sum(self._saved.values()) * HOST_PEAK_FACTOR / max(1, rows_done)))
+            self._saved = None
+            self._settle(self.rows)
+            return
         if not self.tuning or rows_done < self.rows:  # a short last chunk says nothing
             return
         if self.device.type == "cuda":

@@ -303,6 +303,31 @@ def test_compiled_model_with_batchnorm_without_running_stats_is_not_padded():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_model_rows_respect_the_cpu_memory_budget():
+    """A compiled model on the CPU runs one row count, but within the memory budget: the first chunk
+    (the start size) measures the memory a row needs, the size then drops once and is remembered.
+    Before: memory_budget was ignored for compiled models (21 rows per chunk under a 2 MB budget that
+    holds 6)."""
+    model = _cnn().eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    compiled = torch.compile(model, backend=CompileCounter(), dynamic=False)
+    x, t = torch.randn(40, 3, 32, 32), torch.arange(40) % 5
+    got = fastattr.Saliency(compiled).attribute(x, target=t, memory_budget="2MB")
+    bounded = seen[1]
+    assert seen[0] > bounded and set(seen[1:]) == {bounded}, seen
+    ref = fastattr.Saliency(model).attribute(x, target=t, channels_last=False, max_rows=bounded)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    fastattr.Saliency(compiled).attribute(x[:9], target=t[:9], memory_budget="2MB")
+    assert set(seen) == {bounded}, seen  # remembered: no new size
+    plain = torch.compile(_cnn().eval(), backend=(counter := CompileCounter()), dynamic=False)  # no hook for dynamo to guard on
+    fastattr.Saliency(plain).attribute(x, target=t, memory_budget="2MB")
+    frames = counter.frame_count
+    fastattr.Saliency(plain).attribute(x[:9], target=t[:9], memory_budget="2MB")
+    assert frames <= 2 and counter.frame_count == frames  # the start size and the bounded one, then no compile
+
+
 # --------------------------------------------------------------------------- compile=True
 
 
