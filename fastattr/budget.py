@@ -103,16 +103,19 @@ def pick_rows(rates: dict[int, float], tolerance: float = CPU_TOLERANCE) -> int:
 
 
 @contextlib.contextmanager
-def saved_bytes_counter() -> Iterator[dict[int, int]]:
+def saved_bytes_counter(rows: int | None = None) -> Iterator[dict[int, int]]:
     """Count the distinct storages autograd saves for the backward inside the block. Yields
     {storage address: bytes}; sum its values afterwards. Counted: tensors on the gradient's path
     (they require grad: activations, the input rows) and integer / bool ones (max-pool indices,
     dropout masks); not float tensors off the path: weights, their transposes and autocast copies,
-    BatchNorm statistics (the same for any row count). Several views of one storage count once."""
+    BatchNorm statistics (the same for any row count). Several views of one storage count once.
+    ``rows``: also float tensors whose first dim is that row count (a compiled model's AOT graph
+    saves its activations detached, off the gradient's path)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu" and (t.requires_grad or not (t.is_floating_point() or t.is_complex())):
+        per_row = rows is not None and t.dim() > 0 and t.shape[0] == rows
+        if t.device.type == "cpu" and (t.requires_grad or per_row or not (t.is_floating_point() or t.is_complex())):
             with contextlib.suppress(RuntimeError):  # a tensor without storage (sparse, ...)
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
@@ -268,14 +271,14 @@ class RowPlanner:
         """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
         saves, for the per-row memory estimate (module docstring)."""
         if self._measure_fixed:
-            return self._count()
+            return self._count(self.rows)
         if self.device.type == "cuda" or not self.tuning or self._warm or self.row_peak_bytes is not None:
             return contextlib.nullcontext()
         return self._count()
 
     @contextlib.contextmanager
-    def _count(self) -> Iterator[None]:
-        with saved_bytes_counter() as seen:
+    def _count(self, rows: int | None = None) -> Iterator[None]:
+        with saved_bytes_counter(rows) as seen:
             yield
         self._saved = seen
 

@@ -303,7 +303,8 @@ def test_compiled_model_with_batchnorm_without_running_stats_is_not_padded():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_model_rows_respect_the_cpu_memory_budget():
+@pytest.mark.parametrize("backend", ["counter", "aot_eager"])  # aot_eager: AOTAutograd saves activations detached
+def test_compiled_model_rows_respect_the_cpu_memory_budget(backend):
     """A compiled model on the CPU runs one row count, but within the memory budget: the first chunk
     (the start size) measures the memory a row needs, the size then drops once and is remembered.
     Before: memory_budget was ignored for compiled models (21 rows per chunk under a 2 MB budget that
@@ -311,7 +312,7 @@ def test_compiled_model_rows_respect_the_cpu_memory_budget():
     model = _cnn().eval()
     seen: list[int] = []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
-    compiled = torch.compile(model, backend=CompileCounter(), dynamic=False)
+    compiled = torch.compile(model, backend=CompileCounter() if backend == "counter" else backend, dynamic=False)
     x, t = torch.randn(40, 3, 32, 32), torch.arange(40) % 5
     got = fastattr.Saliency(compiled).attribute(x, target=t, memory_budget="2MB")
     bounded = seen[1]
