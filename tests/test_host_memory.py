@@ -154,3 +154,55 @@ def test_thresholds_restored_after_a_ctrl_c_in_a_run():
         pytest.skip("glibc before 2.33")
     out = subprocess.run([sys.executable, "-c", INTERRUPTED_RUN], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[True, False, True, 0]", out.stdout + out.stderr
+
+
+def test_overlapping_runs_in_threads_restore_only_when_the_last_one_leaves():
+    """Two threads' runs overlap (A enters, B enters, A leaves, B leaves): the thresholds stay raised
+    until B leaves, then a 48 MiB block is mapped again."""
+    import ctypes
+    import threading
+
+    libc = _libc()
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc before 2.33")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def mapped() -> bool:
+        before = libc.mallinfo2().hblks
+        p = libc.malloc(48 << 20)
+        n = libc.mallinfo2().hblks - before
+        libc.free(p)
+        return n == 1
+
+    a_in, b_in, a_out, b_go = (threading.Event() for _ in range(4))
+    states: dict[str, bool] = {}
+
+    def run_a() -> None:
+        with reuse_freed_pages():
+            a_in.set()
+            b_in.wait(30)
+        a_out.set()
+
+    def run_b() -> None:
+        a_in.wait(30)
+        with reuse_freed_pages():
+            b_in.set()
+            a_out.wait(30)
+            states["b alone"] = mapped()
+            b_go.wait(30)
+
+    threads = [threading.Thread(target=run_a), threading.Thread(target=run_b)]
+    for t in threads:
+        t.start()
+    a_out.wait(30)
+    b_go.set()
+    for t in threads:
+        t.join(30)
+    states["after"] = mapped()
+    assert states == {"b alone": False, "after": True}
