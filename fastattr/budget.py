@@ -183,7 +183,8 @@ class RowPlanner:
         self._saved: dict[int, int] | None = None
         self._state: _Tuning | None = None
         self._measure_fixed = False  # fixed on the CPU: the first chunk measures the memory a row needs
-        if self.tuning and self.key in _settled:
+        cpu_cap = fixed and max_rows is not None and device.type != "cuda"  # a compiled model's cap on the CPU: used as it is
+        if self.tuning and self.key in _settled and not cpu_cap:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap

@@ -327,6 +327,9 @@ def test_compiled_model_rows_respect_the_cpu_memory_budget(backend):
     frames = counter.frame_count
     fastattr.Saliency(plain).attribute(x[:9], target=t[:9], memory_budget="2MB")
     assert frames <= 2 and counter.frame_count == frames  # the start size and the bounded one, then no compile
+    seen.clear()
+    fastattr.Saliency(compiled).attribute(x[:9], target=t[:9], memory_budget="2MB", max_rows=40)
+    assert set(seen) == {40}, seen  # a user cap on a compiled model is used as it is
 
 
 # --------------------------------------------------------------------------- compile=True
