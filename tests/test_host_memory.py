@@ -227,7 +227,7 @@ def test_other_c_libraries_are_left_alone(monkeypatch, platform):
 
     from fastattr import host_memory
 
-    class Musl:  # has malloc_trim-like names? no: none of glibc's
+    class Musl:  # none of glibc's entry points (mallopt, malloc_trim, gnu_get_libc_version)
         def __getattr__(self, name: str):
             raise AttributeError(name)
 
