@@ -27,8 +27,9 @@
   sampling) and deterministic, unlike RSS growth under other threads' allocations.
 - ``fixed=True`` (torch.compile'd models, fastattr/engine.py): one row count for every chunk
   of every pass (the engine pads short chunks up to it), so the model is not recompiled per
-  size: the user cap, else on the CPU the start size (no doubling), on CUDA the probe's fit
-  (one extra size, then remembered), at most FIXED_MAX_ROWS.
+  size: the user cap, else on the CPU the start size (no doubling; bounded by the host memory
+  budget from the first chunk's estimate: over it, one smaller size, then remembered), on CUDA
+  the probe's fit (one extra size, then remembered), at most FIXED_MAX_ROWS.
 Every chunk is real work: probing costs no extra forward.
 """
 
@@ -73,7 +74,7 @@ def parse_bytes(value: int | str | None) -> int | None:
         if unit not in units:
             raise ValueError
         return int(float(number) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf", "1e400"
         raise OptionError(f"cannot parse memory size {value!r}; use e.g. '8GiB', '512MB' or a number of bytes") from None
 
 
@@ -102,16 +103,19 @@ def pick_rows(rates: dict[int, float], tolerance: float = CPU_TOLERANCE) -> int:
 
 
 @contextlib.contextmanager
-def saved_bytes_counter() -> Iterator[dict[int, int]]:
+def saved_bytes_counter(rows: int | None = None) -> Iterator[dict[int, int]]:
     """Count the distinct storages autograd saves for the backward inside the block. Yields
     {storage address: bytes}; sum its values afterwards. Counted: tensors on the gradient's path
     (they require grad: activations, the input rows) and integer / bool ones (max-pool indices,
     dropout masks); not float tensors off the path: weights, their transposes and autocast copies,
-    BatchNorm statistics (the same for any row count). Several views of one storage count once."""
+    BatchNorm statistics (the same for any row count). Several views of one storage count once.
+    ``rows``: also float tensors whose first dim is that row count (a compiled model's AOT graph
+    saves its activations detached, off the gradient's path)."""
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.device.type == "cpu" and (t.requires_grad or not (t.is_floating_point() or t.is_complex())):
+        per_row = rows is not None and t.dim() > 0 and t.shape[0] == rows
+        if t.device.type == "cpu" and (t.requires_grad or per_row or not (t.is_floating_point() or t.is_complex())):
             with contextlib.suppress(RuntimeError):  # a tensor without storage (sparse, ...)
                 storage = t.untyped_storage()
                 seen[storage.data_ptr()] = storage.nbytes()
@@ -178,13 +182,19 @@ class RowPlanner:
         self._window = (0, 0.0)  # rows and seconds of the window in progress
         self._saved: dict[int, int] | None = None
         self._state: _Tuning | None = None
-        if self.tuning and self.key in _settled:
+        self._measure_fixed = False  # fixed on the CPU: the first chunk measures the memory a row needs
+        cpu_cap = fixed and max_rows is not None and device.type != "cuda"  # a compiled model's cap on the CPU: used as it is
+        if self.tuning and self.key in _settled and not cpu_cap:
             self.rows, self.tuning = min(self.cap, _settled[self.key]), False
         elif device.type == "cuda":
             self.rows = min(self.cap, CUDA_PROBE_ROWS) if self.tuning else self.cap
         elif fixed:  # a compiled model on the CPU: one size, no doubling (each size is a compile)
             start = max(CPU_START_ROWS, min(FIXED_MAX_ROWS, CPU_START_BYTES // max(1, row_bytes)))
             self.rows, self.tuning = max_rows or start, False
+            if max_rows is None and row_peak_bytes is not None:
+                self._bound(row_peak_bytes)
+            else:  # the memory budget bounds it too: over it, the size drops once after the first chunk (one more compile)
+                self._measure_fixed = max_rows is None
         elif self.tuning and self.key in _progress:  # an earlier pass's tuning, unfinished
             self._resume(_progress[self.key])
         else:
@@ -261,13 +271,15 @@ class RowPlanner:
     def watch(self) -> contextlib.AbstractContextManager:
         """Wrap a chunk's forward (and backward): on the CPU's warm-up chunk, count what autograd
         saves, for the per-row memory estimate (module docstring)."""
+        if self._measure_fixed:
+            return self._count(self.rows)
         if self.device.type == "cuda" or not self.tuning or self._warm or self.row_peak_bytes is not None:
             return contextlib.nullcontext()
         return self._count()
 
     @contextlib.contextmanager
-    def _count(self) -> Iterator[None]:
-        with saved_bytes_counter() as seen:
+    def _count(self, rows: int | None = None) -> Iterator[None]:
+        with saved_bytes_counter(rows) as seen:
             yield
         self._saved = seen
 
@@ -281,6 +293,13 @@ class RowPlanner:
         self._t0 = time.perf_counter()
 
     def end(self, rows_done: int) -> None:
+        if self._measure_fixed:  # fixed: bound by the memory budget, settled for the next passes
+            self._measure_fixed = False
+            if self._saved:
+                self._bound(int(sum(self._saved.values()) * HOST_PEAK_FACTOR / max(1, rows_done)))
+            self._saved = None
+            self._settle(self.rows)
+            return
         if not self.tuning or rows_done < self.rows:  # a short last chunk says nothing
             return
         if self.device.type == "cuda":

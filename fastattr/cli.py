@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 import unicodedata
+from typing import Any
 
 from . import __version__
 from .errors import FastattrError, OptionError
@@ -235,7 +236,7 @@ def _info(args: argparse.Namespace) -> int:
             lines.append("no writer is running: rerun the same command to resume")
         lines += [
             f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
-            f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {cfg.get('compression')}"
+            f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {_describe_compression(store, cfg)}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
             *([describe_probe(cfg["precision_probe"])] if isinstance(cfg.get("precision_probe"), dict) else []),
             *([_describe_reduction(cfg["channel_reduce"])] if isinstance(cfg.get("channel_reduce"), dict) else []),
@@ -246,6 +247,20 @@ def _info(args: argparse.Namespace) -> int:
     for line in lines:
         print(printable(line))
     return 0
+
+
+def _describe_compression(store: Any, cfg: dict) -> str:
+    """The shards' filters as stored (a resume with another compression, or "auto", mixes them;
+    the config keeps the last option given): "gzip", or "gzip (5 shards), lzf (3 shards)"."""
+    try:
+        kinds = store.compressions()
+    except FastattrError:  # a damaged shard: info still prints what the manifest says (fastattr verify names it)
+        return f"{cfg.get('compression')} (as configured; a shard could not be read)"
+    if not kinds:
+        return str(cfg.get("compression"))
+    if len(kinds) == 1:
+        return next(iter(kinds))
+    return ", ".join(f"{k} ({n} shards)" for k, n in sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def _describe_reduction(red: dict) -> str:

@@ -129,6 +129,12 @@ def _module_of(forward: Any) -> torch.nn.Module | None:
     return module if isinstance(module, torch.nn.Module) else None
 
 
+def _mixes_rows(m: torch.nn.Module) -> bool:
+    """Whether ``m`` computes across the rows of a forward: any module in train mode, and BatchNorm
+    without running stats (track_running_stats=False), which uses batch statistics in eval mode too."""
+    return m.training or (isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is None)
+
+
 def _padded(t: torch.Tensor, pad: int) -> torch.Tensor:
     """``t`` with ``pad`` copies of its first row appended (real values: nothing non-finite is
     introduced), in ``t``'s memory format."""
@@ -231,11 +237,12 @@ class Engine:
             raise OptionError(f"compile must be True or False, got {compile!r}")
         self.forward_func = compiled_forward(forward_func) if compile and not is_compiled(forward_func) else forward_func
         # a compiled model recompiles per input shape and stride layout: one row count for every chunk
-        # (RowPlanner fixed=True) and, where rows are independent (no module in train mode, where
-        # BatchNorm mixes rows), short chunks padded up to it with copies of a row whose results are dropped
+        # (RowPlanner fixed=True) and, where rows are independent (no module in train mode and no
+        # BatchNorm without running stats: both normalise over the chunk), short chunks padded up to it
+        # with copies of a row whose results are dropped
         self.fixed_rows = is_compiled(self.forward_func)
         module = _module_of(self.forward_func)
-        self.pad_rows = self.fixed_rows and module is not None and not any(m.training for m in module.modules())
+        self.pad_rows = self.fixed_rows and module is not None and not any(_mixes_rows(m) for m in module.modules())
         self.precision = precision
         self.max_rows = optional_positive_int("max_rows", max_rows)
         self.memory_budget = parse_bytes(memory_budget)  # fail fast on a malformed size

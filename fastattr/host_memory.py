@@ -12,7 +12,8 @@ been freed (32 MiB / 64 MiB) and trims the heap, which returns the memory.
 
 Only on Linux with glibc and only for CPU runs; ``FASTATTR_REUSE_PAGES=0`` turns it off, and it
 stays off when the process was started with glibc's own ``MALLOC_MMAP_THRESHOLD_`` /
-``MALLOC_TRIM_THRESHOLD_`` (the user's settings win).
+``MALLOC_TRIM_THRESHOLD_`` or their ``GLIBC_TUNABLES`` forms (``glibc.malloc.mmap_threshold``,
+``glibc.malloc.trim_threshold``): the user's settings win.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux") or os.environ.get("FASTATTR_REUSE_PAGES", "1") == "0":
         return None
     if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return None
+    tunables = os.environ.get("GLIBC_TUNABLES", "")  # the same settings in glibc's tunables syntax
+    if "glibc.malloc.mmap_threshold" in tunables or "glibc.malloc.trim_threshold" in tunables:
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

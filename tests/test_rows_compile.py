@@ -186,6 +186,15 @@ class Recorder(nn.Module):
         return self.net(x)
 
 
+@pytest.mark.parametrize("value", ["inf", "1e400GiB", "nan", "-inf"])
+def test_memory_budget_that_is_no_size_is_an_option_error(value):
+    """Before: "inf" and "1e400GiB" escaped as a bare OverflowError from int(float(...))."""
+    with pytest.raises(OptionError, match="cannot parse memory size"):
+        budget.parse_bytes(value)
+    with pytest.raises(OptionError, match="cannot parse memory size"):
+        fastattr.Options(memory_budget=value)
+
+
 def test_engine_rows_respect_cpu_memory_budget():
     """The warm-up chunk's saved tensors size the rest: with a budget for about 10 rows every later
     chunk has at most that many rows (the old planner ignored memory_budget on the CPU and doubled)."""
@@ -276,6 +285,51 @@ def test_compiled_model_in_train_mode_is_not_padded():
     seen.clear()
     ref = fastattr.IntegratedGradients(model).attribute(x, target=t, n_steps=5, internal_batch_size=4, channels_last=False)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_model_with_batchnorm_without_running_stats_is_not_padded():
+    """BatchNorm(track_running_stats=False) normalises over the chunk in eval mode too: padding a
+    short chunk of 2 rows with a copy of its first row changed both rows' saliency (1.6e-2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, track_running_stats=False), nn.ReLU(), nn.Flatten(), nn.Linear(512, 5))
+    model.eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    compiled = torch.compile(model, backend=CompileCounter(), dynamic=False)
+    x, t = torch.randn(8, 3, 8, 8), torch.arange(8) % 5
+    got = fastattr.Saliency(compiled).attribute(x, target=t, max_rows=3)
+    assert seen == [3, 3, 2], seen
+    ref = fastattr.Saliency(model).attribute(x, target=t, max_rows=3, channels_last=False)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["counter", "aot_eager"])  # aot_eager: AOTAutograd saves activations detached
+def test_compiled_model_rows_respect_the_cpu_memory_budget(backend):
+    """A compiled model on the CPU runs one row count, but within the memory budget: the first chunk
+    (the start size) measures the memory a row needs, the size then drops once and is remembered.
+    Before: memory_budget was ignored for compiled models (21 rows per chunk under a 2 MB budget that
+    holds 6)."""
+    model = _cnn().eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    compiled = torch.compile(model, backend=CompileCounter() if backend == "counter" else backend, dynamic=False)
+    x, t = torch.randn(40, 3, 32, 32), torch.arange(40) % 5
+    got = fastattr.Saliency(compiled).attribute(x, target=t, memory_budget="2MB")
+    bounded = seen[1]
+    assert seen[0] > bounded and set(seen[1:]) == {bounded}, seen
+    ref = fastattr.Saliency(model).attribute(x, target=t, channels_last=False, max_rows=bounded)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    fastattr.Saliency(compiled).attribute(x[:9], target=t[:9], memory_budget="2MB")
+    assert set(seen) == {bounded}, seen  # remembered: no new size
+    plain = torch.compile(_cnn().eval(), backend=(counter := CompileCounter()), dynamic=False)  # no hook for dynamo to guard on
+    fastattr.Saliency(plain).attribute(x, target=t, memory_budget="2MB")
+    frames = counter.frame_count
+    fastattr.Saliency(plain).attribute(x[:9], target=t[:9], memory_budget="2MB")
+    assert frames <= 2 and counter.frame_count == frames  # the start size and the bounded one, then no compile
+    seen.clear()
+    fastattr.Saliency(compiled).attribute(x[:9], target=t[:9], memory_budget="2MB", max_rows=40)
+    assert set(seen) == {40}, seen  # a user cap on a compiled model is used as it is
 
 
 # --------------------------------------------------------------------------- compile=True

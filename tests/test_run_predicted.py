@@ -117,3 +117,52 @@ def test_mixed_precision_keeps_the_separate_fp32_forward(tmp_path, monkeypatch):
     fused = run(tmp_path, "fused", Counting(), x, "saliency", precision="bf16")
     separate_forward(monkeypatch)
     same(fused, run(tmp_path, "old", Counting(), x, "saliency", precision="bf16"))
+
+
+class Shaped(nn.Module):
+    """Outputs of shape (B, 3, 4) (a target is a pair of indices) or (B,) (one output per example:
+    no target to pick), scaled per sample by a keyword argument."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv, self.head, self.kind = nn.Conv2d(3, 4, 3), nn.Linear(4, 12), kind
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        y = self.head(torch.relu(self.conv(x)).mean((2, 3))) * scale[:, None]
+        return y.view(-1, 3, 4) if self.kind == "grid" else y[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["grid", "one"])
+@pytest.mark.parametrize(
+    "method,kw", [("saliency", {}), ("ig", {"n_steps": 3, "rule": "riemann_left"}), ("ig", {"n_steps": 3, "rule": "riemann_middle"}),
+                  ("ig", {"n_steps": 3, "rule": "riemann_trapezoid"})],  # fmt: skip
+)
+@pytest.mark.parametrize("rows,per_batch", [(1, 7), (2, 5)])
+def test_fused_predicted_target_with_multi_dim_or_single_outputs(tmp_path, monkeypatch, kind, method, kw, rows, per_batch):
+    # chunks of 1 or 2 rows (an IG chunk holds x rows and x0 / path rows), batches not dividing the data
+    x = images()
+    opts = dict(batch_size=rows, examples_per_batch=per_batch, output=None, **kw)
+    fused = run(tmp_path, "fused", Shaped(kind), x, method, **opts)
+    separate_forward(monkeypatch)
+    same(fused, run(tmp_path, "old", Shaped(kind), x, method, **opts))
+    if kind == "grid":
+        with torch.no_grad():
+            out = Shaped(kind)(torch.from_numpy(x), torch.linspace(0.5, 2.0, len(x))).reshape(len(x), -1).argmax(1)
+        np.testing.assert_array_equal(fused["target"], torch.stack([out // 4, out % 4], 1).numpy())
+    else:
+        assert (fused["target"] == -1).all()  # nothing picked, as before
+
+
+def test_fused_predicted_target_on_a_compiled_model_with_padded_chunks(tmp_path, monkeypatch):
+    # a compiled model's short chunks are padded with copies of a row: those rows never resolve a
+    # target nor count as non-finite (NaN rows 4, 13, 14 under allow_nonfinite)
+    x = images()
+    model = torch.compile(Counting(nan=True).eval(), backend="eager", dynamic=False)
+    opts = dict(batch_size=4, examples_per_batch=7, allow_nonfinite=True)
+    for method, kw in (("saliency", {}), ("ig", {"n_steps": 3})):
+        fused = run(tmp_path, f"fused-{method}", model, x, method, **opts, **kw)
+        with monkeypatch.context() as m:
+            separate_forward(m)
+            same(fused, run(tmp_path, f"old-{method}", model, x, method, **opts, **kw))
+        assert (fused["stats"]["nonfinite"][[4, 13, 14]] > 0).all() and (np.delete(fused["stats"]["nonfinite"], [4, 13, 14]) == 0).all()

@@ -242,6 +242,25 @@ def test_the_device_cast_counts_only_values_it_made_non_finite():
     assert StoredForm("sum").apply(a)[1] is None
 
 
+def test_the_device_cast_counts_exactly_at_float16s_rounding_boundary():
+    """65504 (float16's max) and 65519.996 stay finite; 65520 (the rounding midpoint) and -65520 become
+    inf and are counted; values already inf or NaN are not; the same for channels-last memory."""
+    from fastattr.run_reduce import StoredForm
+
+    a = torch.zeros(4, 3, 2, 2)
+    a[0, 0, 0, 0], a[0, 1, 0, 0] = 65504.0, -65504.0
+    a[1, 0, 0, 0], a[1, 1, 1, 1] = 65520.0, -65520.0
+    a[2, 0, 0, 0] = 65519.996
+    a[3, 0, 0, 0], a[3, 0, 0, 1], a[3, 2, 1, 1] = float("-inf"), float("nan"), 65520.0
+    for x in (a, a.contiguous(memory_format=torch.channels_last)):
+        half, made = StoredForm(None, True).apply(x)
+        assert made.tolist() == [0, 2, 0, 1]
+        assert torch.isinf(half).reshape(4, -1).sum(1).tolist() == [0, 2, 0, 2]
+    only_max = torch.full((2, 3, 2, 2), 65504.0)
+    assert StoredForm(None, True).apply(only_max)[1].tolist() == [0, 0]
+    assert StoredForm("sum", True).apply(only_max)[1].tolist() == [4, 4]  # 3 x 65504 per pixel after the reduction
+
+
 def test_both_reductions_together(tmp_path):
     model, x = cnn(), images(8)
     fastattr.run(model, x, tmp_path / "b", target=2, n_steps=8, progress=False, storage_dtype="float16", channel_reduce="sum")

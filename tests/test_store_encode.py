@@ -345,6 +345,29 @@ def test_resume_with_a_different_compression_completes_exactly_once(tmp_path, fi
     assert report.ok and report.samples == 24
 
 
+def test_info_names_the_filters_the_shards_hold_after_a_resume_with_another_compression(tmp_path):
+    """The config keeps the last compression given; `fastattr info` said "storage: float32 none" for a
+    run whose first 3 shards are gzip. It now reads the filters from the shards."""
+    import fastattr
+
+    model = Flaky().eval()
+    data = np.random.default_rng(2).standard_normal((24, 3, 8, 8)).astype(np.float32)
+    data[13, 0, 0, 0] = 1000
+    opts = dict(method="saliency", examples_per_batch=4, shard_size=4, progress=False)
+    Flaky.broken = True
+    try:
+        with pytest.raises(OSError, match="disk went away"):
+            fastattr.run(model, data, tmp_path / "run", compression="gzip", **opts)
+    finally:
+        Flaky.broken = False
+    fastattr.run(model, data, tmp_path / "run", compression="none", **opts)
+    with fastattr.open(tmp_path / "run") as store:
+        assert store.compressions() == {"gzip": 3, "none": 3}
+    info = subprocess.run([sys.executable, "-m", "fastattr", "info", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0, info.stderr
+    assert "storage: float32 gzip (3 shards), none (3 shards), model mode" in info.stdout, info.stdout
+
+
 RUN_CHILD = r"""
 import os, sys, time, numpy as np, torch
 import fastattr
@@ -409,3 +432,42 @@ def test_sigkill_during_a_gzip_run_loses_nothing_finalized_and_a_rerun_completes
     assert sorted(got) == list(range(240)) and got == want
     report = verify_run(tmp_path / "run")
     assert report.ok and report.samples == 240
+
+
+TORCHRUN_CHILD = r"""
+import sys, numpy as np, torch, fastattr
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 5)).eval()
+x = np.random.default_rng(0).standard_normal((48, 3, 8, 8)).astype(np.float32)
+x[:24] = 0  # rank 0's half: zero attributions, which compress; rank 1's do not
+fastattr.run(model, x, sys.argv[1], "input_x_gradient", shard_size=8, examples_per_batch=8, progress=False, target=1)
+"""
+
+
+def test_torchrun_ranks_choose_their_own_filters_and_the_merged_run_reads_back(tmp_path):
+    """compression='auto' under torchrun: rank 0's shards are gzip, rank 1's none; the merged
+    manifest lists all, plain h5py reads every sample once, verify passes, info names both."""
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if not torchrun or not torch.distributed.is_available():
+        pytest.skip("torchrun / torch.distributed not available")
+    (tmp_path / "child.py").write_text(TORCHRUN_CHILD)
+    env = {**os.environ, "FASTATTR_DIST_TIMEOUT": "120", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(tmp_path / "child.py"), str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    seen: dict[int, str | None] = {}
+    for e in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]:
+        with h5py.File(tmp_path / "run" / e["file"], "r") as f:
+            for i in f["index"][()]:
+                assert int(i) not in seen
+                seen[int(i)] = f["attributions/x"].compression
+    assert sorted(seen) == list(range(48))
+    assert {seen[i] for i in range(24)} == {"gzip"} and {seen[i] for i in range(24, 48)} == {None}
+    assert verify_run(tmp_path / "run").ok
+    import fastattr
+
+    with fastattr.open(tmp_path / "run") as store:
+        assert store.compressions() == {"gzip": 3, "none": 3} and len(store) == 48

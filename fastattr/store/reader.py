@@ -134,6 +134,18 @@ class RunReader:
         value = self._manifest["config"].get("channel_reduce")
         return json.loads(json.dumps(value)) if isinstance(value, dict) else None
 
+    def compressions(self) -> dict[str, int]:
+        """How many shards store their attributions with each filter ("gzip", "lzf", "none"), read from
+        the shards: a run resumed with another ``compression`` (or made with "auto") mixes them, and
+        the config records only the last option given. Opens every shard."""
+        out: dict[str, int] = {}
+        for shard in self._shards:
+            group = self._file(shard)["attributions"]
+            names = [n for n in self._names if n in group] or list(group)
+            kind = str(group[names[0]].compression or "none") if names else "none"
+            out[kind] = out.get(kind, 0) + 1
+        return out
+
     @property
     def attribution_names(self) -> list[str]:
         return list(self._names)
