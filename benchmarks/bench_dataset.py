@@ -65,7 +65,7 @@ def model_only(model: torch.nn.Module, data: np.ndarray, n_steps: int, device: t
     policy = fastattr.precision.get_precision(precision)
     total = len(data) * n_steps
     x = torch.randn(rows, *data.shape[1:], device=device)
-    if fastattr.engine.use_channels_last(None, device, policy):
+    if fastattr.engine.use_channels_last(None, device, policy, model):
         x = x.contiguous(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
