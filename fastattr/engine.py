@@ -96,13 +96,31 @@ class Layout:
         return self.rows(flat).contiguous()
 
 
-def use_channels_last(requested: bool | None, device: torch.device, precision: Precision) -> bool:
+def use_channels_last(requested: bool | None, device: torch.device, precision: Precision, forward: Any = None) -> bool:
     """Whether image inputs should run channels-last: as requested, else by measurement (see
-    benchmarks/RESULTS.md): on CPU; on CUDA under bf16/fp16 autocast, whose tensor-core
-    convolutions want NHWC, but not in fp32. Engine.settle_layout checks the model takes it."""
+    benchmarks/RESULTS.md): on CPU when the model has convolution modules; on CUDA under bf16/fp16
+    autocast, whose tensor-core convolutions want NHWC, but not in fp32. Engine.settle_layout
+    checks the model takes it.
+
+    On CPU only convolutions gain from the layout (the demo CNN ran 1.7x faster); a model without
+    them pays for it: its first reshape/flatten copies every row back and the gradient comes back
+    in NCHW order (a saliency run through a near-free model spent 18% of its time in such copies).
+    ``forward`` (the model, or a bound method of one) is searched for ``nn.Conv*`` modules
+    (``_ConvNd``: Conv1d/2d/3d and their transposed and lazy forms); convolutions called through
+    ``torch.nn.functional`` or a plain function are not seen, and such a model runs in the inputs'
+    own layout, which is correct, only maybe slower. ``forward=None``: the model is not known
+    (benchmarks that ask for the old rule)."""
     if requested is not None:
         return requested
-    return device.type != "cuda" or precision.autocast_dtype is not None
+    if device.type == "cuda":
+        return precision.autocast_dtype is not None
+    return forward is None or has_convolutions(forward)
+
+
+def has_convolutions(forward: Any) -> bool:
+    """Whether ``forward`` is (or is a bound method of) a module holding a convolution module."""
+    module = _module_of(forward)
+    return module is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in module.modules())
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -202,8 +220,22 @@ class Problem:
     layout_error: Exception | None = None  # why it fell back
     predict: Any = None  # a TargetFromOutput (fastattr/inputs.py): the target comes from the passes' forwards on x itself
 
+    _flat: tuple | None = field(default=None, init=False, repr=False, compare=False)  # (target, its version, out dims, flat index)
+
     def __post_init__(self) -> None:
         self.set_channels_last(self.channels_last)
+
+    def flat_target(self, output_shape: torch.Size) -> torch.Tensor:
+        """(B,) flat index of every example's (validated) target into output.reshape(N, -1), computed
+        once per pass instead of per chunk; recomputed when the target is replaced or changed in place
+        (a predicted target fills in as the passes see the inputs). Holds the target, so ``is`` is safe."""
+        t, dims = self.target, tuple(output_shape[1:])
+        if t.is_inference():  # no version counter to tell an in-place change: not cached
+            return flat_target_index(t, output_shape)
+        c = self._flat
+        if c is None or c[0] is not t or c[1] != t._version or c[2] != dims:
+            c = self._flat = (t, t._version, dims, flat_target_index(t, output_shape))
+        return c[3]
 
     def set_channels_last(self, flag: bool) -> None:
         """Set the working layout; only before any pass has used the problem."""
@@ -258,7 +290,8 @@ class Engine:
         """Set the problem's starting layout before any pass uses it; returns the problem.
 
         ``requested`` True / False is obeyed. None (the default) means channels-last where it is
-        faster (``use_channels_last``) unless this model is known to fail on it. Channels-last is a
+        faster (``use_channels_last``: on CPU only for a model with convolution modules) unless this
+        model is known to fail on it. Channels-last is a
         speed choice and must never break a model (``x.view(B, -1)`` after a convolution fails on
         channels-last strides), so with None the layout stays open until the first gradient chunk
         ran: if that chunk fails, the pass restarts in the inputs' own layout (``_pass``); the
@@ -269,7 +302,7 @@ class Engine:
             problem.set_channels_last(bool(requested))
         elif self.fixed_rows:  # compiled: the inputs' own layout, so strides never flip between passes
             problem.set_channels_last(all(_is_channels_last(x) for x in problem.inputs if x.dim() == 4))
-        elif not use_channels_last(None, problem.device, self.precision):
+        elif not use_channels_last(None, problem.device, self.precision, self.forward_func):
             problem.set_channels_last(False)
         else:
             verdict = _verdict(self.forward_func)
@@ -350,7 +383,7 @@ class Engine:
             problem.target_checked = True
         if problem.target is None:
             return output.reshape(n_rows)
-        flat = flat_target_index(problem.target.index_select(0, example_idx), output.shape)
+        flat = problem.flat_target(output.shape).index_select(0, example_idx)
         return output.reshape(n_rows, -1).gather(1, flat[:, None]).squeeze(1)
 
     @staticmethod
@@ -451,28 +484,35 @@ class Engine:
         row_bytes = sum(x.shape[1] * x.element_size() for x in flat_inputs)
         key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
         planner = self._planner(device, total, row_bytes, key)
+        # per-pass constants, so a chunk costs as few small ops as possible (on a 2-core CPU a chunk of
+        # the demo CNN takes a few ms; every extra op and Python call there is time outside the model)
+        examples = torch.arange(batch, device=device)
+        torch_kernels = kernels.resolve_backend(self.kernel_backend, accs[0]) == "torch"
+        step_weights = list(zip(weight_t.unbind(), weight_t.tolist()))  # (0-dim tensor, value) per step
         p0 = 0
         while p0 < total:
             p1 = min(total, p0 + planner.rows)
             segments = _segments(p0, p1, batch)
+            one_step = len(segments) == 1 and segments[0][1] - segments[0][0] == 1
             n, pad = p1 - p0, self._pad(planner.rows, p1 - p0)
             planner.begin()
             # interpolated rows for this chunk, built on the device, one leaf per input
             leaves = []
             for i, x in enumerate(flat_inputs):
-                if problem.baselines is None and len(segments) == 1 and segments[0][1] - segments[0][0] == 1:
+                if problem.baselines is None and one_step:
                     rows_i = x[segments[0][2] : segments[0][3]]  # the inputs themselves: a view, no copy (the leaf is detached)
                 elif problem.baselines is None:
-                    rows_i = torch.cat([x[e0:e1].unsqueeze(0).expand(s1 - s0, -1, -1).reshape(-1, x.shape[1]) for s0, s1, e0, e1 in segments])
+                    rows_i = _joined([x[e0:e1].unsqueeze(0).expand(s1 - s0, -1, -1).reshape(-1, x.shape[1]) for s0, s1, e0, e1 in segments])
                 else:
-                    rows_i = torch.cat(
+                    rows_i = _joined(
                         [
                             torch.addcmul(starts[i][e0:e1].unsqueeze(0), alpha_ts[i][s0:s1].view(-1, 1, 1), diffs[i][e0:e1].unsqueeze(0)).reshape(-1, x.shape[1])
                             for s0, s1, e0, e1 in segments
                         ]
                     )
                 leaves.append(problem.layouts[i].rows(_padded(rows_i, pad)).detach().requires_grad_(True))
-            example_idx = _padded(torch.arange(p0, p1, device=device) % batch, pad)
+            ex = examples[segments[0][2] : segments[0][3]] if one_step else torch.arange(p0, p1, device=device) % batch
+            example_idx = _padded(ex, pad)
             fresh = max(0, min(p1, batch) - p0) if problem.baselines is None else 0  # step 0 of plain gradients: x itself
             with planner.watch():
                 grads, selected = self._grad_chunk(problem, leaves, example_idx, fresh=fresh)
@@ -487,7 +527,14 @@ class Engine:
                 g = lay.flat(g).contiguous()  # the kernels take dense rows
                 r = 0
                 for s0, s1, e0, e1 in segments:
-                    kernels.path_accumulate(acc[e0:e1], g[r : r + (s1 - s0) * (e1 - e0)].view(s1 - s0, e1 - e0, -1), weight_t[s0:s1], backend=self.kernel_backend)
+                    g_seg = g[r : r + (s1 - s0) * (e1 - e0)]
+                    if s1 - s0 == 1 and torch_kernels and g.dtype == acc.dtype:
+                        # one step (every chunk smaller than the batch): acc += w * g, the values
+                        # path_accumulate's einsum gives (one product, one sum), without its dispatch
+                        w, value = step_weights[s0]
+                        acc[e0:e1].add_(g_seg if value == 1.0 else torch.mul(g_seg, w))
+                    else:
+                        kernels.path_accumulate(acc[e0:e1], g_seg.view(s1 - s0, e1 - e0, -1), weight_t[s0:s1], backend=self.kernel_backend)
                     r += (s1 - s0) * (e1 - e0)
             planner.end(n + pad)
             p0 = p1
@@ -662,15 +709,15 @@ class Engine:
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         scale = self.precision.initial_scale
         for attempt in range(self.precision.max_retries + 1):
-            with torch.enable_grad(), self.precision.flags(), self.precision.autocast(problem.device):
-                output = self._forward(problem, leaves, example_idx, seq)
-                selected = self._select(output, example_idx, problem, fresh)
-            if not selected.requires_grad:
-                if self.materialize_grads:  # Captum's grad_kwargs={"materialize_grads": True}: zeros
-                    return tuple(torch.zeros_like(leaf) for leaf in leaves), selected.detach()
-                raise NoGradientError("the selected model output does not require grad: it does not depend on any input (is the forward detached or under no_grad?)")
-            seed = torch.full_like(selected, scale)
-            with self.precision.flags():  # the backward's matmuls/convs follow the policy too
+            with self.precision.flags():  # forward and backward: the backward's matmuls/convs follow the policy too
+                with torch.enable_grad(), self.precision.autocast(problem.device):
+                    output = self._forward(problem, leaves, example_idx, seq)
+                    selected = self._select(output, example_idx, problem, fresh)
+                if not selected.requires_grad:
+                    if self.materialize_grads:  # Captum's grad_kwargs={"materialize_grads": True}: zeros
+                        return tuple(torch.zeros_like(leaf) for leaf in leaves), selected.detach()
+                    raise NoGradientError("the selected model output does not require grad: it does not depend on any input (is the forward detached or under no_grad?)")
+                seed = torch.full_like(selected, scale)
                 grads = torch.autograd.grad(selected, leaves, grad_outputs=seed, allow_unused=True, materialize_grads=self.materialize_grads)
             missing = [i for i, g in enumerate(grads) if g is None]
             if missing:
@@ -685,6 +732,11 @@ class Engine:
             scale /= 2 ** (1 + attempt)  # back off faster on repeated overflow
             logger.debug("fp16 gradient overflow; retrying chunk with backward scale %g", scale)
         raise FloatingPointError("fp16 gradients stayed non-finite after lowering the backward scale; use precision='bf16' or 'fp32'")
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat of fresh row blocks, without the copy when there is one block."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _segments(p0: int, p1: int, batch: int) -> list[tuple[int, int, int, int]]:

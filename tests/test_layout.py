@@ -125,3 +125,63 @@ def test_model_errors_in_both_layouts_surface_unchanged():
 
     with pytest.raises(RuntimeError, match="broken model"):
         fastattr.IntegratedGradients(Broken()).attribute(_x(), target=0, n_steps=2)
+
+
+class _NoConv(nn.Module):
+    """An image model without convolutions (like benchmarks/bench_store.py's NearFree)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3).view(3, 1, 1))
+        self.head = nn.Linear(3, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(x * self.scale).mean((2, 3)))
+
+
+class _FunctionalConv(nn.Module):
+    """A convolution called through torch.nn.functional: not seen, so the inputs' own layout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight).mean((2, 3))
+
+
+def _layouts_seen(model: nn.Module, **kw) -> set[bool]:
+    """Whether the gradient passes' rows reached the model channels-last (per forward)."""
+    seen: set[bool] = set()
+    model.register_forward_pre_hook(lambda m, a: seen.add(not a[0].is_contiguous()) if torch.is_grad_enabled() else None)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    fastattr.IntegratedGradients(model).attribute(x, target=1, n_steps=4, **kw)
+    fastattr.Saliency(model).attribute(x, target=1, **kw)
+    return seen
+
+
+def test_cpu_channels_last_only_for_models_with_convolutions():
+    """Fails on the old default (every 4-D input channels-last on CPU): a model without convolution
+    modules gains nothing from it and pays copies (its gradient comes back in NCHW order)."""
+    assert _layouts_seen(_NoConv()) == {False}
+    assert _layouts_seen(_FunctionalConv()) == {False}
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(1), nn.LazyLinear(4))
+    conv(torch.zeros(1, 3, 6, 6))  # materialize the lazy layer
+    assert _layouts_seen(conv) == {True}
+    # an explicit choice is obeyed either way, and the numbers do not depend on it
+    assert _layouts_seen(_NoConv(), channels_last=True) == {True}
+    assert _layouts_seen(conv, channels_last=False) == {False}
+    model, x = _NoConv(), torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    ig = fastattr.IntegratedGradients(model)
+    assert_attr_close(ig.attribute(x, target=1, n_steps=8), ig.attribute(x, target=1, n_steps=8, channels_last=True))
+
+
+def test_use_channels_last_rule():
+    cpu, cuda, fp32, bf16 = torch.device("cpu"), torch.device("cuda"), fastattr.precision.get_precision("fp32"), fastattr.precision.get_precision("bf16")
+    conv, lin = nn.Sequential(nn.ConvTranspose2d(3, 3, 1)), nn.Linear(3, 3)
+    use = fastattr.engine.use_channels_last
+    assert use(None, cpu, fp32, conv) and use(None, cpu, fp32, conv.forward)  # a module or its bound method
+    assert not use(None, cpu, fp32, lin) and not use(None, cpu, fp32, lambda x: conv(x))  # a plain function is not searched
+    assert use(True, cpu, fp32, lin) and not use(False, cpu, fp32, conv)
+    assert use(None, cpu, fp32)  # model not given: the old rule (benchmarks)
+    assert use(None, cuda, bf16, lin) and not use(None, cuda, fp32, conv)  # CUDA: unchanged
