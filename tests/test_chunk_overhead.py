@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
-import kernels
+from fastattr import kernels
 from fastattr.engine import Engine, Problem
 from fastattr.precision import get_precision
 from fastattr.quadrature import points_and_weights
