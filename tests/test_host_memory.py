@@ -61,9 +61,9 @@ def test_opt_out(monkeypatch):
         assert min(faults_per_temporary()) > pages // 2
 
 
-USER_SETTING = """
+# A child process's test of glibc: mapped(n) says whether a malloc of n bytes gets a mapping of its own
+MAPPED = """
 import ctypes
-from fastattr.host_memory import reuse_freed_pages
 
 libc = ctypes.CDLL("libc.so.6")
 
@@ -77,20 +77,31 @@ libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 
 
-def mapped(size=1 << 20):
+def mapped(size):
     before = libc.mallinfo2().hblks  # blocks glibc serves with their own mapping
     p = libc.malloc(size)
     n = libc.mallinfo2().hblks - before
     libc.free(p)
     return n == 1
+"""
+
+USER_SETTING = (
+    """
+import ctypes
+from fastattr.host_memory import reuse_freed_pages
+
+"""
+    + MAPPED
+    + """
 
 
-states = [mapped()]
+states = [mapped(1 << 20)]
 with reuse_freed_pages():
-    states.append(mapped())
-states.append(mapped())
+    states.append(mapped(1 << 20))
+states.append(mapped(1 << 20))
 print(states)
 """
+)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +120,8 @@ def test_the_users_glibc_thresholds_win(env):
     assert out.stdout.strip() == "[True, True, True]", out.stdout + out.stderr
 
 
-INTERRUPTED_RUN = """
+INTERRUPTED_RUN = (
+    """
 import ctypes, os, signal, sys, tempfile
 import numpy as np
 import torch
@@ -117,24 +129,9 @@ from torch import nn
 import fastattr
 from fastattr import host_memory
 
-libc = ctypes.CDLL("libc.so.6")
-
-
-class MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-
-
-libc.mallinfo2.restype = MallInfo2
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-
-
-def mapped(size=48 << 20):
-    before = libc.mallinfo2().hblks
-    p = libc.malloc(size)
-    n = libc.mallinfo2().hblks - before
-    libc.free(p)
-    return n == 1
+"""
+    + MAPPED
+    + """
 
 
 class Interrupting(nn.Module):
@@ -146,20 +143,21 @@ class Interrupting(nn.Module):
     def forward(self, x):
         self.calls += 1
         if self.calls == 3:
-            self.inside = mapped()
+            self.inside = mapped(48 << 20)
             os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to the main thread in the run
         return self.lin(x)
 
 
-before = mapped()
+before = mapped(48 << 20)
 model = Interrupting()
 x = np.random.default_rng(0).standard_normal((64, 12)).astype(np.float32)
 try:
     fastattr.run(model, x, os.path.join(tempfile.mkdtemp(), "r"), "saliency", examples_per_batch=8, progress=False)
     print("not interrupted")
 except KeyboardInterrupt:
-    print([before, model.inside, mapped(), host_memory._active])
+    print([before, model.inside, mapped(48 << 20), host_memory._active])
 """
+)
 
 
 def test_thresholds_restored_after_a_ctrl_c_in_a_run():
