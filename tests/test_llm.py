@@ -323,3 +323,33 @@ def test_baseline_forms_agree(model):
         close(llm.attribute(PROMPTS[0], target=TARGETS[2], n_steps=4, baselines=b).token_attr, ref.token_attr, rtol=0)
     with pytest.raises(AttributionInputError, match="baseline ids have shape"):
         llm.attribute(PROMPTS[0], target=TARGETS[2], baselines=[1] * (n + 1))
+
+
+def test_host_memory_budget_bounds_the_rows_on_cpu(model, monkeypatch):
+    """memory_budget bounds the LLM engine's rows per chunk on the CPU too: the first chunk measures
+    what autograd saves per row, the next ones fit the budget; results equal an unbounded call's.
+    Before: the budget was read only on CUDA and every chunk took the row cap."""
+    from fastattr import budget
+    from fastattr.llm import shared
+
+    seen: list[int] = []
+    real = shared._chunk
+
+    def recording(lm, lay, rows, *args, **kwargs):
+        seen.append(int(rows.shape[0]))
+        return real(lm, lay, rows, *args, **kwargs)
+
+    monkeypatch.setattr(shared, "_chunk", recording)
+    monkeypatch.setattr(budget, "_settled", {})
+    monkeypatch.setattr(budget, "_progress", {})
+    llm = fast_llm(model)
+    kw = {"n_steps": 100, "baselines": 1, "internal_batch_size": 64}  # 3 prompts x 100 steps = 300 rows
+    free = llm.attribute_batch(PROMPTS, TARGETS, **kw)
+    assert max(seen) == 64, seen
+    seen.clear()
+    budget._settled.clear()
+    budget._progress.clear()
+    tight = llm.attribute_batch(PROMPTS, TARGETS, **kw, memory_budget="2MB")
+    assert seen[0] == 64 and max(seen[1:]) < 32 and sum(seen) == 300, seen
+    for a, b in zip(free.token_attr, tight.token_attr):
+        close(a, b, rtol=1e-5)

@@ -163,7 +163,8 @@ def integrate(
         planner.begin()
         rows = pair_ex[p0:p1]
         c0, c1 = lay.span(rows)
-        contrib = _chunk(lm, lay, rows, c0, c1, a0, diff, mult, pair_al[p0:p1], token, precision, vjp, max_rows, acc_dtype, fast_head)
+        with planner.watch():  # on the CPU: what autograd saves per row bounds the rows by the host memory budget
+            contrib = _chunk(lm, lay, rows, c0, c1, a0, diff, mult, pair_al[p0:p1], token, precision, vjp, max_rows, acc_dtype, fast_head)
         contrib *= pair_w[p0:p1].view(-1, 1, 1)
         if token:
             acc_tok[:, : contrib.shape[1], c0:c1].index_add_(0, rows, contrib)
