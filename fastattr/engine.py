@@ -29,6 +29,7 @@ from . import kernels
 from .budget import RowPlanner, parse_bytes
 from .errors import FastattrError, OptionError
 from .inputs import AttributionInputError, NoGradientError, check_target, flat_target_index
+from .layers import module_of
 from .options import OutputSelector, optional_positive_int, select_output
 from .precision import Precision
 
@@ -45,8 +46,8 @@ def frozen_parameters(model: Any) -> Iterator[None]:
     """Turn off requires_grad on a module's parameters for the call (no weight gradients
     are needed, and autograd then saves fewer activations); restore them afterwards.
     Reference-counted, so overlapping calls from several threads restore the user's flags."""
-    module = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
-    params = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+    module = module_of(model)
+    params = list(module.parameters()) if module is not None else []
     with _frozen_lock:
         for p in params:
             count, flag = _frozen_count.get(id(p), (0, p.requires_grad))
@@ -119,7 +120,7 @@ def use_channels_last(requested: bool | None, device: torch.device, precision: P
 
 def has_convolutions(forward: Any) -> bool:
     """Whether ``forward`` is (or is a bound method of) a module holding a convolution module."""
-    module = _module_of(forward)
+    module = module_of(forward)
     return module is not None and any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in module.modules())
 
 
@@ -140,11 +141,6 @@ def is_compiled(forward: Any) -> bool:
         if isinstance(f, torch.nn.Module) and getattr(f, "_compiled_call_impl", None) is not None:
             return True
     return False
-
-
-def _module_of(forward: Any) -> torch.nn.Module | None:
-    module = forward if isinstance(forward, torch.nn.Module) else getattr(forward, "__self__", None)
-    return module if isinstance(module, torch.nn.Module) else None
 
 
 def _mixes_rows(m: torch.nn.Module) -> bool:
@@ -273,7 +269,7 @@ class Engine:
         # BatchNorm without running stats: both normalise over the chunk), short chunks padded up to it
         # with copies of a row whose results are dropped
         self.fixed_rows = is_compiled(self.forward_func)
-        module = _module_of(self.forward_func)
+        module = module_of(self.forward_func)
         self.pad_rows = self.fixed_rows and module is not None and not any(_mixes_rows(m) for m in module.modules())
         self.precision = precision
         self.max_rows = optional_positive_int("max_rows", max_rows)

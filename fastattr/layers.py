@@ -74,6 +74,13 @@ def describe_layers(
     return rows
 
 
+def module_of(forward: object) -> torch.nn.Module | None:
+    """The module behind a forward function: the function itself when it is a module, the owner of
+    a bound method of one (``model.forward``), else None (a plain function)."""
+    module = forward if isinstance(forward, torch.nn.Module) else getattr(forward, "__self__", None)
+    return module if isinstance(module, torch.nn.Module) else None
+
+
 def resolve_layers(model: object, layers: object) -> tuple[list[tuple[str, torch.nn.Module]], bool]:
     """Layers given as a module, a qualified name, or a list of those -> ([(name, module)], was a list).
 
@@ -81,8 +88,7 @@ def resolve_layers(model: object, layers: object) -> tuple[list[tuple[str, torch
     of one); a module outside the model is an error, since its hooks would never fire.
     Raises before any model work: ValueError/TypeError naming the bad entry.
     """
-    root = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
-    root = root if isinstance(root, torch.nn.Module) else None
+    root = module_of(model)
     is_list = isinstance(layers, (list, tuple))
     items = list(layers) if is_list else [layers]
     if not items:

@@ -29,6 +29,7 @@ from ..engine import frozen_parameters
 from ..errors import AttributionInputError, OptionError
 from ..layer_gradient_x_activation import LayerGradientXActivation
 from ..layer_methods import LayerIntegratedGradients
+from ..layers import module_of
 from ..precision import get_precision
 from ..quadrature import points_and_weights
 from . import shared, text
@@ -253,8 +254,8 @@ class LLMGradientAttribution:
             logger.info("%s; fine for models that add position embeddings before normalising (GPT-2)", msg)
 
     def _modules(self) -> list[torch.nn.Module]:
-        root = self.model if isinstance(self.model, torch.nn.Module) else getattr(self.model, "__self__", None)
-        return list(root.modules()) if isinstance(root, torch.nn.Module) else []
+        root = module_of(self.model)
+        return list(root.modules()) if root is not None else []
 
     def _result(self, examples, lay, acc_tok, acc_seq, f_x, f_x0, with_delta: bool, n_steps: int, pad_id: int) -> LLMBatchResult:
         cols, kvalid = lay.prompt_cols([e.keep for e in examples])
