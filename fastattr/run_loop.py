@@ -147,6 +147,13 @@ def run_batches(
     deltas, rels = [], []
     t0 = time.perf_counter()
     pending: tuple | None = None  # results copied back asynchronously, written one batch later
+
+    def hand_over() -> None:
+        nonlocal pending
+        done, pending = pending, None  # never handed over twice, even if put() is interrupted
+        write_block(writer, *done, deltas, rels, allow_nonfinite)
+        ctx.advance(bar, done[1] - done[0])
+
     try:
         for start, stop, xs, labels_b in _prefetch(source, batches, pin=dev.type == "cuda"):
             ctx.check_peers()  # another rank failed: stop now instead of finishing this share
@@ -159,18 +166,12 @@ def run_batches(
             copied = to_host(res, dev, form)
             copied["predicted_nonfinite"] = targets.nonfinite_rows if plan.uses_target else None
             if pending is not None:
-                done, pending = pending, None  # never handed over twice, even if put() is interrupted
-                write_block(writer, *done, deltas, rels, allow_nonfinite)
-                ctx.advance(bar, done[1] - done[0])
+                hand_over()
             pending = (start, stop, copied)
             if "event" not in copied:  # host results already (CPU): hand them over now, written while the next batch computes
-                done, pending = pending, None
-                write_block(writer, *done, deltas, rels, allow_nonfinite)
-                ctx.advance(bar, done[1] - done[0])
+                hand_over()
         if pending is not None:
-            done, pending = pending, None
-            write_block(writer, *done, deltas, rels, allow_nonfinite)
-            ctx.advance(bar, done[1] - done[0])
+            hand_over()
     except BaseException as exc:
         bar.close()
         ctx.fail(exc)  # the other ranks stop at their next batch
