@@ -46,6 +46,20 @@ def _tune(planner: RowPlanner, seconds_per_row: dict[int, float], clock: list[fl
     return sizes
 
 
+def _pass(planner: RowPlanner, total: int, seconds_per_row: dict[int, float], unknown: float, clock: list[float]) -> list[int]:
+    """One pass of ``total`` rows (its last chunk short) on the fake clock; ``unknown``: seconds per
+    row of a size not in ``seconds_per_row``. Returns the chunk sizes."""
+    done, sizes = 0, []
+    while done < total:
+        rows = min(planner.rows, total - done)
+        sizes.append(rows)
+        planner.begin()
+        clock[0] += seconds_per_row.get(rows, unknown) * rows
+        planner.end(rows)
+        done += rows
+    return sizes
+
+
 @pytest.fixture
 def clock(monkeypatch):
     now = [0.0]
@@ -140,15 +154,7 @@ def test_tuning_continues_across_short_passes(clock):
     seen = []
     for _ in range(12):
         planner = RowPlanner(CPU, 300, row_bytes=8192, memory_budget="1TB", key=("short",))
-        done, sizes = 0, []
-        while done < 300:
-            rows = min(planner.rows, 300 - done)
-            sizes.append(rows)
-            planner.begin()
-            clock[0] += cost.get(rows, 1 / 1000) * rows
-            planner.end(rows)
-            done += rows
-        seen.append(sizes)
+        seen.append(_pass(planner, 300, cost, 1 / 1000, clock))
     assert seen[-1] == [64, 64, 64, 64, 44], seen
     assert 128 in sum(seen, []) and 256 not in sum(seen, [])  # 128 gained too little over 64: stop
     later = RowPlanner(CPU, 300, row_bytes=8192, memory_budget="1TB", key=("short",))
@@ -160,14 +166,7 @@ def test_passes_too_short_for_the_next_size_run_the_best_measured(clock):
     cost = {32: 1 / 500, 64: 1 / 800, 128: 1 / 1000}
     for _ in range(10):
         planner = RowPlanner(CPU, 100, row_bytes=8192, memory_budget="1TB", key=("tiny",))
-        done, sizes = 0, []
-        while done < 100:
-            rows = min(planner.rows, 100 - done)
-            sizes.append(rows)
-            planner.begin()
-            clock[0] += cost.get(rows, 1 / 400) * rows
-            planner.end(rows)
-            done += rows
+        sizes = _pass(planner, 100, cost, 1 / 400, clock)
     assert sizes == [64, 36], sizes
     assert budget._progress[("tiny", "cpu", 10**12)].pair == (64, 128)  # a longer pass would go on with 128
 
