@@ -59,16 +59,24 @@ MODEL = _model()
 X = torch.randn(16, 3, 8, 8)
 CALLS = {  # rows -> one attribution call; 16 samples x 8 steps/draws = 128 rows: 1 chunk at 256, 64 chunks at 2
     "saliency": lambda rows, p: fastattr.Saliency(MODEL).attribute(X, target=1, max_rows=rows, precision=p),
-    "input_x_gradient": lambda rows, p: fastattr.InputXGradient(MODEL).attribute(X, target=1, max_rows=rows, precision=p),
+    "input_x_gradient": lambda rows, p: fastattr.InputXGradient(MODEL).attribute(
+        X, target=1, max_rows=rows, precision=p
+    ),
     "ig_delta": lambda rows, p: fastattr.IntegratedGradients(MODEL).attribute(
         X, target=torch.arange(16) % 5, n_steps=8, internal_batch_size=rows, return_convergence_delta=True, precision=p
     ),
-    "ig_riemann": lambda rows, p: fastattr.IntegratedGradients(MODEL).attribute(X, target=2, n_steps=8, method="riemann_right", internal_batch_size=rows, precision=p),
+    "ig_riemann": lambda rows, p: fastattr.IntegratedGradients(MODEL).attribute(
+        X, target=2, n_steps=8, method="riemann_right", internal_batch_size=rows, precision=p
+    ),
     "smoothgrad_ig": lambda rows, p: fastattr.NoiseTunnel(fastattr.IntegratedGradients(MODEL)).attribute(
         X, target=1, nt_samples=2, n_steps=4, internal_batch_size=rows, precision=p
     ),
-    "gradient_shap": lambda rows, p: fastattr.GradientShap(MODEL).attribute(X, baselines=torch.zeros(3, 3, 8, 8), target=1, n_samples=8, max_rows=rows, precision=p),
-    "layer_ig": lambda rows, p: fastattr.LayerIntegratedGradients(MODEL, MODEL[0]).attribute(X, target=1, n_steps=8, internal_batch_size=rows, precision=p),
+    "gradient_shap": lambda rows, p: fastattr.GradientShap(MODEL).attribute(
+        X, baselines=torch.zeros(3, 3, 8, 8), target=1, n_samples=8, max_rows=rows, precision=p
+    ),
+    "layer_ig": lambda rows, p: fastattr.LayerIntegratedGradients(MODEL, MODEL[0]).attribute(
+        X, target=1, n_steps=8, internal_batch_size=rows, precision=p
+    ),
 }
 
 
@@ -76,7 +84,9 @@ CALLS = {  # rows -> one attribution call; 16 samples x 8 steps/draws = 128 rows
 @pytest.mark.parametrize("method", sorted(CALLS))
 def test_a_call_syncs_the_same_with_2_or_64_chunks(method, precision):
     few, many = (_syncs(lambda rows=rows: CALLS[method](rows, precision)) for rows in (256, 2))
-    assert sum(many.values()) == sum(few.values()), f"per-chunk host syncs (function, site): few chunks {few}, many chunks {many}"
+    assert sum(many.values()) == sum(few.values()), (
+        f"per-chunk host syncs (function, site): few chunks {few}, many chunks {many}"
+    )
     assert sum(few.values()) <= 8, few  # input checks and the step weights: a handful per call
 
 
@@ -109,7 +119,11 @@ def test_a_dataset_batch_syncs_the_same_with_2_or_32_chunks(tmp_path, method):
     counts = []
     for i, (n, steps) in enumerate(((32, 2), (32, 32)) if method == "integrated_gradients" else ((32, 1), (512, 1))):
         out = tmp_path / f"run{i}"
-        calls = _syncs(lambda n=n, steps=steps, out=out: fastattr.run(MODEL, data[:n], str(out), method, n_steps=steps, batch_size=32, target="predicted", progress=False))
+        calls = _syncs(
+            lambda n=n, steps=steps, out=out: fastattr.run(
+                MODEL, data[:n], str(out), method, n_steps=steps, batch_size=32, target="predicted", progress=False
+            )
+        )
         batches = n // 32
         counts.append((sum(calls.values()) / batches, calls))
     (few, few_calls), (many, many_calls) = counts
