@@ -20,6 +20,7 @@ storage form on the GPU, the store-only timing then includes the device-to-host 
 
     python benchmarks/bench_store.py compression
     python benchmarks/bench_store.py dataset --samples 1024
+    python benchmarks/bench_store.py dataset --samples 1536 --shard-size 256   # several shards: commits overlap writes
     python benchmarks/bench_store.py reductions --samples 16 --write-samples 256 [--device cuda]
 """
 
@@ -212,7 +213,7 @@ def dataset(args: argparse.Namespace) -> tuple[list[str], list[list]]:
                 else:
                     seconds, _, _ = h.measure_once(
                         lambda out=out, comp=comp: fastattr.run(
-                            model, data, out, "saliency", progress=False, compression=comp
+                            model, data, out, "saliency", progress=False, compression=comp, shard_size=args.shard_size
                         ),
                         "cpu",
                         memory_on=None,
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("dataset")
     d.add_argument("--samples", type=int, default=1024)
     d.add_argument("--repeats", type=int, default=2)
+    d.add_argument("--shard-size", type=int, default=4096, help="samples per shard of the fastattr runs (the run's default: 4096)")
     d.add_argument("--compressions", type=lambda s: s.split(","), default=["auto", "lzf", "gzip", "none"])
     r = sub.add_parser("reductions")
     r.add_argument("--samples", type=int, default=16, help="samples of the end-to-end runs (ResNet-18 IG at 224)")

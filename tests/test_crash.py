@@ -54,32 +54,39 @@ MODELS = textwrap.dedent(
 )
 
 # The CLI in a child process, on a slow disk: argv[1] seconds more per block written, argv[2] more
-# per shard finalized (touching the file "finishing" first), spent holding h5py's lock as HDF5
-# does while it waits for the disk. Ctrl-C then comes while the writer is busy inside h5py: the
-# case that hung the process in interpreter shutdown.
+# per shard finalized (touching the file "finishing" first): half while sealing it, holding h5py's
+# lock as HDF5 does while it waits for the disk, half while the commit thread fsyncs and hashes it.
+# Ctrl-C then comes while the writer is busy inside h5py: the case that hung the process in
+# interpreter shutdown; or while the shard is being committed.
 CLI_CHILD = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from pathlib import Path
     from h5py._objects import phil
     from fastattr.store import shard, writer
 
     slow_block, slow_finish = float(sys.argv[1]), float(sys.argv[2])
-    real_write, real_finish = writer.RunWriter._write_block, shard.OpenShard.finish
+    real_write, real_seal, real_commit = writer.RunWriter._write_block, shard.OpenShard.seal, shard.SealedShard.commit
 
     def slow_write(self, block):
         with phil:
             time.sleep(slow_block)
         real_write(self, block)
 
-    def slow_finalize(self, **kw):
+    def slow_seal(self, **kw):
         Path("finishing").touch()
         with phil:
-            time.sleep(slow_finish)
-        return real_finish(self, **kw)
+            time.sleep(slow_finish / 2)
+        return real_seal(self, **kw)
+
+    def slow_commit(self):
+        Path("committing").touch()
+        time.sleep(float(os.environ.get("SLOW_COMMIT", slow_finish / 2)))
+        return real_commit(self)
 
     writer.RunWriter._write_block = slow_write
-    shard.OpenShard.finish = slow_finalize
+    shard.OpenShard.seal = slow_seal
+    shard.SealedShard.commit = slow_commit
     from fastattr.cli import main
     sys.exit(main(sys.argv[3:]))
     """
@@ -242,6 +249,30 @@ def test_ctrl_c_while_finalizing_waits_for_the_shard(work):
     assert "interrupted" in text and "Traceback" not in text, text
     assert lock_is_free(run)
     assert_complete(run, reference(tmp_path, x, "saliency"))  # the shard in progress was saved
+
+
+def test_kill_while_a_shard_is_committed(work):
+    """SIGKILL while the commit thread fsyncs a sealed shard (the writer meanwhile fills the next):
+    nothing unlisted is trusted, and the rerun stores every sample once, with the right values."""
+    tmp_path, env = work
+    x = data(tmp_path / "x.npy", 600)
+    run = tmp_path / "run"
+    proc, err = start_cli(tmp_path, {**env, "SLOW_COMMIT": "60"}, RUN_ARGS)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "committing").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.02)
+        time.sleep(0.5)  # the writer seals the next shard meanwhile and waits for this commit
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    rep = verify_run(run)
+    assert rep.ok and rep.samples == sum(s["rows"] for s in listed(run)), rep.problems
+    rc, text = run_cli(tmp_path, env, RUN_ARGS)
+    assert rc == 0, text
+    assert_complete(run, reference(tmp_path, x, "saliency"))
 
 
 def test_second_ctrl_c_exits_at_once(work):

@@ -3,6 +3,7 @@ random moments), bad input, and the single-thread / bounded-queue writer."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -723,3 +724,66 @@ def test_one_thread_and_bounded_queue(tmp_path, monkeypatch):
     w.close(complete=False)
     assert w.covered == [(0, 40)]
     assert not new[0].is_alive()
+
+
+def test_commit_overlaps_the_next_shard_and_lists_in_order(tmp_path, monkeypatch):
+    """A full shard is sealed by the writer thread and committed (fsync, rename, sha256, listed) by
+    a commit thread while the writer fills the next shard. Fails on the old writer, which committed
+    inline: there the first commit waits for a write that cannot happen until it returns."""
+    next_written = threading.Event()
+    real_hash, real_append = store.fsutil.sha256_file, store.shard.OpenShard.append
+    order: list[str] = []
+
+    def sha256_file(path):
+        if path.name.endswith("00000.h5"):
+            assert next_written.wait(20), "the writer did not fill the next shard while the first was committed"
+        order.append(path.name)
+        return real_hash(path)
+
+    def append(self, blk, lo, hi):
+        real_append(self, blk, lo, hi)
+        if self.start == 16:
+            next_written.set()
+
+    monkeypatch.setattr(store.fsutil, "sha256_file", sha256_file)
+    monkeypatch.setattr(store.shard.OpenShard, "append", append)
+    w = write_run(tmp_path / "run", [8] * 8, shard_rows=16)  # 4 shards
+    assert order == [f"shard-{i:05d}.h5" for i in range(4)]
+    assert [s["start"] for s in json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"]] == [0, 16, 32, 48]
+    assert w.covered == [(0, 64)] and w.complete
+    with open_run(tmp_path / "run", verify=True) as r:
+        check_values(r[:], np.arange(64))
+
+
+def test_failed_commit_stops_the_writer_and_lists_nothing_of_it(tmp_path, monkeypatch):
+    """A commit that fails in the commit thread (here its fsync) reaches the caller through put() or
+    close() as the writer's error; the shard is not listed, no .partial is left, and a resume
+    recomputes exactly the samples not listed."""
+    real_fsync = store.fsutil.fsync_path
+
+    def fsync(path):
+        if ".partial" in str(path) and "00001" in str(path):  # the second shard's file
+            raise OSError(errno.EIO, "fsync refused")
+        return real_fsync(path)
+
+    monkeypatch.setattr(store.fsutil, "fsync_path", fsync)
+    run = tmp_path / "run"
+    w = RunWriter(run, config=CONFIG, total=64, shard_rows=16)
+    with pytest.raises(StoreError, match="fsync refused"):
+        for a in range(0, 64, 8):
+            w.put(block(a, a + 8))
+            time.sleep(0.05)
+        w.close()
+    with pytest.raises(StoreError, match="fsync refused"):
+        w.close()
+    monkeypatch.undo()
+    listed = json.loads((run / "manifest.json").read_text())["shards"]
+    assert [s["start"] for s in listed] == [0]
+    assert not list(run.glob("*.partial")) and not list(run.glob(".*.partial"))
+    w = RunWriter(run, config=CONFIG, total=64, shard_rows=16)
+    assert w.missing() == [(16, 64)]
+    for a in range(16, 64, 8):
+        w.put(block(a, a + 8))
+    w.close()
+    with open_run(run, verify=True) as r:
+        check_values(r[:], np.arange(64))

@@ -1,5 +1,6 @@
 """One shard file: creating it as ``.fastattr-<name>.partial``, appending block rows, finalizing
-it (stamp, flush, close, fsync, rename, fsync the directory, sha256), and its marker.
+it in two steps (``seal``: stamp, flush, close; ``SealedShard.commit``: fsync, rename, fsync the directory,
+sha256), and its marker.
 
 A shard holds contiguous global indices [start, stop); its datasets start empty and grow block by
 block, so the .partial never holds unwritten rows and finalizing only has to stamp attributes.
@@ -316,10 +317,14 @@ class OpenShard:
         self._mark_rows()
 
     def finish(self, *, method: str, config_json: str) -> ShardEntry:
-        """Stamp the attributes, flush, close, fsync, rename to the final name, fsync the directory
-        and hash the final file: the entry to list, for a shard that is now durable on disk.
-        A failure before the rename drops the .partial and raises StoreError (DiskFullError for
-        lack of space)."""
+        """``seal`` then ``commit``: the entry to list, for a shard that is now durable on disk."""
+        return self.seal(method=method, config_json=config_json).commit()
+
+    def seal(self, *, method: str, config_json: str) -> SealedShard:
+        """Stamp the attributes, flush and close: the part that needs h5py (the writer thread's).
+        What is left (fsync, rename, hash) needs no h5py and may run in another thread while the
+        writer fills the next shard (store/writer.py). A failure drops the .partial and raises
+        StoreError (DiskFullError for lack of space)."""
         f = self.file
         assert f is not None
         try:
@@ -344,15 +349,10 @@ class OpenShard:
         self._close_marker()
         try:
             f.close()
-            fsutil.fsync_path(self.path)  # the data must be on disk before the name says "finished"
-            final = self.path.with_name(self.final_name)
-            os.replace(self.path, final)
         except Exception as exc:
             self.path.unlink(missing_ok=True)
             raise write_error(exc, self.path) from exc
-        fsutil.fsync_dir(final.parent)
-        # Hash what is on disk, after the rename: the checksum covers the exact bytes listed.
-        return ShardEntry(final.name, self.start, self.stop, self.rows, fsutil.sha256_file(final))
+        return SealedShard(self.path, self.path.with_name(self.final_name), self.start, self.stop, self.rows)
 
     def drop(self) -> None:
         """Abandon the shard: close its file without writing anything more to disk and delete the
@@ -365,6 +365,31 @@ class OpenShard:
             self.path.unlink(missing_ok=True)
         except OSError as exc:  # left for the next open to delete
             logger.debug("could not delete %s: %s", self.path, exc)
+
+
+@dataclass(frozen=True)
+class SealedShard:
+    """A closed .partial whose bytes are final: ``commit`` makes it durable under its final name."""
+
+    path: Path
+    final: Path
+    start: int
+    stop: int
+    rows: int
+
+    def commit(self) -> ShardEntry:
+        """fsync, rename to the final name, fsync the directory and hash the final file: the entry
+        to list. No h5py: safe beside the writer thread. A failure before the rename deletes the
+        .partial and raises StoreError (DiskFullError for lack of space)."""
+        try:
+            fsutil.fsync_path(self.path)  # the data must be on disk before the name says "finished"
+            os.replace(self.path, self.final)
+        except Exception as exc:
+            self.path.unlink(missing_ok=True)
+            raise write_error(exc, self.path) from exc
+        fsutil.fsync_dir(self.final.parent)
+        # Hash what is on disk, after the rename: the checksum covers the exact bytes listed.
+        return ShardEntry(self.final.name, self.start, self.stop, self.rows, fsutil.sha256_file(self.final))
 
 
 def _write_chunks(jobs: list[tuple[h5py.Dataset, tuple[int, Any]]]) -> None:
