@@ -438,11 +438,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", type=_batch_size, default="auto", help="rows per forward: auto (default) or an int")
-    run.add_argument("--memory-budget", default=None, help="CUDA memory for one chunk, e.g. 8GiB (default: half of free)")
+    run.add_argument("--memory-budget", default=None,
+                     help="memory for one chunk's rows, e.g. 8GiB: on CUDA device memory (default: half of free), on CPU host "
+                          "memory bounding the tuned rows (default: half of available)")
     run.add_argument("--channel-reduce", default=None, choices=["sum", "abs", "l2"],
                      help="store each (C, H, W) input attribution as one (H, W) map: the channels' sum, sum of |a| or L2 norm "
                           "(stats and delta stay those of the full attributions)")
-    run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"])
+    run.add_argument("--storage-dtype", default="float32", choices=["float32", "float16"],
+                     help="float16 halves the bytes (cast on the device); values beyond 65504 are stored as inf and counted in stats/nonfinite")
     run.add_argument("--compression", default="auto", choices=["auto", "lzf", "gzip", "none"],
                      help="auto (default): each shard gzip (shuffle + deflate, encoded on every core) where that shrinks it at least 1.5x, else none")
     run.add_argument("--shard-size", type=_positive_int, default=4096, help="samples per shard (default 4096)")
