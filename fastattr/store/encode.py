@@ -1,5 +1,6 @@
-"""Parallel chunk encoding: HDF5's shuffle + deflate + fletcher32 pipeline done in Python threads,
-so the writer thread only hands finished chunks to HDF5 (``write_direct_chunk``).
+"""Parallel chunk encoding: HDF5's shuffle + deflate + fletcher32 pipeline (compression "gzip") or
+its fletcher32 alone (compression "none") done in Python threads, so the writer thread only hands
+finished chunks to HDF5 (``write_direct_chunk``).
 
 h5py serialises every call behind one lock and HDF5 compresses inside that call, so a single
 writer thread tops out at one core's deflate rate. Here the byte shuffle (numpy) and deflate
@@ -26,34 +27,61 @@ import numpy as np
 _BLOCK = 360  # words per fletcher32 inner loop in HDF5 (sums reduced after each such block)
 _WEIGHTS = np.arange(_BLOCK, 0, -1, dtype=np.float64)  # sum2 gains sum1 after every word: t, t-1, ..., 1
 _M32 = 0xFFFFFFFF
+_FOLD_ROUNDS = 64  # vectorised fold passes before finishing sequentially (real data needs 2-4)
 
 
-def fletcher32(data: bytes | memoryview) -> int:
+def _fold(x: np.ndarray) -> np.ndarray:
+    return (x & 0xFFFF) + (x >> 16)
+
+
+def _folded_sums(add: np.ndarray) -> np.ndarray:
+    """s[k] = fold(s[k-1] + add[k]) (uint32 arithmetic, s[-1] = 0) for every k, vectorised.
+
+    A fold keeps a value mod 65535 but picks its representative from the exact value, so the
+    recurrence is sequential. It is solved by iterating s <- fold(shift(s) + add) from the right
+    values mod 65535: a fixed point satisfies the recurrence, which has one solution, and a wrong
+    representative rarely changes the next fold (x and x + 65535 mostly fold alike), so a few
+    passes settle it. Without the Python loop per 360 words the encode threads hold the GIL for a
+    few numpy calls per chunk instead of one loop step per 720 bytes."""
+    s = np.cumsum(add) % 0xFFFF
+    for _ in range(_FOLD_ROUNDS):
+        prev = np.concatenate(([0], s[:-1]))
+        new = _fold((prev + add) & _M32)
+        if np.array_equal(new, s):
+            return s
+        s = new
+    out, v = np.empty_like(add), 0
+    for k, a in enumerate(add.tolist()):
+        v = int(_fold(np.int64((v + a) & _M32)))
+        out[k] = v
+    return out
+
+
+def fletcher32(data: bytes | bytearray | memoryview) -> int:
     """HDF5's H5_checksum_fletcher32 of ``data``, bit for bit: big-endian 16-bit words summed in
     unsigned 32-bit arithmetic (wrapping), both sums folded after every 360 words, an odd last
-    byte as the high byte of a word, and a final fold. Block sums are exact in float64 (each is
-    below 2**53), the fold recurrence runs per block."""
+    byte as the high byte of a word, and a final fold. Per 360-word block the word sum and the
+    weighted sum (each word counts once per later step) are exact in float64 (below 2**53); the
+    folds between blocks run vectorised (``_folded_sums``)."""
     raw = np.frombuffer(data, dtype=np.uint8)
     n_words = raw.size // 2
-    words = raw[: 2 * n_words].view(">u2")
-    full = n_words // _BLOCK
     s1 = s2 = 0
-    if full:
+    if n_words:
+        words = raw[: 2 * n_words].view(">u2")
+        full, rest = divmod(n_words, _BLOCK)
         w = words[: full * _BLOCK].reshape(full, _BLOCK).astype(np.float64)
-        sums = w.sum(1).astype(np.int64).tolist()
-        weighted = (w @ _WEIGHTS).astype(np.int64).tolist()
-        for a, b in zip(sums, weighted, strict=True):
-            s2 = (s2 + _BLOCK * s1 + b) & _M32
-            s1 = (s1 + a) & _M32
-            s1 = (s1 & 0xFFFF) + (s1 >> 16)
-            s2 = (s2 & 0xFFFF) + (s2 >> 16)
-    rest = words[full * _BLOCK :].astype(np.int64)
-    if rest.size:
-        t = rest.size
-        s2 = (s2 + t * s1 + int((rest * np.arange(t, 0, -1, dtype=np.int64)).sum())) & _M32
-        s1 = (s1 + int(rest.sum())) & _M32
-        s1 = (s1 & 0xFFFF) + (s1 >> 16)
-        s2 = (s2 & 0xFFFF) + (s2 >> 16)
+        sums = w.sum(1).astype(np.int64)
+        weighted = np.einsum("ij,j->i", w, _WEIGHTS).astype(np.int64)  # einsum: no BLAS threads inside the encode pool
+        steps = np.full(full, _BLOCK, dtype=np.int64)
+        if rest:
+            tail = words[full * _BLOCK :].astype(np.int64)
+            sums = np.append(sums, tail.sum())
+            weighted = np.append(weighted, (tail * np.arange(rest, 0, -1, dtype=np.int64)).sum())
+            steps = np.append(steps, rest)
+        s1_after = _folded_sums(sums)
+        s1_before = np.concatenate(([0], s1_after[:-1]))
+        s2_after = _folded_sums(steps * s1_before + weighted)
+        s1, s2 = int(s1_after[-1]), int(s2_after[-1])
     if raw.size % 2:
         s1 = (s1 + (int(raw[-1]) << 8)) & _M32
         s2 = (s2 + s1) & _M32
@@ -123,8 +151,15 @@ def deflate_ratio(rows: np.ndarray, level: int, budget: int) -> float:
     return sample.nbytes / len(deflate_planes(shuffle(sample), sample.dtype.itemsize, level))
 
 
-def encode_chunk(a: np.ndarray, level: int) -> bytes:
-    """One whole chunk as HDF5 stores it through shuffle + deflate(level) + fletcher32."""
+def encode_chunk(a: np.ndarray, level: int | None) -> bytes | bytearray:
+    """One whole chunk as HDF5 stores it through shuffle + deflate(level) + fletcher32, or with
+    level None (compression "none") through fletcher32 alone: the raw bytes and their checksum."""
+    if level is None:
+        raw = memoryview(np.ascontiguousarray(a)).cast("B")
+        out = bytearray(raw.nbytes + 4)  # one copy: the bytes, then the checksum in place
+        out[: raw.nbytes] = raw
+        struct.pack_into("<I", out, raw.nbytes, fletcher32(raw))
+        return out
     packed = deflate_planes(shuffle(a), a.dtype.itemsize, level)
     return packed + struct.pack("<I", fletcher32(packed))
 
@@ -158,7 +193,7 @@ class ChunkBuffer:
     (first row, future of the encoded chunk) for every chunk the new rows complete, in order; the
     rows of an incomplete chunk wait in ``tail`` (``flush`` encodes them, zero-padded)."""
 
-    def __init__(self, chunk_rows: int, level: int) -> None:
+    def __init__(self, chunk_rows: int, level: int | None) -> None:
         self.chunk_rows = chunk_rows
         self.level = level
         self.written = 0  # rows handed to the pool (always whole chunks, or the final flush)

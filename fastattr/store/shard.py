@@ -270,8 +270,9 @@ class OpenShard:
 
         f.visititems(visit)
         self.datasets = found
-        if self.compression == "gzip":  # chunks encoded in the pool, written with write_direct_chunk
-            self._buffers = {k: ChunkBuffer(ds.chunks[0], GZIP_LEVEL) for k, ds in found.items() if k.startswith("attributions/")}
+        if self.compression in ("gzip", "none"):  # chunks encoded (checksummed) in the pool, written with write_direct_chunk
+            level = GZIP_LEVEL if self.compression == "gzip" else None  # none: raw bytes + fletcher32, HDF5's single filter
+            self._buffers = {k: ChunkBuffer(ds.chunks[0], level) for k, ds in found.items() if k.startswith("attributions/")}
 
     def _group_names(self, group: str) -> set[str]:
         prefix = group + "/"
