@@ -74,6 +74,7 @@ def test_parallel_none_round_trips_bit_exactly(tmp_path, dtype, monkeypatch):
     """compression="none": raw chunks with their fletcher32 made in the pool (the writer thread only
     writes them): plain h5py reads every value back and checks every chunk's checksum."""
     width, total = 20000, 41
+    monkeypatch.setenv("FASTATTR_ENCODE_THREADS", "4")  # pooled checksums need >= 4 encode threads (schema.py)
     encoded = []
     real = encode.encode_chunk
     monkeypatch.setattr(encode, "encode_chunk", lambda a, level: encoded.append(level) or real(a, level))
@@ -95,6 +96,20 @@ def test_parallel_none_round_trips_bit_exactly(tmp_path, dtype, monkeypatch):
             mask, stored = ds.id.read_direct_chunk(ds.id.get_chunk_info(i).chunk_offset)
             assert mask == 0 and fletcher32(stored[:-4]) == struct.unpack("<I", stored[-4:])[0]
     assert verify_run(tmp_path / "run").ok
+
+
+def test_none_keeps_hdf5s_checksum_on_a_small_pool(tmp_path, monkeypatch):
+    """With fewer encode threads than POOL_CHECKSUM_MIN_THREADS, HDF5's own fletcher32 filter (C, in
+    the writer thread) costs less CPU in all: the pool makes no chunks, and the shards read the same."""
+    monkeypatch.setenv("FASTATTR_ENCODE_THREADS", "2")
+    encoded = []
+    real = encode.encode_chunk
+    monkeypatch.setattr(encode, "encode_chunk", lambda a, level: encoded.append(level) or real(a, level))
+    with RunWriter(tmp_path / "run", config={"m": 1, "allow_nonfinite": True}, total=20, shard_rows=16, compression="none") as w:
+        for s in range(0, 20, 5):
+            w.put(block(s, s + 5, 3000))
+    idx, got = read_plain(tmp_path / "run", "none")
+    assert not encoded and np.array_equal(idx, np.arange(20)) and got.tobytes() == rows(0, 20, 3000).tobytes()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -39,7 +39,7 @@ import numpy as np
 from ..errors import DiskFullError, StoreError
 from . import fsutil
 from .block import Block
-from .encode import ChunkBuffer, deflate_ratio
+from .encode import ChunkBuffer, deflate_ratio, workers
 from .manifest import ShardEntry
 from .ranges import format_ranges, value_runs
 from .schema import (
@@ -52,6 +52,7 @@ from .schema import (
     MARKER_ROWS_OFFSET,
     OWN_PREFIX,
     PARTIAL_SUFFIX,
+    POOL_CHECKSUM_MIN_THREADS,
     SCALAR_CHUNK_ROWS,
     SCALAR_DTYPES,
     SCHEMA_VERSION,
@@ -270,8 +271,11 @@ class OpenShard:
 
         f.visititems(visit)
         self.datasets = found
-        if self.compression in ("gzip", "none"):  # chunks encoded (checksummed) in the pool, written with write_direct_chunk
-            level = GZIP_LEVEL if self.compression == "gzip" else None  # none: raw bytes + fletcher32, HDF5's single filter
+        # chunks encoded in the pool, written with write_direct_chunk: always for gzip; for none (raw
+        # bytes + fletcher32, HDF5's one filter) where the pool has the cores to beat HDF5's C checksum
+        pooled = self.compression == "gzip" or (self.compression == "none" and workers() >= POOL_CHECKSUM_MIN_THREADS)
+        if pooled:
+            level = GZIP_LEVEL if self.compression == "gzip" else None
             self._buffers = {k: ChunkBuffer(ds.chunks[0], level) for k, ds in found.items() if k.startswith("attributions/")}
 
     def _group_names(self, group: str) -> set[str]:
