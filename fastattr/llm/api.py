@@ -190,7 +190,12 @@ class LLMGradientAttribution:
         if len(base_list) != b:
             raise AttributionInputError(f"got {len(base_list)} baselines for {b} prompts")
         prompts = [text.prompt_example(inp, bl, self.tokenizer, i) for i, (inp, bl) in enumerate(zip(inputs, base_list))]
+        for i, (ids, base, _, _) in enumerate(prompts):
+            self.lm.check_ids(f"input {i}", ids)
+            self.lm.check_ids(f"input {i}'s baseline", base)
         tgt = self._targets(prompts, targets, gen_args, internal_batch_size)
+        for i, ((ids, *_), t) in enumerate(zip(prompts, tgt)):
+            self.lm.check_positions(f"input {i}", len(ids) + len(t) - 1, f"{len(ids)} prompt + {len(t)} target tokens - 1")
         examples = text.make_examples(prompts, tgt)
         pad_id = self._pad_id()
         lay = build_layout(examples, padding_side, pad_id, self.device)
@@ -220,6 +225,13 @@ class LLMGradientAttribution:
         if gen_args is not None and not todo:
             raise AttributionInputError("gen_args must be None when every target is given")
         out: list[torch.Tensor | None] = [None if t is None else text.target_ids(t, self.tokenizer, i) for i, t in enumerate(targets)]
+        for i, t in enumerate(out):
+            if t is not None:
+                self.lm.check_ids(f"target {i}", t)
+        max_new = (gen_args if gen_args is not None else text.DEFAULT_GEN_ARGS).get("max_new_tokens")
+        for i in todo if isinstance(max_new, int) else ():  # generating past a learned position table fails inside generate()
+            n = len(prompts[i][0])
+            self.lm.check_positions(f"input {i}", n + max_new - 1, f"{n} prompt tokens + max_new_tokens {max_new} - 1")
         if todo:
             gen = text.generate(self.model, [prompts[i][0] for i in todo], gen_args, self._pad_id(), self.device, max_rows)
             for i, g in zip(todo, gen):

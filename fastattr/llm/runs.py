@@ -37,6 +37,7 @@ from ..errors import AttributionInputError, OptionError, SourceError
 from ..kernels import Stats
 from ..sources import ArraySource, Source
 from . import text
+from .model import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +92,20 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
 class PromptSource(ArraySource):
     """Prompts and targets as four fixed-shape id arrays (see the module docstring)."""
 
-    def __init__(self, data: Any, tokenizer: Any, pad_id: int, max_new_tokens: int | None) -> None:
+    def __init__(self, data: Any, tokenizer: Any, pad_id: int, max_new_tokens: int | None, lm: CausalLM | None = None) -> None:
         prompts, targets = [], []
         for i, (p, t) in enumerate(read_prompts(data)):
             try:
                 ids = text.prompt_example(p if isinstance(p, str) else torch.as_tensor(p), None, tokenizer, i)[0]
                 tgt = None if t is None else text.target_ids(t if isinstance(t, str) else torch.as_tensor(t), tokenizer, i)
+                if lm is not None:  # before any work: out-of-vocabulary ids and over-long samples, named
+                    lm.check_ids("the prompt", ids)
+                    if tgt is not None:
+                        lm.check_ids("the target", tgt)
+                    n_t = len(tgt) if tgt is not None else max_new_tokens
+                    if n_t is not None:
+                        what = f"{len(ids)} prompt + {n_t} {'target' if tgt is not None else 'max_new_tokens'} tokens - 1"
+                        lm.check_positions("prompt and target", len(ids) + n_t - 1, what)
             except AttributionInputError as exc:
                 raise SourceError(f"sample {i}: {exc}") from exc
             prompts.append(ids)
@@ -188,6 +197,11 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
     llm = LLMGradientAttribution(LayerIntegratedGradients(model, layer, multiply_by_inputs=opts["multiply_by_inputs"]), tokenizer)
     if isinstance(baseline, str):
         baseline = text.baseline_id(baseline, tokenizer, "baselines")
+    if baseline is not None:
+        try:
+            llm.lm.check_ids("baselines", torch.tensor([baseline]))
+        except AttributionInputError as exc:
+            raise OptionError(str(exc)) from None
     pad_id = llm._pad_id()
 
     def attribute(b: Batch) -> Any:
@@ -243,7 +257,7 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
     def make_source(data: Any, labels: Any) -> Source:
         if labels is not None:
             raise OptionError(f"{METHOD} takes no labels=: targets come with the prompts")
-        return PromptSource(data, tokenizer, pad_id, max_new)
+        return PromptSource(data, tokenizer, pad_id, max_new, llm.lm)
 
     params = {
         "n_steps": n_steps, "rule": rule, "multiply_by_inputs": opts["multiply_by_inputs"], "baselines": describe(baseline) if baseline is not None else 0,

@@ -1,0 +1,167 @@
+"""Language-model attribution as a new user meets it: token ids outside the vocabulary, prompts
+longer than a model's context, misspelt baseline tokens, unicode split over several byte tokens,
+and an audit given another model than the run's. Each case failed (or passed silently wrong) before
+the fix it guards. Skipped when transformers is not installed."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from llm_models import gpt2, llama, word_tokenizer  # noqa: E402
+
+import fastattr  # noqa: E402
+from fastattr.errors import AttributionInputError, AuditError, OptionError, SourceError  # noqa: E402
+from fastattr.llm import text  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*attention_mask.*")
+
+WORDS = 60
+TOK = word_tokenizer(WORDS, bos=True)
+CONTEXT = 256  # the test models' n_positions / max_position_embeddings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(single_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def small_gpt2():
+    return gpt2(len(TOK), layers=1, dim=16, heads=2)
+
+
+def llm_of(model, tok=TOK):
+    return fastattr.LLMGradientAttribution(fastattr.LayerIntegratedGradients(model, model.get_input_embeddings()), tok)
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{i % WORDS}" for i in range(n))
+
+
+# ------------------------------------------------------------------ ids the model cannot look up
+def test_out_of_vocabulary_ids_are_refused_naming_the_input(small_gpt2):
+    """Before: a raw IndexError ("index out of range in self") or RuntimeError from deep in the
+    forward, naming neither the prompt nor what was wrong."""
+    llm, v = llm_of(small_gpt2), len(TOK)
+    cases = [
+        ({"inputs": [torch.tensor([2, 5]), torch.tensor([2, v])], "targets": [[5], [6]]}, r"input 1 has token id 64\b"),
+        ({"inputs": [torch.tensor([2, 5])], "targets": [[5, v + 3]]}, r"target 0 has token id 67"),
+        ({"inputs": [torch.tensor([2, 5])], "targets": [[5]], "baselines": v}, r"input 0's baseline has token id 64"),
+        ({"inputs": [torch.tensor([2, 5])], "targets": [[5]], "baselines": -1}, r"input 0's baseline has token id -1"),
+    ]
+    for kw, match in cases:
+        with pytest.raises(AttributionInputError, match=match):
+            llm.attribute_batch(n_steps=2, **kw)
+
+
+# ------------------------------------------------------------------ the model's context
+def test_sequences_past_a_learned_position_table_are_refused(small_gpt2):
+    """GPT-2 has 256 learned positions: prompt + target - 1 must fit (exactly 256 works). Before: a
+    raw IndexError from the position embedding, for attribution and for generation alike."""
+    llm = llm_of(small_gpt2)
+    fits = llm.attribute(words(CONTEXT - 7), target=words(7), n_steps=2, baselines=1)  # 250 + 7 - 1 = 256 positions
+    assert fits.token_attr.shape == (7, CONTEXT - 6)
+    with pytest.raises(AttributionInputError, match=r"input 1: 251 prompt \+ 7 target tokens - 1 = 257 positions.*context of 256"):
+        llm.attribute_batch(["w1 w2", words(CONTEXT - 6)], ["w3", words(7)], n_steps=2, baselines=1)
+    with pytest.raises(AttributionInputError, match=r"input 0: 251 prompt tokens \+ max_new_tokens 7 - 1 = 257"):
+        llm.attribute(words(CONTEXT - 6), gen_args={"max_new_tokens": 7, "do_sample": False}, n_steps=2, baselines=1)
+
+
+def test_rotary_models_are_not_limited_by_their_nominal_length():
+    """Llama has no position table: Hugging Face runs it past max_position_embeddings, and so do we."""
+    m = llama(len(TOK), layers=1, dim=16, heads=2)
+    r = llm_of(m).attribute(words(CONTEXT + 4), target="w1 w2", n_steps=1, baselines=1, seq_only=True)
+    assert r.seq_attr.shape == (CONTEXT + 5,) and bool(torch.isfinite(r.seq_attr).all())
+
+
+def test_dataset_run_refuses_bad_samples_before_any_work(tmp_path, small_gpt2):
+    """A too-long prompt or an out-of-vocabulary id in sample 2 of a dataset: refused up front,
+    naming the sample, before a shard is written. Before: an IndexError in the middle of the run."""
+    opts = {"method": "llm_integrated_gradients", "tokenizer": TOK, "n_steps": 2, "baselines": 1, "progress": False,
+            "gen_args": {"max_new_tokens": 3, "do_sample": False}, "examples_per_batch": 1, "shard_size": 1}  # fmt: skip
+    long_rows = [{"prompt": "w1 w2", "target": "w3"}, {"prompt": "w4"}, {"prompt": words(CONTEXT - 2)}]  # <s> + 254 words, generated: 255 + 3 - 1
+    with pytest.raises(SourceError, match=r"sample 2: .*257 positions, more than the model's context of 256"):
+        fastattr.run(small_gpt2, long_rows, tmp_path / "long", **opts)
+    assert not list((tmp_path / "long").glob("shard-*.h5"))
+    vocab_rows = [{"prompt": [2, 5]}, {"prompt": [2, 6]}, {"prompt": [2, 7], "target": [len(TOK)]}]
+    with pytest.raises(SourceError, match=r"sample 2: the target has token id 64"):
+        fastattr.run(small_gpt2, vocab_rows, tmp_path / "vocab", **opts)
+    with pytest.raises(OptionError, match="baselines has token id 99"):
+        fastattr.run(small_gpt2, ["w1 w2"], tmp_path / "base", **{**opts, "baselines": 99})
+
+
+# ------------------------------------------------------------------ baseline tokens by name
+def test_misspelt_baseline_token_is_refused_not_mapped_to_unk(small_gpt2):
+    """Hugging Face maps an unknown token string to the unk id, so baselines="the" (not a token
+    here) silently attributed against <unk>. Now: an error; the unk token itself still works."""
+    llm = llm_of(small_gpt2)
+    with pytest.raises(AttributionInputError, match="baseline token 'zzz' is not in the tokenizer's vocabulary"):
+        llm.attribute("w1 w2", target="w3", n_steps=2, baselines="zzz")
+    by_name = llm.attribute("w1 w2", target="w3", n_steps=2, baselines="<unk>")
+    by_id = llm.attribute("w1 w2", target="w3", n_steps=2, baselines=TOK.unk_token_id)
+    assert torch.equal(by_name.token_attr, by_id.token_attr)
+    assert text.baseline_id("w7", TOK, "x") == TOK.convert_tokens_to_ids("w7")
+
+
+# ------------------------------------------------------------------ labels of split unicode characters
+def byte_tokenizer():
+    """Byte-level BPE without merges: every UTF-8 byte is one token, so é is two ids and 🙂 four."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_output_tokens_of_split_characters_match_captum():
+    """Where the decoded text does not re-encode to the ids (a generation cut inside a character),
+    Captum labels the pieces of a split character 'x', 'x [OVERLAP]'; fastattr decoded token by
+    token ('x', 'x'). Where Captum's fallback reads past the last id (IndexError), fastattr labels it."""
+    from captum.attr._core.llm_attr import _convert_ids_to_pretty_tokens as captum_tokens
+
+    tok = byte_tokenizer()
+    checked = 0
+    for s in ("aé b", "é", "x日", "🙂", "ab", "日本語"):
+        ids = torch.tensor(tok.encode(s, add_special_tokens=False))
+        for cut in range(1, len(ids) + 1):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    want = captum_tokens(ids[:cut], tok)
+                except IndexError:  # Captum's fallback at a split last id
+                    want = None
+                got = text.output_tokens(ids[:cut], tok)
+            assert len(got) == cut
+            if want is not None:
+                assert got == want, (s, cut)
+                checked += 1
+    assert checked >= 15
+    assert text.output_tokens(torch.tensor(tok.encode("x日", add_special_tokens=False))[:3], tok) == ["x", "\ufffd", "\ufffd [OVERLAP]"]
+
+
+# ------------------------------------------------------------------ audits need the run's model
+def test_text_deletion_audit_refuses_another_model(tmp_path, small_gpt2):
+    """The text deletion check re-scores the stored prompts with the model it is given; another model
+    produced numbers about attributions it never made, and the audit passed. Now the model must
+    reproduce the stored log p(target | prompt)."""
+    from fastattr.audit import audit_run
+
+    rows = [{"prompt": "w1 w2 w3", "target": "w4 w5"}, {"prompt": "w6 w7 w8 w9", "target": "w1"}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    fastattr.run(small_gpt2, path, tmp_path / "r", method="llm_integrated_gradients", tokenizer=TOK, n_steps=2, baselines=1, seq_only=True, progress=False)
+    ok = audit_run(tmp_path / "r", model=small_gpt2, top_k=1).doc["text_deletion"]
+    assert ok["samples"] == 2
+    other = gpt2(len(TOK), layers=1, dim=16, heads=2, seed=1)
+    with pytest.raises(AuditError, match=r"sample \d: the model gives log p\(target \| prompt\) = .* but the run stored"):
+        audit_run(tmp_path / "r", model=other, top_k=1)
