@@ -165,3 +165,19 @@ def test_text_deletion_audit_refuses_another_model(tmp_path, small_gpt2):
     other = gpt2(len(TOK), layers=1, dim=16, heads=2, seed=1)
     with pytest.raises(AuditError, match=r"sample \d: the model gives log p\(target \| prompt\) = .* but the run stored"):
         audit_run(tmp_path / "r", model=other, top_k=1)
+
+
+# ------------------------------------------------------------------ small things a user meets
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    """A prompts.jsonl saved with a UTF-8 byte-order mark (Notepad, PowerShell) failed: 'line 1: not JSON'."""
+    from fastattr.llm.runs import read_prompts
+
+    path = tmp_path / "bom.jsonl"
+    path.write_text('{"prompt": "w1 w2", "target": "w3"}\r\n{"prompt": "ünï 🙂"}\r\n', encoding="utf-8-sig")
+    assert read_prompts(path) == [("w1 w2", "w3"), ("ünï 🙂", None)]
+
+
+def test_precision_auto_in_the_api_is_a_clear_option_error(small_gpt2):
+    """Every other class takes precision='auto' in its API; here it was a bare ValueError from the policy table."""
+    with pytest.raises(OptionError, match="precision='auto' is not available for LLMGradientAttribution"):
+        llm_of(small_gpt2).attribute("w1 w2", target="w3", n_steps=2, baselines=1, precision="auto")

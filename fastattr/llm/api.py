@@ -30,7 +30,7 @@ from ..errors import AttributionInputError, OptionError
 from ..layer_gradient_x_activation import LayerGradientXActivation
 from ..layer_methods import LayerIntegratedGradients
 from ..layers import module_of
-from ..precision import get_precision
+from ..precision import AUTO, get_precision
 from ..quadrature import points_and_weights
 from . import shared, text
 from .batching import SIDES, build_layout
@@ -185,6 +185,9 @@ class LLMGradientAttribution:
         if not isinstance(n_steps, int) or isinstance(n_steps, bool):
             raise OptionError(f"n_steps must be a positive int for LLM attribution (no 'auto'), got {n_steps!r}")
         alphas, weights = points_and_weights(method or "gausslegendre", n_steps) if self.is_path else ((1.0,), (1.0,))
+        if precision == AUTO:  # the probe needs the targets fixed first: fastattr.run(...) probes LLM runs
+            raise OptionError("precision='auto' is not available for LLMGradientAttribution; choose fp32, tf32, bf16 or fp16 "
+                              "(fastattr.run(..., method='llm_integrated_gradients', precision='auto') probes and chooses)")  # fmt: skip
         policy = get_precision(precision)
         base_list = baselines if isinstance(baselines, (list, tuple)) else [baselines] * b
         if len(base_list) != b:

@@ -56,7 +56,7 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
         if not os.path.isfile(path):
             raise SourceError(f"no such file: {path}")
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is not JSON
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
