@@ -181,3 +181,23 @@ def test_precision_auto_in_the_api_is_a_clear_option_error(small_gpt2):
     """Every other class takes precision='auto' in its API; here it was a bare ValueError from the policy table."""
     with pytest.raises(OptionError, match="precision='auto' is not available for LLMGradientAttribution"):
         llm_of(small_gpt2).attribute("w1 w2", target="w3", n_steps=2, baselines=1, precision="auto")
+
+
+def test_left_padding_needs_position_ids_too():
+    """A callable taking attention_mask but not position_ids was left-padded anyway: GPT-2 then
+    counted positions from the pads and the batch silently differed from one prompt at a time
+    (log-probabilities off by ~2 nats here). Now refused; right padding gives the per-prompt numbers."""
+    hf = gpt2(len(TOK), layers=1, dim=16, heads=2)
+
+    def fn(input_ids, attention_mask=None):
+        return hf(input_ids, attention_mask=attention_mask).logits
+
+    llm = fastattr.LLMGradientAttribution(fastattr.LayerIntegratedGradients(fn, hf.get_input_embeddings()), TOK)
+    prompts, targets = ["w1 w2 w3 w4 w5 w6", "w7"], ["w8 w9", "w10"]
+    with pytest.raises(AttributionInputError, match="does not take position_ids"):
+        llm.attribute_batch(prompts, targets, n_steps=2, baselines=1, padding_side="left", internal_batch_size=4)
+    out = llm.attribute_batch(prompts, targets, n_steps=2, baselines=1, padding_side="right", internal_batch_size=4)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        one = llm.attribute(p, target=t, n_steps=2, baselines=1)
+        torch.testing.assert_close(out[i].target_log_probs, one.target_log_probs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[i].token_attr, one.token_attr, rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ Three kinds of model, found from the forward's signature:
   directly, ``a(x)`` computed by calling the layer on the ids;
 - plain callables ``f(ids) -> logits`` (a tensor, a tuple whose first item is the logits, or
   an object with ``.logits``): hooked like the first kind; only the keywords the callable
-  accepts are passed, so without ``attention_mask`` only right padding (which a causal
+  accepts are passed, so without both ``attention_mask`` and ``position_ids`` only right padding (which a causal
   model never sees) is possible.
 
 ``logits_to_keep`` (when accepted) asks for the logits of the last K positions only: the
@@ -114,9 +114,11 @@ class CausalLM:
             )
 
     def check_padding(self, side: str, padded: bool) -> None:
-        if padded and side == "left" and "attention_mask" not in self.accepts:
+        # both: without position_ids a left-padded row's positions start at its pads (GPT-2 then gives other logits)
+        missing = [k for k in ("attention_mask", "position_ids") if k not in self.accepts]
+        if padded and side == "left" and missing:
             raise AttributionInputError(
-                "left padding needs a model that takes attention_mask (and position_ids); this one does not: "
+                f"left padding needs a model that takes attention_mask and position_ids; this one does not take {' or '.join(missing)}: "
                 "use padding_side='right' (a causal model never sees trailing padding)"
             )
 
