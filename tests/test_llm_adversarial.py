@@ -201,3 +201,15 @@ def test_left_padding_needs_position_ids_too():
         one = llm.attribute(p, target=t, n_steps=2, baselines=1)
         torch.testing.assert_close(out[i].target_log_probs, one.target_log_probs, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[i].token_attr, one.token_attr, rtol=1e-4, atol=1e-6)
+
+
+def test_prompt_data_of_the_wrong_kind_names_the_sample(tmp_path, small_gpt2):
+    """(prompt, target) tuples, Captum TextTokenInputs or a null prompt in run data: a bare
+    ValueError / RuntimeError from torch.as_tensor ("too many dimensions 'str'"), naming no sample."""
+    opts = {"method": "llm_integrated_gradients", "tokenizer": TOK, "n_steps": 2, "baselines": 1, "progress": False,
+            "gen_args": {"max_new_tokens": 2, "do_sample": False}}  # fmt: skip
+    for name, data, kind in [("pairs", ["w1", ("w1 w2", "w3")], "tuple of str"), ("none", ["w1", "w2", {"prompt": None}], "NoneType")]:
+        with pytest.raises(SourceError, match=rf"sample {len(data) - 1}: the prompt must be a string or a list of token ids, got {kind}"):
+            fastattr.run(small_gpt2, data, tmp_path / name, **opts)
+    with pytest.raises(SourceError, match=r"sample 0: the target must be .* got dict"):
+        fastattr.run(small_gpt2, [{"prompt": "w1", "target": {"text": "w2"}}], tmp_path / "t", **opts)

@@ -89,6 +89,20 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
     return out
 
 
+def _text_or_ids(value: Any, what: str) -> Any:
+    """A prompt or target as stored: a string, or token ids as a tensor (anything else: AttributionInputError)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        kind = type(value).__name__ + (f" of {type(value[0]).__name__}" if isinstance(value, (list, tuple)) and value else "")
+        raise AttributionInputError(
+            f"the {what} must be a string or a list of token ids, got {kind}; a sample with a target is a "
+            "{'prompt': ..., 'target': ...} dict"
+        ) from None
+
+
 class PromptSource(ArraySource):
     """Prompts and targets as four fixed-shape id arrays (see the module docstring)."""
 
@@ -96,8 +110,8 @@ class PromptSource(ArraySource):
         prompts, targets = [], []
         for i, (p, t) in enumerate(read_prompts(data)):
             try:
-                ids = text.prompt_example(p if isinstance(p, str) else torch.as_tensor(p), None, tokenizer, i)[0]
-                tgt = None if t is None else text.target_ids(t if isinstance(t, str) else torch.as_tensor(t), tokenizer, i)
+                ids = text.prompt_example(_text_or_ids(p, "prompt"), None, tokenizer, i)[0]
+                tgt = None if t is None else text.target_ids(_text_or_ids(t, "target"), tokenizer, i)
                 if lm is not None:  # before any work: out-of-vocabulary ids and over-long samples, named
                     lm.check_ids("the prompt", ids)
                     if tgt is not None:
