@@ -60,6 +60,25 @@ class LLMAttributionResult:
     def seq_attr_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in zip(self.input_tokens, self.seq_attr)}
 
+    def plot_token_attr(self, show: bool = False) -> Any:
+        """Captum's heatmap of token_attr (output tokens x input tokens); (figure, axes) unless ``show``."""
+        return self._captum().plot_token_attr(show)
+
+    def plot_seq_attr(self, show: bool = False) -> Any:
+        """Captum's bar chart of seq_attr over the input tokens; (figure, axes) unless ``show``."""
+        return self._captum().plot_seq_attr(show)
+
+    def _captum(self) -> Any:
+        """This result as Captum's LLMAttributionResult, whose plots are drawn as Captum draws them."""
+        try:
+            from captum.attr import LLMAttributionResult as CaptumResult
+        except ImportError:
+            raise OptionError("the plot_* methods draw with Captum's LLMAttributionResult: pip install captum (or use `fastattr render` on a run)") from None
+        return CaptumResult(
+            input_tokens=self.input_tokens, output_tokens=self.output_tokens, seq_attr=self.seq_attr.detach().cpu(),
+            token_attr=None if self.token_attr is None else self.token_attr.detach().cpu(), output_probs=self.output_probs,
+        )  # fmt: skip
+
 
 @dataclass
 class LLMBatchResult:
