@@ -231,3 +231,31 @@ def test_result_plots_like_captums(small_gpt2):
     assert [t.get_text() for t in ax2.get_xticklabels()] == res.input_tokens
     plt.close(fig)
     plt.close(fig2)
+
+
+# ------------------------------------------------------------------ LLM runs rebuilt from their manifest
+def test_randomization_check_of_an_llm_run(tmp_path, small_gpt2):
+    """Before, LLM runs could not be rebuilt from the manifest: the audit skipped the parameter-
+    randomization check silently and --require-randomization was an AuditError. Now the run's own
+    attribution is rebuilt from the manifest and the stored ids; untouched it reproduces the stored
+    seq_attr, and randomizing the layers from the top destroys it."""
+    from fastattr.audit import audit_run
+    from fastattr.llm.randomization import rebuild
+
+    rows = [{"prompt": f"w{i} w{i + 3} w{i + 7} w{i + 1} w{i + 9}", **({"target": f"w{i + 2} w{i + 4}"} if i % 2 else {})} for i in range(6)]
+    fastattr.run(small_gpt2, rows, tmp_path / "r", method="llm_integrated_gradients", tokenizer=TOK, n_steps=4, baselines=1, progress=False,
+                 gen_args={"max_new_tokens": 3, "do_sample": False}, padding_side="left")  # fmt: skip
+    store = fastattr.open(tmp_path / "r")
+    llm, kw = rebuild(small_gpt2, store.metadata)
+    assert kw == {"baselines": 1, "n_steps": 4, "method": "gausslegendre", "padding_side": "left", "precision": "fp32", "seq_only": True}
+    first = store[0]
+    ex = first["extras"]
+    p, t = int(ex["prompt_length"]), int(ex["target_length"])
+    again = llm.attribute(torch.as_tensor(ex["prompt_ids"][:p]), target=torch.as_tensor(ex["target_ids"][:t]), **{k: v for k, v in kw.items() if k != "padding_side"})
+    torch.testing.assert_close(again.seq_attr.float(), torch.as_tensor(first["attributions"]["seq_attr"][:p]), rtol=1e-4, atol=1e-6)
+    res = audit_run(tmp_path / "r", model=small_gpt2, top_k=1, thresholds={"require_randomization": True}, randomization_sample=4)
+    rnd = res.doc["randomization"]
+    assert rnd["samples"] == 4 and rnd["reproduced"] > 0.99
+    assert [r["layer"].split(" ")[0] for r in rnd["layers"]][:2] == ["lm_head", "transformer.ln_f"]  # from the top down
+    assert res.passed == rnd["passed"] == (rnd["final_similarity"] < 0.5)
+    assert "randomization" not in audit_run(tmp_path / "r", model=small_gpt2, top_k=1, randomization="none").doc
