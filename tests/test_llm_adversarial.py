@@ -259,3 +259,14 @@ def test_randomization_check_of_an_llm_run(tmp_path, small_gpt2):
     assert [r["layer"].split(" ")[0] for r in rnd["layers"]][:2] == ["lm_head", "transformer.ln_f"]  # from the top down
     assert res.passed == rnd["passed"] == (rnd["final_similarity"] < 0.5)
     assert "randomization" not in audit_run(tmp_path / "r", model=small_gpt2, top_k=1, randomization="none").doc
+
+
+def test_option_errors_are_option_errors(small_gpt2):
+    """internal_batch_size 0 was silently uncapped, -1 a torch.cat error, '4' / 2.0 TypeErrors;
+    precision='fp8' a bare ValueError; seq_only='yes' silently true."""
+    llm = llm_of(small_gpt2)
+    bad = [("internal_batch_size", 0), ("internal_batch_size", -1), ("internal_batch_size", "4"), ("internal_batch_size", 2.0),
+           ("precision", "fp8"), ("seq_only", "yes")]  # fmt: skip
+    for key, value in bad:
+        with pytest.raises(OptionError, match=key if key != "precision" else "precision must be one of"):
+            llm.attribute("w1 w2", target="w3", n_steps=2, baselines=1, **{key: value})

@@ -30,6 +30,7 @@ from ..errors import AttributionInputError, OptionError
 from ..layer_gradient_x_activation import LayerGradientXActivation
 from ..layer_methods import LayerIntegratedGradients
 from ..layers import module_of
+from ..options import optional_positive_int
 from ..precision import AUTO, get_precision
 from ..quadrature import points_and_weights
 from . import shared, text
@@ -204,10 +205,16 @@ class LLMGradientAttribution:
         if not isinstance(n_steps, int) or isinstance(n_steps, bool):
             raise OptionError(f"n_steps must be a positive int for LLM attribution (no 'auto'), got {n_steps!r}")
         alphas, weights = points_and_weights(method or "gausslegendre", n_steps) if self.is_path else ((1.0,), (1.0,))
+        internal_batch_size = optional_positive_int("internal_batch_size", internal_batch_size)  # rows per forward / backward
+        if not isinstance(seq_only, bool):
+            raise OptionError(f"seq_only must be True or False, got {seq_only!r}")
         if precision == AUTO:  # the probe needs the targets fixed first: fastattr.run(...) probes LLM runs
             raise OptionError("precision='auto' is not available for LLMGradientAttribution; choose fp32, tf32, bf16 or fp16 "
                               "(fastattr.run(..., method='llm_integrated_gradients', precision='auto') probes and chooses)")  # fmt: skip
-        policy = get_precision(precision)
+        try:
+            policy = get_precision(precision)
+        except ValueError as exc:  # the policy table's own message
+            raise OptionError(str(exc)) from None
         base_list = baselines if isinstance(baselines, (list, tuple)) else [baselines] * b
         if len(base_list) != b:
             raise AttributionInputError(f"got {len(base_list)} baselines for {b} prompts")
