@@ -270,3 +270,25 @@ def test_option_errors_are_option_errors(small_gpt2):
     for key, value in bad:
         with pytest.raises(OptionError, match=key if key != "precision" else "precision must be one of"):
             llm.attribute("w1 w2", target="w3", n_steps=2, baselines=1, **{key: value})
+
+
+def test_run_with_a_duck_typed_tokenizer(tmp_path, small_gpt2):
+    """LLMGradientAttribution takes any object with encode / decode / convert_ids_to_tokens; a run
+    with one died recording it in the manifest (TypeError: object has no len())."""
+
+    class Wrapped:
+        pad_token_id = TOK.pad_token_id
+
+        def encode(self, s, return_tensors=None, add_special_tokens=True):
+            ids = TOK.encode(s, add_special_tokens=add_special_tokens)
+            return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+        def decode(self, ids):
+            return TOK.decode(ids)
+
+        def convert_ids_to_tokens(self, ids):
+            return TOK.convert_ids_to_tokens(ids)
+
+    out = fastattr.run(small_gpt2, [{"prompt": "w1 w2", "target": "w3"}], tmp_path / "r", method="llm_integrated_gradients",
+                       tokenizer=Wrapped(), n_steps=2, baselines=1, progress=False)  # fmt: skip
+    assert out.complete and fastattr.open(tmp_path / "r").metadata["params"]["tokenizer"] == {"class": "Wrapped", "size": None}

@@ -153,7 +153,8 @@ def _describe_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
     if tokenizer is None:
         return None
     # no path: the data fingerprint already covers the token ids, and a moved directory should still resume
-    return {"class": type(tokenizer).__name__, "size": len(tokenizer)}
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)  # duck-typed ones may have neither
+    return {"class": type(tokenizer).__name__, "size": size if isinstance(size, int) else None}
 
 
 def _embedding_layer(model: torch.nn.Module, layer: Any) -> tuple[str, torch.nn.Module]:
