@@ -292,3 +292,59 @@ def test_run_with_a_duck_typed_tokenizer(tmp_path, small_gpt2):
     out = fastattr.run(small_gpt2, [{"prompt": "w1 w2", "target": "w3"}], tmp_path / "r", method="llm_integrated_gradients",
                        tokenizer=Wrapped(), n_steps=2, baselines=1, progress=False)  # fmt: skip
     assert out.complete and fastattr.open(tmp_path / "r").metadata["params"]["tokenizer"] == {"class": "Wrapped", "size": None}
+
+
+# ------------------------------------------------------------------ a real crash
+CHILD = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from llm_models import gpt2, word_tokenizer
+import fastattr
+tok = word_tokenizer({words}, bos=True)
+model = gpt2(len(tok), layers=1, dim=16, heads=2)
+fastattr.run(model, {data!r}, {out!r}, **{opts!r}, tokenizer=tok)
+"""
+
+
+def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path, small_gpt2):
+    """Held (no fix needed): a dataset run SIGKILLed by a real signal after a few shards resumes to
+    every sample exactly once, with the values of an uninterrupted run (generated targets included)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    rows = [{"prompt": f"w{i} w{i + 1} w{i + 5}", **({"target": f"w{i + 2} w{i + 3}"} if i % 2 else {})} for i in range(12)]
+    opts = {"method": "llm_integrated_gradients", "n_steps": 120, "baselines": 1, "gen_args": {"max_new_tokens": 3, "do_sample": False},
+            "examples_per_batch": 1, "shard_size": 1, "shard_seconds": None, "progress": False}  # fmt: skip
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = CHILD.format(tests=tests, words=WORDS, data=rows, out=str(tmp_path / "k"), opts=opts)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    manifest, deadline = tmp_path / "k" / "manifest.json", time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if manifest.exists() and len(json.loads(manifest.read_text() or "{}").get("shards", [])) >= 3:
+            break
+        time.sleep(0.02)
+    assert child.poll() is None, child.stderr.read().decode()[-2000:]
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    child.stderr.close()
+    done = len(fastattr.open(tmp_path / "k"))
+    assert 3 <= done < 12  # killed mid-run
+    again = fastattr.run(small_gpt2, rows, tmp_path / "k", tokenizer=TOK, **opts)
+    assert again.complete and again.computed == 12 - done
+    fastattr.run(small_gpt2, rows, tmp_path / "ref", tokenizer=TOK, **opts)
+    a, b = fastattr.open(tmp_path / "k")[0:12], fastattr.open(tmp_path / "ref")[0:12]
+    assert sorted(a["index"].tolist()) == list(range(12))
+    for key in ("token_attr", "seq_attr"):
+        np.testing.assert_array_equal(a["attributions"][key], b["attributions"][key])
+    for key in ("target_ids", "target_length", "token_delta"):
+        np.testing.assert_array_equal(a["extras"][key], b["extras"][key])
+    from fastattr.store import verify_run
+
+    assert verify_run(tmp_path / "k").ok
