@@ -157,8 +157,8 @@ def audit_run(
         mask_arr, per_channel = _load_masks(masks, reader.total, feature_shape, reduction is not None) if masks is not None else (None, False)
         source = None
         llm = reader.metadata.get("method") == "llm_integrated_gradients"  # stores its own prompts and targets
-        if llm and (data is not None or thresholds.get("require_randomization")):
-            raise AuditError("an LLM run stores its prompts and targets: give the model alone (no data); the randomization check does not apply")
+        if llm and data is not None:
+            raise AuditError("an LLM run stores its prompts and targets: give the model alone (no data)")
         if model is not None and data is None and not llm:
             raise AuditError("model-based checks need both the model and the run's data (got only one)")
         if model is not None and not llm:
@@ -200,6 +200,10 @@ def audit_run(
             from ..llm.audit import text_deletion
 
             doc["text_deletion"] = text_deletion(reader, model, top_k=top_k, sample=sample, seed=seed)
+            if randomization != "none":  # the run's own attribution, rebuilt from its manifest (fastattr/llm/randomization.py)
+                from ..llm.randomization import randomization_check as llm_randomization
+
+                doc["randomization"] = llm_randomization(reader, model, mode=randomization, sample=randomization_sample, max_similarity=max_similarity, seed=seed)
         if model is not None and source is not None:
             doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,

@@ -30,7 +30,8 @@ from ..errors import AttributionInputError, OptionError
 from ..layer_gradient_x_activation import LayerGradientXActivation
 from ..layer_methods import LayerIntegratedGradients
 from ..layers import module_of
-from ..precision import get_precision
+from ..options import optional_positive_int
+from ..precision import AUTO, get_precision
 from ..quadrature import points_and_weights
 from . import shared, text
 from .batching import SIDES, build_layout
@@ -59,6 +60,25 @@ class LLMAttributionResult:
     @property
     def seq_attr_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in zip(self.input_tokens, self.seq_attr)}
+
+    def plot_token_attr(self, show: bool = False) -> Any:
+        """Captum's heatmap of token_attr (output tokens x input tokens); (figure, axes) unless ``show``."""
+        return self._captum().plot_token_attr(show)
+
+    def plot_seq_attr(self, show: bool = False) -> Any:
+        """Captum's bar chart of seq_attr over the input tokens; (figure, axes) unless ``show``."""
+        return self._captum().plot_seq_attr(show)
+
+    def _captum(self) -> Any:
+        """This result as Captum's LLMAttributionResult, whose plots are drawn as Captum draws them."""
+        try:
+            from captum.attr import LLMAttributionResult as CaptumResult
+        except ImportError:
+            raise OptionError("the plot_* methods draw with Captum's LLMAttributionResult: pip install captum (or use `fastattr render` on a run)") from None
+        return CaptumResult(
+            input_tokens=self.input_tokens, output_tokens=self.output_tokens, seq_attr=self.seq_attr.detach().cpu(),
+            token_attr=None if self.token_attr is None else self.token_attr.detach().cpu(), output_probs=self.output_probs,
+        )  # fmt: skip
 
 
 @dataclass
@@ -185,12 +205,26 @@ class LLMGradientAttribution:
         if not isinstance(n_steps, int) or isinstance(n_steps, bool):
             raise OptionError(f"n_steps must be a positive int for LLM attribution (no 'auto'), got {n_steps!r}")
         alphas, weights = points_and_weights(method or "gausslegendre", n_steps) if self.is_path else ((1.0,), (1.0,))
-        policy = get_precision(precision)
+        internal_batch_size = optional_positive_int("internal_batch_size", internal_batch_size)  # rows per forward / backward
+        if not isinstance(seq_only, bool):
+            raise OptionError(f"seq_only must be True or False, got {seq_only!r}")
+        if precision == AUTO:  # the probe needs the targets fixed first: fastattr.run(...) probes LLM runs
+            raise OptionError("precision='auto' is not available for LLMGradientAttribution; choose fp32, tf32, bf16 or fp16 "
+                              "(fastattr.run(..., method='llm_integrated_gradients', precision='auto') probes and chooses)")  # fmt: skip
+        try:
+            policy = get_precision(precision)
+        except ValueError as exc:  # the policy table's own message
+            raise OptionError(str(exc)) from None
         base_list = baselines if isinstance(baselines, (list, tuple)) else [baselines] * b
         if len(base_list) != b:
             raise AttributionInputError(f"got {len(base_list)} baselines for {b} prompts")
         prompts = [text.prompt_example(inp, bl, self.tokenizer, i) for i, (inp, bl) in enumerate(zip(inputs, base_list))]
+        for i, (ids, base, _, _) in enumerate(prompts):
+            self.lm.check_ids(f"input {i}", ids)
+            self.lm.check_ids(f"input {i}'s baseline", base)
         tgt = self._targets(prompts, targets, gen_args, internal_batch_size)
+        for i, ((ids, *_), t) in enumerate(zip(prompts, tgt)):
+            self.lm.check_positions(f"input {i}", len(ids) + len(t) - 1, f"{len(ids)} prompt + {len(t)} target tokens - 1")
         examples = text.make_examples(prompts, tgt)
         pad_id = self._pad_id()
         lay = build_layout(examples, padding_side, pad_id, self.device)
@@ -220,6 +254,13 @@ class LLMGradientAttribution:
         if gen_args is not None and not todo:
             raise AttributionInputError("gen_args must be None when every target is given")
         out: list[torch.Tensor | None] = [None if t is None else text.target_ids(t, self.tokenizer, i) for i, t in enumerate(targets)]
+        for i, t in enumerate(out):
+            if t is not None:
+                self.lm.check_ids(f"target {i}", t)
+        max_new = (gen_args if gen_args is not None else text.DEFAULT_GEN_ARGS).get("max_new_tokens")
+        for i in todo if isinstance(max_new, int) else ():  # generating past a learned position table fails inside generate()
+            n = len(prompts[i][0])
+            self.lm.check_positions(f"input {i}", n + max_new - 1, f"{n} prompt tokens + max_new_tokens {max_new} - 1")
         if todo:
             gen = text.generate(self.model, [prompts[i][0] for i in todo], gen_args, self._pad_id(), self.device, max_rows)
             for i, g in zip(todo, gen):

@@ -29,6 +29,9 @@ from .model import logits_of
 
 DRAWS = 8
 TOP_FRACTION = 0.2
+# |log p(target) now - as stored| <= rtol * (1 + |stored|): room for float16 storage and batch-shape
+# rounding, far below what another model gives
+SAME_MODEL_RTOL = 1e-2
 
 
 def _baseline_token(metadata: dict[str, Any]) -> int:
@@ -36,6 +39,18 @@ def _baseline_token(metadata: dict[str, Any]) -> int:
     if isinstance(b, bool) or not isinstance(b, int):
         raise AuditError(f"the run's baseline {b!r} is not one token id; the text deletion check needs one")
     return b
+
+
+def _check_same_model(index: int, lp: float, stored: float) -> None:
+    """The model must give the run's stored log p(target | prompt): another model (or one in train
+    mode) would be audited against attributions it did not produce."""
+    if not math.isfinite(stored):
+        return
+    if not abs(lp - stored) <= SAME_MODEL_RTOL * (1 + abs(stored)):
+        raise AuditError(
+            f"sample {index}: the model gives log p(target | prompt) = {lp:.6g} but the run stored {stored:.6g}; "
+            "audit with the model the run was made with, in eval mode"
+        )
 
 
 def _log_probs(model: Any, seqs: torch.Tensor, prompt_len: int, target: torch.Tensor) -> torch.Tensor:
@@ -82,6 +97,7 @@ def text_deletion(
             variants.append(v)
         seqs = torch.stack([torch.cat([v, target[:-1]]) for v in variants]).to(device)
         lp = _log_probs(model, seqs, p, target.to(device)).cpu().double()
+        _check_same_model(int(i), float(lp[0]), float(row["output"]))
         drops.append(float(lp[0] - lp[1]))
         rand.append(float((lp[0] - lp[2:]).mean()))
         ks.append(k)

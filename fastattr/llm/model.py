@@ -9,7 +9,7 @@ Three kinds of model, found from the forward's signature:
   directly, ``a(x)`` computed by calling the layer on the ids;
 - plain callables ``f(ids) -> logits`` (a tensor, a tuple whose first item is the logits, or
   an object with ``.logits``): hooked like the first kind; only the keywords the callable
-  accepts are passed, so without ``attention_mask`` only right padding (which a causal
+  accepts are passed, so without both ``attention_mask`` and ``position_ids`` only right padding (which a causal
   model never sees) is possible.
 
 ``logits_to_keep`` (when accepted) asks for the logits of the last K positions only: the
@@ -33,6 +33,30 @@ from .head import head_linear, recorded_head, skipped_head
 logger = logging.getLogger(__name__)
 
 KEYWORDS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "logits_to_keep", "use_cache")
+# names of learned absolute position tables (GPT-2's wpe, BERT/GPT-Neo-style, OPT/BART-style): a
+# sequence longer than the table is an IndexError deep in the forward, so it is refused up front
+POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
+def context_limit(model: Any, layer: torch.nn.Module) -> int | None:
+    """The most positions a model with a learned absolute position table takes (the config's
+    n_positions / max_position_embeddings, capped by the table); None without such a table
+    (rotary models such as Llama run past their nominal length, as Hugging Face allows)."""
+    from ..layers import module_of
+
+    root = module_of(model)
+    if root is None:
+        return None
+    tables = [m for n, m in root.named_modules() if isinstance(m, torch.nn.Embedding) and m is not layer and n.rsplit(".", 1)[-1] in POSITION_TABLES]
+    if not tables:
+        return None
+    size = tables[0].num_embeddings
+    cfg = getattr(root, "config", None)
+    for key in ("n_positions", "max_position_embeddings"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return min(v, size)
+    return size
 
 
 def _accepted(fn: Callable[..., Any]) -> set[str]:
@@ -69,11 +93,32 @@ class CausalLM:
         # embeddings-only models are called with inputs_embeds; everything else through the hook
         self.embeds_style = "inputs_embeds" in self.accepts and "input_ids" not in self.accepts
         self.head = head_linear(model)  # nn.Linear output embedding, for the sparse-target head (head.py)
+        self.vocab = layer.num_embeddings if isinstance(layer, torch.nn.Embedding) else None
+        self.context = context_limit(model, layer)
+
+    def check_ids(self, where: str, ids: torch.Tensor) -> None:
+        """Token ids the embedding can look up (else an IndexError deep in the forward)."""
+        if self.vocab is None or ids.numel() == 0:
+            return
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab:
+            bad = lo if lo < 0 else hi
+            raise AttributionInputError(f"{where} has token id {bad}, outside the model's vocabulary of {self.vocab} ids (0..{self.vocab - 1})")
+
+    def check_positions(self, where: str, n: int, what: str) -> None:
+        """A sequence of ``n`` positions fits the model's learned position table."""
+        if self.context is not None and n > self.context:
+            raise AttributionInputError(
+                f"{where}: {what} = {n} positions, more than the model's context of {self.context} (its learned position table); "
+                "shorten the prompt or the target (or max_new_tokens)"
+            )
 
     def check_padding(self, side: str, padded: bool) -> None:
-        if padded and side == "left" and "attention_mask" not in self.accepts:
+        # both: without position_ids a left-padded row's positions start at its pads (GPT-2 then gives other logits)
+        missing = [k for k in ("attention_mask", "position_ids") if k not in self.accepts]
+        if padded and side == "left" and missing:
             raise AttributionInputError(
-                "left padding needs a model that takes attention_mask (and position_ids); this one does not: "
+                f"left padding needs a model that takes attention_mask and position_ids; this one does not take {' or '.join(missing)}: "
                 "use padding_side='right' (a causal model never sees trailing padding)"
             )
 

@@ -37,6 +37,7 @@ from ..errors import AttributionInputError, OptionError, SourceError
 from ..kernels import Stats
 from ..sources import ArraySource, Source
 from . import text
+from .model import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
         if not os.path.isfile(path):
             raise SourceError(f"no such file: {path}")
         rows = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors write one) is not JSON
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -88,15 +89,37 @@ def read_prompts(data: Any) -> list[tuple[Any, Any]]:
     return out
 
 
+def _text_or_ids(value: Any, what: str) -> Any:
+    """A prompt or target as stored: a string, or token ids as a tensor (anything else: AttributionInputError)."""
+    if isinstance(value, str):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        kind = type(value).__name__ + (f" of {type(value[0]).__name__}" if isinstance(value, (list, tuple)) and value else "")
+        raise AttributionInputError(
+            f"the {what} must be a string or a list of token ids, got {kind}; a sample with a target is a "
+            "{'prompt': ..., 'target': ...} dict"
+        ) from None
+
+
 class PromptSource(ArraySource):
     """Prompts and targets as four fixed-shape id arrays (see the module docstring)."""
 
-    def __init__(self, data: Any, tokenizer: Any, pad_id: int, max_new_tokens: int | None) -> None:
+    def __init__(self, data: Any, tokenizer: Any, pad_id: int, max_new_tokens: int | None, lm: CausalLM | None = None) -> None:
         prompts, targets = [], []
         for i, (p, t) in enumerate(read_prompts(data)):
             try:
-                ids = text.prompt_example(p if isinstance(p, str) else torch.as_tensor(p), None, tokenizer, i)[0]
-                tgt = None if t is None else text.target_ids(t if isinstance(t, str) else torch.as_tensor(t), tokenizer, i)
+                ids = text.prompt_example(_text_or_ids(p, "prompt"), None, tokenizer, i)[0]
+                tgt = None if t is None else text.target_ids(_text_or_ids(t, "target"), tokenizer, i)
+                if lm is not None:  # before any work: out-of-vocabulary ids and over-long samples, named
+                    lm.check_ids("the prompt", ids)
+                    if tgt is not None:
+                        lm.check_ids("the target", tgt)
+                    n_t = len(tgt) if tgt is not None else max_new_tokens
+                    if n_t is not None:
+                        what = f"{len(ids)} prompt + {n_t} {'target' if tgt is not None else 'max_new_tokens'} tokens - 1"
+                        lm.check_positions("prompt and target", len(ids) + n_t - 1, what)
             except AttributionInputError as exc:
                 raise SourceError(f"sample {i}: {exc}") from exc
             prompts.append(ids)
@@ -130,7 +153,8 @@ def _describe_tokenizer(tokenizer: Any) -> dict[str, Any] | None:
     if tokenizer is None:
         return None
     # no path: the data fingerprint already covers the token ids, and a moved directory should still resume
-    return {"class": type(tokenizer).__name__, "size": len(tokenizer)}
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else getattr(tokenizer, "vocab_size", None)  # duck-typed ones may have neither
+    return {"class": type(tokenizer).__name__, "size": size if isinstance(size, int) else None}
 
 
 def _embedding_layer(model: torch.nn.Module, layer: Any) -> tuple[str, torch.nn.Module]:
@@ -188,6 +212,11 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
     llm = LLMGradientAttribution(LayerIntegratedGradients(model, layer, multiply_by_inputs=opts["multiply_by_inputs"]), tokenizer)
     if isinstance(baseline, str):
         baseline = text.baseline_id(baseline, tokenizer, "baselines")
+    if baseline is not None:
+        try:
+            llm.lm.check_ids("baselines", torch.tensor([baseline]))
+        except AttributionInputError as exc:
+            raise OptionError(str(exc)) from None
     pad_id = llm._pad_id()
 
     def attribute(b: Batch) -> Any:
@@ -243,7 +272,7 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
     def make_source(data: Any, labels: Any) -> Source:
         if labels is not None:
             raise OptionError(f"{METHOD} takes no labels=: targets come with the prompts")
-        return PromptSource(data, tokenizer, pad_id, max_new)
+        return PromptSource(data, tokenizer, pad_id, max_new, llm.lm)
 
     params = {
         "n_steps": n_steps, "rule": rule, "multiply_by_inputs": opts["multiply_by_inputs"], "baselines": describe(baseline) if baseline is not None else 0,

@@ -59,9 +59,15 @@ def baseline_id(value: Any, tokenizer: Any, where: str) -> int | torch.Tensor:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        tid = _need_tokenizer(tokenizer, "a baseline token string").convert_tokens_to_ids(value)
-        if tid is None:
-            raise AttributionInputError(f"{where}: baseline token {value!r} is not in the tokenizer's vocabulary")
+        tok = _need_tokenizer(tokenizer, "a baseline token string")
+        tid = tok.convert_tokens_to_ids(value)
+        # Hugging Face maps an unknown token to the unk id: a typo would silently become <unk>
+        unk_id, unk = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
+        if tid is None or (unk_id is not None and int(tid) == int(unk_id) and value != unk):
+            raise AttributionInputError(
+                f"{where}: baseline token {value!r} is not in the tokenizer's vocabulary; give a token as the tokenizer "
+                "spells it (tokenizer.convert_ids_to_tokens, e.g. 'Ġthe' for GPT-2's ' the') or its id"
+            )
         return int(tid)
     if isinstance(value, (torch.Tensor, list, tuple)):
         return _ids(value, f"{where}: baselines")
@@ -151,7 +157,35 @@ def output_tokens(ids: torch.Tensor, tokenizer: Any) -> list[str]:
         end_prev, idx = end, idx + 1
     if len(out) != len(ids_l):
         logger.debug("pretty tokens did not line up with the ids; decoding token by token")
-        return [_clean(tokenizer.decode(ids[k])) for k in range(len(ids_l))]
+        return _fallback_tokens(ids, tokenizer)
+    return out
+
+
+def _split(tokenizer: Any, ids: torch.Tensor, k: int) -> tuple[str, bool]:
+    """Token k decoded, and whether it is part of a character split over several ids (Captum's test)."""
+    decoded = tokenizer.decode(ids[k])
+    try:
+        split = decoded.strip() == "\ufffd" and list(tokenizer.encode(decoded)) != [int(ids[k])]
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
+        split = False
+    return decoded, split
+
+
+def _fallback_tokens(ids: torch.Tensor, tokenizer: Any) -> list[str]:
+    """Captum's fallback (``_convert_ids_to_pretty_tokens_fallback``): token by token, two ids of one
+    split character labelled ``x``, ``x [OVERLAP]``; where Captum's reads past the last id (an
+    IndexError there), the last id is labelled alone."""
+    out: list[str] = []
+    k, n = 0, len(ids)
+    while k < n:
+        decoded, split = _split(tokenizer, ids, k)
+        if split and k + 1 < n:
+            nxt, nxt_split = _split(tokenizer, ids, k + 1)
+            out += [_clean(decoded), _clean(decoded) + " [OVERLAP]"] if nxt_split else [_clean(decoded), _clean(nxt)]
+            k += 2
+        else:
+            out.append(_clean(decoded))
+            k += 1
     return out
 
 
