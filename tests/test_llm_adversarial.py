@@ -349,3 +349,22 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_nothing(tmp_path, small_g
     from fastattr.store import verify_run
 
     assert verify_run(tmp_path / "k").ok
+
+
+def test_a_resume_with_other_generation_defaults_is_refused(tmp_path):
+    """The model's generation_config (eos / pad ids, sampling defaults) decides what a generated
+    target is and is not in the weights' fingerprint: the run records it, and a resume after it
+    changed is refused naming it (before: accepted, mixing two generation settings in one run)."""
+    from fastattr.errors import RunMismatchError
+
+    model = gpt2(len(TOK), layers=1, dim=16, heads=2)
+    opts = {"method": "llm_integrated_gradients", "tokenizer": TOK, "n_steps": 2, "progress": False,
+            "gen_args": {"max_new_tokens": 3}, "examples_per_batch": 1, "shard_size": 1}  # fmt: skip
+    rows = [{"prompt": "w1 w2"}, {"prompt": "w3"}]
+    fastattr.run(model, rows, tmp_path / "run", **opts)
+    recorded = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["params"]["generation_config"]
+    assert "transformers_version" not in recorded
+    fastattr.run(model, rows, tmp_path / "run", **opts)  # unchanged: resumes (complete, nothing to do)
+    model.generation_config.eos_token_id = 7
+    with pytest.raises(RunMismatchError, match="generation_config"):
+        fastattr.run(model, rows, tmp_path / "run", **opts)

@@ -175,6 +175,18 @@ def _embedding_layer(model: torch.nn.Module, layer: Any) -> tuple[str, torch.nn.
     return name, module
 
 
+def _generation_config(model: Any) -> dict[str, Any] | None:
+    """The model's generation defaults that gen_args does not override (eos and pad ids, sampling,
+    lengths: a Hugging Face model's generation_config, as it differs from the library's defaults).
+    They decide what a generated target is, and the weights' fingerprint does not cover them, so
+    the run records them and a resume with others is refused. None for models without one."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not callable(getattr(config, "to_diff_dict", None)):
+        return None
+    out = {k: v for k, v in config.to_diff_dict().items() if k != "transformers_version"}  # a library upgrade is no change
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
 def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, Any]) -> Any:
     """The MethodPlan of an LLM run (fastattr/run_methods.py calls this)."""
     from ..layer_methods import LayerIntegratedGradients
@@ -278,6 +290,8 @@ def plan(model: torch.nn.Module, opts: dict[str, Any], engine_opts: dict[str, An
         "n_steps": n_steps, "rule": rule, "multiply_by_inputs": opts["multiply_by_inputs"], "baselines": describe(baseline) if baseline is not None else 0,
         "layer": layer_name, "gen_args": gen_args, "seq_only": seq_only, "padding_side": opts["padding_side"], "tokenizer": _describe_tokenizer(tokenizer),
     }  # fmt: skip
+    if (generation := _generation_config(model)) is not None:
+        params["generation_config"] = generation  # a resume with other eos / pad / sampling defaults is refused
     return MethodPlan(
         METHOD, params, attribute, n_steps + 2, uses_target=False, attributor=llm, needs_float=False, make_source=make_source,
         examples_per_batch=EXAMPLES_PER_BATCH,
