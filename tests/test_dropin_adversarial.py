@@ -1,0 +1,46 @@
+"""Adversarial drop-in cases: what a Captum 0.9 user writes, where fastattr failed or differed.
+
+Each test names the Captum behaviour it pins; models are tiny (float64 where values are compared
+tightly), so the module runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import captum.attr as ca
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+
+pytestmark = [pytest.mark.usefixtures("single_thread")]
+
+
+class ConvBnInplaceRelu(nn.Module):
+    """conv -> bn -> ReLU(inplace=True): torchvision's ResNet stem and blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("to_input", [False, True])
+def test_layer_gradient_x_activation_before_an_inplace_relu(to_input):
+    """The layer's value feeds ReLU(inplace=True): Captum hands the model a copy and attributes the
+    pre-ReLU activation; fastattr raised 'a leaf Variable that requires grad is being used in an
+    in-place operation'."""
+    model = ConvBnInplaceRelu().eval()
+    layer = model.relu if to_input else model.bn
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = fastattr.LayerGradientXActivation(model, layer).attribute(x, target=1, attribute_to_layer_input=to_input)
+    ref = ca.LayerGradientXActivation(model, layer).attribute(x, target=1, attribute_to_layer_input=to_input)
+    assert bool((ref < 0).any())  # the pre-ReLU values, negative ones included
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
