@@ -155,7 +155,7 @@ class GradientShap(GradientAttribution):
         kernel_backend = opts.kernel_backend
 
         if ids is None:  # Captum's draws, all copies at once and in its order (see module docstring)
-            idx_all = [None if r is None else torch.as_tensor(np.random.choice(_count(r), n * batch), dtype=torch.long) for r in refs]
+            idx_all = [None if _count(r) is None else torch.as_tensor(np.random.choice(_count(r), n * batch), dtype=torch.long) for r in refs]
             noise_all = [torch.randn((batch * n, *x.shape[1:]), device=device) * sd for x, sd in zip(xs, sds)]
             alpha_all = torch.tensor(np.random.uniform(0.0, 1.0, batch * n), device=device, dtype=xs[0].dtype)
             idx_all = [None if t is None else copy_major(t, batch, n) for t in idx_all]

@@ -44,3 +44,35 @@ def test_layer_gradient_x_activation_before_an_inplace_relu(to_input):
     ref = ca.LayerGradientXActivation(model, layer).attribute(x, target=1, attribute_to_layer_input=to_input)
     assert bool((ref < 0).any())  # the pre-ReLU values, negative ones included
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+class Tanh3(nn.Module):
+    def __init__(self, features: int = 5, out: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(features, out, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(x))
+
+
+def test_gradient_shap_number_baseline():
+    """GradientShap's docstring (and _copies.reference_rows) take a number as a constant baseline;
+    without a seed it crashed in numpy ('a must be 1-dimensional or an integer'). A constant 0.0 is
+    Captum's GradientShap over the one-row reference set zeros(1, F), less Captum's index draw."""
+    model = Tanh3()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    ref, ref_delta = ca.GradientShap(model).attribute(
+        x, torch.zeros(1, 5, dtype=torch.float64), n_samples=3, stdevs=0.1, target=1, return_convergence_delta=True
+    )
+    torch.manual_seed(0)
+    np.random.seed(0)
+    np.random.choice(1, 12)  # the index draw Captum makes for its one-row reference set
+    got, delta = fastattr.GradientShap(model).attribute(x, 0.0, n_samples=3, stdevs=0.1, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(got, ref, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(delta, ref_delta, rtol=1e-7, atol=1e-9)
+    # the seeded path took numbers already; the same constant in both forms gives the same draws
+    gs = fastattr.GradientShap(model)
+    torch.testing.assert_close(gs.attribute(x, 0.0, target=1, seed=7), gs.attribute(x, torch.zeros(1, 5, dtype=torch.float64), target=1, seed=7))
