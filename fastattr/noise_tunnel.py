@@ -236,6 +236,7 @@ class NoiseTunnel(Attribution):
         sum_sq: list[torch.Tensor] = []
         first: BatchResult | None = None  # the first group's result: shapes, dtypes, names, structure
         deltas: list[torch.Tensor] = []
+        draw_deltas: list[torch.Tensor] = []  # GradientShap's own per-draw deltas, (g, B, n_samples) per group
         f_noisy: list[torch.Tensor] = []
         f_base: list[torch.Tensor] = []
         steps: list[Any] = []
@@ -265,6 +266,8 @@ class NoiseTunnel(Attribution):
                     kernels.moments(s1, s2, a.reshape(g, batch, -1), backend=backend)
                 if res.delta is not None:
                     deltas.append(res.delta.reshape(g, batch))
+                    if res.copy_delta is not None and res.copy_delta.numel() != res.delta.numel():
+                        draw_deltas.append(res.copy_delta.reshape(g, batch, -1))  # Captum returns every draw's delta
                 if res.baseline_output is not None:
                     f_base.append(res.baseline_output.reshape(g, batch))
                 if res.output is not None:
@@ -302,7 +305,7 @@ class NoiseTunnel(Attribution):
             target=target,
             names=first.names,
             structure=first.structure,
-            copy_delta=None if per_copy is None else captum_delta_order(per_copy, partition),
+            copy_delta=None if per_copy is None else captum_delta_order(torch.cat(draw_deltas) if draw_deltas else per_copy, partition),
         )
         if f_noisy and per_copy is not None:
             result.extras["noisy_output"] = torch.cat(f_noisy).mean(0)

@@ -76,3 +76,34 @@ def test_gradient_shap_number_baseline():
     # the seeded path took numbers already; the same constant in both forms gives the same draws
     gs = fastattr.GradientShap(model)
     torch.testing.assert_close(gs.attribute(x, 0.0, target=1, seed=7), gs.attribute(x, torch.zeros(1, 5, dtype=torch.float64), target=1, seed=7))
+
+
+@pytest.mark.parametrize("nt_samples_batch_size", [None, 2])
+def test_noise_tunnel_over_gradient_shap_returns_every_draws_delta(nt_samples_batch_size):
+    """Captum's NoiseTunnel(GradientShap) delta has one entry per (example, copy, GradientShap draw):
+    B * nt_samples * n_samples, ordered partition by partition, example-major. fastattr returned
+    B * nt_samples (each copy's mean over its draws). With stdevs=0 and a one-row reference set
+    the draws differ only in alpha, so the deltas are checked against each copy's own F values."""
+    model = Tanh3()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    refs = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    kw = dict(nt_samples=3, nt_samples_batch_size=nt_samples_batch_size, stdevs=0.2, baselines=refs, draw_baseline_from_distrib=True, target=2)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    _, ref_delta = ca.NoiseTunnel(ca.GradientShap(model)).attribute(x, **kw, return_convergence_delta=True)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    nt = fastattr.NoiseTunnel(fastattr.GradientShap(model))
+    _, delta = nt.attribute(x, **kw, return_convergence_delta=True)
+    assert delta.shape == ref_delta.shape == (4 * 3 * 5,)
+    # the mean of each (example, copy)'s draws is the batched result's per-copy delta
+    res = nt.attribute_batch(x, **kw, seed=3)
+    full = nt.attribute(x, **kw, seed=3, return_convergence_delta=True)[1]
+    assert full.shape == (60,)
+    k = [3] if nt_samples_batch_size is None else [2, 1]
+    means, start = [], 0
+    for size in k:  # partitions: (B, size, n) example-major
+        part = full[start : start + 4 * size * 5].reshape(4, size, 5)
+        means.append(part.mean(2))
+        start += 4 * size * 5
+    torch.testing.assert_close(torch.cat(means, 1).mean(1), res.delta, rtol=1e-9, atol=1e-12)
