@@ -37,6 +37,7 @@ from .inputs import (
     expand_baselines,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .kernels import Stats
 from .options import FIELDS, GRADIENT, Options
@@ -274,6 +275,8 @@ class GradientAttribution(Attribution):
         fuse_predict: a TargetFromOutput target is resolved by the engine's passes (the caller runs
         the model on the inputs themselves in fp32), not by a forward of its own."""
         xs, is_tuple = as_tuple(inputs)
+        if with_path:  # interpolated: integer inputs become floats, as in Captum
+            xs = promote_integers(xs)
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         bs = expand_baselines(baselines, xs, allow_nonfinite=opts.allow_nonfinite) if with_path else None
         predict = target if fuse_predict and isinstance(target, TargetFromOutput) else None

@@ -78,6 +78,7 @@ from .inputs import (
     check_inputs,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .options import OptionsDict, Unpack, optional_positive_int, positive_int
 
@@ -140,6 +141,7 @@ class GradientShap(GradientAttribution):
         n = positive_int("n_samples", n_samples)
         group = optional_positive_int("n_samples_batch_size", n_samples_batch_size)
         xs, is_tuple = as_tuple(inputs)
+        xs = promote_integers(xs)  # noise and interpolation make integer inputs floats, as in Captum
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         xs = tuple(x.detach() for x in xs)
         sds = check_stdevs(stdevs, len(xs))

@@ -27,6 +27,14 @@ def as_tuple(inputs: TensorOrTuple, name: str = "inputs") -> tuple[tuple[torch.T
     raise AttributionInputError(f"{name} must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}")
 
 
+def promote_integers(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Integer inputs (ids, uint8 pixels) as torch's default float dtype, for the methods that
+    interpolate or add noise: Captum's ``x0 + alpha * (x - x0)`` and ``x + noise`` make them floats
+    the same way, so IntegratedGradients, GradientShap and NoiseTunnel take them there. Bool inputs
+    stay as they are (Captum's interpolation fails on them too)."""
+    return tuple(x.to(torch.get_default_dtype()) if not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool else x for x in inputs)
+
+
 def check_inputs(inputs: tuple[torch.Tensor, ...], *, need_float: bool, allow_nonfinite: bool) -> int:
     """Validate inputs; return the batch size B shared by all of them."""
     sizes = set()
@@ -35,8 +43,8 @@ def check_inputs(inputs: tuple[torch.Tensor, ...], *, need_float: bool, allow_no
             raise AttributionInputError(f"input {i} is a scalar; inputs need a leading batch dimension")
         if need_float and not x.is_floating_point():
             raise TypeError(
-                f"input {i} has dtype {x.dtype}; this method interpolates inputs and needs floating point "
-                "(for token ids use LayerIntegratedGradients on the embedding layer)"
+                f"input {i} has dtype {x.dtype}; gradients with respect to it need floating point "
+                "(for token ids use LayerIntegratedGradients or LayerGradientXActivation on the embedding layer)"
             )
         # a finite sum proves every value finite in one pass without a mask (an overflowing sum falls back)
         if x.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):

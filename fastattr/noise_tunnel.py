@@ -102,6 +102,7 @@ from .inputs import (
     check_inputs,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .noise_generic import NT_TYPES, generic_noise_tunnel
 from .options import FIELDS, Options, optional_positive_int, positive_int
@@ -204,6 +205,7 @@ class NoiseTunnel(Attribution):
         nsbs = None if nsbs is None else min(nt, nsbs)
         options, opts = self._inner_options(kwargs, with_delta)
         xs, is_tuple = as_tuple(inputs)
+        xs = promote_integers(xs)  # x + noise makes integer inputs floats, as in Captum
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         sds = check_stdevs(stdevs, len(xs))
         ids = check_seed(seed, sample_ids, batch)

@@ -107,3 +107,47 @@ def test_noise_tunnel_over_gradient_shap_returns_every_draws_delta(nt_samples_ba
         means.append(part.mean(2))
         start += 4 * size * 5
     torch.testing.assert_close(torch.cat(means, 1).mean(1), res.delta, rtol=1e-9, atol=1e-12)
+
+
+def _seeded_call(fn):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return fn()
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["ig", "ig_float_baseline", "ig_uint8", "gradient_shap", "nt_saliency", "nt_ig", "nt_input_x_gradient"],
+)
+def test_integer_inputs_are_interpolated_as_captum_does(case):
+    """Captum's x0 + alpha (x - x0) and x + noise turn integer inputs (pixels stored as uint8,
+    counts, 0/1 features) into default-dtype floats, so IntegratedGradients, GradientShap and
+    NoiseTunnel work on them; fastattr raised TypeError ('needs floating point')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh())
+    x = torch.randint(0, 4, (4, 5), generator=torch.Generator().manual_seed(1))
+    calls = {
+        "ig": lambda m: m.IntegratedGradients(model).attribute(x, target=1, n_steps=8),
+        "ig_float_baseline": lambda m: m.IntegratedGradients(model).attribute(x, baselines=0.5, target=[0, 1, 2, 1], n_steps=8),
+        "ig_uint8": lambda m: m.IntegratedGradients(model).attribute(x.to(torch.uint8), target=1, n_steps=8),
+        "gradient_shap": lambda m: m.GradientShap(model).attribute(x, torch.zeros(2, 5, dtype=torch.long), n_samples=3, target=1),
+        "nt_saliency": lambda m: m.NoiseTunnel(m.Saliency(model)).attribute(x, nt_samples=3, stdevs=0.5, target=1),
+        "nt_ig": lambda m: m.NoiseTunnel(m.IntegratedGradients(model)).attribute(x, nt_samples=2, stdevs=0.5, target=1, n_steps=4),
+        "nt_input_x_gradient": lambda m: m.NoiseTunnel(m.InputXGradient(model)).attribute(x, nt_samples=3, stdevs=0.5, target=1),
+    }
+    ref = _seeded_call(lambda: calls[case](ca))
+    got = _seeded_call(lambda: calls[case](fastattr))
+    assert got.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_integrated_gradients_delta_on_integer_inputs():
+    """Where Captum's delta fails (it runs the model on the integer inputs), fastattr's is the
+    promoted inputs' completeness residual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Tanh())
+    x = torch.randint(0, 4, (4, 5), generator=torch.Generator().manual_seed(1))
+    attr, delta = fastattr.IntegratedGradients(model).attribute(x, target=1, n_steps=64, return_convergence_delta=True)
+    _, ref_delta = fastattr.IntegratedGradients(model).attribute(x.float(), target=1, n_steps=64, return_convergence_delta=True)
+    torch.testing.assert_close(delta, ref_delta)
+    assert float(delta.abs().max()) < 1e-4
