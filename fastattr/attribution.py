@@ -21,6 +21,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -40,6 +41,7 @@ from .inputs import (
     promote_integers,
 )
 from .kernels import Stats
+from .layers import module_of
 from .options import FIELDS, GRADIENT, Options
 from .precision import AUTO
 from .probe import ProbeResult, measure, take_samples
@@ -143,6 +145,7 @@ class Attribution:
             kwargs["with_output"] = False  # F(x) is not part of Captum's result
         for name, value in self.captum_defaults.items():
             kwargs.setdefault(name, value)
+        _warn_rows_mix(self)
         res = self.attribute_batch(inputs, *args, **kwargs)
         out = res.formatted()
         if want and self.has_convergence_delta():
@@ -159,6 +162,30 @@ class Attribution:
     # ------------------------------------------------------------------ helpers for subclasses
     def _options(self, kwargs: dict[str, Any]) -> Options:
         return Options.parse(kwargs, self.option_names, f"{type(self).__name__}.attribute")
+
+
+def _warn_rows_mix(method: Attribution) -> None:
+    """Warn when the model normalises over the rows of a forward (BatchNorm in train mode, or without
+    running statistics): each sample's attribution then depends on which rows share a forward. Captum
+    puts all of a call's rows in one forward (or whole steps per internal_batch_size); fastattr's
+    chunks differ, so its numbers differ from Captum's, and every forward updates the running stats."""
+    module = module_of(method.forward_func)
+    if module is None:
+        return
+    mixing = [
+        f"{name or '(model)'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    if mixing:
+        warnings.warn(
+            f"{type(method).__name__}: {', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''} normalise over the rows of each "
+            "forward (BatchNorm in train mode or without running statistics), so attributions depend on how rows are grouped "
+            "into forwards (fastattr groups them differently from Captum) and each forward updates the running statistics; "
+            "call model.eval() for per-sample attributions",
+            RuntimeWarning,
+            stacklevel=5,  # the caller of attribute() (through its Captum-signature wrapper)
+        )
 
 
 _PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastattr_probing", default=False)
