@@ -172,3 +172,32 @@ def test_train_mode_batchnorm_warns_that_rows_are_grouped_differently_from_captu
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fastattr.IntegratedGradients(model).attribute(x, target=0)
+
+
+def test_llm_result_plots_as_captums():
+    """Captum's LLM tutorial ends in attr_res.plot_token_attr(show=True) / plot_seq_attr(): fastattr's
+    LLMAttributionResult had neither (AttributeError). They draw Captum's figures from the same fields."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from llm_models import gpt2, word_tokenizer
+
+    tok = word_tokenizer(50, bos=True)
+    model = gpt2(len(tok))
+    prompt, target = "w1 w2 w3 w4", "w5 w6"
+    emb = model.get_input_embeddings()
+    got = fastattr.LLMGradientAttribution(fastattr.LayerIntegratedGradients(model, emb), tok).attribute(prompt, target=target, n_steps=4, baselines=1)
+    ref = ca.LLMGradientAttribution(ca.LayerIntegratedGradients(model, emb), tok).attribute(
+        ca.TextTokenInput(prompt, tok, baselines=1), target=target, n_steps=4
+    )
+    for name in ("plot_token_attr", "plot_seq_attr"):
+        fig, ax = getattr(got, name)()
+        fig_ref, ax_ref = getattr(ref, name)()
+        assert [t.get_text() for t in ax.get_xticklabels()] == [t.get_text() for t in ax_ref.get_xticklabels()]
+        assert [t.get_text() for t in ax.get_yticklabels()] == [t.get_text() for t in ax_ref.get_yticklabels()]
+        plt.close(fig)
+        plt.close(fig_ref)

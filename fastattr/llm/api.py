@@ -60,6 +60,22 @@ class LLMAttributionResult:
     def seq_attr_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in zip(self.input_tokens, self.seq_attr)}
 
+    def plot_token_attr(self, show: bool = False) -> Any:
+        """Captum's token-attribution heatmap (drawn by Captum's LLMAttributionResult: needs captum, matplotlib)."""
+        return self._captum_result().plot_token_attr(show=show)
+
+    def plot_seq_attr(self, show: bool = False) -> Any:
+        """Captum's sequence-attribution bar plot (drawn by Captum's LLMAttributionResult: needs captum, matplotlib)."""
+        return self._captum_result().plot_seq_attr(show=show)
+
+    def _captum_result(self) -> Any:
+        try:
+            from captum.attr import LLMAttributionResult as CaptumResult
+        except ImportError as e:  # captum is only a test dependency of fastattr
+            raise ImportError(f"{type(self).__name__} plots through Captum's LLMAttributionResult: pip install captum matplotlib") from e
+        token_attr = None if self.token_attr is None else self.token_attr.detach().cpu()
+        return CaptumResult(seq_attr=self.seq_attr.detach().cpu(), token_attr=token_attr, input_tokens=self.input_tokens, output_tokens=self.output_tokens)
+
 
 @dataclass
 class LLMBatchResult:
