@@ -8,6 +8,7 @@ device, so selection during the passes is a single gather with no host sync.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,7 +110,8 @@ def expand_baselines(
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A Python or NumPy integer (``numbers.Integral``: what iterating over a label array gives), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 class TargetFromOutput:
@@ -138,9 +140,9 @@ def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Ten
     if target is None:
         return None
     if _is_int(target):
-        rows = [[target]] * batch
+        rows = [[int(target)]] * batch
     elif isinstance(target, tuple) and target and all(_is_int(t) for t in target):
-        rows = [list(target)] * batch
+        rows = [[int(t) for t in target]] * batch
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise AttributionInputError(f"target tensor must hold integers, got dtype {target.dtype}")
@@ -157,11 +159,11 @@ def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Ten
         if len(target) != batch:
             raise AttributionInputError(f"target list has {len(target)} entries for {batch} examples")
         if all(_is_int(t) for t in target):
-            rows = [[t] for t in target]
+            rows = [[int(t)] for t in target]
         elif all(isinstance(t, tuple) and t and all(_is_int(v) for v in t) for t in target):
             if len({len(t) for t in target}) != 1:
                 raise AttributionInputError("target tuples in a list must all have the same length")
-            rows = [list(t) for t in target]
+            rows = [[int(v) for v in t] for t in target]
         else:
             raise AttributionInputError("a target list must hold ints, or tuples of ints, one per example")
     else:

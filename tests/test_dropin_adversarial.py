@@ -201,3 +201,21 @@ def test_llm_result_plots_as_captums():
         assert [t.get_text() for t in ax.get_yticklabels()] == [t.get_text() for t in ax_ref.get_yticklabels()]
         plt.close(fig)
         plt.close(fig_ref)
+
+
+def test_numpy_integer_targets():
+    """target=(np.int64(1),) works in Captum (a tuple indexes the output); fastattr read it as a
+    list of one target per example and failed ('target list has 1 entries for 4 examples'). NumPy
+    integers (what iterating over a label array gives) now count as ints in every target form."""
+    model = Tanh3()
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ig = fastattr.IntegratedGradients(model)
+    ref = ca.IntegratedGradients(model).attribute(x, target=(np.int64(1),), n_steps=4)
+    torch.testing.assert_close(ig.attribute(x, target=(np.int64(1),), n_steps=4), ref)
+    torch.testing.assert_close(ig.attribute(x, target=np.int32(1), n_steps=4), ref)
+    labels = np.array([0, 1, 2, 1])
+    per_row = ca.IntegratedGradients(model).attribute(x, target=labels.tolist(), n_steps=4)
+    torch.testing.assert_close(ig.attribute(x, target=list(labels), n_steps=4), per_row)
+    torch.testing.assert_close(ig.attribute(x, target=[(v,) for v in labels], n_steps=4), per_row)
+    with pytest.raises(AssertionError, match="target"):  # bools are not indices (Captum fails on them too)
+        ig.attribute(x, target=[True, False, True, True], n_steps=4)
