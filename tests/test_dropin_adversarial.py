@@ -219,3 +219,31 @@ def test_numpy_integer_targets():
     torch.testing.assert_close(ig.attribute(x, target=[(v,) for v in labels], n_steps=4), per_row)
     with pytest.raises(AssertionError, match="target"):  # bools are not indices (Captum fails on them too)
         ig.attribute(x, target=[True, False, True, True], n_steps=4)
+
+
+class ViewAfterConv(nn.Module):
+    """x.view(B, -1) after a convolution, then a global mean: any image size runs (in Captum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x))
+        return h.view(x.size(0), -1).mean(1, keepdim=True) * torch.arange(1.0, 3.0)
+
+
+@pytest.mark.parametrize("method", ["Saliency", "IntegratedGradients"])
+def test_channels_last_success_on_one_shape_does_not_break_another(method):
+    """The CPU channels-last default remembered a model that once ran channels-last and then never
+    fell back: 3x3 images give a 1x1 feature map, whose view works on channels-last strides; the next
+    call with 8x8 images raised 'view size is not compatible with input tensor's size and stride'
+    where Captum works."""
+    model = ViewAfterConv()
+    small = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(1))
+    big = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours, theirs = getattr(fastattr, method)(model), getattr(ca, method)(model)
+    kw = {"n_steps": 4} if method == "IntegratedGradients" else {}
+    torch.testing.assert_close(ours.attribute(small, target=1, **kw), theirs.attribute(small, target=1, **kw))
+    torch.testing.assert_close(ours.attribute(big, target=1, **kw), theirs.attribute(big, target=1, **kw))
