@@ -105,7 +105,9 @@ def expand_baselines(
             )
         if b.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(b).all()):
             raise AttributionInputError(f"baseline {i} contains NaN or inf values")
-        out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
+        # values only: no gradient flows to baselines (as in Captum), and one that requires grad
+        # (embeddings of baseline ids) must not carry autograd into the kernels' out= ops
+        out.append(b.detach().to(device=x.device, dtype=x.dtype).expand_as(x))
     return tuple(out)
 
 

@@ -247,3 +247,26 @@ def test_channels_last_success_on_one_shape_does_not_break_another(method):
     kw = {"n_steps": 4} if method == "IntegratedGradients" else {}
     torch.testing.assert_close(ours.attribute(small, target=1, **kw), theirs.attribute(small, target=1, **kw))
     torch.testing.assert_close(ours.attribute(big, target=1, **kw), theirs.attribute(big, target=1, **kw))
+
+
+@pytest.mark.parametrize("multiply_by_inputs", [True, False])
+def test_baselines_that_require_grad(multiply_by_inputs):
+    """Captum's interpretable-embedding recipe: IG over embedding vectors, the baselines being the
+    embeddings of reference ids, so they require grad. fastattr raised 'pow(): functions with out=...
+    arguments don't support automatic differentiation' in finalize (Captum's own
+    test_compare_with_emb_patching, run by benchmarks/captum_suite.py, failed the same way)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 5, dtype=torch.float64)
+    model = Tanh3()
+    ids = torch.tensor([[1], [2], [3], [4]])
+    x, x0 = emb(ids).squeeze(1), emb(torch.zeros_like(ids)).squeeze(1)
+    assert x0.requires_grad
+    got, delta = fastattr.IntegratedGradients(model, multiply_by_inputs=multiply_by_inputs).attribute(
+        x, baselines=x0, target=1, n_steps=8, return_convergence_delta=True
+    )
+    ref, ref_delta = ca.IntegratedGradients(model, multiply_by_inputs=multiply_by_inputs).attribute(
+        x, baselines=x0, target=1, n_steps=8, return_convergence_delta=True
+    )
+    torch.testing.assert_close(got, ref.detach())
+    torch.testing.assert_close(delta, ref_delta.detach(), rtol=0, atol=1e-7)  # Captum rounds its weights to float32
+    assert not got.requires_grad
