@@ -105,6 +105,7 @@ class Attribution:
     draws_own_noise: ClassVar[bool] = False
     captum_defaults: ClassVar[dict[str, Any]] = {}  # attribute()'s keyword defaults where they differ from attribute_batch's
     baselines_per_sample: ClassVar[bool] = True  # False: baselines are a distribution (a probe keeps them whole)
+    rows_like_captum: ClassVar[bool] = False  # True: one forward of the call's rows, as Captum (no train-mode BatchNorm warning)
     _multiply_by_inputs: bool = False
     last_probe: ProbeResult | None = None  # the latest precision probe of this object (probe=True or precision="auto")
 
@@ -170,7 +171,7 @@ def _warn_rows_mix(method: Attribution) -> None:
     puts all of a call's rows in one forward (or whole steps per internal_batch_size); fastattr's
     chunks differ, so its numbers differ from Captum's, and every forward updates the running stats."""
     module = module_of(method.forward_func)
-    if module is None:
+    if module is None or method.rows_like_captum:
         return
     mixing = [
         f"{name or '(model)'} ({type(m).__name__})"

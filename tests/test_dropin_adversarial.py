@@ -167,6 +167,9 @@ def test_train_mode_batchnorm_warns_that_rows_are_grouped_differently_from_captu
         with pytest.warns(RuntimeWarning, match=r"1 \(BatchNorm1d\) normalise over the rows.*model.eval\(\)") as record:
             method.attribute(x, target=0)
         assert len(record) == 1 and record[0].filename == __file__  # one warning, pointing at the caller
+    with warnings.catch_warnings():  # LayerActivation runs the call's rows in one forward, as Captum: no warning
+        warnings.simplefilter("error")
+        torch.testing.assert_close(fastattr.LayerActivation(model, model[2]).attribute(x), ca.LayerActivation(model, model[2]).attribute(x))
     model.eval()
     model[3].train()  # dropout only
     with warnings.catch_warnings():
