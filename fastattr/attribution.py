@@ -182,7 +182,7 @@ def _warn_rows_mix(method: Attribution) -> None:
         warnings.warn(
             f"{type(method).__name__}: {', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''} normalise over the rows of each "
             "forward (BatchNorm in train mode or without running statistics), so attributions depend on how rows are grouped "
-            "into forwards (fastattr groups them differently from Captum) and each forward updates the running statistics; "
+            "into forwards (fastattr may group them differently from Captum) and each forward updates the running statistics; "
             "call model.eval() for per-sample attributions",
             RuntimeWarning,
             stacklevel=5,  # the caller of attribute() (through its Captum-signature wrapper)
