@@ -106,6 +106,7 @@ class Attribution:
     captum_defaults: ClassVar[dict[str, Any]] = {}  # attribute()'s keyword defaults where they differ from attribute_batch's
     baselines_per_sample: ClassVar[bool] = True  # False: baselines are a distribution (a probe keeps them whole)
     rows_like_captum: ClassVar[bool] = False  # True: one forward of the call's rows, as Captum (no train-mode BatchNorm warning)
+    half_attributions_as_float: ClassVar[bool] = False  # attribute() returns fp16/bf16 attributions as float32, as Captum's (IG, LayerIG)
     _multiply_by_inputs: bool = False
     last_probe: ProbeResult | None = None  # the latest precision probe of this object (probe=True or precision="auto")
 
@@ -149,6 +150,8 @@ class Attribution:
         _warn_rows_mix(self)
         res = self.attribute_batch(inputs, *args, **kwargs)
         out = res.formatted()
+        if self.half_attributions_as_float:
+            out = _half_as_float(out)
         if want and self.has_convergence_delta():
             return out, res.copy_delta if res.copy_delta is not None else res.delta
         return out
@@ -163,6 +166,17 @@ class Attribution:
     # ------------------------------------------------------------------ helpers for subclasses
     def _options(self, kwargs: dict[str, Any]) -> Options:
         return Options.parse(kwargs, self.option_names, f"{type(self).__name__}.attribute")
+
+
+def _half_as_float(value: Any) -> Any:
+    """fp16/bf16 tensors of a (nested) tensor / tuple / list as float32: Captum's IntegratedGradients and
+    LayerIntegratedGradients weight the gradients by float32 step sizes, so half-precision inputs or
+    layers give float32 attributions there (and .numpy() works on them)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_half_as_float(v) for v in value)
+    return value
 
 
 def _warn_rows_mix(method: Attribution) -> None:

@@ -273,3 +273,22 @@ def test_baselines_that_require_grad(multiply_by_inputs):
     torch.testing.assert_close(got, ref.detach())
     torch.testing.assert_close(delta, ref_delta.detach(), rtol=0, atol=1e-7)  # Captum rounds its weights to float32
     assert not got.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["IntegratedGradients", "LayerIntegratedGradients"])
+def test_half_precision_models_get_float32_path_attributions(method, dtype):
+    """Captum's IG and LayerIG weight the gradients by float32 step sizes, so a bf16/fp16 model (an
+    LLM loaded in bf16) gets float32 attributions there; fastattr returned bf16, on which a Captum
+    user's attr.sum(-1).numpy() fails ('Got unsupported ScalarType BFloat16')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1)).to(dtype)
+    make = (lambda m: m.IntegratedGradients(model)) if method == "IntegratedGradients" else (lambda m: m.LayerIntegratedGradients(model, model[1]))
+    got, delta = make(fastattr).attribute(x, target=1, n_steps=8, return_convergence_delta=True)
+    ref = make(ca).attribute(x, target=1, n_steps=8)
+    assert got.dtype == ref.dtype == torch.float32 and delta.dtype == torch.float32
+    got.sum(-1).numpy()
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-2 * float(ref.abs().max()))
+    # the Saliency family keeps the input's dtype, as Captum's does
+    assert fastattr.Saliency(model).attribute(x, target=1).dtype == ca.Saliency(model).attribute(x, target=1).dtype == dtype
