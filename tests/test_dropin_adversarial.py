@@ -16,7 +16,7 @@ from torch import nn
 
 import fastattr
 
-pytestmark = [pytest.mark.usefixtures("single_thread")]
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:Input Tensor .* did not already require gradients")]
 
 
 class ConvBnInplaceRelu(nn.Module):
