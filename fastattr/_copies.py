@@ -100,10 +100,10 @@ def copy_major(t: torch.Tensor, batch: int, copies: int) -> torch.Tensor:
 
 
 def captum_delta_order(per_copy: torch.Tensor, partition: int) -> torch.Tensor:
-    """(copies, B) deltas -> Captum NoiseTunnel's layout: partitions of ``partition`` copies
-    concatenated, each example-major (b * k + j)."""
+    """(copies, B[, n]) deltas -> Captum NoiseTunnel's layout: partitions of ``partition`` copies
+    concatenated, each example-major (b * k + j; then a wrapped GradientShap's n draws per copy)."""
     parts = per_copy.split(partition, dim=0)
-    return torch.cat([p.t().reshape(-1) for p in parts])
+    return torch.cat([p.transpose(0, 1).reshape(-1) for p in parts])
 
 
 def reference_rows(baselines: tuple[Any, ...], inputs: tuple[torch.Tensor, ...]) -> tuple[Any, ...]:

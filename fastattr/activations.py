@@ -273,6 +273,7 @@ class LayerActivation(Attribution):
 
     option_names = CAPTURE
     noise_batched = False  # no target, no gradient: NoiseTunnel runs Captum's generic path over it
+    rows_like_captum = True  # up to FORWARD_ONLY_ROWS rows in one forward: train-mode BatchNorm gives Captum's values
     _multiply_by_inputs = True  # Captum's value
 
     def __init__(self, forward_func: Callable[..., Any], layer: Any, device_ids: list[int] | None = None) -> None:

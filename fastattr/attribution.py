@@ -21,6 +21,7 @@ import contextvars
 import dataclasses
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,8 +38,10 @@ from .inputs import (
     expand_baselines,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .kernels import Stats
+from .layers import module_of
 from .options import FIELDS, GRADIENT, Options
 from .precision import AUTO
 from .probe import ProbeResult, measure, take_samples
@@ -102,6 +105,8 @@ class Attribution:
     draws_own_noise: ClassVar[bool] = False
     captum_defaults: ClassVar[dict[str, Any]] = {}  # attribute()'s keyword defaults where they differ from attribute_batch's
     baselines_per_sample: ClassVar[bool] = True  # False: baselines are a distribution (a probe keeps them whole)
+    rows_like_captum: ClassVar[bool] = False  # True: one forward of the call's rows, as Captum (no train-mode BatchNorm warning)
+    half_attributions_as_float: ClassVar[bool] = False  # attribute() returns fp16/bf16 attributions as float32, as Captum's (IG, LayerIG)
     _multiply_by_inputs: bool = False
     last_probe: ProbeResult | None = None  # the latest precision probe of this object (probe=True or precision="auto")
 
@@ -142,8 +147,11 @@ class Attribution:
             kwargs["with_output"] = False  # F(x) is not part of Captum's result
         for name, value in self.captum_defaults.items():
             kwargs.setdefault(name, value)
+        _warn_rows_mix(self)
         res = self.attribute_batch(inputs, *args, **kwargs)
         out = res.formatted()
+        if self.half_attributions_as_float:
+            out = _half_as_float(out)
         if want and self.has_convergence_delta():
             return out, res.copy_delta if res.copy_delta is not None else res.delta
         return out
@@ -158,6 +166,41 @@ class Attribution:
     # ------------------------------------------------------------------ helpers for subclasses
     def _options(self, kwargs: dict[str, Any]) -> Options:
         return Options.parse(kwargs, self.option_names, f"{type(self).__name__}.attribute")
+
+
+def _half_as_float(value: Any) -> Any:
+    """fp16/bf16 tensors of a (nested) tensor / tuple / list as float32: Captum's IntegratedGradients and
+    LayerIntegratedGradients weight the gradients by float32 step sizes, so half-precision inputs or
+    layers give float32 attributions there (and .numpy() works on them)."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_half_as_float(v) for v in value)
+    return value
+
+
+def _warn_rows_mix(method: Attribution) -> None:
+    """Warn when the model normalises over the rows of a forward (BatchNorm in train mode, or without
+    running statistics): each sample's attribution then depends on which rows share a forward. Captum
+    puts all of a call's rows in one forward (or whole steps per internal_batch_size); fastattr's
+    chunks differ, so its numbers differ from Captum's, and every forward updates the running stats."""
+    module = module_of(method.forward_func)
+    if module is None or method.rows_like_captum:
+        return
+    mixing = [
+        f"{name or '(model)'} ({type(m).__name__})"
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+    ]
+    if mixing:
+        warnings.warn(
+            f"{type(method).__name__}: {', '.join(mixing[:3])}{' ...' if len(mixing) > 3 else ''} normalise over the rows of each "
+            "forward (BatchNorm in train mode or without running statistics), so attributions depend on how rows are grouped "
+            "into forwards (fastattr may group them differently from Captum) and each forward updates the running statistics; "
+            "call model.eval() for per-sample attributions",
+            RuntimeWarning,
+            stacklevel=5,  # the caller of attribute() (through its Captum-signature wrapper)
+        )
 
 
 _PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("fastattr_probing", default=False)
@@ -274,6 +317,8 @@ class GradientAttribution(Attribution):
         fuse_predict: a TargetFromOutput target is resolved by the engine's passes (the caller runs
         the model on the inputs themselves in fp32), not by a forward of its own."""
         xs, is_tuple = as_tuple(inputs)
+        if with_path:  # interpolated: integer inputs become floats, as in Captum
+            xs = promote_integers(xs)
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         bs = expand_baselines(baselines, xs, allow_nonfinite=opts.allow_nonfinite) if with_path else None
         predict = target if fuse_predict and isinstance(target, TargetFromOutput) else None

@@ -291,7 +291,9 @@ class Engine:
         speed choice and must never break a model (``x.view(B, -1)`` after a convolution fails on
         channels-last strides), so with None the layout stays open until the first gradient chunk
         ran: if that chunk fails, the pass restarts in the inputs' own layout (``_pass``); the
-        model's verdict is remembered for the process, and a fallback is logged once per model.
+        model's failure is remembered for the process (later calls start in the inputs' layout), and a
+        fallback is logged once per model; a model that ran channels-last may still fall back on
+        other input shapes.
         Channels-last results differ from the inputs' layout's by float rounding and by the ReLU /
         max-pool decisions a last-bit difference can flip (README, benchmarks/RESULTS.md)."""
         if requested is not None or not any(x.dim() == 4 for x in problem.inputs):
@@ -303,7 +305,9 @@ class Engine:
         else:
             verdict = _verdict(self.forward_func)
             problem.set_channels_last(verdict is not False)
-            problem.layout_open = verdict is None
+            # open also after a success: other input shapes may fail where the first ones ran (a
+            # 1x1 feature map views fine channels-last, a 2x2 one does not)
+            problem.layout_open = verdict is not False
         return problem
 
     def _pass(self, problem: Problem, run: Callable[[], Any]) -> Any:

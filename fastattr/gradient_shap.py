@@ -78,6 +78,7 @@ from .inputs import (
     check_inputs,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .options import OptionsDict, Unpack, optional_positive_int, positive_int
 
@@ -140,6 +141,7 @@ class GradientShap(GradientAttribution):
         n = positive_int("n_samples", n_samples)
         group = optional_positive_int("n_samples_batch_size", n_samples_batch_size)
         xs, is_tuple = as_tuple(inputs)
+        xs = promote_integers(xs)  # noise and interpolation make integer inputs floats, as in Captum
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         xs = tuple(x.detach() for x in xs)
         sds = check_stdevs(stdevs, len(xs))
@@ -155,7 +157,7 @@ class GradientShap(GradientAttribution):
         kernel_backend = opts.kernel_backend
 
         if ids is None:  # Captum's draws, all copies at once and in its order (see module docstring)
-            idx_all = [None if r is None else torch.as_tensor(np.random.choice(_count(r), n * batch), dtype=torch.long) for r in refs]
+            idx_all = [None if _count(r) is None else torch.as_tensor(np.random.choice(_count(r), n * batch), dtype=torch.long) for r in refs]
             noise_all = [torch.randn((batch * n, *x.shape[1:]), device=device) * sd for x, sd in zip(xs, sds)]
             alpha_all = torch.tensor(np.random.uniform(0.0, 1.0, batch * n), device=device, dtype=xs[0].dtype)
             idx_all = [None if t is None else copy_major(t, batch, n) for t in idx_all]

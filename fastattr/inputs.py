@@ -8,6 +8,7 @@ device, so selection during the passes is a single gather with no host sync.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +28,14 @@ def as_tuple(inputs: TensorOrTuple, name: str = "inputs") -> tuple[tuple[torch.T
     raise AttributionInputError(f"{name} must be a tensor or a non-empty tuple of tensors, got {type(inputs).__name__}")
 
 
+def promote_integers(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Integer inputs (ids, uint8 pixels) as torch's default float dtype, for the methods that
+    interpolate or add noise: Captum's ``x0 + alpha * (x - x0)`` and ``x + noise`` make them floats
+    the same way, so IntegratedGradients, GradientShap and NoiseTunnel take them there. Bool inputs
+    stay as they are (Captum's interpolation fails on them too)."""
+    return tuple(x.to(torch.get_default_dtype()) if not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool else x for x in inputs)
+
+
 def check_inputs(inputs: tuple[torch.Tensor, ...], *, need_float: bool, allow_nonfinite: bool) -> int:
     """Validate inputs; return the batch size B shared by all of them."""
     sizes = set()
@@ -35,8 +44,8 @@ def check_inputs(inputs: tuple[torch.Tensor, ...], *, need_float: bool, allow_no
             raise AttributionInputError(f"input {i} is a scalar; inputs need a leading batch dimension")
         if need_float and not x.is_floating_point():
             raise TypeError(
-                f"input {i} has dtype {x.dtype}; this method interpolates inputs and needs floating point "
-                "(for token ids use LayerIntegratedGradients on the embedding layer)"
+                f"input {i} has dtype {x.dtype}; gradients with respect to it need floating point "
+                "(for token ids use LayerIntegratedGradients or LayerGradientXActivation on the embedding layer)"
             )
         # a finite sum proves every value finite in one pass without a mask (an overflowing sum falls back)
         if x.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
@@ -96,12 +105,15 @@ def expand_baselines(
             )
         if b.is_floating_point() and not allow_nonfinite and not bool(torch.isfinite(b).all()):
             raise AttributionInputError(f"baseline {i} contains NaN or inf values")
-        out.append(b.to(device=x.device, dtype=x.dtype).expand_as(x))
+        # values only: no gradient flows to baselines (as in Captum), and one that requires grad
+        # (embeddings of baseline ids) must not carry autograd into the kernels' out= ops
+        out.append(b.detach().to(device=x.device, dtype=x.dtype).expand_as(x))
     return tuple(out)
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """A Python or NumPy integer (``numbers.Integral``: what iterating over a label array gives), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 class TargetFromOutput:
@@ -130,9 +142,9 @@ def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Ten
     if target is None:
         return None
     if _is_int(target):
-        rows = [[target]] * batch
+        rows = [[int(target)]] * batch
     elif isinstance(target, tuple) and target and all(_is_int(t) for t in target):
-        rows = [list(target)] * batch
+        rows = [[int(t) for t in target]] * batch
     elif isinstance(target, torch.Tensor):
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise AttributionInputError(f"target tensor must hold integers, got dtype {target.dtype}")
@@ -149,11 +161,11 @@ def normalize_target(target: Any, batch: int, device: torch.device) -> torch.Ten
         if len(target) != batch:
             raise AttributionInputError(f"target list has {len(target)} entries for {batch} examples")
         if all(_is_int(t) for t in target):
-            rows = [[t] for t in target]
+            rows = [[int(t)] for t in target]
         elif all(isinstance(t, tuple) and t and all(_is_int(v) for v in t) for t in target):
             if len({len(t) for t in target}) != 1:
                 raise AttributionInputError("target tuples in a list must all have the same length")
-            rows = [list(t) for t in target]
+            rows = [[int(v) for v in t] for t in target]
         else:
             raise AttributionInputError("a target list must hold ints, or tuples of ints, one per example")
     else:

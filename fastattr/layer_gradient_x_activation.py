@@ -135,6 +135,9 @@ class LayerGradientXActivation:
                     if not items[j].requires_grad:  # no graph behind it to keep (frozen weights): a fresh leaf
                         items[j] = items[j].detach().requires_grad_(True)
                     leaves[k].append(items[j])  # else kept in the graph, so an upstream listed layer still gets gradient
+                    # the model goes on with a copy, as in Captum: an in-place op after the layer (ReLU(inplace=True))
+                    # must neither fail on the leaf nor change the activation that multiplies the gradient
+                    items[j] = items[j].clone()
                 if structure[k] is None:
                     structure[k] = parts
                 if bare:

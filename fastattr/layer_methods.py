@@ -166,6 +166,7 @@ class LayerIntegratedGradients(GradientAttribution):
 
     option_names = PATH
     has_delta = True
+    half_attributions_as_float = True  # as Captum's (its float32 step sizes)
     captum_defaults = {"trim_padding": False}  # attribute() trims only when asked
 
     def __init__(

@@ -89,6 +89,7 @@ class IntegratedGradients(GradientAttribution):
 
     option_names = PATH
     has_delta = True
+    half_attributions_as_float = True  # as Captum's (its float32 step sizes)
 
     def __init__(self, forward_func: Callable[..., Any], multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)

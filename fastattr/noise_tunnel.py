@@ -102,6 +102,7 @@ from .inputs import (
     check_inputs,
     normalize_forward_args,
     normalize_target,
+    promote_integers,
 )
 from .noise_generic import NT_TYPES, generic_noise_tunnel
 from .options import FIELDS, Options, optional_positive_int, positive_int
@@ -204,6 +205,7 @@ class NoiseTunnel(Attribution):
         nsbs = None if nsbs is None else min(nt, nsbs)
         options, opts = self._inner_options(kwargs, with_delta)
         xs, is_tuple = as_tuple(inputs)
+        xs = promote_integers(xs)  # x + noise makes integer inputs floats, as in Captum
         batch = check_inputs(xs, need_float=True, allow_nonfinite=opts.allow_nonfinite)
         sds = check_stdevs(stdevs, len(xs))
         ids = check_seed(seed, sample_ids, batch)
@@ -236,6 +238,7 @@ class NoiseTunnel(Attribution):
         sum_sq: list[torch.Tensor] = []
         first: BatchResult | None = None  # the first group's result: shapes, dtypes, names, structure
         deltas: list[torch.Tensor] = []
+        draw_deltas: list[torch.Tensor] = []  # GradientShap's own per-draw deltas, (g, B, n_samples) per group
         f_noisy: list[torch.Tensor] = []
         f_base: list[torch.Tensor] = []
         steps: list[Any] = []
@@ -265,6 +268,8 @@ class NoiseTunnel(Attribution):
                     kernels.moments(s1, s2, a.reshape(g, batch, -1), backend=backend)
                 if res.delta is not None:
                     deltas.append(res.delta.reshape(g, batch))
+                    if res.copy_delta is not None and res.copy_delta.numel() != res.delta.numel():
+                        draw_deltas.append(res.copy_delta.reshape(g, batch, -1))  # Captum returns every draw's delta
                 if res.baseline_output is not None:
                     f_base.append(res.baseline_output.reshape(g, batch))
                 if res.output is not None:
@@ -302,7 +307,7 @@ class NoiseTunnel(Attribution):
             target=target,
             names=first.names,
             structure=first.structure,
-            copy_delta=None if per_copy is None else captum_delta_order(per_copy, partition),
+            copy_delta=None if per_copy is None else captum_delta_order(torch.cat(draw_deltas) if draw_deltas else per_copy, partition),
         )
         if f_noisy and per_copy is not None:
             result.extras["noisy_output"] = torch.cat(f_noisy).mean(0)

@@ -215,24 +215,6 @@ def test_prompt_data_of_the_wrong_kind_names_the_sample(tmp_path, small_gpt2):
         fastattr.run(small_gpt2, [{"prompt": "w1", "target": {"text": "w2"}}], tmp_path / "t", **opts)
 
 
-def test_result_plots_like_captums(small_gpt2):
-    """Captum users call res.plot_token_attr() / res.plot_seq_attr(); fastattr's result had neither (AttributeError)."""
-    pytest.importorskip("matplotlib")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = llm_of(small_gpt2).attribute("w1 w2 w3", target="w4 w5", n_steps=2, baselines=1)
-    fig, ax = res.plot_token_attr()
-    assert [t.get_text() for t in ax.get_xticklabels()] == res.input_tokens
-    assert [t.get_text() for t in ax.get_yticklabels()] == res.output_tokens
-    fig2, ax2 = res.plot_seq_attr()
-    assert [t.get_text() for t in ax2.get_xticklabels()] == res.input_tokens
-    plt.close(fig)
-    plt.close(fig2)
-
-
 # ------------------------------------------------------------------ LLM runs rebuilt from their manifest
 def test_randomization_check_of_an_llm_run(tmp_path, small_gpt2):
     """Before, LLM runs could not be rebuilt from the manifest: the audit skipped the parameter-
