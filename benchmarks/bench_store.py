@@ -11,6 +11,8 @@ fastattr.run (auto = the default, lzf, gzip = the parallel encoder, none) agains
 saliency with torch in batches of 64 and writes it with h5py from one thread (lzf, one sample per
 chunk, fletcher32, fsync and sha256 like a shard). Every output is read back with plain h5py.
 
+``writer``: RunWriter alone on prepared blocks (no model): MB/s from the first put to close().
+
 ``reductions``: what storage_dtype="float16" and channel_reduce="sum" save on image attributions
 (ResNet-18 IG at 3x224x224, random init with BatchNorm statistics, Gaussian inputs): end-to-end
 fastattr.run per setting (bytes on disk, run time), the store alone writing the same real
@@ -21,6 +23,7 @@ storage form on the GPU, the store-only timing then includes the device-to-host 
     python benchmarks/bench_store.py compression
     python benchmarks/bench_store.py dataset --samples 1024
     python benchmarks/bench_store.py dataset --samples 1536 --shard-size 256   # several shards: commits overlap writes
+    python benchmarks/bench_store.py writer --samples 1024 --shard-size 256      # the writer alone, no model
     python benchmarks/bench_store.py reductions --samples 16 --write-samples 256 [--device cuda]
 """
 
@@ -314,6 +317,45 @@ def reductions(args: argparse.Namespace) -> tuple[list[str], list[list]]:
     return headers, rows
 
 
+# --------------------------------------------------------------------------- the writer alone
+
+
+def writer(args: argparse.Namespace) -> tuple[list[str], list[list]]:
+    """RunWriter alone: prepared blocks of 3x224x224 float32 rows (distinct values) put as fast as it
+    takes them, shards of --shard-size rows, best of --repeats from the first put to close()
+    (every shard sealed, fsynced, hashed and listed). What the store absorbs with no model."""
+    from fastattr.store import Block, RunWriter
+
+    per_block = 64
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((per_block, 3, 224, 224)).astype(np.float32)
+    z = np.zeros(per_block, np.float32)
+    stats = {"sum": z, "l1": z, "l2": z, "absmax": z, "nonfinite": np.zeros(per_block, np.int32)}
+    blocks = [
+        Block(s, s + per_block, {"x": base + s}, np.zeros(per_block, np.int64), z, z, z, np.ones(per_block, np.int32), stats)
+        for s in range(0, args.samples // per_block * per_block, per_block)
+    ]
+    n = len(blocks) * per_block
+    rows = []
+    tmp = tempfile.mkdtemp(prefix="fastattr-bench-writer-")
+    try:
+        for comp in args.compressions:
+            best = float("inf")
+            for _ in range(args.repeats):
+                out = os.path.join(tmp, "run")
+                shutil.rmtree(out, ignore_errors=True)
+                t0 = time.perf_counter()
+                with RunWriter(out, config={"bench": 1}, total=n, shard_rows=args.shard_size, compression=comp) as w:
+                    for b in blocks:
+                        w.put(b)
+                best = min(best, time.perf_counter() - t0)
+            rows.append([comp, n, args.shard_size, encode.workers(), f"{best:.2f}", f"{n * base[0].nbytes / best / 1e6:.0f}"])
+            print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ["compression", "samples", "shard rows", "encode threads", "best time (s)", "MB/s"], rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -324,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--repeats", type=int, default=2)
     d.add_argument("--shard-size", type=int, default=4096, help="samples per shard of the fastattr runs (the run's default: 4096)")
     d.add_argument("--compressions", type=lambda s: s.split(","), default=["auto", "lzf", "gzip", "none"])
+    wr = sub.add_parser("writer")
+    wr.add_argument("--samples", type=int, default=1024)
+    wr.add_argument("--shard-size", type=int, default=256)
+    wr.add_argument("--repeats", type=int, default=3)
+    wr.add_argument("--compressions", type=lambda s: s.split(","), default=["none", "gzip"])
     r = sub.add_parser("reductions")
     r.add_argument("--samples", type=int, default=16, help="samples of the end-to-end runs (ResNet-18 IG at 224)")
     r.add_argument("--steps", type=int, default=4)
@@ -332,10 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--write-compressions", type=lambda s: s.split(","), default=["lzf", "gzip", "none"])
     r.add_argument("--repeats", type=int, default=2)
     r.add_argument("--device", default="cpu", help="where the runs and the storage form (reduction, float16 cast) run; cuda on a GPU")
-    for p in (c, d, r):
+    for p in (c, d, wr, r):
         p.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    headers, rows = {"compression": compression, "dataset": dataset, "reductions": reductions}[args.what](args)
+    headers, rows = {"compression": compression, "dataset": dataset, "writer": writer, "reductions": reductions}[args.what](args)
     env = h.env_line(h.env(getattr(args, "device", "cpu")))
     print(f"\n{env}, {h.commit()}\n\n" + h.markdown(headers, rows))
     if args.json:
