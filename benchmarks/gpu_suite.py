@@ -14,8 +14,9 @@ failing stage records its traceback and the suite goes on, exiting 1 at the end)
   dataset      fastattr.run vs a Captum loop, ResNet-50 at 224, saliency and IG-16: samples/s, time
                outside forward/backward, store MB/s (bench_dataset)
   store        the store alone on this machine's cores: ratio and MB/s of every compression on real
-               attributions (bench_store compression), and the storage reductions (float16, channel
-               sums) made on the device: bytes, write rate, float16 error (bench_store reductions)
+               attributions (bench_store compression), the storage reductions (float16, channel
+               sums) made on the device: bytes, write rate, float16 error (bench_store reductions),
+               and the writer alone on every core vs 2 encode threads (bench_store writer)
   noise        NoiseTunnel (SmoothGrad over IG) and GradientShap vs Captum (bench_noise)
   layer        LayerIntegratedGradients on a token classifier vs Captum (bench_layer)
   adaptive     n_steps="auto" vs Captum's fixed steps on the demo CNNs (bench_adaptive)
@@ -186,11 +187,11 @@ def stage_dataset(cfg: argparse.Namespace) -> Result:
     return rows, envs[0] + "\n\n" + bench_dataset.table(rows) + "\n\n" + "\n".join(targets)
 
 
-def _script_table(cfg: argparse.Namespace, script: str, argv: list[str]) -> tuple[list, str]:
+def _script_table(cfg: argparse.Namespace, script: str, argv: list[str], env: dict[str, str] | None = None, tag: str = "") -> tuple[list, str]:
     """Run a bench script whose JSON holds headers + list rows (bench_store); its rows and markdown."""
-    path = os.path.join(cfg.work, f"{script}-{argv[0]}.json")
+    path = os.path.join(cfg.work, f"{script}-{argv[0]}{tag}.json")
     cmd = [sys.executable, os.path.join(HERE, script), *argv, "--json", path]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, env={**os.environ, **(env or {})}).returncode != 0:
         raise RuntimeError(f"{script} {argv[0]} failed (see its output above)")
     with open(path) as f:
         got = json.load(f)
@@ -204,7 +205,12 @@ def stage_store(cfg: argparse.Namespace) -> Result:
     red += ["--samples", "2", "--steps", "2", "--write-samples", "16"] if cfg.quick else ["--samples", "64", "--steps", "16", "--write-samples", "1024"]
     rows_c, md_c = _script_table(cfg, "bench_store.py", comp)
     rows_r, md_r = _script_table(cfg, "bench_store.py", red)
-    return [{"compression": rows_c}, {"reductions": rows_r}], md_c + "\n\n" + md_r
+    # the writer alone: every core (pooled checksums for "none" from 4 encode threads) vs 2 encode
+    # threads (HDF5's own checksum in the writer thread, the 2-core path); store/schema.py POOL_CHECKSUM_MIN_THREADS
+    wr = ["writer", "--samples", "128" if cfg.quick else "4096", "--shard-size", "64" if cfg.quick else "1024", "--repeats", "1" if cfg.quick else "2"]
+    rows_w, md_w = _script_table(cfg, "bench_store.py", wr)
+    rows_w2, md_w2 = _script_table(cfg, "bench_store.py", wr, env={"FASTATTR_ENCODE_THREADS": "2"}, tag="-2threads")
+    return [{"compression": rows_c}, {"reductions": rows_r}, {"writer": rows_w}, {"writer_2_threads": rows_w2}], "\n\n".join((md_c, md_r, md_w, md_w2))
 
 
 def stage_compile(cfg: argparse.Namespace) -> Result:
