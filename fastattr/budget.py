@@ -36,8 +36,11 @@ Every chunk is real work: probing costs no extra forward.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -123,6 +126,26 @@ def saved_bytes_counter(rows: int | None = None) -> Iterator[dict[int, int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield seen
+
+
+_identities: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_next_identity = itertools.count()
+
+
+def identity(obj: object) -> object:
+    """A planner key for a model or forward function that no other object ever gets: ``id()`` is
+    reused once its object is freed, and a new, larger model inheriting a freed one's settled rows
+    would run out of CUDA memory. A bound method is its object's and function's identities (each
+    attribute access makes a new method object); objects without weak references fall back to id()."""
+    if inspect.ismethod(obj):
+        return (identity(obj.__self__), identity(obj.__func__))
+    try:
+        token = _identities.get(obj)
+        if token is None:
+            token = _identities[obj] = next(_next_identity)
+        return token
+    except TypeError:  # not weak-referenceable (or unhashable)
+        return ("id", id(obj))
 
 
 # Sizes settled by earlier passes, keyed by what determines them (model, row shapes,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import kernels
-from .budget import RowPlanner, parse_bytes
+from .budget import RowPlanner, identity, parse_bytes
 from .errors import FastattrError, OptionError
 from .inputs import AttributionInputError, NoGradientError, check_target, flat_target_index
 from .layers import module_of
@@ -353,7 +353,8 @@ class Engine:
             rows = self.max_rows or FORWARD_ONLY_ROWS
             return rows if total is None else min(rows, total)
         row_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
-        return self._planner(problem.device, 1, row_bytes, ("forward-only",)).rows
+        key = ("forward-only", identity(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        return self._planner(problem.device, 1, row_bytes, key).rows  # per model and row shape, as the gradient passes
 
     def _forward(self, problem: Problem, rows: Sequence[torch.Tensor], example_idx: torch.Tensor, seq: tuple[int, int] | None = None) -> Any:
         """The model on ``rows`` (the chunk's inputs) with its per-row forward args and kwargs."""
@@ -482,7 +483,7 @@ class Engine:
             diffs = [x - b for x, b in zip(flat_inputs, starts)]
         total = n_steps * batch
         row_bytes = sum(x.shape[1] * x.element_size() for x in flat_inputs)
-        key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        key = (identity(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
         planner = self._planner(device, total, row_bytes, key)
         # per-pass constants, so a chunk costs as few small ops as possible (on a 2-core CPU a chunk of
         # the demo CNN takes a few ms; every extra op and Python call there is time outside the model)
@@ -606,7 +607,7 @@ class Engine:
         outs = torch.zeros(total, dtype=acc_dtype, device=device)
         dots = torch.zeros(total, dtype=acc_dtype, device=device)
         row_bytes = sum(d.shape[1] * d.element_size() for d in diffs)
-        key = (id(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
+        key = (identity(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
         if seq is not None:  # trimmed rows cost less than full ones: tune them apart
             key = (*key, "seq-trimmed")
         planner = self._planner(device, max(total, 1), row_bytes, key)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..budget import RowPlanner
+from ..budget import RowPlanner, identity
 from ..errors import AttributionInputError, NoGradientError
 from ..precision import Precision
 from . import head
@@ -155,7 +155,7 @@ def integrate(
     acc_tok = torch.zeros((b, tmax, width), dtype=acc_dtype, device=device) if token else None
     acc_seq = torch.zeros((b, width), dtype=acc_dtype, device=device)
     total = pair_ex.shape[0]
-    key = (id(lm.model), precision.name, "llm-token" if token else "llm-seq", vjp, width, a.shape[2], a.dtype)
+    key = (identity(lm.model), precision.name, "llm-token" if token else "llm-seq", vjp, width, a.shape[2], a.dtype)
     planner = RowPlanner(device, total, max_rows, memory_budget, row_bytes=width * a.shape[2] * a.element_size(), key=key)
     p0 = 0
     while p0 < total:
