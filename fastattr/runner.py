@@ -35,9 +35,9 @@ from .run_loop import RunSummary, attribute_with_retry, run_batches
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .run_reduce import StoredForm, channel_reduce_config
 from .sources import Source, open_source
-from .store import VOLATILE_CONFIG_KEYS, RunWriter
+from .store import RunWriter
 from .store.manifest import read_manifest
-from .store.schema import MANIFEST_NAME
+from .store.schema import MANIFEST_NAME, RUN_VOLATILE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def run(
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         max_shard_seconds=shard_seconds, allow_other_files=allow_other_files,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"},
+        volatile_keys=RUN_VOLATILE_KEYS,
     )  # fmt: skip
     writer: RunWriter | None = None
     try:

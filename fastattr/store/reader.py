@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .integrity import check_shard_file, check_shards, raise_problem
+from .integrity import RunIdentity, check_shard_file, check_shards, raise_problem
 from .manifest import ShardEntry, overlapping_shards, read_listing
 from .ranges import format_ranges, value_runs
 from .schema import MANIFEST_NAME, SCALAR_DTYPES, STAT_KEYS
@@ -64,7 +64,8 @@ class RunReader:
             a, b = pairs[0]
             raise StoreError(f"{self.run_dir / MANIFEST_NAME}: shards {a.file} [{a.start}, {a.stop}) and {b.file} [{b.start}, {b.stop}) overlap")
         self._names: list[str] = []
-        if verify and (bad := check_shards(self.run_dir, self._shards)):
+        identity = RunIdentity.of(man)  # every shard must be this run's, written with its config
+        if verify and (bad := check_shards(self.run_dir, self._shards, run=identity)):
             raise_problem("; ".join(bad[s.file] for s in self._shards if s.file in bad))
         for i, s in enumerate(self._shards):
             path = self.run_dir / s.file
@@ -72,7 +73,7 @@ class RunReader:
                 raise StoreError(f"{path}: listed in the manifest but missing")
             try:
                 with h5py.File(path, "r") as f:
-                    check_shard_file(f, s)
+                    check_shard_file(f, s, identity)
                     names = list(f["attributions"])
             except StoreError:
                 raise

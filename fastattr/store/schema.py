@@ -78,3 +78,7 @@ SCALAR_CHUNK_ROWS = 16384
 VOLATILE_CONFIG_KEYS = frozenset(
     {"created", "updated", "started", "finished", "time", "times", "timing", "timings", "elapsed", "wall_s", "host", "hostname", "pid"}
 )
+# ... plus those of fastattr.run's config: settings that change shard boundaries, filters or what is
+# counted, never the stored values. A manifest records the set its writer used ("volatile_keys");
+# this is the set assumed for manifests written before it did.
+RUN_VOLATILE_KEYS = VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"}

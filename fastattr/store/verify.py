@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .fsutil import sha256_file
-from .integrity import check_shard_file
+from .integrity import RunIdentity, check_shard_file
 from .manifest import ShardEntry, overlapping_shards, read_listing, read_manifest
 from .ranges import complement_ranges, format_ranges, value_runs
 from .rundir import RunDirectory
@@ -93,7 +93,7 @@ def repair_run(run_dir: str | os.PathLike[str]) -> list[str]:
     d = Path(run_dir)
     man = read_manifest(d / MANIFEST_NAME)
     rd = RunDirectory(
-        d, config=man["config"], total=man["total"], volatile=frozenset(), shard_prefix="shard",
+        d, config=man["config"], total=man["total"], volatile=RunIdentity.of(man).volatile, shard_prefix="shard",
         rank=0, world_size=1, run_id=None, first_shard_id=None,
     )  # fmt: skip
     rd.open(resume=True, overwrite=False)  # checks every shard, sets bad ones aside, rewrites the manifest
@@ -124,8 +124,9 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
     warnings: list[str] = []
     notes: list[str] = []
     scan = _Scan()
+    identity = RunIdentity.of(man)
     for s in shards:
-        if problem := _check(d, s, scan):
+        if problem := _check(d, s, scan, identity):
             problems.append(problem)
     for a, b in overlapping_shards(shards):
         problems.append(f"duplicate samples [{b.start}, {min(a.stop, b.stop)}) in {a.file} and {b.file}")
@@ -191,7 +192,7 @@ class _Scan:
         return value_runs(idx)
 
 
-def _check(d: Path, s: ShardEntry, scan: _Scan) -> str | None:
+def _check(d: Path, s: ShardEntry, scan: _Scan, identity: RunIdentity) -> str | None:
     path = d / s.file
     if not path.is_file():
         return f"{path}: listed in the manifest but missing"
@@ -200,7 +201,7 @@ def _check(d: Path, s: ShardEntry, scan: _Scan) -> str | None:
         return f"{path}: checksum mismatch (manifest {s.sha256[:12]}..., file {digest[:12]}...)"
     try:
         with h5py.File(path, "r") as f:
-            check_shard_file(f, s)
+            check_shard_file(f, s, identity)
             if not np.array_equal(f["index"][()], np.arange(s.start, s.stop)):
                 return f"{path}: 'index' is not {s.start}..{s.stop - 1}"
             scan.add(f)

@@ -1,0 +1,157 @@
+"""Records a demanding user could be fooled by, found by adversarial testing (README "Whole
+datasets"): another run's shard copied into a run directory, listed shards swapped for another
+run's with the manifest's checksums updated, and a manifest whose config was edited to let a
+different call resume. Each must be reported or refused, naming the problem, and fastattr must
+never delete a file it did not write in this run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastattr.errors import CorruptShardError
+from fastattr.store import Block, RunWriter, open_run, verify_run
+
+CONFIG = {
+    "method": "integrated_gradients",
+    "params": {"n_steps": 8},
+    "fingerprints": {"model": "m0", "data": {"count": 0}},
+}
+SHAPE = (3, 4)
+
+
+def block(start: int, stop: int, scale: float = 1.0) -> Block:
+    i = np.arange(start, stop)
+    f = i.astype(np.float32)
+    a = np.ones((len(i), *SHAPE), np.float32) * f[:, None, None] * np.float32(scale)
+    flat = a.reshape(len(i), -1)
+    return Block(
+        start=start, stop=stop, attributions={"x": a}, target=i % 3, output=f, baseline_output=np.zeros(len(i), np.float32),
+        delta=np.zeros(len(i), np.float32), n_steps=np.full(len(i), 8, np.int32),
+        stats={"sum": flat.sum(1), "l1": np.abs(flat).sum(1), "l2": np.sqrt((flat**2).sum(1)), "absmax": np.abs(flat).max(1),
+               "nonfinite": np.zeros(len(i), np.int32)},
+    )  # fmt: skip
+
+
+def write(run: Path, total: int = 30, config: dict = CONFIG, scale: float = 1.0, **kw) -> None:
+    with RunWriter(run, config=config, total=total, shard_rows=10, **kw) as w:
+        for a in range(0, total, 10):
+            w.put(block(a, min(a + 10, total), scale))
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+def save_manifest(run: Path, man: dict) -> None:
+    (run / "manifest.json").write_text(json.dumps(man, indent=1))
+
+
+def rehash(run: Path, name: str) -> None:
+    man = manifest(run)
+    for s in man["shards"]:
+        if s["file"] == name:
+            s["sha256"] = hashlib.sha256((run / name).read_bytes()).hexdigest()
+    save_manifest(run, man)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_shard_of_another_run_copied_in_is_never_deleted(tmp_path, overwrite):
+    """A user keeps a copy of run B's shard in run A's directory under a shard name A does not list:
+    resuming (or overwriting) A must leave it alone. (It was deleted as an "orphan" of A.)"""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a)
+    write(b, scale=2.0)
+    copy = a / "shard-00007.h5"
+    shutil.copy(b / "shard-00001.h5", copy)
+    before = copy.read_bytes()
+    if overwrite:
+        write(a, overwrite=True)
+    else:
+        RunWriter(a, config=CONFIG, total=30, shard_rows=10).close()  # a resume of the complete run
+    assert copy.read_bytes() == before
+    rep = verify_run(a)
+    assert rep.verdict == "OK" and any("shard-00007.h5" in w for w in rep.warnings), rep.lines()
+    # an orphan of this run (finished but never listed) is still deleted
+    man = manifest(a)
+    orphan = man["shards"].pop()["file"]
+    man["status"] = "running"
+    save_manifest(a, man)
+    with RunWriter(a, config=CONFIG, total=30, shard_rows=10) as w:
+        assert w.missing() == [(20, 30)]
+        w.put(block(20, 30))
+    assert orphan in {s["file"] for s in manifest(a)["shards"]} or not (a / orphan).exists()
+    assert copy.read_bytes() == before
+
+
+def test_another_runs_shard_with_its_checksum_updated_is_caught(tmp_path):
+    """Run B's shard of the same range put in place of run A's, the manifest's sha256 updated to
+    match: verify, the reader and a resume must all see it is not this run's shard. (All three
+    accepted it, and resume reported the run complete with B's numbers.)"""
+    a, b = tmp_path / "a", tmp_path / "b"
+    write(a)
+    write(b, scale=2.0)
+    shutil.copy(b / "shard-00001.h5", a / "shard-00001.h5")
+    rehash(a, "shard-00001.h5")
+    rep = verify_run(a)
+    assert rep.verdict == "FAILED" and rep.exit_code == 1
+    assert any("shard-00001.h5" in p and "another run" in p for p in rep.problems), rep.problems
+    with pytest.raises(CorruptShardError, match="shard-00001.h5.*another run"):
+        open_run(a)
+    with RunWriter(a, config=CONFIG, total=30, shard_rows=10) as w:  # resume: set aside, recomputed
+        assert w.missing() == [(10, 20)]
+        w.put(block(10, 20))
+    assert (a / "shard-00001.h5.corrupt").is_file()
+    with open_run(a) as r:
+        np.testing.assert_array_equal(r[:]["attributions"]["x"], block(0, 30).attributions["x"])
+    assert verify_run(a).verdict == "OK"
+
+
+def test_a_manifest_edited_to_another_config_is_caught(tmp_path):
+    """The user edits manifest.json's config (here n_steps 8 -> 16) so that a call with other
+    options resumes: the stored shards were made with the old options, so verify must fail naming
+    the key, the reader must refuse them, and the resume must recompute them instead of mixing."""
+    run = tmp_path / "run"
+    write(run)
+    man = manifest(run)
+    for s in man["shards"][2:]:
+        (run / s["file"]).unlink()
+    man["shards"] = man["shards"][:2]
+    man["status"] = "running"
+    man["config"]["params"]["n_steps"] = 16
+    save_manifest(run, man)
+    rep = verify_run(run)
+    assert rep.verdict == "FAILED" and any("params.n_steps" in p for p in rep.problems), rep.problems
+    with pytest.raises(CorruptShardError, match="another config.*params.n_steps"):
+        open_run(run)
+    edited = {**CONFIG, "params": {"n_steps": 16}}
+    with RunWriter(run, config=edited, total=30, shard_rows=10) as w:
+        assert w.missing() == [(0, 30)]  # nothing of the old config is kept in the run
+        w.put(block(0, 30, 3.0))
+    assert verify_run(run).verdict == "OK"
+    assert sorted(p.name for p in run.glob("*.corrupt")) == ["shard-00000.h5.corrupt", "shard-00001.h5.corrupt"]
+
+
+def test_volatile_keys_may_differ_between_shards_and_manifest(tmp_path):
+    """Keys a resume may change (versions, compression, shard_size, ...) never make a shard suspect,
+    also for manifests written before they recorded their volatile keys."""
+    run = tmp_path / "run"
+    first = {**CONFIG, "versions": {"fastattr": "0.1"}, "compression": "gzip"}
+    volatile = {"versions", "compression"}
+    with RunWriter(run, config=first, total=30, shard_rows=10, volatile_keys=volatile) as w:
+        w.put(block(0, 10))
+    later = {**CONFIG, "versions": {"fastattr": "0.2"}, "compression": "none"}
+    with RunWriter(run, config=later, total=30, shard_rows=10, volatile_keys=volatile) as w:
+        assert w.missing() == [(10, 30)]
+        w.put(block(10, 30))
+    assert verify_run(run).verdict == "OK"
+    man = manifest(run)
+    del man["volatile_keys"]  # as written before: the run defaults apply
+    save_manifest(run, man)
+    assert verify_run(run).verdict == "OK"
+    assert len(open_run(run)) == 30
