@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import fastattr
 from fastattr.errors import CorruptShardError
 from fastattr.store import Block, RunWriter, open_run, verify_run
 
@@ -155,3 +157,42 @@ def test_volatile_keys_may_differ_between_shards_and_manifest(tmp_path):
     save_manifest(run, man)
     assert verify_run(run).verdict == "OK"
     assert len(open_run(run)) == 30
+
+
+def _linear(weight: float) -> torch.nn.Module:
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.fill_(weight)
+        model.bias.zero_()
+    return model
+
+
+def test_verify_judges_non_finite_samples_by_the_call_that_stored_them(tmp_path):
+    """allow_nonfinite may change between the calls of a resumed run, and each call rewrote the
+    manifest's config: a no-op rerun with the flag flipped turned verify's verdict on samples it
+    never touched (OK -> FAILED for NaN samples stored under allow_nonfinite=True; FAILED -> OK for
+    float16 overflows stored without it, hiding them)."""
+    x = np.ones((20, 4), np.float32)
+    x[3, 1] = np.nan
+    run = tmp_path / "nan"
+    kw = dict(method="input_x_gradient", target=0, batch_size=8, shard_size=10, progress=False)
+    fastattr.run(_linear(1.0), x, str(run), allow_nonfinite=True, **kw)
+    assert verify_run(run).verdict == "OK"
+    assert fastattr.run(_linear(1.0), x, str(run), allow_nonfinite=False, **kw).computed == 0
+    rep = verify_run(run)
+    assert rep.verdict == "OK" and any("[3, 4)" in n and "allow_nonfinite" in n for n in rep.notes), rep.lines()
+
+
+def test_verify_still_fails_float16_overflows_after_a_rerun_that_allows_non_finite(tmp_path):
+    """The other direction: overflows stored by a call without allow_nonfinite stay a failure."""
+    kw = dict(method="input_x_gradient", target=0, batch_size=8, shard_size=10, progress=False)
+    big = np.ones((20, 4), np.float32)
+    big[12] = 1000.0  # x * w = 1e5: beyond float16's 65504, stored as inf
+    run = tmp_path / "f16"
+    fastattr.run(_linear(100.0), big, str(run), storage_dtype="float16", allow_nonfinite=False, **kw)
+    assert verify_run(run).verdict == "FAILED"
+    assert (
+        fastattr.run(_linear(100.0), big, str(run), storage_dtype="float16", allow_nonfinite=True, **kw).computed == 0
+    )
+    rep = verify_run(run)
+    assert rep.verdict == "FAILED" and rep.exit_code == 1 and any("[12, 13)" in p for p in rep.problems), rep.lines()
