@@ -159,7 +159,8 @@ def test_volatile_keys_may_differ_between_shards_and_manifest(tmp_path):
         w.put(block(10, 30))
     assert verify_run(run).verdict == "OK"
     man = manifest(run)
-    del man["volatile_keys"]  # as written before: the run defaults apply
+    assert man["volatile_keys"] == ["compression", "versions"]
+    del man["volatile_keys"]  # as written before: fastattr.run's set applies
     save_manifest(run, man)
     assert verify_run(run).verdict == "OK"
     assert len(open_run(run)) == 30

@@ -27,7 +27,7 @@ import h5py
 from ..errors import CorruptShardError, StoreError
 from .fsutil import sha256_file
 from .manifest import ShardEntry, config_diff
-from .schema import ALLOWED_FILTERS, CORRUPT_SUFFIX, READ_SCHEMAS, RUN_VOLATILE_KEYS
+from .schema import ALLOWED_FILTERS, CORRUPT_SUFFIX, READ_SCHEMAS, RUN_VOLATILE_KEYS, VOLATILE_CONFIG_KEYS
 
 REQUIRED = ("index", "attributions", "target", "output", "baseline_output", "delta", "n_steps", "stats")
 
@@ -44,10 +44,11 @@ class RunIdentity:
 
     @classmethod
     def of(cls, man: Mapping[str, Any]) -> RunIdentity:
-        """The identity a read manifest claims (its own volatile keys, else the run defaults)."""
+        """The identity a read manifest claims: its volatile keys are the store's defaults plus those
+        it lists beyond them ("volatile_keys"), or fastattr.run's set where it lists none."""
         run_id = man.get("run_id")
         keys = man.get("volatile_keys")
-        volatile = frozenset(map(str, keys)) if isinstance(keys, list) else RUN_VOLATILE_KEYS
+        volatile = VOLATILE_CONFIG_KEYS | frozenset(map(str, keys)) if isinstance(keys, list) else RUN_VOLATILE_KEYS
         return cls(run_id if isinstance(run_id, str) and run_id else None, man.get("config"), volatile)
 
     def problems(self, attrs: Any) -> list[str]:

@@ -41,6 +41,7 @@ from .schema import (
     RANK_LOCK_FORMAT,
     RANK_LOCK_RE,
     SCHEMA_VERSION,
+    VOLATILE_CONFIG_KEYS,
 )
 from .shard import stored_shapes
 
@@ -317,11 +318,12 @@ class RunDirectory:
                 "config": self.config,
                 "total": self.total,
                 "run_id": self.run_id,
-                "volatile_keys": sorted(self._volatile),  # what verify may ignore comparing a shard's config to this one
                 "created": self._created,
                 "updated": now(),
                 "shards": [s.entry() for s in self._shards],
             }
+            if extra := sorted(self._volatile - VOLATILE_CONFIG_KEYS):  # what verify may ignore comparing a shard's config to this
+                man["volatile_keys"] = extra
             if self._fragment:  # only this rank's own shards; never "complete": rank 0 decides
                 man.update(status="running", rank=self.rank, world_size=self.world_size)
                 man["shards"] = [s.entry() for s in self._shards if s.file not in self._base_files]
