@@ -288,3 +288,21 @@ def _listed(run: Path) -> list[dict]:
         return json.loads((run / "manifest.json").read_text())["shards"]
     except (OSError, ValueError, KeyError):
         return []
+
+
+def test_verify_escapes_what_a_manifest_says(tmp_path):
+    """verify quotes the manifest (file names, run ids, keys): an edited manifest must not drive the
+    terminal through them. (A listed file name with escape codes was printed raw.)"""
+    run = tmp_path / "run"
+    write(run)
+    man = manifest(run)
+    evil = "\x1b]0;owned\x07\x1b[2J\u202e"
+    man["shards"][0]["file"] = evil + "shard.h5"
+    man["run_id"] = evil
+    save_manifest(run, man)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastattr", "verify", str(run)], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1 and r.stdout.startswith("FAILED"), r.stdout + r.stderr
+    assert not any(ch in r.stdout + r.stderr for ch in "\x1b\x07\u202e"), repr(r.stdout)
+    assert "\\x1b]0;owned" in r.stdout

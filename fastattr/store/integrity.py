@@ -57,7 +57,7 @@ class RunIdentity:
         got = attrs.get("run_id")
         got = got.decode(errors="replace") if isinstance(got, bytes) else got
         if self.run_id and isinstance(got, str) and got and got != self.run_id:
-            out.append(f"it belongs to run {got}, not to this run ({self.run_id}): a shard of another run")
+            out.append(f"it belongs to run {got!r}, not to this run ({self.run_id!r}): a shard of another run")  # repr: no control characters
         stored = attrs.get("config_json")
         if self.config is not None and stored is not None:
             try:
