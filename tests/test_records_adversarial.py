@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import fastattr
-from fastattr.errors import CorruptShardError
+from fastattr.errors import CorruptShardError, RunMismatchError
 from fastattr.store import Block, RunWriter, open_run, verify_run
 
 CONFIG = {
@@ -306,3 +306,30 @@ def test_verify_escapes_what_a_manifest_says(tmp_path):
     assert r.returncode == 1 and r.stdout.startswith("FAILED"), r.stdout + r.stderr
     assert not any(ch in r.stdout + r.stderr for ch in "\x1b\x07\u202e"), repr(r.stdout)
     assert "\\x1b]0;owned" in r.stdout
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+def test_resume_refuses_another_output_function_of_the_same_name(tmp_path):
+    """output= callables were recorded by name only, and every lambda is "<lambda>": a resume that
+    attributes another head (o[1] instead of o[0]) mixed the two into one run silently."""
+    x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+    run = tmp_path / "run"
+    kw = dict(method="saliency", target="predicted", batch_size=8, shard_size=10, progress=False)
+    fastattr.run(_TwoHeads(), x[:10], str(run), output=lambda o: o[0], **kw)
+    fastattr.run(_TwoHeads(), x[:10], str(run), output=lambda o: o[0], **kw)  # the same code resumes
+    with pytest.raises(RunMismatchError, match="output.code"):
+        fastattr.run(_TwoHeads(), x[:10], str(run), output=lambda o: o[1], **kw)
+    head = 1
+    fastattr.run(_TwoHeads(), x[:10], str(tmp_path / "closure"), output=lambda o: o[head], **kw)
+    head = 0
+    with pytest.raises(RunMismatchError, match="output.code"):  # the value it closes over counts too
+        fastattr.run(_TwoHeads(), x[:10], str(tmp_path / "closure"), output=lambda o: o[head], **kw)
