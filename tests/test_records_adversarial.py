@@ -333,3 +333,23 @@ def test_resume_refuses_another_output_function_of_the_same_name(tmp_path):
     head = 0
     with pytest.raises(RunMismatchError, match="output.code"):  # the value it closes over counts too
         fastattr.run(_TwoHeads(), x[:10], str(tmp_path / "closure"), output=lambda o: o[head], **kw)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor, opts: dict | None = None) -> torch.Tensor:
+        return self.lin(x) * opts["scale"]
+
+
+def test_resume_refuses_a_changed_setting_inside_a_forward_kwarg(tmp_path):
+    """A dict forward kwarg was recorded as {"object": "builtins.dict"}: changing a value in it
+    between calls resumed into one mixed run."""
+    x = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    kw = dict(method="saliency", target=0, batch_size=8, shard_size=10, progress=False)
+    fastattr.run(_Scaled(), x, str(tmp_path / "run"), forward_kwargs={"opts": {"scale": 1.0}}, **kw)
+    with pytest.raises(RunMismatchError, match="forward_kwargs.opts.scale"):
+        fastattr.run(_Scaled(), x, str(tmp_path / "run"), forward_kwargs={"opts": {"scale": 5.0}}, **kw)
