@@ -207,7 +207,7 @@ def _info(args: argparse.Namespace) -> int:
     from .probe import describe as describe_probe
     from .store import open_run
 
-    with open_run(args.dir) as store:
+    with open_run(args.dir, check_run=False) as store:  # what the manifest says; `fastattr verify` checks the shards are the run's
         meta = store.metadata
         size = sum(os.path.getsize(os.path.join(args.dir, s["file"])) for s in meta["shards"])
         if args.json:  # json.dumps escapes every control and non-ASCII character
@@ -286,7 +286,8 @@ def _verify(args: argparse.Namespace) -> int:
     from .store import verify_run
 
     report = verify_run(args.dir, repair=args.repair)
-    print("\n".join(report.lines()))  # the first line is the one verdict: OK, INCOMPLETE or FAILED
+    # the first line is the one verdict: OK, INCOMPLETE or FAILED; names and keys from the manifest and shards are data (escaped)
+    print("\n".join(printable(line) for line in report.lines()))
     return report.exit_code
 
 
@@ -567,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         _record_for_torchrun(exc)
         if args.debug:
             raise
-        print(f"fastattr: error{_rank()}: {exc}", file=sys.stderr)
+        print("\n".join(printable(line) for line in f"fastattr: error{_rank()}: {exc}".split("\n")), file=sys.stderr)  # may quote a manifest
         return 2
     except Exception as exc:  # anything else is a bug (here or in the model/data code): keep the traceback
         _record_for_torchrun(exc)

@@ -203,13 +203,20 @@ class ForwardKwargs:
 
     @staticmethod
     def describe(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """For the run's manifest: arrays by shape, dtype and hash, plain values as they are,
-        other objects by their type (their values cannot be compared across processes)."""
-        out: dict[str, Any] = {}
-        for k, v in kwargs.items():
-            plain = v is None or isinstance(v, (int, float, str, np.ndarray, torch.Tensor))
-            out[k] = describe(v) if plain else {"object": f"{type(v).__module__}.{type(v).__qualname__}"}
-        return out
+        """For the run's manifest: arrays by shape, dtype and hash, plain values as they are, lists,
+        tuples and string-keyed dicts item by item (a changed setting inside one is seen), other
+        objects by their type (their values cannot be compared across processes)."""
+        return {k: _describe_kwarg(v) for k, v in kwargs.items()}
+
+
+def _describe_kwarg(v: Any) -> Any:
+    if v is None or isinstance(v, (int, float, str, np.ndarray, torch.Tensor)):
+        return describe(v)
+    if isinstance(v, (list, tuple)):
+        return [_describe_kwarg(e) for e in v]
+    if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+        return {k: _describe_kwarg(e) for k, e in v.items()}
+    return {"object": f"{type(v).__module__}.{type(v).__qualname__}"}
 
 
 def describe_output(selector: OutputSelector) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from . import __version__
 from .distributed import local_device
 from .distributed import setup as setup_distributed
 from .errors import InputDtypeError, OptionError
-from .fingerprints import model_fingerprint
+from .fingerprints import _hash_code, model_fingerprint
 from .host_memory import reuse_freed_pages
 from .options import Options, positive_int
 from .precision import AUTO, PRECISIONS
@@ -35,9 +36,9 @@ from .run_loop import RunSummary, attribute_with_retry, run_batches
 from .run_methods import Batch, MethodPlan, describe, plan_method
 from .run_reduce import StoredForm, channel_reduce_config
 from .sources import Source, open_source
-from .store import VOLATILE_CONFIG_KEYS, RunWriter
+from .store import RunWriter
 from .store.manifest import read_manifest
-from .store.schema import MANIFEST_NAME
+from .store.schema import MANIFEST_NAME, RUN_VOLATILE_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def run(
     (fastattr.Options: a key, an index or a callable; default: the output itself, its .logits or a
     "logits" key). forward_kwargs: keyword arguments for the model's forward; an array or tensor
     with one row per sample (e.g. an attention mask) is sliced per batch like the data. Both are
-    recorded in the run's config (arrays by hash, a callable by its qualified name).
+    recorded in the run's config (arrays by hash, a callable by its qualified name and a digest of its code).
 
     Storage reductions (README, "Storage reductions"): storage_dtype="float16" halves the bytes
     (values beyond 65504 become inf, counted in stats/nonfinite); channel_reduce="sum" | "abs" | "l2"
@@ -191,6 +192,8 @@ def run(
         config["forward_args_inputs"] = forward_args_inputs
     if output is not None and plan.uses_target:  # likewise; activations never read the output
         config["output"] = describe_output(output)
+        if callable(output) and (code := callable_code(output)) is not None:  # a name alone does not tell two lambdas apart
+            config["output"]["code"] = code
     if forward_kwargs:
         config["forward_kwargs"] = ForwardKwargs.describe(forward_kwargs)
     # Under torchrun each rank runs this on its share of the samples (fastattr/distributed.py);
@@ -203,7 +206,7 @@ def run(
     make_writer = functools.partial(
         RunWriter, out, config=config, total=total, shard_rows=shard_size, storage_dtype=storage_dtype, compression=compression,
         max_shard_seconds=shard_seconds, allow_other_files=allow_other_files,
-        volatile_keys=VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"},
+        volatile_keys=RUN_VOLATILE_KEYS,
     )  # fmt: skip
     writer: RunWriter | None = None
     try:
@@ -234,6 +237,32 @@ def run(
         raise
     finally:
         ctx.close()
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
+def callable_code(fn: Any) -> str | None:
+    """A digest of an output= callable's code: bytecode, names and constants, and the plain values
+    (numbers, strings, tuples of them) it closes over or defaults to, so a resume with another
+    function of the same name (every lambda is "<lambda>") is refused. None where there is no
+    Python code to read (a builtin, functools.partial). Bytecode is per Python version."""
+    target = fn if hasattr(fn, "__code__") else vars(type(fn)).get("__call__")  # a callable object: its class's method
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return None
+    h = hashlib.sha256()
+    _hash_code(h, code)
+    values: list[Any] = list(getattr(target, "__defaults__", None) or ())
+    for cell in getattr(target, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            values.append(None)
+    for v in values:  # other objects' reprs may hold addresses: their type only
+        plain = isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(e, _PLAIN) for e in v))
+        h.update((repr(v) if plain else f"{type(v).__module__}.{type(v).__qualname__}").encode())
+    return h.hexdigest()[:32]
 
 
 def _recorded_choice(out: Any, precision: str) -> dict | None:

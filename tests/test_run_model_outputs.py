@@ -50,7 +50,7 @@ def test_run_predicted_on_a_model_that_does_not_return_a_tensor(tmp_path, kind, 
     np.testing.assert_allclose(got.field("output"), ref.field("output"), rtol=1e-6, atol=1e-7)
     recorded = got.metadata.get("output")
     if kind == "callable":
-        assert recorded == {"callable": f"{__name__}.pick_scores"}
+        assert recorded == {"callable": f"{__name__}.pick_scores", "code": recorded.get("code")} and len(recorded["code"]) == 32  # name + code digest
     else:
         assert recorded == OUTPUTS[kind]  # absent (None) when not given, so older runs still resume
 

@@ -4,16 +4,21 @@
 (metadata only, no data read): attributes against the manifest entry, row counts, and nothing that
 reads outside the file: only hard links (no soft, external or user-defined links), no external raw
 storage, no virtual datasets, no filter but gzip / lzf / shuffle / fletcher32 (anything else needs a
-plugin, which is foreign code), and in schema 2 fletcher32 on every dataset. ``shard_problem`` adds
+plugin, which is foreign code), and in schema 2 fletcher32 on every dataset; given the run's
+``RunIdentity``, also that the shard is this run's (its run id) and was written with the manifest's
+config (up to volatile keys), so a shard copied from another run, or a manifest edited to claim
+another config, is caught even where the sha256 in the manifest was updated. ``shard_problem`` adds
 the file's existence and its sha256 against the manifest; ``check_shards`` runs it over many shards
 in threads (hashlib and h5py release the GIL while they read).
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,15 +26,53 @@ import h5py
 
 from ..errors import CorruptShardError, StoreError
 from .fsutil import sha256_file
-from .manifest import ShardEntry
-from .schema import ALLOWED_FILTERS, CORRUPT_SUFFIX, READ_SCHEMAS
+from .manifest import ShardEntry, config_diff
+from .schema import ALLOWED_FILTERS, CORRUPT_SUFFIX, READ_SCHEMAS, RUN_VOLATILE_KEYS, VOLATILE_CONFIG_KEYS
 
 REQUIRED = ("index", "attributions", "target", "output", "baseline_output", "delta", "n_steps", "stats")
 
 
-def check_shard_file(f: h5py.File, shard: ShardEntry) -> None:
-    """Cheap structural checks of an open shard (metadata only); CorruptShardError naming the shard
-    and the object at fault."""
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every shard of a run must say about itself: the run id stamped into it (None: not
+    known, e.g. a manifest from before run ids) and the config it was written with, compared
+    ignoring ``volatile`` keys (those may change between the launches of one run)."""
+
+    run_id: str | None
+    config: Mapping[str, Any] | None
+    volatile: frozenset[str] = RUN_VOLATILE_KEYS
+
+    @classmethod
+    def of(cls, man: Mapping[str, Any]) -> RunIdentity:
+        """The identity a read manifest claims: its volatile keys are the store's defaults plus those
+        it lists beyond them ("volatile_keys"), or fastattr.run's set where it lists none."""
+        run_id = man.get("run_id")
+        keys = man.get("volatile_keys")
+        volatile = VOLATILE_CONFIG_KEYS | frozenset(map(str, keys)) if isinstance(keys, list) else RUN_VOLATILE_KEYS
+        return cls(run_id if isinstance(run_id, str) and run_id else None, man.get("config"), volatile)
+
+    def problems(self, attrs: Any) -> list[str]:
+        """Where a shard's attributes contradict this identity."""
+        out = []
+        got = attrs.get("run_id")
+        got = got.decode(errors="replace") if isinstance(got, bytes) else got
+        if self.run_id and isinstance(got, str) and got and got != self.run_id:
+            out.append(f"it belongs to run {got!r}, not to this run ({self.run_id!r}): a shard of another run")  # repr: no control characters
+        stored = attrs.get("config_json")
+        if self.config is not None and stored is not None:
+            try:
+                config = json.loads(stored)
+            except (TypeError, ValueError):
+                return [*out, "attribute config_json is not JSON"]
+            if diffs := config_diff(config, dict(self.config), self.volatile):
+                shown = ", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+                out.append(f"it was written with another config than the manifest's (differs in: {shown})")
+        return out
+
+
+def check_shard_file(f: h5py.File, shard: ShardEntry, run: RunIdentity | None = None) -> None:
+    """Cheap structural checks of an open shard (metadata only), and with ``run`` that it is that
+    run's shard; CorruptShardError naming the shard and the object at fault."""
     attrs = f.attrs
     version = attrs.get("schema_version")
     if version is None or int(version) not in READ_SCHEMAS:
@@ -38,7 +81,7 @@ def check_shard_file(f: h5py.File, shard: ShardEntry) -> None:
         got = attrs.get(key)
         if got is None or int(got) != want:
             raise CorruptShardError(f"{f.filename}: attribute {key}={got!r} does not match the manifest ({want})")
-    problems: list[str] = []
+    problems: list[str] = run.problems(attrs) if run is not None else []
     datasets: list[tuple[str, h5py.Dataset]] = []
 
     def visit_link(name: str, link: Any) -> None:
@@ -80,7 +123,7 @@ def _dataset_problems(name: str, ds: h5py.Dataset, rows: int, *, schema: int) ->
     return out
 
 
-def shard_problem(run_dir: Path, shard: ShardEntry, *, checksum: bool = True) -> str | None:
+def shard_problem(run_dir: Path, shard: ShardEntry, *, checksum: bool = True, run: RunIdentity | None = None) -> str | None:
     """What is wrong with a listed shard (missing, empty, checksum mismatch, structure), or None."""
     path = run_dir / shard.file
     try:
@@ -98,7 +141,7 @@ def shard_problem(run_dir: Path, shard: ShardEntry, *, checksum: bool = True) ->
             return f"{path}: checksum mismatch (manifest {shard.sha256[:12]}..., file {digest[:12]}...)"
     try:
         with h5py.File(path, "r") as f:
-            check_shard_file(f, shard)
+            check_shard_file(f, shard, run)
     except StoreError as exc:
         return str(exc)
     except Exception as exc:  # truncated / not HDF5 / damaged metadata
@@ -106,14 +149,14 @@ def shard_problem(run_dir: Path, shard: ShardEntry, *, checksum: bool = True) ->
     return None
 
 
-def check_shards(run_dir: Path, shards: Iterable[ShardEntry], *, checksum: bool = True) -> dict[str, str]:
+def check_shards(run_dir: Path, shards: Iterable[ShardEntry], *, checksum: bool = True, run: RunIdentity | None = None) -> dict[str, str]:
     """shard_problem over many shards, in threads: {file: problem} of the bad ones."""
     shards = list(shards)
     if not shards:
         return {}
     workers = min(len(shards), os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fastattr-check") as pool:
-        found = pool.map(lambda s: (s.file, shard_problem(run_dir, s, checksum=checksum)), shards)
+        found = pool.map(lambda s: (s.file, shard_problem(run_dir, s, checksum=checksum, run=run)), shards)
         return {name: problem for name, problem in found if problem is not None}
 
 

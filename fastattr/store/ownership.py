@@ -29,19 +29,28 @@ from .shard import read_marker
 logger = logging.getLogger(__name__)
 
 
-def owned_shard(path: Path) -> bool:
+def owned_shard(path: Path, run_id: str | None = None) -> bool:
     """Whether path is a shard fastattr wrote: it carries the marker (schema 2), or it is an HDF5
     file whose attributes name it as the shard of that number (schema 1). A user's file of the
-    same name is neither."""
-    if read_marker(path) is not None:
-        return True
+    same name is neither. With ``run_id``: a shard of that run (a shard of another run, e.g. one
+    a user copied in, is not that run's to delete; a schema-1 shard without a run id still is)."""
+    marker = read_marker(path)
+    if marker is not None:
+        return run_id is None or marker.run_id == run_id
     number = shard_file_id(path.name)
     if number is None:
         return False
     try:
         with h5py.File(path, "r") as f:
             attrs = f.attrs
-            return "config_json" in attrs and "schema_version" in attrs and int(attrs.get("shard_id", -1)) == number
+            stamped = attrs.get("run_id")
+            theirs = run_id is None or not stamped or str(stamped) == run_id
+            return (
+                "config_json" in attrs
+                and "schema_version" in attrs
+                and int(attrs.get("shard_id", -1)) == number
+                and theirs
+            )
     except Exception:  # not HDF5, or unreadable: nothing proves it is ours
         return False
 
@@ -65,17 +74,19 @@ def delete_own_temporaries(run_dir: Path) -> None:
             logger.warning("leaving %s alone: fastattr cannot tell that it wrote it (delete it yourself if it did)", p)
 
 
-def delete_shards(run_dir: Path, names: Iterable[str], why: str) -> None:
-    """Delete the named shard files that prove to be fastattr's; keep (and log) any other."""
+def delete_shards(run_dir: Path, names: Iterable[str], why: str, *, run_id: str | None = None) -> None:
+    """Delete the named shard files that prove to be fastattr's (with ``run_id``: shards of that
+    run); keep (and log) any other."""
     for name in sorted(set(names)):
         p = run_dir / name
         if not p.is_file():
             continue
-        if owned_shard(p):
+        if owned_shard(p, run_id):
             logger.warning("deleting %s: %s", p, why)
             p.unlink(missing_ok=True)
         else:
-            logger.warning("leaving %s alone: %s, but it is not a fastattr shard", p, why)
+            whose = "not a shard of this run" if run_id is not None and owned_shard(p) else "not a fastattr shard"
+            logger.warning("leaving %s alone: %s, but it is %s", p, why, whose)
 
 
 def unlisted_shards(run_dir: Path, listed: Iterable[str], prefix: str) -> list[str]:

@@ -21,18 +21,20 @@ import h5py
 import numpy as np
 
 from ..errors import StoreError
-from .integrity import check_shard_file, check_shards, raise_problem
+from .integrity import RunIdentity, check_shard_file, check_shards, raise_problem
 from .manifest import ShardEntry, overlapping_shards, read_listing
 from .ranges import format_ranges, value_runs
 from .schema import MANIFEST_NAME, SCALAR_DTYPES, STAT_KEYS
 from .status import InProgress, run_state, shards_in_progress
 
 
-def open_run(run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None) -> RunReader:
+def open_run(
+    run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None, check_run: bool = True
+) -> RunReader:
     """Open a run directory for reading (see RunReader); verify=True also checks every shard's
     sha256 first (reads the whole run once); dtype="float32": attributions are returned in that
     dtype whatever the run stores (None: as stored, e.g. float16 for storage_dtype="float16")."""
-    return RunReader(run_dir, max_open_files=max_open_files, verify=verify, dtype=dtype)
+    return RunReader(run_dir, max_open_files=max_open_files, verify=verify, dtype=dtype, check_run=check_run)
 
 
 class RunReader:
@@ -48,7 +50,12 @@ class RunReader:
     made with ``channel_reduce`` stores (H, W) maps of (C, H, W) inputs: ``channel_reduce`` says how.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike[str], *, max_open_files: int = 64, verify: bool = False, dtype: Any = None, check_run: bool = True
+    ) -> None:
+        """check_run=False skips checking that every shard is this run's (its run id and config
+        against the manifest's): for showing what a manifest says (``fastattr info``), never for
+        reading values, which verify and resume check too."""
         self.run_dir = Path(run_dir)
         try:
             self.dtype: np.dtype | None = None if dtype is None else np.dtype(dtype)
@@ -64,7 +71,8 @@ class RunReader:
             a, b = pairs[0]
             raise StoreError(f"{self.run_dir / MANIFEST_NAME}: shards {a.file} [{a.start}, {a.stop}) and {b.file} [{b.start}, {b.stop}) overlap")
         self._names: list[str] = []
-        if verify and (bad := check_shards(self.run_dir, self._shards)):
+        identity = RunIdentity.of(man) if check_run else None  # every shard must be this run's, written with its config
+        if verify and (bad := check_shards(self.run_dir, self._shards, run=identity)):
             raise_problem("; ".join(bad[s.file] for s in self._shards if s.file in bad))
         for i, s in enumerate(self._shards):
             path = self.run_dir / s.file
@@ -72,7 +80,7 @@ class RunReader:
                 raise StoreError(f"{path}: listed in the manifest but missing")
             try:
                 with h5py.File(path, "r") as f:
-                    check_shard_file(f, s)
+                    check_shard_file(f, s, identity)
                     names = list(f["attributions"])
             except StoreError:
                 raise

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import RunMismatchError, StoreError
 from . import fsutil
 from .fsutil import fastattr_version, now, write_json_atomic
-from .integrity import check_shards, set_aside
+from .integrity import RunIdentity, check_shards, set_aside
 from .manifest import (
     ShardEntry,
     manifest_kind,
@@ -41,6 +41,7 @@ from .schema import (
     RANK_LOCK_FORMAT,
     RANK_LOCK_RE,
     SCHEMA_VERSION,
+    VOLATILE_CONFIG_KEYS,
 )
 from .shard import stored_shapes
 
@@ -171,11 +172,12 @@ class RunDirectory:
         if existing and not overwrite:
             self._resume_from(manifest_path)  # a different run is refused before anything changes
             delete_own_temporaries(d)
+            stored_id = self.run_id  # what this run's shards carry (None: a manifest from before run ids)
             had_id = self.run_id is not None
             if self.run_id is None:  # a manifest from before run ids: the ranks need one to join
                 self.run_id = uuid.uuid4().hex
             found = self.absorb_fragments(strict=False)
-            dropped = self._drop_bad_shards()
+            dropped = self._drop_bad_shards(stored_id)
             if found or not had_id or dropped:
                 self.write_manifest()  # lists the fragments' shards (and no bad one) before the fragments go
                 for p in found:
@@ -183,7 +185,9 @@ class RunDirectory:
             with self._lock:
                 if self._shards:
                     self.expect = stored_shapes(self.run_dir / self._shards[0].file)
-            delete_shards(d, unlisted_shards(d, [s.file for s in self._shards], self.shard_prefix), "not listed in the manifest, so not trusted")
+            # orphans of this run only: a shard another run wrote (a user's copy) is not this run's to delete
+            orphans = unlisted_shards(d, [s.file for s in self._shards], self.shard_prefix)
+            delete_shards(d, orphans, "not listed in the manifest, so not trusted", run_id=stored_id)
         else:
             delete_own_temporaries(d)
             # Fragments go first: once the new manifest exists their shards are mere orphans.
@@ -250,14 +254,18 @@ class RunDirectory:
         delete the old run's shards, listed or orphaned, that prove to be fastattr's, so a crash in
         between leaves orphans, never a dangling listing."""
         old_files: set[str] = set()
+        old_id: str | None = None  # the old run's shards carry it; others' shards are not its to delete
         try:
-            old_files = {s.file for s in read_manifest(manifest_path)["shards"]}
+            old = read_manifest(manifest_path)
+            old_files = {s.file for s in old["shards"]}
+            old_id = RunIdentity.of(old).run_id
         except StoreError as exc:  # a damaged fastattr manifest is exactly what overwrite is for
             logger.warning("overwriting an unreadable run: %s", exc)
         logger.info("overwrite=True: discarding the run in %s", self.run_dir)
         self.write_manifest()
-        delete_shards(self.run_dir, old_files, "overwrite=True discards the previous run")
-        delete_shards(self.run_dir, unlisted_shards(self.run_dir, old_files, self.shard_prefix), "not listed in the manifest, so not trusted")
+        delete_shards(self.run_dir, old_files, "overwrite=True discards the previous run", run_id=old_id)
+        orphans = unlisted_shards(self.run_dir, old_files, self.shard_prefix)
+        delete_shards(self.run_dir, orphans, "not listed in the manifest, so not trusted", run_id=old_id)
 
     def _resume_from(self, manifest_path: Path) -> None:
         man = read_manifest(manifest_path)
@@ -276,13 +284,14 @@ class RunDirectory:
         self.run_id = man.get("run_id") if isinstance(man.get("run_id"), str) else None
         logger.info("resuming %s: %d of %d samples already stored in %d shards", self.run_dir, sum(s.rows for s in shards), self.total, len(shards))
 
-    def _drop_bad_shards(self) -> list[ShardEntry]:
-        """Check every listed shard in full (exists, sha256, structure, nothing outside the run) and
-        drop the bad ones: renamed <name>.corrupt, unlisted, so their samples are computed again.
-        Reads every listed byte once (measured in docs/architecture.md); returns the dropped."""
+    def _drop_bad_shards(self, run_id: str | None) -> list[ShardEntry]:
+        """Check every listed shard in full (exists, sha256, structure, nothing outside the run, run
+        id ``run_id`` and the config) and drop the bad ones: renamed <name>.corrupt, unlisted, so
+        their samples are computed again. Reads every listed byte once (measured in
+        docs/architecture.md); returns the dropped."""
         with self._lock:
             shards = list(self._shards)
-        bad = check_shards(self.run_dir, shards)
+        bad = check_shards(self.run_dir, shards, run=RunIdentity(run_id, self.config, self._volatile))
         if not bad:
             return []
         dropped = [s for s in shards if s.file in bad]
@@ -313,6 +322,8 @@ class RunDirectory:
                 "updated": now(),
                 "shards": [s.entry() for s in self._shards],
             }
+            if extra := sorted(self._volatile - VOLATILE_CONFIG_KEYS):  # what verify may ignore comparing a shard's config to this
+                man["volatile_keys"] = extra
             if self._fragment:  # only this rank's own shards; never "complete": rank 0 decides
                 man.update(status="running", rank=self.rank, world_size=self.world_size)
                 man["shards"] = [s.entry() for s in self._shards if s.file not in self._base_files]

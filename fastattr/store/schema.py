@@ -82,3 +82,7 @@ SCALAR_CHUNK_ROWS = 16384
 VOLATILE_CONFIG_KEYS = frozenset(
     {"created", "updated", "started", "finished", "time", "times", "timing", "timings", "elapsed", "wall_s", "host", "hostname", "pid"}
 )
+# ... plus those of fastattr.run's config: settings that change shard boundaries, filters or what is
+# counted, never the stored values. A manifest lists its writer's keys beyond VOLATILE_CONFIG_KEYS
+# ("volatile_keys"); this is the set assumed for a manifest that lists none.
+RUN_VOLATILE_KEYS = VOLATILE_CONFIG_KEYS | {"versions", "shard_size", "shard_seconds", "allow_nonfinite", "precision_probe", "compression"}

@@ -5,7 +5,9 @@ and gives ONE verdict (VerifyReport):
 * ``FAILED``: a shard is missing, damaged or points outside the run; samples are duplicated, or
   missing from a run marked complete; or samples hold non-finite values (NaN or inf in their
   attributions, F(x), F(x0), or a delta their method defines) and the run was not made with
-  ``allow_nonfinite`` (with it, they are listed as counted facts);
+  ``allow_nonfinite`` (with it, they are listed as counted facts). What counts is the call that
+  stored them: each shard records its config, so a later resume with the flag changed (allowed
+  to change) neither hides nor condemns samples stored before;
 * ``INCOMPLETE``: nothing is wrong with what is stored, but samples are still missing;
 * ``OK``: every sample stored once, intact and finite (or allowed non-finite).
 
@@ -17,6 +19,7 @@ non-finite samples are not dropped (recomputing gives the same values).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ import numpy as np
 
 from ..errors import StoreError
 from .fsutil import sha256_file
-from .integrity import check_shard_file
+from .integrity import RunIdentity, check_shard_file
 from .manifest import ShardEntry, overlapping_shards, read_listing, read_manifest
 from .ranges import complement_ranges, format_ranges, value_runs
 from .rundir import RunDirectory
@@ -48,7 +51,7 @@ class VerifyReport:
     shards: int = 0
     nonfinite: int = 0  # sum of stats/nonfinite over stored samples
     nonfinite_samples: list[tuple[int, int]] = field(default_factory=list)  # ranges of samples with any non-finite value
-    allow_nonfinite: bool = False  # the run's config allows them: counted facts, not problems
+    allow_nonfinite: bool = False  # the non-finite samples were stored under allow_nonfinite: counted facts, not problems
     max_abs_delta: float = math.nan  # over samples with a defined, finite delta
     median_abs_delta: float = math.nan
     warnings: list[str] = field(default_factory=list)
@@ -93,7 +96,7 @@ def repair_run(run_dir: str | os.PathLike[str]) -> list[str]:
     d = Path(run_dir)
     man = read_manifest(d / MANIFEST_NAME)
     rd = RunDirectory(
-        d, config=man["config"], total=man["total"], volatile=frozenset(), shard_prefix="shard",
+        d, config=man["config"], total=man["total"], volatile=RunIdentity.of(man).volatile, shard_prefix="shard",
         rank=0, world_size=1, run_id=None, first_shard_id=None,
     )  # fmt: skip
     rd.open(resume=True, overwrite=False)  # checks every shard, sets bad ones aside, rewrites the manifest
@@ -119,13 +122,14 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         return VerifyReport(ok=False, problems=[str(exc)], samples=0, total=0)
     shards: list[ShardEntry] = man["shards"]
     total = man["total"]
-    allow = bool(man["config"].get("allow_nonfinite", False))
+    allow = bool(man["config"].get("allow_nonfinite", False))  # for shards that do not record their own
     problems: list[str] = []
     warnings: list[str] = []
     notes: list[str] = []
-    scan = _Scan()
+    scan = _Scan(allow)
+    identity = RunIdentity.of(man)
     for s in shards:
-        if problem := _check(d, s, scan):
+        if problem := _check(d, s, scan, identity):
             problems.append(problem)
     for a, b in overlapping_shards(shards):
         problems.append(f"duplicate samples [{b.start}, {min(a.stop, b.stop)}) in {a.file} and {b.file}")
@@ -134,13 +138,15 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         problems.append(f"{sum(b - a for a, b in missing)} samples not stored in a run marked complete: {format_ranges(missing)}")
     elif missing:
         notes.append(f"samples not stored yet: {format_ranges(missing)}")
-    bad = scan.bad_ranges()
+    bad, allowed = scan.bad_ranges(), scan.bad_ranges(allowed=True)
+    text = "{} samples hold non-finite values (NaN or inf in attributions, F(x), F(x0) or delta): {}"
+    if allowed:
+        notes.append(text.format(sum(b - a for a, b in allowed), format_ranges(allowed)) + " (stored as counted facts under allow_nonfinite)")
     if bad:
-        text = f"{sum(b - a for a, b in bad)} samples hold non-finite values (NaN or inf in attributions, F(x), F(x0) or delta): {format_ranges(bad)}"
-        if allow:
-            notes.append(text + " (stored as counted facts: the run allows non-finite values)")
-        else:
-            problems.append(text + "; fix the model or data and rerun with overwrite, or make the run with allow_nonfinite to keep them")
+        problems.append(
+            text.format(sum(b - a for a, b in bad), format_ranges(bad))
+            + "; fix the model or data and rerun with overwrite, or make the run with allow_nonfinite to keep them"
+        )
     if man["fragments"]:
         warnings.append(f"{len(man['fragments'])} rank fragments not merged into {MANIFEST_NAME} yet (a distributed run that stopped early; resuming merges them)")
     state = run_state(d, man["status"])
@@ -157,8 +163,8 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         status=state,
         shards=len(shards),
         nonfinite=scan.nonfinite,
-        nonfinite_samples=bad,
-        allow_nonfinite=allow,
+        nonfinite_samples=sorted(bad + allowed),
+        allow_nonfinite=bool(allowed) and not bad,
         max_abs_delta=float(deltas.max()) if deltas.size else math.nan,
         median_abs_delta=float(np.median(deltas)) if deltas.size else math.nan,
         warnings=warnings,
@@ -170,9 +176,11 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
 class _Scan:
     """Per-sample value checks accumulated over shards."""
 
-    def __init__(self) -> None:
+    def __init__(self, allow: bool) -> None:
+        self.allow = allow  # the manifest's allow_nonfinite, for shards that do not record theirs
         self.nonfinite = 0
-        self.bad: list[np.ndarray] = []  # global indices of samples with any non-finite value
+        self.bad: list[np.ndarray] = []  # global indices of samples with any non-finite value, stored without allow_nonfinite
+        self.allowed: list[np.ndarray] = []  # ... stored by a call with allow_nonfinite
         self.deltas: list[np.ndarray] = []  # finite |delta| where defined
 
     def add(self, f: h5py.File) -> None:
@@ -183,15 +191,25 @@ class _Scan:
         defined = ~np.isnan(base)
         bad = (counts > 0) | ~np.isfinite(out) | np.isinf(base) | (defined & ~np.isfinite(delta))
         self.nonfinite += int(counts.sum())
-        self.bad.append(index[bad])
+        (self.allowed if self._allowed(f) else self.bad).append(index[bad])
         self.deltas.append(np.abs(delta[defined & np.isfinite(delta)]))
 
-    def bad_ranges(self) -> list[tuple[int, int]]:
-        idx = np.sort(np.concatenate(self.bad)) if self.bad else np.zeros(0, dtype=np.int64)
+    def _allowed(self, f: h5py.File) -> bool:
+        """Whether the call that wrote this shard allowed non-finite values (its stamped config)."""
+        try:
+            config = json.loads(f.attrs["config_json"])
+        except (KeyError, TypeError, ValueError):
+            return self.allow
+        flag = config.get("allow_nonfinite") if isinstance(config, dict) else None
+        return flag if isinstance(flag, bool) else self.allow
+
+    def bad_ranges(self, *, allowed: bool = False) -> list[tuple[int, int]]:
+        found = self.allowed if allowed else self.bad
+        idx = np.sort(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
         return value_runs(idx)
 
 
-def _check(d: Path, s: ShardEntry, scan: _Scan) -> str | None:
+def _check(d: Path, s: ShardEntry, scan: _Scan, identity: RunIdentity) -> str | None:
     path = d / s.file
     if not path.is_file():
         return f"{path}: listed in the manifest but missing"
@@ -200,7 +218,7 @@ def _check(d: Path, s: ShardEntry, scan: _Scan) -> str | None:
         return f"{path}: checksum mismatch (manifest {s.sha256[:12]}..., file {digest[:12]}...)"
     try:
         with h5py.File(path, "r") as f:
-            check_shard_file(f, s)
+            check_shard_file(f, s, identity)
             if not np.array_equal(f["index"][()], np.arange(s.start, s.stop)):
                 return f"{path}: 'index' is not {s.start}..{s.stop - 1}"
             scan.add(f)
