@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distributed import local_device
 
         args.device = str(local_device(torch.device(args.device)))  # torchrun: one GPU per rank, loaded there
-    from .interrupts import two_stage_interrupts
+    from .interrupts import exit_code, two_stage_interrupts
 
     saving = args.command in ("run", "demo")  # commands that write shards
     first = "fastattr: interrupted: " + ("saving the shard in progress, then stopping" if saving else "stopping") + " (Ctrl-C again quits at once)"
@@ -557,9 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with two_stage_interrupts(first, again):  # a second Ctrl-C exits at once, never hangs (fastattr/interrupts.py)
             return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (interrupts.Terminated: exit 143)
         print("fastattr: interrupted (finished shards are kept; rerun to resume)", file=sys.stderr)
-        return 130
+        return exit_code(exc)
     except BrokenPipeError:  # `fastattr info run | head`: the reader left; not an error of ours
         # Python flushes stdout again at exit and would report the broken pipe: point it at devnull.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
