@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--precision-warn", type=float, default=0.01, help="warn when the probe error exceeds this (default 0.01)")
     run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
     run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
-    run.add_argument("--batch-size", type=_batch_size, default="auto", help="rows per forward: auto (default) or an int")
+    run.add_argument("--batch-size", type=_batch_size, default="auto", help="the most rows per forward: auto (default) or an int (on CPU one above 32 bounds the throughput tuner)")
     run.add_argument("--memory-budget", default=None,
                      help="memory for one chunk's rows, e.g. 8GiB: on CUDA device memory (default: half of free), on CPU host "
                           "memory bounding the tuned rows (default: half of available)")

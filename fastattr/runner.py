@@ -88,8 +88,9 @@ def run(
 ) -> RunSummary:
     """Attribute every sample of ``data`` with ``method`` and store the results in ``out``.
 
-    batch_size: rows per forward ("auto": sized from the memory budget on CUDA, from
-    throughput on CPU); examples_per_batch: samples per engine call and per block written
+    batch_size: the most rows per forward ("auto": sized from the memory budget on CUDA, from
+    throughput on CPU; on CPU an int above 32 bounds the tuner, which may pick fewer rows, so
+    bit-identical reruns need 32 or less); examples_per_batch: samples per engine call and per block written
     (None: 256 on CPU, about 64 MiB of input on CUDA). Returns a RunSummary; rerunning the
     same call resumes.
 
