@@ -1,0 +1,149 @@
+"""The code paths a CUDA device takes, driven on the CPU where they can be.
+
+On CUDA every public method dispatches its reductions to the Triton kernels (kernels.resolve_backend
+"auto"), whose launchers demand dense, same-device tensors of the dtypes they accept, where the torch
+reference takes anything. Here FASTATTR_KERNELS=triton sends each call site through those launchers
+on CPU tensors, in the Triton interpreter, and the results must equal the torch path's: a call site
+that hands a kernel a strided view or an unsupported dtype fails here, not on the next GPU run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fastattr
+from tests.models import CNN, MLP, TwoInput, assert_attr_close
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """FASTATTR_KERNELS=triton, the interpreter on CPU; yields a function that runs ``fn`` on both backends."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not torch.cuda.is_available():
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("triton was imported without TRITON_INTERPRET=1")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def both(fn):
+        from fastattr import kernels
+
+        calls = []
+        real = kernels._triton_op
+        monkeypatch.setattr(kernels, "_triton_op", lambda name: calls.append(name) or real(name))
+        monkeypatch.setenv("FASTATTR_KERNELS", "torch")
+        ref = fn()
+        assert not calls
+        monkeypatch.setenv("FASTATTR_KERNELS", "triton")
+        got = fn()
+        assert calls, "nothing went through a Triton launcher"
+        return got, ref, set(calls)
+
+    return both
+
+
+def _cnn_inputs(n=3, channels_last=False):
+    x = torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "gausslegendre"])
+def test_integrated_gradients_through_the_kernels(triton_backend, rule, channels_last):
+    model, x = CNN().eval(), _cnn_inputs(channels_last=channels_last)
+    # max_rows below the batch: chunks of one step (the engine's one-step path) and of several
+    for rows in (2, 7):
+        (got, gd), (ref, rd), ops = triton_backend(
+            lambda rows=rows: fastattr.IntegratedGradients(model).attribute(
+                x, target=1, n_steps=5, method=rule, internal_batch_size=rows, return_convergence_delta=True
+            )
+        )
+        assert {"path_accumulate", "finalize"} <= ops
+        assert_attr_close(got, ref)
+        torch.testing.assert_close(gd, rd, rtol=1e-4, atol=1e-5)
+
+
+def test_two_inputs_saliency_and_input_x_gradient_through_the_kernels(triton_backend):
+    model = TwoInput().eval()
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 6, generator=g), torch.randn(4, 2, 4, generator=g))
+    got, ref, _ = triton_backend(lambda: fastattr.IntegratedGradients(model).attribute(x, target=0, n_steps=4))
+    assert_attr_close(got, ref)
+    for cls in (fastattr.Saliency, fastattr.InputXGradient):
+        got, ref, _ = triton_backend(lambda cls=cls: cls(model).attribute(x, target=2))
+        assert_attr_close(got, ref)
+
+
+@pytest.mark.parametrize("nt_type", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_noise_tunnel_through_the_kernels(triton_backend, nt_type):
+    model, x = MLP().eval(), torch.randn(3, 12, generator=torch.Generator().manual_seed(4))
+    got, ref, ops = triton_backend(
+        lambda: fastattr.NoiseTunnel(fastattr.IntegratedGradients(model)).attribute(
+            x, nt_type=nt_type, nt_samples=4, stdevs=0.2, target=0, n_steps=3, seed=0
+        )
+    )
+    assert_attr_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_shap_through_the_kernels(triton_backend):
+    model, x = CNN().eval(), _cnn_inputs()
+    refs = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    got, ref, ops = triton_backend(lambda: fastattr.GradientShap(model).attribute(x, refs, n_samples=4, stdevs=0.1, target=2, seed=0))
+    assert_attr_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_methods_through_the_kernels(triton_backend):
+    model, x = MLP().eval(), torch.randn(3, 12, generator=torch.Generator().manual_seed(6))
+    layer = model.net[1]
+    got, ref, _ = triton_backend(lambda: fastattr.LayerIntegratedGradients(model, layer).attribute(x, target=1, n_steps=4))
+    assert_attr_close(got, ref)
+    got, ref, ops = triton_backend(lambda: fastattr.LayerIntegratedGradients(model, layer).attribute(x, target=1, n_steps=4, reduce="l2"))
+    assert "channel_reduce" in ops and got.shape == (3,)
+    assert_attr_close(got, ref)
+
+
+def test_dataset_run_with_device_reductions_through_the_kernels(triton_backend, tmp_path):
+    """fastattr.run's device-side storage form (channel_reduce + float16, fastattr/run_reduce.py) as CUDA makes it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5)).eval()
+    data = np.random.default_rng(1).standard_normal((6, 3, 5, 5)).astype(np.float32)
+    runs = iter(("torch", "triton"))
+
+    def run():
+        out = str(tmp_path / next(runs))
+        fastattr.run(model, data, out, target=2, n_steps=4, channel_reduce="l2", storage_dtype="float16", examples_per_batch=4, progress=False)
+        with fastattr.open(out, dtype="float32") as store:
+            return store[:]["attributions"]["x"]
+
+    got, ref, ops = triton_backend(run)
+    assert "channel_reduce" in ops and got.shape == (6, 5, 5)
+    np.testing.assert_allclose(got, ref, rtol=2e-3, atol=1e-6)  # float16 storage: a last-bit fp32 difference may round apart
+
+
+def test_prefetch_pins_only_host_rows():
+    """On CUDA the prefetch thread pins what the source reads (run_loop._prefetch, pin=True); rows that
+    are not in host memory (a CUDA tensor passed as the data) cannot be pinned and are passed on as they
+    are. Meta tensors stand in for device tensors: pin_memory() refuses both alike ("only dense CPU
+    tensors can be pinned"); the old loop pinned every input and the run failed before its first batch."""
+    from fastattr.run_loop import _prefetch
+    from fastattr.sources import Source
+
+    class DeviceRows(Source):
+        def __len__(self) -> int:
+            return 5
+
+        def _read(self, start, stop):
+            return (torch.zeros(stop - start, 3, device="meta"),), torch.arange(start, stop)
+
+    got = list(_prefetch(DeviceRows(), [(0, 2), (2, 5)], pin=True))
+    assert [(start, stop) for start, stop, _, _ in got] == [(0, 2), (2, 5)]
+    assert all(xs[0].is_meta and xs[0].shape == (stop - start, 3) for start, stop, xs, _ in got)
