@@ -147,3 +147,20 @@ def test_prefetch_pins_only_host_rows():
     got = list(_prefetch(DeviceRows(), [(0, 2), (2, 5)], pin=True))
     assert [(start, stop) for start, stop, _, _ in got] == [(0, 2), (2, 5)]
     assert all(xs[0].is_meta and xs[0].shape == (stop - start, 3) for start, stop, xs, _ in got)
+
+
+def test_more_call_sites_through_the_kernels(triton_backend):
+    """Noise tunnel over a channels-last CNN, adaptive steps, pooled layer activations."""
+    model, x = CNN().eval(), _cnn_inputs(channels_last=True)
+    got, ref, _ = triton_backend(
+        lambda: fastattr.NoiseTunnel(fastattr.IntegratedGradients(model)).attribute(
+            x, nt_type="smoothgrad_sq", nt_samples=3, stdevs=0.1, target=0, n_steps=3, seed=1
+        )
+    )
+    assert_attr_close(got, ref, rtol=1e-4, atol=1e-5)
+    got, ref, _ = triton_backend(lambda: fastattr.IntegratedGradients(model).attribute(x, target=3, n_steps="auto"))
+    assert_attr_close(got, ref, rtol=1e-4, atol=1e-5)
+    for pool in ("mean", "l2"):
+        res, ref, ops = triton_backend(lambda pool=pool: fastattr.LayerActivation(model, model.conv2).attribute_batch(x, pool=pool))
+        assert "channel_reduce" in ops
+        assert_attr_close(tuple(res.attributions), tuple(ref.attributions))
