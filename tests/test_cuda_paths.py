@@ -164,3 +164,37 @@ def test_more_call_sites_through_the_kernels(triton_backend):
         res, ref, ops = triton_backend(lambda pool=pool: fastattr.LayerActivation(model, model.conv2).attribute_batch(x, pool=pool))
         assert "channel_reduce" in ops
         assert_attr_close(tuple(res.attributions), tuple(ref.attributions))
+
+
+def test_tf32_set_through_the_fp32_precision_api():
+    """torch >= 2.9 recommends torch.backends.cuda.matmul.fp32_precision = "tf32" for TF32 on a GPU; after it,
+    reading the legacy allow_tf32 flag raises (torch refuses mixed APIs), which made every call fail in
+    Precision.flags. The policy now applies through that API and the caller's settings come back. In a
+    child process: the setting is process-wide."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import torch, fastattr
+        m, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        m.fp32_precision = "tf32"
+        seen = []
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(4, 3)
+            def forward(self, x):
+                if x.requires_grad:
+                    seen.append((m.fp32_precision, conv.fp32_precision))
+                return self.fc(x)
+        x = torch.randn(2, 4)
+        for p in ("fp32", "tf32"):
+            fastattr.IntegratedGradients(Net()).attribute(x, target=0, n_steps=2, precision=p)
+        assert seen[0] == ("ieee", "ieee") and seen[-1] == ("tf32", "tf32"), seen
+        assert (m.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        print("ok")
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
