@@ -198,3 +198,26 @@ def test_tf32_set_through_the_fp32_precision_api():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_out_of_memory_in_the_trim_check_is_not_a_padding_verdict():
+    """CUDA out-of-memory is a RuntimeError; the trim_padding check (layer_methods._check_trim) took it for
+    "the model failed on trimmed inputs" (PaddingNotIgnoredError, or a silent fall back to the longer
+    full-length pass). It propagates now, as everywhere else (a dataset run halves its rows on it)."""
+    from tests.token_models import TokenClassifier, token_batch
+
+    class OOMWhenCut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = TokenClassifier()
+
+        def forward(self, ids, mask):
+            if ids.shape[1] < 12 and not torch.is_grad_enabled():
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return self.model(ids, mask)
+
+    net = OOMWhenCut()
+    ids, mask, lengths = token_batch(6, 12, seed=5)
+    lig = fastattr.LayerIntegratedGradients(net, net.model.embed)
+    with pytest.raises(torch.OutOfMemoryError):
+        lig.attribute_batch(ids, None, 0, (mask,), n_steps=4, lengths=lengths, trim_padding=True)
