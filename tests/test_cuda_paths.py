@@ -221,3 +221,53 @@ def test_out_of_memory_in_the_trim_check_is_not_a_padding_verdict():
     lig = fastattr.LayerIntegratedGradients(net, net.model.embed)
     with pytest.raises(torch.OutOfMemoryError):
         lig.attribute_batch(ids, None, 0, (mask,), n_steps=4, lengths=lengths, trim_padding=True)
+
+
+def test_host_copies_of_the_cuda_branch_give_the_same_block(monkeypatch, tmp_path):
+    """run_blocks.to_host on a CUDA device: pinned host buffers filled by non-blocking copies, one event
+    recorded on the device's stream after them, and write_block waiting on it before reading. Run here
+    with the CUDA calls stood in for (pinned allocation -> plain host memory, a recording event), so the
+    branch's bookkeeping (every field copied, the float16 storage form's counts, the event) is exercised
+    end to end: the block stored equals the CPU branch's."""
+    from fastattr import run_blocks
+    from fastattr.run_reduce import StoredForm
+    from fastattr.store import RunWriter, open_run
+
+    model, x = CNN().eval(), _cnn_inputs(4)
+    res = fastattr.IntegratedGradients(model).attribute_batch(x, target=1, n_steps=4)
+    form = StoredForm("sum", float16=True)
+    events, pinned = [], []
+
+    class Event:
+        def record(self, stream=None):
+            events.append(("record", stream, len(pinned)))
+
+        def synchronize(self):
+            events.append(("synchronize",))
+
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kw):
+        pinned.append(pin_memory)
+        return real_empty(*args, **kw)
+
+    def store(dev: str) -> dict:
+        with monkeypatch.context() as m:
+            m.setattr(torch, "empty", empty)
+            m.setattr(torch.cuda, "Event", Event)
+            m.setattr(torch.cuda, "current_stream", lambda device=None: ("stream", str(device)))
+            copied = run_blocks.to_host(res, torch.device(dev), form)
+            out = str(tmp_path / dev.replace(":", ""))
+            with RunWriter(out, config={"method": "test"}, total=4, storage_dtype="float16") as w:
+                run_blocks.write_block(w, 0, 4, copied, [], [], allow_nonfinite=False)
+        with open_run(out) as s:
+            return s[0:4]
+
+    cpu = store("cpu")
+    assert not pinned and not events
+    cuda = store("cuda:1")
+    assert pinned and all(pinned)  # every host buffer asked for pinned memory
+    assert events == [("record", ("stream", "cuda:1"), len(pinned)), ("synchronize",)]  # after every copy; read after the wait
+    np.testing.assert_array_equal(cuda["attributions"]["x"], cpu["attributions"]["x"])
+    for k in ("delta", "output", "baseline_output", "target", "n_steps"):
+        np.testing.assert_array_equal(cuda[k], cpu[k])
