@@ -271,3 +271,52 @@ def test_host_copies_of_the_cuda_branch_give_the_same_block(monkeypatch, tmp_pat
     np.testing.assert_array_equal(cuda["attributions"]["x"], cpu["attributions"]["x"])
     for k in ("delta", "output", "baseline_output", "target", "n_steps"):
         np.testing.assert_array_equal(cuda[k], cpu[k])
+
+
+def test_cuda_row_probe(monkeypatch):
+    """budget.RowPlanner on a CUDA device, its torch.cuda calls stood in for (monkeypatch fails if torch
+    2.13 lacks one): a 16-row probe chunk, its peak allocation per row sizes the rest to the memory budget
+    (half the free memory, 10% headroom, or memory_budget), the size is remembered for the key, and a
+    second planner with the key starts there without probing; a user cap <= 32 rows is used as given."""
+    from fastattr import budget
+
+    dev = torch.device("cuda", 0)
+    calls = []
+    state = {"allocated": 1000, "peak": 1000}
+    fakes = {
+        "synchronize": lambda device=None: calls.append(("synchronize", device)),
+        "reset_peak_memory_stats": lambda device=None: calls.append(("reset", device)),
+        "memory_allocated": lambda device=None: state["allocated"],
+        "max_memory_allocated": lambda device=None: state["peak"],
+        "mem_get_info": lambda device=None: (2**28, 2**34),
+    }
+    for name, fake in fakes.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(budget, "_settled", {})
+
+    p = budget.RowPlanner(dev, 100_000, key=("model", "fp32"))
+    assert p.rows == budget.CUDA_PROBE_ROWS and p.tuning
+    p.begin()
+    state["peak"] = 1000 + 16 * 4096  # 4 KiB a row
+    p.end(16)
+    fit = int(2**28 * budget.CUDA_BUDGET_FRACTION * budget.CUDA_HEADROOM) // 4096
+    assert p.rows == fit and not p.tuning
+    assert calls == [("synchronize", dev), ("reset", dev)]
+
+    again = budget.RowPlanner(dev, 100_000, key=("model", "fp32"))
+    assert again.rows == fit and not again.tuning
+    again.begin()
+    assert len(calls) == 2  # no probe: no sync
+
+    capped = budget.RowPlanner(dev, 100_000, max_rows=20, memory_budget="1MiB", key=("other", "fp32"))
+    assert capped.rows == 20 and not capped.tuning
+    small = budget.RowPlanner(dev, 100_000, memory_budget="1MiB", key=("other", "fp32"))
+    small.begin()
+    small.end(16)
+    assert small.rows == int(2**20 * budget.CUDA_HEADROOM) // 4096
+
+    fixed = budget.RowPlanner(dev, 8, fixed=True, key=("compiled", "fp32"))  # a compiled model: probe, then one size
+    assert fixed.rows == budget.CUDA_PROBE_ROWS
+    fixed.begin()
+    fixed.end(16)
+    assert fixed.rows == budget.FIXED_MAX_ROWS and not fixed.tuning  # the fit, at most FIXED_MAX_ROWS, not clamped to the pass
