@@ -320,3 +320,28 @@ def test_cuda_row_probe(monkeypatch):
     fixed.begin()
     fixed.end(16)
     assert fixed.rows == budget.FIXED_MAX_ROWS and not fixed.tuning  # the fit, at most FIXED_MAX_ROWS, not clamped to the pass
+
+
+def test_precision_probe_forks_and_restores_the_cuda_rng(monkeypatch):
+    """probe.measure on a CUDA device, torch.cuda's RNG and sync calls stood in for: every policy's call
+    starts from the same CUDA generator state (noise drawn on the device repeats exactly), the passes are
+    synchronized, and the caller's CUDA state is back afterwards."""
+    from fastattr import probe
+
+    dev = torch.device("cuda", 0)
+    rng = {"state": torch.tensor([7], dtype=torch.uint8)}
+    syncs, seen = [], []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": rng["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda new, device="cuda": rng.__setitem__("state", new.clone()))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+
+    def call(policy: str) -> list[torch.Tensor]:
+        seen.append((policy, int(rng["state"])))
+        rng["state"] = rng["state"] + 1  # a draw on the device advances its generator
+        return [torch.ones(2, 3) * (1.001 if policy == "bf16" else 1.0)]
+
+    res = probe.measure(call, "auto", dev, policies=("fp32", "bf16"), repeats=2)
+    assert {s for _, s in seen} == {7} and [p for p, _ in seen] == ["fp32", "bf16"] * 2
+    assert int(rng["state"]) == 7  # restored
+    assert syncs and all(d == dev for d in syncs) and len(syncs) == 2 * len(seen)
+    assert res.policy in ("fp32", "bf16") and res.candidates["bf16"]["rel_err_max"] == pytest.approx(1e-3, rel=1e-3)
