@@ -16,10 +16,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+from models import CNN, MLP, TwoInput, assert_attr_close
 from torch import nn
 
 import fastattr
-from tests.models import CNN, MLP, TwoInput, assert_attr_close
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -204,7 +204,7 @@ def test_out_of_memory_in_the_trim_check_is_not_a_padding_verdict():
     """CUDA out-of-memory is a RuntimeError; the trim_padding check (layer_methods._check_trim) took it for
     "the model failed on trimmed inputs" (PaddingNotIgnoredError, or a silent fall back to the longer
     full-length pass). It propagates now, as everywhere else (a dataset run halves its rows on it)."""
-    from tests.token_models import TokenClassifier, token_batch
+    from token_models import TokenClassifier, token_batch
 
     class OOMWhenCut(nn.Module):
         def __init__(self) -> None:
