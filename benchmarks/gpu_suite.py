@@ -121,8 +121,7 @@ def stage_engine(cfg: argparse.Namespace) -> Result:
         tri = fastattr.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, kernel_backend="triton" if dev.type == "cuda" else "torch")
         ref = fastattr.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, kernel_backend="torch")
         rows.append({"check": f"{name} IG triton vs torch kernels", "max_abs_diff": (tri - ref).abs().max().item(), "scale": ref.abs().max().item()})
-        if not (tri - ref).abs().max().item() <= 1e-6 * ref.abs().max().item():
-            raise RuntimeError(f"{name}: Triton and torch kernel paths disagree: {rows[-1]}")
+        rows[-1]["ok"] = (tri - ref).abs().max().item() <= 1e-6 * ref.abs().max().item()  # judged at the end: the checks below still run
         for p in [p for p in cfg.precisions if p != "fp32"]:
             a, d = fastattr.IntegratedGradients(model).attribute(x, target=t, n_steps=steps, precision=p, return_convergence_delta=True)
             rows.append({"check": f"{name} IG {p} vs fp32", "rel_l2": h.rel_err(a, ref), "finite": bool(torch.isfinite(a).all() and torch.isfinite(d).all())})
@@ -138,11 +137,10 @@ def stage_engine(cfg: argparse.Namespace) -> Result:
         ref, delta = fastattr.IntegratedGradients(cnn).attribute(x.to(dev), target=pred, n_steps=steps, return_convergence_delta=True)
         rows.append({"check": f"cnn fastattr.run on {dev.type} vs in-memory IG", "rel_l2": h.rel_err(torch.from_numpy(got["attributions"]["x"]), ref),
                      "delta_diff": float(np.abs(got["delta"] - delta.cpu().numpy()).max()), "indices_ok": bool((store.indices == np.arange(m)).all())})  # fmt: skip
-    if not rows[-1]["indices_ok"] or not rows[-1]["rel_l2"] <= 1e-5:
-        raise RuntimeError(f"dataset run disagrees with the in-memory API: {rows[-1]}")
+    rows[-1]["ok"] = rows[-1]["indices_ok"] and rows[-1]["rel_l2"] <= 1e-5  # the dataset run equals the in-memory API
     # fp32 parity is judged normwise: cuDNN may pick other algorithms, and a last-bit difference
     # can flip a ReLU or max-pool argmax locally
-    failures = [r for r in rows if "vs captum" in r["check"] and not r["rel_l2"] <= 1e-4]
+    failures = [r for r in rows if ("vs captum" in r["check"] and not r["rel_l2"] <= 1e-4) or r.get("ok") is False]
     if failures:
         raise RuntimeError(f"engine checks failed: {failures}")
     return rows, h.dict_table(rows)

@@ -421,6 +421,8 @@ def _padding_ignored(
     check = opts.engine(forward, "fp32", max_rows=rows if cap is None else min(cap, rows))
     try:
         got = check.outputs_pairs(problem, ex, ends, seq_lengths=lens)
+    except torch.OutOfMemoryError:  # a RuntimeError too, but not the model's verdict on trimming
+        raise
     except (AttributionInputError, RuntimeError) as e:  # e.g. a model that cannot run on cut inputs
         got, failure = None, f"the model failed on trimmed inputs ({type(e).__name__}: {e})"
     want = torch.stack([f_x[order], f_x0[order]], 1).reshape(-1).to(torch.float64)

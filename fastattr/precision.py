@@ -42,13 +42,33 @@ class Precision:
     @contextlib.contextmanager
     def flags(self) -> Iterator[None]:
         """TF32 flags for forward and backward; restored on exit."""
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        try:
+            saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        except RuntimeError:  # TF32 set through torch's fp32_precision API: torch refuses to read the legacy flags then
+            saved = None
+        if saved is None:
+            with self._fp32_precision():
+                yield
+            return
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         try:
             yield
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    @contextlib.contextmanager
+    def _fp32_precision(self) -> Iterator[None]:
+        """``flags`` through the fp32_precision API (cuBLAS matmuls, cuDNN convolutions and RNNs)."""
+        parts = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+        saved = [p.fp32_precision for p in parts]
+        for p in parts:
+            p.fp32_precision = "tf32" if self.allow_tf32 else "ieee"
+        try:
+            yield
+        finally:
+            for p, value in zip(parts, saved):
+                p.fp32_precision = value
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         """Autocast for the forward (the backward follows the forward's dtypes by itself)."""

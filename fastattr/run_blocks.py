@@ -53,7 +53,7 @@ def to_host(res: BatchResult, dev: torch.device, form: StoredForm = AS_COMPUTED)
     }
     if pin:
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(dev))  # the copies' stream: dev's, which need not be the current device's
         copied["event"] = event
     return copied
 

@@ -92,8 +92,8 @@ def _prefetch(source: Source, batches: list[tuple[int, int]], pin: bool) -> Iter
                 if stop_flag.is_set():
                     return
                 xs, labels = source.read(start, stop)
-                if pin:
-                    xs = tuple(x.pin_memory() for x in xs)
+                if pin:  # CPU rows only: a source of device tensors (a CUDA tensor passed as data) is used as it is
+                    xs = tuple(x.pin_memory() if x.device.type == "cpu" else x for x in xs)
                 q.put((start, stop, xs, labels))
             q.put(None)
         except BaseException as e:  # surfaces in the consumer

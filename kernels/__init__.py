@@ -15,6 +15,7 @@ module never requires triton.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
@@ -64,6 +65,12 @@ def _triton_op(name: str) -> Callable[..., Any]:
     return getattr(module, f"{name}_triton")
 
 
+def _on(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on ``t``'s GPU: Triton launches on the current CUDA device and its stream, not the
+    tensors' (tensors on cuda:1 with cuda:0 current would be read from the wrong device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def path_accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """In place: acc[b, :] += sum_s weights[s(, b)] * grads[s, b, :]. Returns acc.
 
@@ -71,7 +78,8 @@ def path_accumulate(acc: torch.Tensor, grads: torch.Tensor, weights: torch.Tenso
     bfloat16 or float16; weights (S,) shared by all rows or (S, B) per row.
     """
     if resolve_backend(backend, acc) == "triton" and acc.dtype == torch.float32:
-        return _triton_op("path_accumulate")(acc, grads, weights)
+        with _on(acc):
+            return _triton_op("path_accumulate")(acc, grads, weights)
     return reference.path_accumulate(acc, grads, weights)
 
 
@@ -88,7 +96,8 @@ def finalize(
     with per-row Stats (sum, l1, l2, absmax over finite elements; nonfinite count).
     copy=False: the result may alias acc (the caller copies it anyway or drops acc)."""
     if resolve_backend(backend, acc) == "triton" and acc.dtype == torch.float32:
-        return _triton_op("finalize")(acc, inputs, baselines, out_dtype=out_dtype)
+        with _on(acc):
+            return _triton_op("finalize")(acc, inputs, baselines, out_dtype=out_dtype)
     return reference.finalize(acc, inputs, baselines, out_dtype, copy)
 
 
@@ -102,7 +111,8 @@ def moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: sum_g += sum_s w g, sum_sq += sum_s w g^2 for grads (S, B, F)."""
     if resolve_backend(backend, sum_g) == "triton" and sum_g.dtype == torch.float32:
-        return _triton_op("moments")(sum_g, sum_sq, grads, weights)
+        with _on(sum_g):
+            return _triton_op("moments")(sum_g, sum_sq, grads, weights)
     return reference.moments(sum_g, sum_sq, grads, weights)
 
 
@@ -111,5 +121,6 @@ def channel_reduce(
 ) -> torch.Tensor:
     """Reduce x over ``dim`` by 'sum', 'abs' or 'l2', fused with the cast to out_dtype."""
     if resolve_backend(backend, x) == "triton" and x.dtype != torch.float64:
-        return _triton_op("channel_reduce")(x, dim, mode, out_dtype=out_dtype)
+        with _on(x):
+            return _triton_op("channel_reduce")(x, dim, mode, out_dtype=out_dtype)
     return reference.channel_reduce(x, dim, mode, out_dtype)
