@@ -20,10 +20,13 @@ failing stage records its traceback and the suite goes on, exiting 1 at the end)
   noise        NoiseTunnel (SmoothGrad over IG) and GradientShap vs Captum (bench_noise)
   layer        LayerIntegratedGradients on a token classifier vs Captum (bench_layer)
   adaptive     n_steps="auto" vs Captum's fixed steps on the demo CNNs (bench_adaptive)
-  compile      compile=True vs eager, IG on ResNet-50 (224 on a GPU): seconds, peak memory, error
-               against eager (the default stays off until a device measures it faster)
+  precision    probe error vs fp32 of every policy and what precision="auto" picks, ResNet-50 vs
+               ViT-S/16 (bench_precision)
+  llm          language-model generations vs Captum's LLMGradientAttribution loop (bench_llm)
   distributed  torchrun on every visible GPU vs one (bench_distributed); skipped with one GPU
   kernel_tests tests/test_kernels.py on CUDA tensors (needs pytest; the --quick run takes a subset)
+  compile      compile=True vs eager, IG on ResNet-50 (224 on a GPU): seconds, peak memory, error
+               against eager (the default stays off until a device measures it faster) (last: minutes of compiling)
 
 Writes DIR/gpu_suite.json (env: card, date, commit, versions; per stage: status, seconds, rows)
 and DIR/gpu_suite.md (the same as tables), rewritten after every stage so a killed run keeps
@@ -68,7 +71,9 @@ import models  # noqa: E402
 import fastattr  # noqa: E402
 
 warnings.filterwarnings("ignore")
-STAGES = ("kernels", "engine", "captum", "dataset", "store", "noise", "layer", "adaptive", "precision", "compile", "llm", "distributed", "kernel_tests")
+# compile last: with dynamic=False it compiles ResNet-50 several times (minutes, unmeasured on a device),
+# so it must not cost the stages after it their place in the one GPU call
+STAGES = ("kernels", "engine", "captum", "dataset", "store", "noise", "layer", "adaptive", "precision", "llm", "distributed", "kernel_tests", "compile")
 Result = tuple[list[Any], str]  # (rows for the JSON, markdown for the report)
 
 
