@@ -165,6 +165,16 @@ class _Tuning:
     row_peak_bytes: int | None = None
 
 
+def forget(device: torch.device) -> None:
+    """Drop every size settled or being tuned on ``device``: after an out-of-memory error there the
+    remembered sizes may not fit any more (a later call, which has no retry, would start at the size
+    that failed), so the next pass measures again."""
+    name = str(device)
+    for table in (_settled, _progress):
+        for key in [k for k in table if len(k) >= 2 and k[-2] == name]:  # keys end (..., device, budget)
+            del table[key]
+
+
 # CPU tuning not finished when its pass ended (a pass shorter than the ladder of sizes: a dataset
 # run's batches), per key as above; the next pass goes on from there.
 _progress: dict[tuple, _Tuning] = {}

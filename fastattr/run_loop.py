@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import budget
 from .distributed import LOCAL, Context
 from .errors import AttributionInputError
 from .methods import BatchResult
@@ -219,6 +220,8 @@ def attribute_with_retry(plan: MethodPlan, batch: Batch, model: Any = None, outp
                 raise
             raise named from exc
         except torch.OutOfMemoryError:
+            if batch.inputs:
+                budget.forget(batch.inputs[0].device)  # a size remembered there ran out of memory: measure again
             rows = batch.max_rows or batch.inputs[0].shape[0] * plan.rows_per_sample
             if rows <= 1:
                 raise

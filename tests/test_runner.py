@@ -228,10 +228,20 @@ def test_out_of_memory_halves_rows_and_retries_the_same_samples():
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return ("result", inputs.shape[0])
 
+    from fastattr import budget
+
     x = torch.randn(10, 3)
     ig = FlakyIG()
     plan = MethodPlan("integrated_gradients", {}, lambda b: ig.attribute_batch(b.inputs[0], None, 0, None, 16, "gausslegendre", b.max_rows, True), 16)
-    res, rows = _attribute_with_retry(plan, Batch((x,), 0, None, 0, 10, None))
+    # sizes remembered on the batch's device ran out of memory: forgotten, so a later call (the
+    # in-memory API has no retry) measures again instead of starting at the size that failed
+    budget._settled[("model", "fp32", "cpu", None)] = 4096
+    budget._settled[("model", "fp32", "cuda:1", None)] = 4096
+    try:
+        res, rows = _attribute_with_retry(plan, Batch((x,), 0, None, 0, 10, None))
+        assert ("model", "fp32", "cpu", None) not in budget._settled and budget._settled[("model", "fp32", "cuda:1", None)] == 4096
+    finally:
+        budget._settled.pop(("model", "fp32", "cuda:1", None), None)
     assert res == ("result", 10)  # the same 10 samples, once
     assert ig.calls == [None, 80, 40] and rows == 40  # 10 x 16 rows -> halved until it fits
 
