@@ -348,10 +348,14 @@ class Engine:
 
     def _forward_rows(self, problem: Problem, total: int | None) -> int:
         """Rows per no-grad forward: the cap (else FORWARD_ONLY_ROWS), at most ``total``; for a compiled
-        model one fixed size (the gradient passes' fixed size, never clamped to the pass)."""
+        model one fixed size, never clamped to the pass (short passes are padded): on CUDA the same
+        cap, as uncompiled models get (the CUDA planner's 16-row probe never settled for these
+        passes, so compiled models ran them 16 rows at a time); on CPU the planner's fixed size."""
         if not self.fixed_rows:
             rows = self.max_rows or FORWARD_ONLY_ROWS
             return rows if total is None else min(rows, total)
+        if problem.device.type == "cuda":
+            return self.max_rows or FORWARD_ONLY_ROWS
         row_bytes = sum(x[0].numel() * x.element_size() for x in problem.inputs)
         key = ("forward-only", identity(self.forward_func), self.precision.name, tuple((x.shape[1:], x.dtype) for x in problem.inputs))
         return self._planner(problem.device, 1, row_bytes, key).rows  # per model and row shape, as the gradient passes

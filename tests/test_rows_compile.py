@@ -418,3 +418,19 @@ def test_cli_compile_flag_reaches_the_run(tmp_path, monkeypatch):
     assert seen["compile"] is True
     assert cli.main(["-q", "run", "--model", "compile_models:cnn", "--data", "x.npy", "--out", "out"]) == 0
     assert seen["compile"] is False
+
+
+@pytest.mark.parametrize("max_rows", [None, 48])
+def test_compiled_forward_only_passes_on_cuda_use_the_forward_cap(max_rows):
+    """On CUDA a compiled model's no-grad passes (F(x), F(x0), the predicted target) run at the cap
+    uncompiled models get (FORWARD_ONLY_ROWS or max_rows), padded to one shape. Before, they asked the
+    CUDA planner, whose 16-row probe never settles for a forward-only pass: 16 rows every time. Only a
+    torch.device is needed to take the CUDA branch, so this runs on CPU."""
+    from types import SimpleNamespace
+
+    from fastattr.precision import get_precision
+
+    eng = engine.Engine(torch.compile(nn.Linear(3, 2)), get_precision("fp32"), max_rows=max_rows)
+    assert eng.fixed_rows
+    problem = SimpleNamespace(device=torch.device("cuda"), inputs=(torch.randn(5, 3),))
+    assert eng._forward_rows(problem, 5) == (max_rows or engine.FORWARD_ONLY_ROWS)
