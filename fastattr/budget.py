@@ -340,7 +340,10 @@ class RowPlanner:
             budget = self.memory_budget
             if budget is None:
                 free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * CUDA_BUDGET_FRACTION)
+                # plus what PyTorch's allocator holds but no tensor uses (the probe chunk's own memory
+                # among it): free for PyTorch, not for mem_get_info
+                cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+                budget = int((free + max(0, cached)) * CUDA_BUDGET_FRACTION)
             fit = max(1, int(budget * CUDA_HEADROOM) // per_row)
             self.rows, self.tuning = min(self.cap, fit), False
             self._settle(fit)

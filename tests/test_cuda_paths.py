@@ -282,12 +282,13 @@ def test_cuda_row_probe(monkeypatch):
 
     dev = torch.device("cuda", 0)
     calls = []
-    state = {"allocated": 1000, "peak": 1000}
+    state = {"allocated": 1000, "peak": 1000, "reserved": 1000}
     fakes = {
         "synchronize": lambda device=None: calls.append(("synchronize", device)),
         "reset_peak_memory_stats": lambda device=None: calls.append(("reset", device)),
         "memory_allocated": lambda device=None: state["allocated"],
         "max_memory_allocated": lambda device=None: state["peak"],
+        "memory_reserved": lambda device=None: state["reserved"],
         "mem_get_info": lambda device=None: (2**28, 2**34),
     }
     for name, fake in fakes.items():
@@ -307,6 +308,14 @@ def test_cuda_row_probe(monkeypatch):
     assert again.rows == fit and not again.tuning
     again.begin()
     assert len(calls) == 2  # no probe: no sync
+
+    # memory the allocator caches (the probe chunk's, freed) is free for PyTorch: it counts
+    state["reserved"] = 1000 + 2**26
+    cached = budget.RowPlanner(dev, 100_000, key=("cached", "fp32"))
+    cached.begin()
+    cached.end(16)
+    assert cached.rows == int((2**28 + 2**26) * budget.CUDA_BUDGET_FRACTION * budget.CUDA_HEADROOM) // 4096
+    state["reserved"] = 1000
 
     capped = budget.RowPlanner(dev, 100_000, max_rows=20, memory_budget="1MiB", key=("other", "fp32"))
     assert capped.rows == 20 and not capped.tuning
