@@ -1,0 +1,131 @@
+"""Distributed runs attacked with real processes and signals: ranks killed outright, with and
+without a launcher. The job script and helpers are shared with tests/test_distributed.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_distributed import job  # noqa: F401 - the fixture that writes dist_job.py
+
+import fastattr
+from fastattr.store import verify_run
+
+pytestmark = [
+    pytest.mark.usefixtures("single_thread"),
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available"),
+]
+
+RANK = textwrap.dedent(
+    """
+    import os, sys, torch
+    from pathlib import Path
+    import fastattr
+    from dist_job import Slow, mlp
+    torch.set_num_threads(1)
+    out, n, delay = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.pid{os.environ['RANK']}").write_text(str(os.getpid()))
+    try:
+        fastattr.run(mlp(), Slow(n, delay), out, n_steps=4, shard_size=16, examples_per_batch=8, progress=False)
+    except Exception as exc:
+        import traceback; traceback.print_exc()
+        print(f"{type(exc).__name__}: {exc}", flush=True)
+        sys.exit(3)
+    """
+)
+
+
+def launch_ranks(tmp_path: Path, env: dict, world: int, run: str, n: int, delay: float) -> list[subprocess.Popen]:
+    """world ranks as plain processes (no torchrun agent to stop anyone): fastattr initialises the
+    process group from the environment torchrun would set."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "rank.py").write_text(RANK)
+    base = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    return [
+        subprocess.Popen([sys.executable, "rank.py", run, str(n), str(delay)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+
+
+def kill_after_first_shard(run: Path, procs: list[subprocess.Popen], victim: int) -> float:
+    """SIGKILL rank ``victim`` once the run lists a finalized shard; returns the time of the kill."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with fastattr.open(run) as store:
+                if len(store.indices):
+                    break
+        except Exception:  # noqa: S110 - not created yet
+            pass
+        assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, [p.communicate() for p in procs]
+        time.sleep(0.05)
+    os.kill(int(Path(f"{run}.pid{victim}").read_text()), signal.SIGKILL)
+    return time.monotonic()
+
+
+def test_a_rank_killed_without_a_launcher_stops_the_others_at_once(job):  # noqa: F811
+    """SIGKILL reports nothing: before the heartbeat rank 0 finished its whole share (20 s here)
+    and then waited FASTATTR_DIST_TIMEOUT for the dead rank; now it stops within the silence limit
+    (min(timeout, 60) s, 5 s here) naming the rank, and what both finalized is one valid run."""
+    tmp_path, env, dist_job = job
+    env = {**env, "FASTATTR_DIST_TIMEOUT": "5"}
+    n, run = 1001, tmp_path / "runs/killed"
+    procs = launch_ranks(tmp_path, env, 2, "runs/killed", n, 0.04)  # rank 0's 500 samples take >= 20 s
+    try:
+        killed = kill_after_first_shard(run, procs, victim=1)
+        out0, err0 = procs[0].communicate(timeout=60)
+        stopped = time.monotonic() - killed
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 3, out0 + err0
+    assert "PeerFailedError: rank 0: stopped because rank 1: stopped responding (no heartbeat for" in out0, out0 + err0
+    assert stopped < 14, stopped  # silence limit + one batch + a beat, with room for a loaded machine
+    with fastattr.open(run) as store:
+        done = store.indices
+    assert 0 < len(done) < 500 + 16  # rank 0 did not finish its share; rank 1's finalized shards are kept
+    rep = verify_run(run)
+    assert rep.ok, rep.problems
+
+    # and the rest on one process: every sample once, the same values as a plain run
+    fastattr.run(dist_job.mlp(), dist_job.Slow(n), run, n_steps=4, shard_size=16, examples_per_batch=8, progress=False)
+    with fastattr.open(run) as store:
+        np.testing.assert_array_equal(store.indices, np.arange(n))
+        got = store[:]
+    ref = tmp_path / "ref"
+    fastattr.run(dist_job.mlp(), dist_job.Slow(n), ref, n_steps=4, shard_size=16, examples_per_batch=8, progress=False)
+    want = fastattr.open(ref)[:]
+    np.testing.assert_array_equal(got["attributions"]["x"], want["attributions"]["x"])  # same batches of 8: bitwise
+    np.testing.assert_array_equal(got["delta"], want["delta"])
+    assert verify_run(run).ok
+
+
+def test_a_rank_that_loses_the_store_stops_with_an_error_naming_it(job):  # noqa: F811
+    """Without a launcher rank 0 hosts the store: killing it left rank 1 with torch's bare
+    DistNetworkError; now a DistributedRunError says what was lost."""
+    tmp_path, env, _ = job
+    run = tmp_path / "runs/host"
+    procs = launch_ranks(tmp_path, env, 2, "runs/host", 1001, 0.02)
+    try:
+        kill_after_first_shard(run, procs, victim=0)
+        out1, err1 = procs[1].communicate(timeout=60)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[1].returncode == 3, out1 + err1
+    assert out1.startswith("DistributedRunError: rank 1: lost the connection to the job's store"), out1 + err1
+    assert verify_run(run).ok
