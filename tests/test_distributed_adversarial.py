@@ -4,6 +4,7 @@ without a launcher. The job script and helpers are shared with tests/test_distri
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -129,3 +130,28 @@ def test_a_rank_that_loses_the_store_stops_with_an_error_naming_it(job):  # noqa
     assert procs[1].returncode == 3, out1 + err1
     assert out1.startswith("DistributedRunError: rank 1: lost the connection to the job's store"), out1 + err1
     assert verify_run(run).ok
+
+
+TORCHRUN = shutil.which("torchrun") or ""
+
+
+@pytest.mark.skipif(not TORCHRUN, reason="torchrun not available")
+def test_torchrun_report_names_the_rank_that_failed_not_one_it_stopped(job):  # noqa: F811
+    """torchrun's report takes the smallest whole-second timestamp as the root cause, ties to the
+    lowest rank: rank 2 failing at sample 700 and ranks 0 and 1 stopping on its flag within the same
+    second made the report's root cause rank 0 (its PeerFailedError). The stopped ranks now
+    record a second later."""
+    tmp_path, env, _ = job
+    env = {**env, "JOB_N": "1001", "JOB_DELAY": "0", "JOB_BAD": "700"}  # each rank's share is one quick batch
+    cmd = [shutil.which("fastattr") or ""] if shutil.which("fastattr") else [sys.executable, "-m", "fastattr"]
+    for attempt in range(2):  # twice: a second boundary between the failure and the stops hides the old bug
+        r = subprocess.run(
+            [TORCHRUN, "--standalone", "--nproc_per_node=3", "--no-python", *cmd, "run", "--model", "dist_job:mlp", "--data", "dist_job:flaky", "--out", f"runs/bad{attempt}", "--steps", "4"],
+            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        )  # fmt: skip
+        assert r.returncode != 0
+        assert "fastattr: unexpected ValueError (rank 2)" in r.stderr, r.stderr
+        report = r.stderr.partition("Root Cause (first observed failure):")[2]
+        assert report.split("rank      : ")[1].startswith("2 (local_rank: 2)"), r.stderr
+        assert "ValueError: corrupt record 700" in report.split("rank      : ")[1], r.stderr
+        assert verify_run(tmp_path / f"runs/bad{attempt}").ok
