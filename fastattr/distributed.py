@@ -355,7 +355,8 @@ class DistributedContext(Context):
             return  # not the root cause: keep the failing rank's message
         try:
             if not self.store.check([self._failed_key]):
-                self.store.set(self._failed_key, f"rank {self.rank}: {type(exc).__name__}: {exc}")
+                notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # e.g. the sample a dataset failed on
+                self.store.set(self._failed_key, f"rank {self.rank}: {type(exc).__name__}: {exc}{notes}")
         except Exception as store_exc:  # the store may be gone with the job: nothing more to tell
             logger.debug("could not report the failure to the other ranks: %s", store_exc)
 

@@ -46,13 +46,13 @@ RANK = textwrap.dedent(
 )
 
 
-def launch_ranks(tmp_path: Path, env: dict, world: int, run: str, n: int, delay: float) -> list[subprocess.Popen]:
+def launch_ranks(tmp_path: Path, env: dict, world: int, run: str, n: int, delay: float, script: str = RANK) -> list[subprocess.Popen]:
     """world ranks as plain processes (no torchrun agent to stop anyone): fastattr initialises the
     process group from the environment torchrun would set."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    (tmp_path / "rank.py").write_text(RANK)
+    (tmp_path / "rank.py").write_text(script)
     base = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
     return [
         subprocess.Popen([sys.executable, "rank.py", run, str(n), str(delay)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -155,3 +155,29 @@ def test_torchrun_report_names_the_rank_that_failed_not_one_it_stopped(job):  # 
         assert report.split("rank      : ")[1].startswith("2 (local_rank: 2)"), r.stderr
         assert "ValueError: corrupt record 700" in report.split("rank      : ")[1], r.stderr
         assert verify_run(tmp_path / f"runs/bad{attempt}").ok
+
+
+LOOKUP = RANK.replace("from dist_job import Slow, mlp", """from dist_job import Slow, mlp
+class Slow(Slow):  # its error does not say which sample: fastattr must
+    def __getitem__(self, i):
+        if i == 700:
+            raise KeyError("no such record")
+        return super().__getitem__(i)""")
+
+
+def test_a_dataset_error_that_does_not_name_its_sample_is_named_on_every_rank(job):  # noqa: F811
+    """Rank 1's dataset raises KeyError('no such record') at sample 700: the error keeps its type
+    and traceback, and rank 1's and the stopped rank 0's messages both name sample 700 (rank 0 said
+    only 'stopped because rank 1: KeyError: 'no such record'')."""
+    tmp_path, env, _ = job
+    run = tmp_path / "runs/lookup"
+    procs = launch_ranks(tmp_path, env, 2, "runs/lookup", 1001, 0.01, script=LOOKUP)
+    try:
+        outs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [3, 3], outs
+    assert "KeyError: 'no such record'\nfastattr: raised by the dataset reading sample 700" in outs[1][1], outs[1]  # the traceback
+    assert "PeerFailedError: rank 0: stopped because rank 1: KeyError: 'no such record' (fastattr: raised by the dataset reading sample 700)" in outs[0][0], outs[0]
+    assert verify_run(run).ok
