@@ -92,26 +92,39 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def split_ranges(ranges: Sequence[tuple[int, int]], world_size: int) -> list[list[tuple[int, int]]]:
+def split_ranges(ranges: Sequence[tuple[int, int]], world_size: int, granule: int = 1) -> list[list[tuple[int, int]]]:
     """Cut sorted, disjoint [start, stop) ranges into world_size contiguous pieces (in index
-    order) whose sample counts differ by at most one; piece r is rank r's work."""
+    order); piece r is rank r's work. A cut inside a range falls on a multiple of ``granule``
+    from that range's start (the batch grid one process walks), the cut nearest to an equal
+    share: each piece is within one sample (granule 1) or one granule of total / world_size."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if granule < 1:
+        raise ValueError(f"granule must be >= 1, got {granule}")
     ranges = [(int(a), int(b)) for a, b in ranges if b > a]
     total = sum(b - a for a, b in ranges)
-    # Rank r takes positions [r * total // W, (r + 1) * total // W) of the concatenated ranges.
-    bounds = [r * total // world_size for r in range(world_size + 1)]
+    # Rank r takes positions [cut[r], cut[r + 1]) of the concatenated ranges; each ideal cut
+    # r * total // W is moved to the nearest grid point of the range it falls in (or its end).
+    cuts = []
+    for r in range(world_size + 1):
+        ideal, offset = r * total // world_size, 0
+        for a, b in ranges:
+            if ideal <= offset + (b - a):
+                inside = ideal - offset
+                snapped = min(b - a, (inside + granule // 2) // granule * granule)
+                cuts.append(offset + snapped)
+                break
+            offset += b - a
+        else:
+            cuts.append(total)
+    cuts[0], cuts[-1] = 0, total
     pieces: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
     offset = 0  # position of the current range's start in the concatenation
-    rank = 0
     for a, b in ranges:
-        pos = a
-        while pos < b:
-            while bounds[rank + 1] <= offset + (pos - a):  # skip ranks whose piece is full (or empty)
-                rank += 1
-            take = min(b, a + bounds[rank + 1] - offset)
-            pieces[rank].append((pos, take))
-            pos = take
+        for rank in range(world_size):
+            lo, hi = max(cuts[rank], offset), min(cuts[rank + 1], offset + (b - a))
+            if lo < hi:
+                pieces[rank].append((a + lo - offset, a + hi - offset))
         offset += b - a
     return pieces
 
@@ -150,7 +163,8 @@ class Context:
     def open_writer(self, make: Callable[..., RunWriter], *, resume: bool, overwrite: bool) -> RunWriter:
         return make(resume=resume, overwrite=overwrite)
 
-    def plan(self, writer: RunWriter) -> Plan:
+    def plan(self, writer: RunWriter, granule: int = 1) -> Plan:
+        """What this process computes; ``granule``: a share's cuts fall on this batch grid."""
         if writer.complete:
             return Plan(True, [], 0)
         todo = writer.missing()
@@ -319,10 +333,9 @@ class DistributedContext(Context):
                 self.fail(exc)
                 raise
         missing = [tuple(r) for r in plan["missing"]]
-        todo = split_ranges(missing, w)[self.rank]
-        # A rank must see at least what rank 0 saw as done, and must not see its own share done:
-        # otherwise nodes see different directories (not shared, or stale caches).
-        if not plan["complete"] and not (_covered_by(writer.missing(), missing) and _covered_by(todo, writer.missing())):
+        # A rank must see what rank 0 saw as done, no less and no more (its share is cut later, on
+        # the batch grid): otherwise nodes see different directories (not shared, or stale caches).
+        if not plan["complete"] and not (_covered_by(writer.missing(), missing) and _covered_by(missing, writer.missing())):
             exc = DistributedRunError(
                 f"rank {self.rank} sees different finished samples in {writer.run_dir} than rank 0 "
                 f"(missing {writer.missing()[:3]}... vs {missing[:3]}...): the run directory must be on a filesystem every rank shares"
@@ -330,13 +343,17 @@ class DistributedContext(Context):
             writer.abort()
             self.fail(exc)
             raise exc
-        self._plan = Plan(bool(plan["complete"]), todo, sum(b - a for a, b in missing))
-        logger.info("rank %d of %d: %d samples in %d ranges", self.rank, w, sum(b - a for a, b in todo), len(todo))
+        self._plan = Plan(bool(plan["complete"]), missing, sum(b - a for a, b in missing))  # todo: the global list until plan()
         return writer
 
-    def plan(self, writer: RunWriter) -> Plan:
+    def plan(self, writer: RunWriter, granule: int = 1) -> Plan:
+        """This rank's share of the global missing ranges; granule > 1 (the examples per batch)
+        cuts the shares on the batch grid one process walks, so every sample is computed in the
+        same batch as in a single-process run (on CPU with a fixed batch_size: the same bits)."""
         assert self._plan is not None, "open_writer() comes first"
-        return self._plan
+        todo = split_ranges(self._plan.todo, self.world_size, granule)[self.rank]
+        logger.info("rank %d of %d: %d samples in %d ranges", self.rank, self.world_size, sum(b - a for a, b in todo), len(todo))
+        return Plan(self._plan.complete, todo, self._plan.remaining)
 
     def check_peers(self) -> None:
         msg = self._peer_failure()

@@ -4,6 +4,7 @@ without a launcher. The job script and helpers are shared with tests/test_distri
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ import torch
 from test_distributed import job  # noqa: F401 - the fixture that writes dist_job.py
 
 import fastattr
+from fastattr.distributed import split_ranges
 from fastattr.store import verify_run
 
 pytestmark = [
@@ -181,3 +183,59 @@ def test_a_dataset_error_that_does_not_name_its_sample_is_named_on_every_rank(jo
     assert "KeyError: 'no such record'\nfastattr: raised by the dataset reading sample 700" in outs[1][1], outs[1]  # the traceback
     assert "PeerFailedError: rank 0: stopped because rank 1: KeyError: 'no such record' (fastattr: raised by the dataset reading sample 700)" in outs[0][0], outs[0]
     assert verify_run(run).ok
+
+
+def test_split_on_a_batch_grid_keeps_every_sample_once_and_near_an_equal_share():
+    rng = random.Random(1)
+    cases = [([(0, 1001)], 3), ([(0, 2)], 5), ([], 3), ([(5, 6)], 1), ([(0, 40), (56, 1001)], 4)]
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, 600), rng.randrange(0, 10) * 2))
+        cases.append(([(a, b) for a, b in zip(cuts[::2], cuts[1::2])], rng.randrange(1, 9)))
+    for ranges, world in cases:
+        total = sum(b - a for a, b in ranges)
+        for granule in (1, 3, 16, 256):
+            pieces = split_ranges(ranges, world, granule)
+            assert [i for piece in pieces for a, b in piece for i in range(a, b)] == [i for a, b in ranges for i in range(a, b)]
+            assert all(abs(sum(b - a for a, b in piece) - total / world) <= granule for piece in pieces)
+            starts = {a for a, _ in ranges}
+            for piece in pieces:  # every cut on the grid of its range, as one process walks it
+                for a, _ in piece:
+                    base = max(s for s in starts if s <= a)
+                    assert (a - base) % granule == 0
+    assert split_ranges([(0, 1001)], 3, 16) == [[(0, 336)], [(336, 672)], [(672, 1001)]]
+    assert split_ranges([(0, 1001)], 3) == [[(0, 333)], [(333, 667)], [(667, 1001)]]  # granule 1: as before
+
+
+FIXED_ROWS = textwrap.dedent(
+    """
+    import sys, torch
+    import fastattr
+    from dist_job import Slow, mlp
+    torch.set_num_threads(1)
+    fastattr.run(mlp(), Slow(int(sys.argv[2])), sys.argv[1], target="predicted", n_steps=8, shard_size=32, examples_per_batch=16, batch_size=32, progress=False)
+    """
+)
+
+
+@pytest.mark.skipif(not TORCHRUN, reason="torchrun not available")
+def test_three_ranks_with_a_fixed_batch_size_equal_one_process_bit_for_bit(job):  # noqa: F811
+    """Ranks cut at 333 and 667 computed the samples around the cuts in smaller batches than one
+    process does (its batches of 16 start at multiples of 16), and CPU kernels round by batch
+    shape: 40 of 1001 attributions differed in the last bits. Shares are now cut on the batch
+    grid when batch_size is fixed on CPU, so every batch is the one a single process computes."""
+    tmp_path, env, _ = job
+    (tmp_path / "fixed.py").write_text(FIXED_ROWS)
+    n = 1001
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=3", "fixed.py", "runs/three", str(n)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    one = subprocess.run([sys.executable, "fixed.py", "runs/one", str(n)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert one.returncode == 0, one.stdout + one.stderr
+    got, want = fastattr.open(tmp_path / "runs/three")[:], fastattr.open(tmp_path / "runs/one")[:]
+    np.testing.assert_array_equal(got["index"], np.arange(n))
+    for key in ("target", "output", "baseline_output", "delta", "n_steps"):
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(got["attributions"]["x"], want["attributions"]["x"])
+    for key in got["stats"]:
+        np.testing.assert_array_equal(got["stats"][key], want["stats"][key], err_msg=key)
+    rep = verify_run(tmp_path / "runs/three")
+    assert rep.ok and not rep.warnings, (rep.problems, rep.warnings)
