@@ -29,6 +29,7 @@ context whose methods do exactly what a single process always did. Under torchru
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -436,8 +437,14 @@ class DistributedContext(Context):
                 logger.debug("not every rank acknowledged the result: %s", exc)
             finally:
                 self.timeout = saved
-        if self.owns_group and dist.is_initialized():
+
+
+def _destroy_group() -> None:
+    try:
+        if dist.is_initialized():
             dist.destroy_process_group()
+    except Exception as exc:  # at exit, with the other ranks possibly gone: nothing more to do
+        logger.debug("could not destroy the process group: %s", exc)
 
 
 def setup(device: torch.device) -> Context:
@@ -460,6 +467,10 @@ def setup(device: torch.device) -> Context:
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun, or call torch.distributed.init_process_group yourself")
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout))
+        # Kept until the process exits, not destroyed after this run: a second run() in the same
+        # script would initialise a new group against the rendezvous keys of this one and fail
+        # (gloo: "connectFullMesh failed ... Connection refused"); it reuses this one instead.
+        atexit.register(_destroy_group)
         logger.info("rank %d of %d: initialised the %s process group", rank, world, backend)
     try:
         from torch.distributed.distributed_c10d import _get_default_store

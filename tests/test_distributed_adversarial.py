@@ -239,3 +239,32 @@ def test_three_ranks_with_a_fixed_batch_size_equal_one_process_bit_for_bit(job):
         np.testing.assert_array_equal(got["stats"][key], want["stats"][key], err_msg=key)
     rep = verify_run(tmp_path / "runs/three")
     assert rep.ok and not rep.warnings, (rep.problems, rep.warnings)
+
+
+TWO_RUNS = textwrap.dedent(
+    """
+    import os, sys, torch
+    import fastattr
+    from dist_job import features, mlp
+    torch.set_num_threads(1)
+    for out in sys.argv[1:]:
+        s = fastattr.run(mlp(), features(101), out, n_steps=4, shard_size=16, batch_size=32, examples_per_batch=8, progress=False)
+        print(f"rank {os.environ['RANK']}: {s.lines()[0]}", flush=True)
+    """
+)
+
+
+@pytest.mark.skipif(not TORCHRUN, reason="torchrun not available")
+def test_a_script_runs_several_runs_under_one_torchrun(job):  # noqa: F811
+    """The first run() destroyed the process group it had initialised; the second initialised a
+    new one against the first one's rendezvous keys and died ("Gloo connectFullMesh failed ...
+    Connection refused"). The group now lives until the process exits and later runs reuse it."""
+    tmp_path, env, _ = job
+    (tmp_path / "two.py").write_text(TWO_RUNS)
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "two.py", "runs/a", "runs/b", "runs/a"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for rank in (0, 1):
+        assert r.stdout.count(f"rank {rank}: runs/a: complete, 101 samples") == 2 and f"rank {rank}: runs/b: complete, 101 samples" in r.stdout, r.stdout
+    for run in ("runs/a", "runs/b"):
+        rep = verify_run(tmp_path / run)
+        assert rep.ok and rep.samples == 101 and not rep.warnings, (rep.problems, rep.warnings)
