@@ -22,7 +22,7 @@ context whose methods do exactly what a single process always did. Under torchru
 - liveness: a rank killed outright (SIGKILL, the OOM killer) reports nothing. Every rank bumps a
   heartbeat counter in the store each second from a daemon thread (it beats while the main
   thread computes, or while rank 0 checks shards on open); rank 0's thread watches the others'
-  and, when one stands still for min(FASTATTR_DIST_TIMEOUT, 60) seconds, sets the failure flag in
+  and, when one stands still for FASTATTR_DIST_TIMEOUT seconds (5 to 60), sets the failure flag in
   that rank's name, so the survivors stop at their next batch instead of finishing their shares
   and waiting the full timeout (without a launcher nothing else would stop them).
 """
@@ -251,7 +251,7 @@ class DistributedContext(Context):
     def _heartbeat(self) -> None:
         """Daemon thread: bump this rank's counter every BEAT_S; rank 0 also flags a peer whose
         counter stood still for the silence limit (a rank killed without a word)."""
-        silence = min(self.timeout, MAX_SILENCE_S)
+        silence = max(5 * BEAT_S, min(self.timeout, MAX_SILENCE_S))  # never within a beat's jitter, even at a tiny timeout
         seen: dict[int, tuple[int, float]] = {}  # rank -> (last counter, when it last moved)
         try:
             while not self._stop_beat.is_set():
@@ -270,7 +270,7 @@ class DistributedContext(Context):
                         elif now - last[1] > silence and self._watching:
                             msg = (
                                 f"rank {r}: stopped responding (no heartbeat for {now - last[1]:.0f} s: killed, out of memory, or its node "
-                                f"is gone); what it finalized is kept, rerun to resume (the limit is min({TIMEOUT_ENV}, {MAX_SILENCE_S:.0f}) s)"
+                                f"is gone); what it finalized is kept, rerun to resume (the limit is {TIMEOUT_ENV} seconds, at most {MAX_SILENCE_S:.0f})"
                             )
                             logger.error(msg)
                             if not self.store.check([self._failed_key]):
