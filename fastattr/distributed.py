@@ -268,10 +268,14 @@ class DistributedContext(Context):
                         if last is None or count != last[0]:
                             seen[r] = (count, now)
                         elif now - last[1] > silence and self._watching:
-                            msg = (
-                                f"rank {r}: stopped responding (no heartbeat for {now - last[1]:.0f} s: killed, out of memory, or its node "
-                                f"is gone); what it finalized is kept, rerun to resume (the limit is {TIMEOUT_ENV} seconds, at most {MAX_SILENCE_S:.0f})"
-                            )
+                            if count == 0:  # not one beat: it never reached this run() call
+                                why = (
+                                    f"never joined this run within {silence:.0f} s: every rank of the job must call fastattr.run with the same "
+                                    "arguments (a call on rank 0 alone needs a process without torchrun, or WORLD_SIZE=1)"
+                                )
+                            else:
+                                why = f"stopped responding (no heartbeat for {now - last[1]:.0f} s: killed, out of memory, or its node is gone)"
+                            msg = f"rank {r}: {why}; what was finalized is kept, rerun to resume (the limit is {TIMEOUT_ENV} seconds, 5 to {MAX_SILENCE_S:.0f})"
                             logger.error(msg)
                             if not self.store.check([self._failed_key]):
                                 self.store.set(self._failed_key, msg)

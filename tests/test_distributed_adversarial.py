@@ -267,3 +267,33 @@ def test_a_script_runs_several_runs_under_one_torchrun(job):  # noqa: F811
     for run in ("runs/a", "runs/b"):
         rep = verify_run(tmp_path / run)
         assert rep.ok and rep.samples == 101 and not rep.warnings, (rep.problems, rep.warnings)
+
+
+RANK0_ONLY = RANK.replace(
+    "    fastattr.run(",
+    """    torch.distributed.init_process_group("gloo")  # a training script's group
+    if os.environ["RANK"] != "0":  # that attributes on rank 0 only
+        import time; time.sleep(60)
+    fastattr.run(""",
+)
+
+
+def test_a_run_called_on_rank_0_only_fails_soon_saying_why(job):  # noqa: F811
+    """A training script's `if rank == 0: fastattr.run(...)`: rank 0 computed half the data and then
+    waited FASTATTR_DIST_TIMEOUT (30 min by default) for a rank that never came, to fail with 'a
+    rank may have died'. It now stops within the silence limit saying every rank must call run."""
+    tmp_path, env, _ = job
+    env = {**env, "FASTATTR_DIST_TIMEOUT": "5"}
+    procs = launch_ranks(tmp_path, env, 2, "runs/alone", 1001, 0.02, script=RANK0_ONLY)  # rank 0's half: >= 10 s of reads
+    try:
+        t0 = time.monotonic()
+        out0, err0 = procs[0].communicate(timeout=60)
+        elapsed = time.monotonic() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 3, out0 + err0
+    assert "rank 1: never joined this run within 5 s: every rank of the job must call fastattr.run" in out0, out0 + err0
+    assert elapsed < 12, elapsed
+    assert verify_run(tmp_path / "runs/alone").ok
