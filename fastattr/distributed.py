@@ -22,9 +22,10 @@ context whose methods do exactly what a single process always did. Under torchru
 - liveness: a rank killed outright (SIGKILL, the OOM killer) reports nothing. Every rank bumps a
   heartbeat counter in the store each second from a daemon thread (it beats while the main
   thread computes, or while rank 0 checks shards on open); rank 0's thread watches the others'
-  and, when one stands still for FASTATTR_DIST_TIMEOUT seconds (5 to 60), sets the failure flag in
-  that rank's name, so the survivors stop at their next batch instead of finishing their shares
-  and waiting the full timeout (without a launcher nothing else would stop them).
+  and, when one stands still for FASTATTR_DIST_TIMEOUT seconds (5 to 60; one that never beat:
+  the full timeout, ranks may reach run() far apart), sets the failure flag in that rank's name,
+  so the survivors stop at their next batch instead of finishing their shares and waiting the
+  full timeout (without a launcher nothing else would stop them).
 """
 
 from __future__ import annotations
@@ -267,10 +268,13 @@ class DistributedContext(Context):
                         last = seen.get(r)
                         if last is None or count != last[0]:
                             seen[r] = (count, now)
-                        elif now - last[1] > silence and self._watching:
-                            if count == 0:  # not one beat: it never reached this run() call
+                        elif now - last[1] > (self.timeout if count == 0 else silence) and self._watching:
+                            # Not one beat: it never reached this run() call. Ranks of a group the script
+                            # initialised itself may reach run() far apart (each loads its data first), so
+                            # this waits the full timeout, like a rank waiting for rank 0's plan.
+                            if count == 0:
                                 why = (
-                                    f"never joined this run within {silence:.0f} s: every rank of the job must call fastattr.run with the same "
+                                    f"never joined this run within {self.timeout:.0f} s: every rank of the job must call fastattr.run with the same "
                                     "arguments (a call on rank 0 alone needs a process without torchrun, or WORLD_SIZE=1)"
                                 )
                             else:

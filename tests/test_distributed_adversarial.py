@@ -281,7 +281,9 @@ RANK0_ONLY = RANK.replace(
 def test_a_run_called_on_rank_0_only_fails_soon_saying_why(job):  # noqa: F811
     """A training script's `if rank == 0: fastattr.run(...)`: rank 0 computed half the data and then
     waited FASTATTR_DIST_TIMEOUT (30 min by default) for a rank that never came, to fail with 'a
-    rank may have died'. It now stops within the silence limit saying every rank must call run."""
+    rank may have died'. It now stops during its share once the timeout passes (a rank that never beat
+    gets the full timeout: ranks of a script's own group may reach run() far apart), saying every
+    rank must call run."""
     tmp_path, env, _ = job
     env = {**env, "FASTATTR_DIST_TIMEOUT": "5"}
     procs = launch_ranks(tmp_path, env, 2, "runs/alone", 1001, 0.02, script=RANK0_ONLY)  # rank 0's half: >= 10 s of reads
