@@ -19,13 +19,8 @@ context whose methods do exactly what a single process always did. Under torchru
   A failing rank raises its own error and sets the flag; the others stop at their next batch
   with a DistributedRunError naming that rank and its error. Under torchrun a rank that exits
   non-zero also makes the agent stop the others; the CLI records the error for torchrun's report.
-- liveness: a rank killed outright (SIGKILL, the OOM killer) reports nothing. Every rank bumps a
-  heartbeat counter in the store each second from a daemon thread (it beats while the main
-  thread computes, or while rank 0 checks shards on open); rank 0's thread watches the others'
-  and, when one stands still for FASTATTR_DIST_TIMEOUT seconds (5 to 60; one that never beat:
-  the full timeout, ranks may reach run() far apart), sets the failure flag in that rank's name,
-  so the survivors stop at their next batch instead of finishing their shares and waiting the
-  full timeout (without a launcher nothing else would stop them).
+- liveness (fastattr/liveness.py): every rank's heartbeat in the store; rank 0 flags a rank
+  killed outright (SIGKILL, OOM killer), whose silence would otherwise cost the full timeout.
 """
 
 from __future__ import annotations
@@ -35,7 +30,6 @@ import json
 import logging
 import os
 import pickle
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,17 +41,14 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistributedRunError, PeerFailedError  # noqa: F401 - re-exported
+from .liveness import TIMEOUT_ENV, Heartbeat, JobStore
 from .store import RunWriter
 from .store.ranges import merge_ranges
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_ENV = "FASTATTR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for process groups
 POLL_S = 0.02  # a store round trip is ~0.1 ms: polling at 50 Hz costs nothing
-BEAT_S = 1.0  # heartbeat period; rank 0 reads world_size - 1 counters per beat
-MAX_SILENCE_S = 60.0  # a rank whose heartbeat stands still this long (or the timeout, if shorter) is dead
-_GONE = 1 << 40  # added to a heartbeat counter by a rank that closed normally: not dead, done
 
 
 _calls = 0  # run() calls in this process: with the restart count, names this call's store keys
@@ -197,42 +188,12 @@ class Context:
 LOCAL = Context()  # stateless: shared by every single-process run
 
 
-class _Store:
-    """The process group's store, whose network errors (torch's DistNetworkError: "Broken pipe")
-    become a DistributedRunError saying what they mean for the run."""
-
-    def __init__(self, store: Any, rank: int) -> None:
-        self._store, self._rank = store, rank
-
-    def _call(self, op: str, *args: Any) -> Any:
-        try:
-            return getattr(self._store, op)(*args)
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DistributedRunError(
-                f"rank {self._rank}: lost the connection to the job's store ({type(exc).__name__}: {first}): the process hosting it "
-                "(rank 0 without a launcher, else torchrun's agent) is gone; what this rank finalized is kept, rerun to resume"
-            ) from exc
-
-    def check(self, keys: list[str]) -> bool:
-        return self._call("check", keys)
-
-    def get(self, key: str) -> bytes:
-        return self._call("get", key)
-
-    def set(self, key: str, value: bytes | str) -> None:
-        self._call("set", key, value)
-
-    def add(self, key: str, n: int) -> int:
-        return self._call("add", key, n)
-
-
 class DistributedContext(Context):
     """One rank of a torchrun job; see the module docstring for the protocol."""
 
     def __init__(self, rank: int, world_size: int, store: Any, owns_group: bool, timeout: float) -> None:
         self.rank, self.world_size = rank, world_size
-        self.store, self.owns_group, self.timeout = _Store(store, rank), owns_group, timeout
+        self.store, self.owns_group, self.timeout = JobStore(store, rank), owns_group, timeout
         # Keys are namespaced per run() call and per torchrun restart: every rank of a (re)started
         # worker group is a fresh process calling run() equally often, so the names agree without
         # a round of communication, and never meet keys of an earlier call or restart.
@@ -242,51 +203,7 @@ class DistributedContext(Context):
         self._plan: Plan | None = None
         self._failed_key = self.ns + "failed"
         self._await: str | None = None  # rank 0: the keys every other rank sets once it no longer needs the store
-        self._stop_beat = threading.Event()
-        self._watching = rank == 0  # rank 0 watches the others' heartbeats until the job's result is posted
-        self._beat = threading.Thread(target=self._heartbeat, name=f"fastattr-heartbeat-{rank}", daemon=True)
-        self._beat.start()
-
-    # -- liveness ----------------------------------------------------------------------------------
-
-    def _heartbeat(self) -> None:
-        """Daemon thread: bump this rank's counter every BEAT_S; rank 0 also flags a peer whose
-        counter stood still for the silence limit (a rank killed without a word)."""
-        silence = max(5 * BEAT_S, min(self.timeout, MAX_SILENCE_S))  # never within a beat's jitter, even at a tiny timeout
-        seen: dict[int, tuple[int, float]] = {}  # rank -> (last counter, when it last moved)
-        try:
-            while not self._stop_beat.is_set():
-                self.store.add(self.ns + f"beat/{self.rank}", 1)
-                if self._watching and self.store.check([self._failed_key]):
-                    self._watching = False  # a failure is already reported: nothing left to watch for
-                if self._watching:
-                    now = time.monotonic()
-                    for r in range(1, self.world_size):
-                        count = self.store.add(self.ns + f"beat/{r}", 0)  # 0 if it never beat yet
-                        if count >= _GONE:
-                            continue  # closed normally
-                        last = seen.get(r)
-                        if last is None or count != last[0]:
-                            seen[r] = (count, now)
-                        elif now - last[1] > (self.timeout if count == 0 else silence) and self._watching:
-                            # Not one beat: it never reached this run() call. Ranks of a group the script
-                            # initialised itself may reach run() far apart (each loads its data first), so
-                            # this waits the full timeout, like a rank waiting for rank 0's plan.
-                            if count == 0:
-                                why = (
-                                    f"never joined this run within {self.timeout:.0f} s: every rank of the job must call fastattr.run with the same "
-                                    "arguments (a call on rank 0 alone needs a process without torchrun, or WORLD_SIZE=1)"
-                                )
-                            else:
-                                why = f"stopped responding (no heartbeat for {now - last[1]:.0f} s: killed, out of memory, or its node is gone)"
-                            msg = f"rank {r}: {why}; what was finalized is kept, rerun to resume (the limit is {TIMEOUT_ENV} seconds, 5 to {MAX_SILENCE_S:.0f})"
-                            logger.error(msg)
-                            if not self.store.check([self._failed_key]):
-                                self.store.set(self._failed_key, msg)
-                            self._watching = False
-                self._stop_beat.wait(BEAT_S)
-        except Exception as exc:  # the store went away with the job: the main thread will notice
-            logger.debug("rank %d: heartbeat stopped: %s", self.rank, exc)
+        self._heartbeat = Heartbeat(self.store, self.ns, rank, world_size, timeout, self._failed_key)  # see fastattr/liveness.py
 
     # -- store helpers -----------------------------------------------------------------------------
 
@@ -422,19 +339,13 @@ class DistributedContext(Context):
         total_computed = computed + sum(p["computed"] for p in parts)
         residual = stats(deltas + [p["deltas"] for p in parts if p["deltas"].size], rels + [p["rels"] for p in parts if p["rels"].size])
         outcome = Outcome(total_computed, writer.complete, residual)
-        self._watching = False  # the others only read the result from here on, then close
+        self._heartbeat.watching = False  # the others only read the result from here on, then close
         self._set("final", json.dumps({"computed": outcome.computed, "complete": outcome.complete, "residual": residual}).encode())
         self._await = "ack"
         return outcome
 
     def close(self) -> None:
-        self._watching = False
-        self._stop_beat.set()
-        self._beat.join(timeout=10 * BEAT_S)  # a store op on a dead store fails; never wait long here
-        try:
-            self.store.add(self.ns + f"beat/{self.rank}", _GONE)  # done, not dead
-        except Exception as exc:
-            logger.debug("rank %d: could not sign off: %s", self.rank, exc)
+        self._heartbeat.stop()
         if self._await is not None:
             # Outside torchrun's agent the store lives in rank 0: keep it up until every rank has
             # read what it needs. A rank gone by now only costs this short wait.
