@@ -590,7 +590,18 @@ def _record_for_torchrun(exc: BaseException) -> None:
     try:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
+        from .errors import PeerFailedError
+
         get_error_handler().record_exception(exc)
+        if isinstance(exc, PeerFailedError):
+            # The report's root cause is the smallest timestamp in whole seconds, ties going to the
+            # lowest rank: a rank stopped by another's failure would often be named instead of it.
+            path = os.environ["TORCHELASTIC_ERROR_FILE"]
+            with open(path) as fp:
+                data = json.load(fp)
+            data["message"]["extraInfo"]["timestamp"] = str(int(data["message"]["extraInfo"]["timestamp"]) + 1)
+            with open(path, "w") as fp:
+                json.dump(data, fp)
     except Exception as record_exc:  # reporting must never hide the error itself
         logger.debug("could not record the error for torchrun: %s", record_exc)
 

@@ -19,10 +19,13 @@ context whose methods do exactly what a single process always did. Under torchru
   A failing rank raises its own error and sets the flag; the others stop at their next batch
   with a DistributedRunError naming that rank and its error. Under torchrun a rank that exits
   non-zero also makes the agent stop the others; the CLI records the error for torchrun's report.
+- liveness (fastattr/liveness.py): every rank's heartbeat in the store; rank 0 flags a rank
+  killed outright (SIGKILL, OOM killer), whose silence would otherwise cost the full timeout.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -38,12 +41,12 @@ import torch
 import torch.distributed as dist
 
 from .errors import DistributedRunError, PeerFailedError  # noqa: F401 - re-exported
+from .liveness import TIMEOUT_ENV, Heartbeat, JobStore
 from .store import RunWriter
 from .store.ranges import merge_ranges
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_ENV = "FASTATTR_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for process groups
 POLL_S = 0.02  # a store round trip is ~0.1 ms: polling at 50 Hz costs nothing
 
@@ -82,26 +85,39 @@ def local_device(device: torch.device) -> torch.device:
     return device
 
 
-def split_ranges(ranges: Sequence[tuple[int, int]], world_size: int) -> list[list[tuple[int, int]]]:
+def split_ranges(ranges: Sequence[tuple[int, int]], world_size: int, granule: int = 1) -> list[list[tuple[int, int]]]:
     """Cut sorted, disjoint [start, stop) ranges into world_size contiguous pieces (in index
-    order) whose sample counts differ by at most one; piece r is rank r's work."""
+    order); piece r is rank r's work. A cut inside a range falls on a multiple of ``granule``
+    from that range's start (the batch grid one process walks), the cut nearest to an equal
+    share: each piece is within one sample (granule 1) or one granule of total / world_size."""
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if granule < 1:
+        raise ValueError(f"granule must be >= 1, got {granule}")
     ranges = [(int(a), int(b)) for a, b in ranges if b > a]
     total = sum(b - a for a, b in ranges)
-    # Rank r takes positions [r * total // W, (r + 1) * total // W) of the concatenated ranges.
-    bounds = [r * total // world_size for r in range(world_size + 1)]
+    # Rank r takes positions [cut[r], cut[r + 1]) of the concatenated ranges; each ideal cut
+    # r * total // W is moved to the nearest grid point of the range it falls in (or its end).
+    cuts = []
+    for r in range(world_size + 1):
+        ideal, offset = r * total // world_size, 0
+        for a, b in ranges:
+            if ideal <= offset + (b - a):
+                inside = ideal - offset
+                snapped = min(b - a, (inside + granule // 2) // granule * granule)
+                cuts.append(offset + snapped)
+                break
+            offset += b - a
+        else:
+            cuts.append(total)
+    cuts[0], cuts[-1] = 0, total
     pieces: list[list[tuple[int, int]]] = [[] for _ in range(world_size)]
     offset = 0  # position of the current range's start in the concatenation
-    rank = 0
     for a, b in ranges:
-        pos = a
-        while pos < b:
-            while bounds[rank + 1] <= offset + (pos - a):  # skip ranks whose piece is full (or empty)
-                rank += 1
-            take = min(b, a + bounds[rank + 1] - offset)
-            pieces[rank].append((pos, take))
-            pos = take
+        for rank in range(world_size):
+            lo, hi = max(cuts[rank], offset), min(cuts[rank + 1], offset + (b - a))
+            if lo < hi:
+                pieces[rank].append((a + lo - offset, a + hi - offset))
         offset += b - a
     return pieces
 
@@ -140,7 +156,8 @@ class Context:
     def open_writer(self, make: Callable[..., RunWriter], *, resume: bool, overwrite: bool) -> RunWriter:
         return make(resume=resume, overwrite=overwrite)
 
-    def plan(self, writer: RunWriter) -> Plan:
+    def plan(self, writer: RunWriter, granule: int = 1) -> Plan:
+        """What this process computes; ``granule``: a share's cuts fall on this batch grid."""
         if writer.complete:
             return Plan(True, [], 0)
         todo = writer.missing()
@@ -176,7 +193,7 @@ class DistributedContext(Context):
 
     def __init__(self, rank: int, world_size: int, store: Any, owns_group: bool, timeout: float) -> None:
         self.rank, self.world_size = rank, world_size
-        self.store, self.owns_group, self.timeout = store, owns_group, timeout
+        self.store, self.owns_group, self.timeout = JobStore(store, rank), owns_group, timeout
         # Keys are namespaced per run() call and per torchrun restart: every rank of a (re)started
         # worker group is a fresh process calling run() equally often, so the names agree without
         # a round of communication, and never meet keys of an earlier call or restart.
@@ -186,6 +203,7 @@ class DistributedContext(Context):
         self._plan: Plan | None = None
         self._failed_key = self.ns + "failed"
         self._await: str | None = None  # rank 0: the keys every other rank sets once it no longer needs the store
+        self._heartbeat = Heartbeat(self.store, self.ns, rank, world_size, timeout, self._failed_key)  # see fastattr/liveness.py
 
     # -- store helpers -----------------------------------------------------------------------------
 
@@ -241,10 +259,9 @@ class DistributedContext(Context):
                 self.fail(exc)
                 raise
         missing = [tuple(r) for r in plan["missing"]]
-        todo = split_ranges(missing, w)[self.rank]
-        # A rank must see at least what rank 0 saw as done, and must not see its own share done:
-        # otherwise nodes see different directories (not shared, or stale caches).
-        if not plan["complete"] and not (_covered_by(writer.missing(), missing) and _covered_by(todo, writer.missing())):
+        # A rank must see what rank 0 saw as done, no less and no more (its share is cut later, on
+        # the batch grid): otherwise nodes see different directories (not shared, or stale caches).
+        if not plan["complete"] and not (_covered_by(writer.missing(), missing) and _covered_by(missing, writer.missing())):
             exc = DistributedRunError(
                 f"rank {self.rank} sees different finished samples in {writer.run_dir} than rank 0 "
                 f"(missing {writer.missing()[:3]}... vs {missing[:3]}...): the run directory must be on a filesystem every rank shares"
@@ -252,13 +269,17 @@ class DistributedContext(Context):
             writer.abort()
             self.fail(exc)
             raise exc
-        self._plan = Plan(bool(plan["complete"]), todo, sum(b - a for a, b in missing))
-        logger.info("rank %d of %d: %d samples in %d ranges", self.rank, w, sum(b - a for a, b in todo), len(todo))
+        self._plan = Plan(bool(plan["complete"]), missing, sum(b - a for a, b in missing))  # todo: the global list until plan()
         return writer
 
-    def plan(self, writer: RunWriter) -> Plan:
+    def plan(self, writer: RunWriter, granule: int = 1) -> Plan:
+        """This rank's share of the global missing ranges; granule > 1 (the examples per batch)
+        cuts the shares on the batch grid one process walks, so every sample is computed in the
+        same batch as in a single-process run (on CPU with a fixed batch_size: the same bits)."""
         assert self._plan is not None, "open_writer() comes first"
-        return self._plan
+        todo = split_ranges(self._plan.todo, self.world_size, granule)[self.rank]
+        logger.info("rank %d of %d: %d samples in %d ranges", self.rank, self.world_size, sum(b - a for a, b in todo), len(todo))
+        return Plan(self._plan.complete, todo, self._plan.remaining)
 
     def check_peers(self) -> None:
         msg = self._peer_failure()
@@ -277,7 +298,8 @@ class DistributedContext(Context):
             return  # not the root cause: keep the failing rank's message
         try:
             if not self.store.check([self._failed_key]):
-                self.store.set(self._failed_key, f"rank {self.rank}: {type(exc).__name__}: {exc}")
+                notes = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))  # e.g. the sample a dataset failed on
+                self.store.set(self._failed_key, f"rank {self.rank}: {type(exc).__name__}: {exc}{notes}")
         except Exception as store_exc:  # the store may be gone with the job: nothing more to tell
             logger.debug("could not report the failure to the other ranks: %s", store_exc)
 
@@ -317,11 +339,13 @@ class DistributedContext(Context):
         total_computed = computed + sum(p["computed"] for p in parts)
         residual = stats(deltas + [p["deltas"] for p in parts if p["deltas"].size], rels + [p["rels"] for p in parts if p["rels"].size])
         outcome = Outcome(total_computed, writer.complete, residual)
+        self._heartbeat.watching = False  # the others only read the result from here on, then close
         self._set("final", json.dumps({"computed": outcome.computed, "complete": outcome.complete, "residual": residual}).encode())
         self._await = "ack"
         return outcome
 
     def close(self) -> None:
+        self._heartbeat.stop()
         if self._await is not None:
             # Outside torchrun's agent the store lives in rank 0: keep it up until every rank has
             # read what it needs. A rank gone by now only costs this short wait.
@@ -332,8 +356,14 @@ class DistributedContext(Context):
                 logger.debug("not every rank acknowledged the result: %s", exc)
             finally:
                 self.timeout = saved
-        if self.owns_group and dist.is_initialized():
+
+
+def _destroy_group() -> None:
+    try:
+        if dist.is_initialized():
             dist.destroy_process_group()
+    except Exception as exc:  # at exit, with the other ranks possibly gone: nothing more to do
+        logger.debug("could not destroy the process group: %s", exc)
 
 
 def setup(device: torch.device) -> Context:
@@ -356,6 +386,10 @@ def setup(device: torch.device) -> Context:
             if name not in os.environ:
                 raise RuntimeError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun, or call torch.distributed.init_process_group yourself")
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout))
+        # Kept until the process exits, not destroyed after this run: a second run() in the same
+        # script would initialise a new group against the rendezvous keys of this one and fail
+        # (gloo: "connectFullMesh failed ... Connection refused"); it reuses this one instead.
+        atexit.register(_destroy_group)
         logger.info("rank %d of %d: initialised the %s process group", rank, world, backend)
     try:
         from torch.distributed.distributed_c10d import _get_default_store

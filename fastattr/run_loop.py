@@ -127,13 +127,15 @@ def run_batches(
     ctx: Context = LOCAL, forward_args_inputs: int = 0, allow_nonfinite: bool = False, probe: dict | None = None,
     forward_kwargs: dict[str, Any] | None = None, output: Any = None, form: StoredForm = AS_COMPUTED,
 ) -> RunSummary:
-    work = ctx.plan(writer)  # this rank's share of the missing ranges (all of them at world size 1)
+    if examples_per_batch is None:
+        examples_per_batch = plan.examples_per_batch or _default_examples(source, dev)
+    # This rank's share of the missing ranges (all of them at world size 1). With a fixed
+    # batch_size on CPU the shares are cut on the batch grid, so results match one process bit for bit.
+    work = ctx.plan(writer, granule=examples_per_batch if dev.type == "cpu" and batch_size != "auto" else 1)
     if work.complete:
         writer.close()
         logger.info("%s is already complete", out)
         return RunSummary(out, total, 0, 0.0, True, precision_probe=probe or {})
-    if examples_per_batch is None:
-        examples_per_batch = plan.examples_per_batch or _default_examples(source, dev)
     todo = work.todo
     batches = [(s, min(s + examples_per_batch, stop)) for start, stop in todo for s in range(start, stop, examples_per_batch)]
     remaining = sum(stop - start for start, stop in todo)  # this rank's

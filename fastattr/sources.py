@@ -171,7 +171,7 @@ class DatasetSource(Source):
         return len(self.dataset)
 
     def _read(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
-        items = [_split_item(self.dataset[i]) for i in range(start, stop)]
+        items = [_split_item(_get(self.dataset, i)) for i in range(start, stop)]
         n_inputs = len(items[0][0])
         inputs = []
         for k in range(n_inputs):
@@ -185,6 +185,16 @@ class DatasetSource(Source):
         if self.has_labels:
             labels = torch.tensor([int(it[1]) for it in items], dtype=torch.long)
         return tuple(inputs), labels
+
+
+def _get(dataset: Any, i: int) -> Any:
+    """dataset[i]; an error of the dataset's own keeps its type and traceback and gains a note
+    naming the global sample (its message may not, and under torchrun the other ranks see only it)."""
+    try:
+        return dataset[i]
+    except Exception as exc:
+        exc.add_note(f"fastattr: raised by the dataset reading sample {i}")
+        raise
 
 
 def _split_item(item: Any) -> tuple[tuple[Any, ...], Any | None]:
@@ -232,7 +242,7 @@ class LoaderSource(DatasetSource):
         self.has_labels = self._collated(0, 1)[1] is not None
 
     def _collated(self, start: int, stop: int) -> tuple[tuple[Array, ...], Array | None]:
-        items = [self.dataset[i] for i in range(start, stop)]
+        items = [_get(self.dataset, i) for i in range(start, stop)]
         try:
             batch = self.collate(items)
         except Exception as exc:
