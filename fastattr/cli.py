@@ -61,6 +61,10 @@ def _run(args: argparse.Namespace) -> int:
 
     llm = args.method in LLM_METHODS or (args.method is None and args.model.startswith(HF_PREFIX))
     method = args.method or ("llm_integrated_gradients" if llm else "ig")
+    _refuse_unused(args, method)
+    args.steps = 50 if args.steps is None else args.steps
+    args.target = "predicted" if args.target is None else args.target
+    args.baseline = "zeros" if args.baseline is None else args.baseline
     llm_opts: dict = {}
     if args.model.startswith(HF_PREFIX):
         if args.model_arg:
@@ -112,6 +116,28 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
     return 0
+
+
+def _refuse_unused(args: argparse.Namespace, method: str) -> None:
+    """An option the method would silently ignore is an error: the run would record and store
+    something other than what the command line asked for (--steps with saliency, --target with activations)."""
+    from .run_methods import ALIASES
+
+    name = ALIASES.get(method, method)
+    base = ALIASES.get(args.base_method or "ig", args.base_method or "ig")
+    integrates = name in ("integrated_gradients", "layer_integrated_gradients", "llm_integrated_gradients") or (
+        name == "noise_tunnel" and base == "integrated_gradients")
+    given = {
+        "--steps": args.steps is not None and not integrates, "--rule": args.rule is not None and not integrates,
+        "--tolerance": args.tolerance is not None and not integrates, "--max-steps": args.max_steps is not None and not integrates,
+        "--baseline": args.baseline is not None and not integrates, "--target": args.target is not None and name == "activations",
+    }  # fmt: skip
+    unused = [flag for flag, bad in given.items() if bad]
+    if unused:
+        hint = " (gradient_shap's baselines are --references)" if name == "gradient_shap" and "--baseline" in unused else ""
+        what = f"noise_tunnel over {base}" if name == "noise_tunnel" else name
+        verb = "does" if len(unused) == 1 else "do"
+        raise OptionError(f"{', '.join(unused)} {verb} not apply to --method {what} (it would be ignored){hint}: remove {'it' if len(unused) == 1 else 'them'}")
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -182,9 +208,15 @@ def _index_range(value: str) -> tuple[int, int]:
 def _size(value: str) -> tuple[int, int]:
     width, _, height = value.partition("x")
     try:
-        return int(width), int(height)
+        size = int(width), int(height)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, got {value!r}") from None
+    if min(size) < MIN_PIXELS:  # matplotlib cannot lay out a figure much smaller (a singular-matrix traceback at 0x0)
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_PIXELS}x{MIN_PIXELS} pixels, got {value!r}")
+    return size
+
+
+MIN_PIXELS = 100
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
@@ -235,7 +267,7 @@ def _info(args: argparse.Namespace) -> int:
         if meta.get("status") == "stopped":
             lines.append("no writer is running: rerun the same command to resume")
         lines += [
-            f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
+            f"method: {cfg.get('method')} {json.dumps(_without_blocks(cfg.get('params', {})))}",
             f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {_describe_compression(store, cfg)}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
             *([describe_probe(cfg["precision_probe"])] if isinstance(cfg.get("precision_probe"), dict) else []),
@@ -247,6 +279,16 @@ def _info(args: argparse.Namespace) -> int:
     for line in lines:
         print(printable(line))
     return 0
+
+
+def _without_blocks(value: Any) -> Any:
+    """``value`` without the per-block hashes of its dataset descriptions (gradient_shap's
+    references hold one per sample: a line as long as the reference set; they are in --json)."""
+    if isinstance(value, dict):
+        return {k: _without_blocks(v) for k, v in value.items() if k != "blocks"}
+    if isinstance(value, list):
+        return [_without_blocks(v) for v in value]
+    return value
 
 
 def _describe_compression(store: Any, cfg: dict) -> str:
@@ -305,7 +347,16 @@ def _layers(args: argparse.Namespace) -> int:
         inputs = [x.to(args.device) for x in source.read(0, min(2, len(source)))[0]]
     else:
         inputs = example_inputs(args.input_shape, args.input_dtype, args.vocab, device=args.device)
-    rows = describe_layers(model, inputs=inputs)
+    try:
+        rows = describe_layers(model, inputs=inputs)
+    except FastattrError:
+        raise
+    except Exception as exc:  # the model refused the example inputs: the shapes given here are wrong, not fastattr
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs)
+        first = str(exc).strip().split("\n")[0]
+        fix = "check --input-shape, --input-dtype and --vocab" if not args.data else "check that --data is the model's data"
+        raise OptionError(f"the model failed on example inputs {shapes} (batch of {len(inputs[0])}): {type(exc).__name__}: {first}; {fix} "
+                          "(--debug shows the traceback)") from exc
     width = max(len(r.name) for r in rows)
     kind_width = max(len(r.kind) for r in rows)
     for r in rows:
@@ -314,32 +365,46 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    import numpy as np
 
-    from .render import render_grid
+    from .render import RenderError, render_grid
     from .sources import open_source
     from .specs import load_data, load_tokenizer
     from .store import open_run
 
     start, stop = args.index
+    if not 0 <= args.percentile <= 100:
+        raise OptionError(f"--percentile must be in [0, 100], got {args.percentile:g}")
     with open_run(args.dir) as store:
+        if not start < min(stop, store.total):  # the store clips a range to the run: say so instead of "no samples"
+            raise RenderError(f"--index {start}:{stop} selects no sample of {args.dir}, which has samples 0:{store.total}")
+        try:
+            batch = store[start:stop]
+        except KeyError as exc:  # a stopped or running run: some samples of the range are not stored yet
+            raise RenderError(f"{exc.args[0]}; pick a stored --index range (fastattr info {args.dir} shows progress)") from None
         if store.metadata.get("method") == "llm_integrated_gradients":  # token-by-token heatmaps, labelled
             from .llm.render import render_llm
 
             tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-            render_llm(store[start:stop], args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
-            print(f"wrote {args.out} ({stop - start} samples, {args.size[0]}x{args.size[1]})")
+            render_llm(batch, args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
+            print(f"wrote {args.out} ({len(batch['index'])} samples, {args.size[0]}x{args.size[1]} pixels)")
             return 0
         name = args.name or store.attribution_names[0]
-        batch = store[start:stop]
+        if name not in store.attribution_names:
+            raise RenderError(f"--name {name!r}: {args.dir} has no such attribution; it stores {', '.join(map(repr, store.attribution_names))}")
         attributions = batch["attributions"][name]
+        image = True if store.channel_reduce is not None and attributions.ndim == 3 else None  # channel-reduced (H, W) maps of any size
         titles = [f"#{i} target {t}" for i, t in zip(batch["index"], batch["target"].tolist())]
     inputs = None
     if args.data:
         source = open_source(load_data(args.data))
-        inputs = source.read(start, stop)[0][0].numpy()
+        index = np.asarray(batch["index"])
+        if len(source) <= int(index[-1]):
+            raise RenderError(f"--data {args.data} holds {len(source)} samples; the run's sample {int(index[-1])} needs more: give the run's data")
+        inputs = source.read(int(index[0]), int(index[-1]) + 1)[0][0].numpy()[index - index[0]]
     width, height = args.size
-    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
-    print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
+    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height), image=image)
+    print(f"wrote {args.out} ({len(attributions)} samples, {width}x{height} pixels)")
     return 0
 
 
@@ -391,8 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="train a small CNN on synthetic data with known answers and attribute it")
-    demo.add_argument("--samples", type=int, default=2000, help="test samples to attribute (default 2000)")
-    demo.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
+    demo.add_argument("--samples", type=_positive_int, default=2000, help="test samples to attribute (default 2000)")
+    demo.add_argument("--steps", type=_positive_int, default=32, help="integrated-gradients steps (default 32)")
     demo.add_argument("--precision", choices=PRECISIONS, default="fp32")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--out", default=None, help="run directory for the shards (default: a new temporary directory)")
@@ -406,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--method", default=None, choices=list(METHOD_NAMES), help="attribution method (default ig; llm_integrated_gradients for --model hf:DIR)")
-    run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
+    run.add_argument("--steps", type=_steps, default=None, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default=None, choices=[*RULES, "simpson"], help="integration rule (default gausslegendre; with --steps auto: simpson, or trapezoid / gausslegendre)")
@@ -436,8 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp32 (default), tf32, bf16, fp16, or auto: the fastest whose probe error vs fp32 is within --precision-tolerance")
     run.add_argument("--precision-tolerance", type=float, default=0.01, help="precision auto: largest probe error (relative L2) accepted (default 0.01)")
     run.add_argument("--precision-warn", type=float, default=0.01, help="warn when the probe error exceeds this (default 0.01)")
-    run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
-    run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
+    run.add_argument("--target", default=None, help="predicted (default), label, an int, or file.npy")
+    run.add_argument("--baseline", default=None, help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", type=_batch_size, default="auto", help="the most rows per forward: auto (default) or an int (on CPU one above 32 bounds the throughput tuner)")
     run.add_argument("--memory-budget", default=None,
                      help="memory for one chunk's rows, e.g. 8GiB: on CUDA device memory (default: half of free), on CPU host "
@@ -543,6 +608,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "device", None) is not None:
+        try:
+            _check_device(args.device)
+        except OptionError as exc:  # before any model is loaded: one line, exit 2
+            print(f"fastattr: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "run" and "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
         import torch
 
@@ -575,6 +646,24 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"fastattr: unexpected {type(exc).__name__}{_rank()} (traceback above; not a fastattr input error)", file=sys.stderr)
         return 1
+
+
+def _check_device(name: str) -> None:
+    """--device names a device this machine has (a CPU-only torch given --device cuda fails with an
+    AssertionError deep in the model's .to(), and a typo with torch's RuntimeError)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {name} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {name}: no CUDA device is available to this torch ({torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {name}: MPS is not available here; use --device cpu")
 
 
 def _rank() -> str:

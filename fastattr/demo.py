@@ -114,13 +114,14 @@ class DemoReport:
         return [
             f"model: train accuracy {self.train_accuracy:.1%}, test accuracy {self.test_accuracy:.1%}",
             f"integrated gradients: {self.samples} samples in {self.seconds:.2f} s ({self.samples / self.seconds:,.0f} samples/s), shards in {self.run_dir}",
-            f"completeness residual |sum(attr) - (F(x) - F(x0))|: median {self.median_rel_residual:.2e} of |F(x) - F(x0)|, max {self.max_abs_residual:.2e}",
+            f"completeness residual |sum(attr) - (F(x) - F(x0))|: median {self.median_rel_residual:.2e} of |F(x) - F(x0)| (relative), "
+            f"max {self.max_abs_residual:.2e} (absolute, in logits)",
             "share of attribution mass inside the deciding 4x4 patch (higher is better):",
             f"  integrated gradients {self.mass_ig:6.1%}",
             f"  saliency             {self.mass_saliency:6.1%}",
             f"  random attribution   {self.mass_random:6.1%}   (the patch covers {PATCH * PATCH / SIZE**2:.1%} of the image)",
             f"inspect: fastattr info {self.run_dir}; fastattr verify {self.run_dir}",
-            f"picture: fastattr render {self.run_dir} --data {os.path.join(self.run_dir, 'inputs.npy')} --index 0:16 --out demo.png",
+            f"picture: fastattr render {self.run_dir} --data {os.path.join(self.run_dir, 'inputs.npy')} --index 0:{min(16, self.samples)} --out demo.png",
         ]
 
 

@@ -286,7 +286,7 @@ def summary_lines(result: AuditResult) -> list[str]:
         f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined, {r['nonfinite']} non-finite)",
         _nonfinite_line(doc) + f"; all-zero samples: {doc['zero_samples']}",
         f"sparseness (Gini) mean {_fmt(doc['gini']['mean'])}; normalized entropy mean {_fmt(doc['entropy_normalized']['mean'])}",
-        f"per-class maps: {len(doc['class_maps']['classes'])} classes",
+        f"per-class maps: {len(doc['class_maps']['classes'])} class{'' if len(doc['class_maps']['classes']) == 1 else 'es'}",
     ]
     if "agreement" in doc:
         ag = doc["agreement"]

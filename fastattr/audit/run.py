@@ -54,9 +54,14 @@ def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...], reduced:
         path = str(masks)
         if not os.path.isfile(path) or not path.endswith(".npy"):
             raise AuditError(f"masks must be a .npy file; no such file: {path}")
-        masks = np.load(path, mmap_mode="r")
+        try:
+            masks = np.load(path, mmap_mode="r")
+        except ValueError as exc:  # an object array (a pickle) or not a .npy file: masks are never unpickled
+            raise AuditError(f"masks {path}: {str(exc).rstrip('.')}; save them as a boolean array with np.save") from None
     # Memory-mapped masks stay on disk: only each batch's rows are read.
     m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else masks if isinstance(masks, np.ndarray) else np.asarray(masks)
+    if m.ndim < 2 or not (m.dtype == bool or np.issubdtype(m.dtype, np.number)):
+        raise AuditError(f"masks must be a boolean (or numeric) array with one map per sample, shape (N, *map); got shape {m.shape}, dtype {m.dtype}")
     if m.shape[0] < total:
         raise AuditError(f"masks hold {m.shape[0]} samples; the run has {total}")
     def fits(shape: tuple[int, ...]) -> bool:
@@ -71,6 +76,23 @@ def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...], reduced:
         return m, True
     raise AuditError(f"a mask has shape {m.shape[1:]}, which does not broadcast to the attribution's {feature_shape}"
                      f"{' (the run is channel-reduced; (C, *shape) masks are accepted too)' if reduced else ''}")
+
+
+# the values a threshold can meet at all: one outside them would fail (or pass) every audit whatever it measured
+_RANGES = {"max_residual": (0.0, np.inf, "an absolute residual, >= 0"), "max_rel_residual": (0.0, np.inf, "a relative residual, >= 0"),
+           "max_nonfinite": (0, np.inf, "a count of values, >= 0"), "min_agreement": (-1.0, 1.0, "a Spearman correlation, in [-1, 1]"),
+           "min_topk_overlap": (0.0, 1.0, "a share of the top-k features, in [0, 1]"),
+           "min_mass_inside": (0.0, 1.0, "a share of the attribution mass, in [0, 1]")}  # fmt: skip
+
+
+def _check_threshold_ranges(thresholds: Mapping[str, Any]) -> None:
+    for key, (lo, hi, what) in _RANGES.items():
+        v = thresholds.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not lo <= v <= hi:
+            flag = "--" + key.replace("_", "-")
+            raise AuditError(f"{key} ({flag}) is {what}; got {v!r}")
 
 
 def audit_run(
@@ -121,6 +143,7 @@ def audit_run(
     for label, v in (("sample", sample), ("batch_size", batch_size), ("steps", steps), ("randomization_sample", randomization_sample), ("max_rows", max_rows)):
         if not isinstance(v, int) or v < 1:
             raise AuditError(f"{label} must be a positive int, got {v!r}")
+    _check_threshold_ranges(thresholds)
     if blur_sigma <= 0:
         raise AuditError(f"blur_sigma must be > 0, got {blur_sigma}")
     if model is None and data is not None:
@@ -188,6 +211,8 @@ def audit_run(
             theirs_b = other[lo:hi] if other is not None else None
             mb = np.asarray(mask_arr[lo:hi]) if mask_arr is not None else None
             mb = mb.any(1) if per_channel and mb is not None else mb  # a pixel is inside if any of its channels is
+            if mb is not None and mb.ndim - 1 < len(feature_shape):  # (N, H, W) masks of (C, H, W) samples: align the trailing dims
+                mb = mb.reshape(mb.shape[0], *(1,) * (len(feature_shape) + 1 - mb.ndim), *mb.shape[1:])
             acc.update(batch, theirs_b, mb)
         doc = acc.result()
         doc["definitions"] = dict(DEFINITIONS)
