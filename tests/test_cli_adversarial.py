@@ -216,3 +216,40 @@ def test_audit_summary_says_one_class(work: dict) -> None:
     n = len(result.doc["class_maps"]["classes"])
     line = next(x for x in summary_lines(result) if x.startswith("per-class maps"))
     assert line == f"per-class maps: {n} class{'' if n == 1 else 'es'}"
+
+
+def test_verify_passes_a_valid_activations_run_and_names_missing_residuals(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: "FAILED (1 problems)": activations store no F(x) (NaN placeholders), which verify counted as
+    # non-finite values, while info said complete and audit PASSED; saliency printed "|delta|: max nan"
+    d = work["dir"]
+    assert main([*work["common"], "--method", "activations", "--layer", "1", "--pool", "mean", "--out", str(d / "act")]) == 0
+    assert main([*work["common"], "--method", "saliency", "--out", str(d / "sal")]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(d / "act")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: 12 of 12") and "non-finite: 0 samples" in out and "the method defines none" in out
+    assert main(["verify", str(d / "sal")]) == 0
+    assert "nan" not in capsys.readouterr().out
+    assert main(["verify", str(d / "ig")]) == 0
+    assert "|delta|: max " in capsys.readouterr().out
+
+
+def test_audit_of_a_stopped_run_warns_that_it_covers_part(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: a plain PASSED, never saying that only 12 of 40 samples were audited
+    class Stops(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin, self.calls = torch.nn.Linear(10, 3), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            if self.calls > 3:
+                raise KeyboardInterrupt  # what Ctrl-C does mid-run: the finished shards stay, status stopped
+            return self.lin(x)
+
+    x = np.random.default_rng(0).standard_normal((40, 10)).astype(np.float32)
+    with pytest.raises(KeyboardInterrupt):
+        fastattr.run(Stops().eval(), x, tmp_path / "run", method="saliency", examples_per_batch=4, shard_size=4, progress=False)
+    rc = main(["audit", str(tmp_path / "run"), "--report", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "WARNING: the run is stopped: the audit covers the 12 of 40 samples" in out and "PASSED with 1 warning" in out

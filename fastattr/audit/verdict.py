@@ -136,6 +136,10 @@ def outcome(doc: Mapping[str, Any], section: str) -> str:
 def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[str]:
     """Checks that were measured and did not pass while no threshold requires them."""
     out: list[str] = []
+    run = doc.get("run") or {}
+    if run.get("status") not in (None, "complete") and isinstance(run.get("total"), int) and doc.get("samples", 0) < run["total"]:
+        out.append(f"the run is {run['status']}: the audit covers the {doc['samples']:,} of {run['total']:,} samples stored so far; "
+                   "rerun the same `fastattr run` to complete it, then audit again")  # fmt: skip
     nf = doc["nonfinite"]
     if nf["flagged"] and thresholds.get("max_nonfinite") is None:
         out.append(
