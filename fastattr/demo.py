@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import OptionError
 from .methods import Saliency
 
 logger = logging.getLogger(__name__)
 
 SIZE, PATCH, CLASSES = 24, 4, 4
+DEMO_FILES = ("inputs.npy", "masks.npy")  # written next to the demo's shards; they mark a directory as the demo's
 
 
 def _patterns() -> torch.Tensor:
@@ -140,6 +142,10 @@ def run_demo(
     from .runner import run
     from .store import open_run
 
+    if out is not None and os.path.isdir(out) and os.listdir(out) and not all(os.path.isfile(os.path.join(out, f)) for f in DEMO_FILES):
+        # the demo replaces its directory (overwrite=True): only a previous demo's, never a run of the user's own
+        raise OptionError(f"{out} is not empty and holds no earlier demo (its {' and '.join(DEMO_FILES)}): the demo replaces its --out "
+                          "directory, so give a new or empty one, or a previous demo's")
     torch.manual_seed(seed)
     train_x, train_y, _ = make_dataset(train_samples, seed=seed)
     test_x, test_y, test_masks = make_dataset(samples, seed=seed + 1)

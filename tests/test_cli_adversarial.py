@@ -253,3 +253,12 @@ def test_audit_of_a_stopped_run_warns_that_it_covers_part(tmp_path, capsys: pyte
     rc = main(["audit", str(tmp_path / "run"), "--report", str(tmp_path / "rep")])
     out = capsys.readouterr().out
     assert rc == 0 and "WARNING: the run is stopped: the audit covers the 12 of 40 samples" in out and "PASSED with 1 warning" in out
+
+
+def test_demo_never_replaces_a_run_of_the_users_own(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: `fastattr demo --out runs/ig` trained the demo and overwrote the user's run there (overwrite=True), silently
+    d = work["dir"]
+    before = fastattr.open(d / "ig").metadata["shards"]
+    rc = main(["demo", "--samples", "4", "--steps", "2", "--out", str(d / "ig")])
+    _one_line_error(capsys, rc, "holds no earlier demo")
+    assert fastattr.open(d / "ig").metadata["shards"] == before
