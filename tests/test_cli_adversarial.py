@@ -262,3 +262,19 @@ def test_demo_never_replaces_a_run_of_the_users_own(work: dict, capsys: pytest.C
     rc = main(["demo", "--samples", "4", "--steps", "2", "--out", str(d / "ig")])
     _one_line_error(capsys, rc, "holds no earlier demo")
     assert fastattr.open(d / "ig").metadata["shards"] == before
+
+
+def test_audit_compare_warns_when_the_runs_attribute_different_targets(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: agreement between attributions of different classes reported as if it measured the method, PASSED
+    d = work["dir"]
+    predicted = fastattr.open(d / "ig")[0:N]["target"]
+    other = int((predicted[0] + 1) % 3)
+    assert main([*work["common"], "--steps", "4", "--target", str(other), "--out", str(d / "t_other")]) == 0
+    rc = main(["audit", str(d / "ig"), "--compare", str(d / "t_other"), "--report", str(d / "rep_t")])
+    out = capsys.readouterr().out
+    n = int((predicted != other).sum())
+    assert rc == 0 and f"WARNING: {n} sample{'s have' if n > 1 else ' has'} different targets in the compared run (#0" in out
+    assert main(["audit", str(d / "ig"), "--compare", str(d / "cr"), "--report", str(d / "rep_t")]) == 2  # shapes differ: still an error
+    capsys.readouterr()
+    assert main(["audit", str(d / "ig"), "--compare", str(d / "auto"), "--report", str(d / "rep_t")]) == 0
+    assert "different targets" not in capsys.readouterr().out

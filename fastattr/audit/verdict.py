@@ -140,6 +140,10 @@ def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> lis
     if run.get("status") not in (None, "complete") and isinstance(run.get("total"), int) and doc.get("samples", 0) < run["total"]:
         out.append(f"the run is {run['status']}: the audit covers the {doc['samples']:,} of {run['total']:,} samples stored so far; "
                    "rerun the same `fastattr run` to complete it, then audit again")  # fmt: skip
+    ag = doc.get("agreement") or {}
+    if ag.get("target_mismatch"):
+        out.append(f"{_samples(ag['target_mismatch'])} different targets in the compared run ({named(ag['target_mismatch_index'], ag['target_mismatch'])}): "
+                   "their agreement compares attributions of different classes; make both runs with the same --target")  # fmt: skip
     nf = doc["nonfinite"]
     if nf["flagged"] and thresholds.get("max_nonfinite") is None:
         out.append(
