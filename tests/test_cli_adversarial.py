@@ -278,3 +278,27 @@ def test_audit_compare_warns_when_the_runs_attribute_different_targets(work: dic
     capsys.readouterr()
     assert main(["audit", str(d / "ig"), "--compare", str(d / "auto"), "--report", str(d / "rep_t")]) == 0
     assert "different targets" not in capsys.readouterr().out
+
+
+def test_audit_refuses_data_the_run_did_not_attribute(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: PASSED, the deletion curves and randomization scored on other samples (reproduced similarity ~0.2)
+    d = work["dir"]
+    x = np.load(d / "x.npy")
+    x[5] += 1.0
+    np.save(d / "x_other.npy", x)
+    base = ["audit", str(d / "ig"), "--report", str(d / "rep_d"), "--model", "adv_cli_models:cnn", "--sample", "4", "--randomization", "none", "--steps", "4"]
+    _one_line_error(capsys, main([*base, "--data", str(d / "x_other.npy")]), "samples 5:6 differ", "give the run's own data")
+    assert main([*base, "--data", str(d / "x.npy")]) == 0
+    assert "the model's parameters differ" not in capsys.readouterr().out
+
+
+def test_audit_warns_when_the_model_is_not_the_runs(work: dict) -> None:
+    # was: no word that the model-based checks measured another model than the one the run attributed
+    other = fastattr_model()
+    with torch.no_grad():
+        other[0].weight.mul_(2)
+    d = work["dir"]
+    result = audit_run(d / "ig", model=other, data=str(d / "x.npy"), sample=4, randomization="none", steps=4)
+    assert result.doc["run"]["model_matches"] is False and any("parameters differ" in w for w in result.warnings)
+    same = audit_run(d / "ig", model=fastattr_model(), data=str(d / "x.npy"), sample=4, randomization="none", steps=4)
+    assert same.doc["run"]["model_matches"] is True and not any("parameters differ" in w for w in same.warnings)

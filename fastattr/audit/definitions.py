@@ -61,6 +61,8 @@ DEFINITIONS: dict[str, str] = {
     "their average rank), samples aligned by global index",
     "agreement.topk_overlap": "per sample, |top-k(|a|) & top-k(|b|)| / k, the share of the k largest-magnitude features both runs agree on",
     "agreement.rel_l2": "per sample, ||a - b||_2 / ||b||_2 with b the compared run",
+    "run.model_matches": "whether the audited model's parameters and buffers hash to the run's recorded fingerprint (null: not recorded); "
+    "false is a warning",
     "agreement.target_mismatch": "samples whose target differs between the two runs (a warning: their agreement compares different classes); "
     "target_mismatch_index lists the first of them",
     "localization.mass_inside": "per sample, sum of |attr| inside the ground-truth mask / sum of |attr|",

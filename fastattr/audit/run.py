@@ -95,6 +95,39 @@ def _check_threshold_ranges(thresholds: Mapping[str, Any]) -> None:
             raise AuditError(f"{key} ({flag}) is {what}; got {v!r}")
 
 
+def _check_same_data(reader: RunReader, source: Any) -> None:
+    """The data given for the model-based checks is the data the run attributed (its recorded
+    fingerprint, fastattr/fingerprints.py): other data would score the stored attributions against
+    samples they do not belong to, and every check would measure nothing."""
+    from ..fingerprints import _hash_rows
+
+    recorded = (reader.metadata.get("fingerprints") or {}).get("data")
+    if not isinstance(recorded, dict) or [list(s) for s in source.sample_shapes] != recorded.get("shapes"):
+        return  # no fingerprint to compare (an old run); shapes are checked by the caller
+    blocks = recorded.get("blocks")
+    if recorded.get("kind") == "full" and isinstance(blocks, dict):
+        differ = [key for key, digest in blocks.items() if _hash_rows(source, *map(int, key.split(":")))[0] != digest]
+    elif recorded.get("count") == len(source) and recorded.get("labels") == source.has_labels and "sample_sha256" in recorded:
+        differ = [] if source.fingerprint().get("sample_sha256") == recorded["sample_sha256"] else ["a strided sample"]
+    else:
+        return
+    if differ:
+        where = f"samples {', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}" if differ[0] != "a strided sample" else differ[0]
+        raise AuditError(f"the data is not the data {reader.run_dir} attributed ({where} differ from its recorded fingerprint): "
+                         "give the run's own data (the --data of `fastattr run`)")
+
+
+def _same_model(reader: RunReader, model: torch.nn.Module) -> bool | None:
+    """Whether the model's parameters and buffers are the run's (its recorded digest); None where
+    the run recorded none. Another model's checks measure that model, not the run's attributions."""
+    from ..fingerprints import model_fingerprint
+
+    recorded = (reader.metadata.get("fingerprints") or {}).get("model")
+    if not isinstance(recorded, dict) or "parameters" not in recorded:
+        return None
+    return model_fingerprint(model)["parameters"] == recorded["parameters"]
+
+
 def audit_run(
     run: str | os.PathLike[str] | RunReader,
     *,
@@ -194,6 +227,7 @@ def audit_run(
             if expected != feature_shape:
                 raise AuditError(f"attribution {name!r} has shape {feature_shape} but the data's samples have {source.sample_shapes[0]}"
                                  f"{' (channel-reduced: ' + str(expected) + ')' if reduction is not None else ''}: model-based checks need input attributions")
+            _check_same_data(reader, source)
             if replacement == "blur" and len(feature_shape) < 2:
                 raise AuditError(f"replacement 'blur' needs samples with two spatial dimensions; they have shape {feature_shape}")
             if randomization != "none" and attribute_fn is None:
@@ -233,6 +267,8 @@ def audit_run(
             doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,
                                      max_similarity=max_similarity, attribute_fn=attribute_fn, max_rows=max_rows, batch_size=batch_size, seed=seed))  # fmt: skip
+        if model is not None:
+            doc["run"]["model_matches"] = _same_model(reader, model)
         doc["thresholds"] = {k: v for k, v in thresholds.items() if v is not None and v is not False}
         result = AuditResult(doc, acc.class_maps(), check_thresholds(doc, thresholds), audit_warnings(doc, thresholds))
         doc["passed"] = result.passed

@@ -140,6 +140,9 @@ def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> lis
     if run.get("status") not in (None, "complete") and isinstance(run.get("total"), int) and doc.get("samples", 0) < run["total"]:
         out.append(f"the run is {run['status']}: the audit covers the {doc['samples']:,} of {run['total']:,} samples stored so far; "
                    "rerun the same `fastattr run` to complete it, then audit again")  # fmt: skip
+    if run.get("model_matches") is False:
+        out.append("the model's parameters differ from those the run was made with (its recorded fingerprint): the model-based checks "
+                   "measure this model, not the run's; give the run's own model")  # fmt: skip
     ag = doc.get("agreement") or {}
     if ag.get("target_mismatch"):
         out.append(f"{_samples(ag['target_mismatch'])} different targets in the compared run ({named(ag['target_mismatch_index'], ag['target_mismatch'])}): "
