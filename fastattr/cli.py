@@ -373,6 +373,8 @@ def _render(args: argparse.Namespace) -> int:
     from .store import open_run
 
     start, stop = args.index
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise OptionError(f"--out {args.out}: no such directory {os.path.dirname(args.out)!r}; create it first")
     if not 0 <= args.percentile <= 100:
         raise OptionError(f"--percentile must be in [0, 100], got {args.percentile:g}")
     with open_run(args.dir) as store:

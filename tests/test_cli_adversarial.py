@@ -302,3 +302,16 @@ def test_audit_warns_when_the_model_is_not_the_runs(work: dict) -> None:
     assert result.doc["run"]["model_matches"] is False and any("parameters differ" in w for w in result.warnings)
     same = audit_run(d / "ig", model=fastattr_model(), data=str(d / "x.npy"), sample=4, randomization="none", steps=4)
     assert same.doc["run"]["model_matches"] is True and not any("parameters differ" in w for w in same.warnings)
+
+
+def test_verify_of_no_run_says_only_why(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: "FAILED (1 problem): 0 of 0 samples in 0 shards, run ?" then "|delta|: max nan, median nan" before the reason
+    assert main(["verify", str(tmp_path / "nope")]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED: ") and "no manifest" in out and out.count("\n") == 1
+
+
+def test_render_into_a_missing_directory_is_one_line(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: matplotlib's FileNotFoundError with a traceback, after reading the run
+    rc = main(["render", str(work["dir"] / "ig"), "--out", str(work["dir"] / "no" / "r.png")])
+    _one_line_error(capsys, rc, "no such directory")

@@ -74,6 +74,8 @@ class VerifyReport:
         return 0 if self.verdict == "OK" else 1
 
     def lines(self) -> list[str]:
+        if not self.ok and not self.status:  # no manifest could be read: no counts to report, only why
+            return [f"FAILED: {self.problems[0]}", *(f"problem: {p}" for p in self.problems[1:]), *(f"repaired: {r}" for r in self.repaired)]
         head = f"FAILED ({len(self.problems)} problem{'' if len(self.problems) == 1 else 's'})" if not self.ok else self.verdict
         first = f"{head}: {self.samples} of {self.total} samples in {self.shards} shards, run {self.status or '?'}"
         if self.verdict == "INCOMPLETE":
