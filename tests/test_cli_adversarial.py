@@ -315,3 +315,14 @@ def test_render_into_a_missing_directory_is_one_line(work: dict, capsys: pytest.
     # was: matplotlib's FileNotFoundError with a traceback, after reading the run
     rc = main(["render", str(work["dir"] / "ig"), "--out", str(work["dir"] / "no" / "r.png")])
     _one_line_error(capsys, rc, "no such directory")
+
+
+def test_verify_of_a_float16_overflow_names_the_storage_fix(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: only "fix the model or data ... or allow_nonfinite", though the run itself warned that float16 storage caused it
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).standard_normal((8, 10)).astype(np.float32)
+    x[:2] *= 1e6
+    fastattr.run(torch.nn.Linear(10, 3).eval(), x, tmp_path / "run", method="input_x_gradient", storage_dtype="float16", progress=False)
+    assert main(["verify", str(tmp_path / "run")]) == 1
+    out = capsys.readouterr().out
+    assert "non-finite values" in out and "[0, 2)" in out and "rerun with storage_dtype float32" in out

@@ -153,6 +153,8 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         problems.append(
             text.format(sum(b - a for a, b in bad), format_ranges(bad))
             + "; fix the model or data and rerun with overwrite, or make the run with allow_nonfinite to keep them"
+            + ("; inf attributions of a float16 run are values beyond float16's range (65504): rerun with storage_dtype float32 to keep them"
+               if man["config"].get("storage_dtype") == "float16" else "")
         )
     if man["fragments"]:
         warnings.append(f"{len(man['fragments'])} rank fragments not merged into {MANIFEST_NAME} yet (a distributed run that stopped early; resuming merges them)")
