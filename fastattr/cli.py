@@ -641,7 +641,8 @@ def main(argv: list[str] | None = None) -> int:
         _record_for_torchrun(exc)
         if args.debug:
             raise
-        print("\n".join(printable(line) for line in f"fastattr: error{_rank()}: {exc}".split("\n")), file=sys.stderr)  # may quote a manifest
+        text = _flag_words(str(exc)) if args.command == "run" else str(exc)
+        print("\n".join(printable(line) for line in f"fastattr: error{_rank()}: {text}".split("\n")), file=sys.stderr)  # may quote a manifest
         return 2
     except Exception as exc:  # anything else is a bug (here or in the model/data code): keep the traceback
         _record_for_torchrun(exc)
@@ -666,6 +667,17 @@ def _check_device(name: str) -> None:
             raise OptionError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise OptionError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+# keyword arguments that library errors name, and the flags a command-line user types instead
+_FLAG_WORDS = {"pass overwrite=True": "pass --overwrite", "pass allow_nonfinite=True to proceed": "pass --allow-nonfinite to proceed",
+               "train_mode=True cannot": "--train-mode cannot"}  # fmt: skip
+
+
+def _flag_words(text: str) -> str:
+    for words, flag in _FLAG_WORDS.items():
+        text = text.replace(words, flag)
+    return text
 
 
 def _rank() -> str:

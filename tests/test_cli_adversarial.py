@@ -326,3 +326,10 @@ def test_verify_of_a_float16_overflow_names_the_storage_fix(tmp_path, capsys: py
     assert main(["verify", str(tmp_path / "run")]) == 1
     out = capsys.readouterr().out
     assert "non-finite values" in out and "[0, 2)" in out and "rerun with storage_dtype float32" in out
+
+
+def test_run_mismatch_names_the_flag_not_the_keyword(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: "pass overwrite=True to replace it" to a command-line user, who has --overwrite
+    rc = main([*work["common"], "--steps", "5", "--out", str(work["dir"] / "ig")])
+    err = _one_line_error(capsys, rc, "differs in: params.n_steps", "pass --overwrite to replace it")
+    assert "overwrite=True" not in err
