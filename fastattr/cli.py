@@ -582,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--replacement-value", type=float, default=0.0, help="the baseline value (default 0)")
     audit.add_argument("--blur-sigma", type=float, default=2.0, help="Gaussian blur sigma in pixels for --replacement blur (default 2)")
     audit.add_argument("--score", choices=["softmax", "logit"], default="softmax", help="model score on the curves (default softmax probability)")
-    audit.add_argument("--randomization", choices=["cascade", "all", "none"], default="cascade", help="parameter randomization check (default cascade)")
+    audit.add_argument("--randomization", choices=["auto", "cascade", "all", "none"], default="auto",
+                       help="parameter randomization check: auto (default) is cascade where the run's method can be rebuilt from its "
+                            "manifest, else skipped with a warning (GradientShap references, array baselines)")
     audit.add_argument("--randomization-sample", type=int, default=64, help="samples re-attributed per randomization step (default 64)")
     audit.add_argument("--max-similarity", type=float, default=0.5, help="randomization passes when similarity falls below this (default 0.5)")
     audit.add_argument("--top-k", type=int, default=None, help="k for top-k overlap (default 10%% of the features)")

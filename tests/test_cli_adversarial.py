@@ -333,3 +333,14 @@ def test_run_mismatch_names_the_flag_not_the_keyword(work: dict, capsys: pytest.
     rc = main([*work["common"], "--steps", "5", "--out", str(work["dir"] / "ig")])
     err = _one_line_error(capsys, rc, "differs in: params.n_steps", "pass --overwrite to replace it")
     assert "overwrite=True" not in err
+
+
+def test_audit_of_a_gradient_shap_run_skips_randomization_by_default(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: exit 2 on a valid run for a check nobody asked for (the default --randomization cascade cannot rebuild references)
+    d = work["dir"]
+    base = ["audit", str(d / "gs"), "--report", str(d / "rep_gs"), "--model", "adv_cli_models:cnn", "--data", str(d / "x.npy"), "--sample", "4", "--steps", "4"]
+    assert main([*base, "--require-beats-random"]) in (0, 1)  # the deletion check ran; its verdict is the model's business
+    out = capsys.readouterr().out
+    assert "WARNING: randomization check skipped: the run's method 'gradient_shap' cannot be rebuilt" in out and "deletion AUC" in out
+    _one_line_error(capsys, main([*base, "--require-randomization"]), "cannot be rebuilt")
+    _one_line_error(capsys, main([*base, "--randomization", "cascade"]), "cannot be rebuilt")

@@ -157,7 +157,8 @@ def audit_run(
 
     Attribution-only metrics stream over every stored sample. With ``model`` and ``data`` (the
     run's data, aligned by global index), deletion/insertion runs on ``sample`` samples drawn at
-    random (fixed ``seed``) and the randomization check ("cascade", "all" or "none") on the first
+    random (fixed ``seed``) and the randomization check ("cascade", "all" or "none"; "auto": cascade
+    where the run's method can be rebuilt from its manifest, else skipped with a warning) on the first
     ``randomization_sample`` of them. ``compare``: a second run for agreement; ``masks``: (N, ...)
     booleans (array or .npy) for localization. Every option is checked before any work.
     """
@@ -171,8 +172,9 @@ def audit_run(
         raise AuditError(f"replacement must be 'baseline' or 'blur', got {replacement!r}")
     if score not in ("softmax", "logit"):
         raise AuditError(f"score must be 'softmax' or 'logit', got {score!r}")
-    if randomization not in ("cascade", "all", "none"):
-        raise AuditError(f"randomization must be 'cascade', 'all' or 'none', got {randomization!r}")
+    if randomization not in ("auto", "cascade", "all", "none"):
+        raise AuditError(f"randomization must be 'auto', 'cascade', 'all' or 'none', got {randomization!r}")
+    skipped = None  # why an "auto" randomization check did not run
     for label, v in (("sample", sample), ("batch_size", batch_size), ("steps", steps), ("randomization_sample", randomization_sample), ("max_rows", max_rows)):
         if not isinstance(v, int) or v < 1:
             raise AuditError(f"{label} must be a positive int, got {v!r}")
@@ -231,7 +233,12 @@ def audit_run(
             if replacement == "blur" and len(feature_shape) < 2:
                 raise AuditError(f"replacement 'blur' needs samples with two spatial dimensions; they have shape {feature_shape}")
             if randomization != "none" and attribute_fn is None:
-                attribute_fn = method_from_run(reader.metadata)
+                try:
+                    attribute_fn = method_from_run(reader.metadata)
+                except AuditError as exc:
+                    if randomization != "auto" or thresholds.get("require_randomization"):
+                        raise
+                    randomization, skipped = "none", str(exc).split("; pass attribute_fn=")[0]
             if randomization != "none" and reduction is not None:
                 attribute_fn = reduced_like_run(attribute_fn, reduction["mode"])
 
@@ -260,13 +267,17 @@ def audit_run(
 
             doc["text_deletion"] = text_deletion(reader, model, top_k=top_k, sample=sample, seed=seed)
             if randomization != "none":  # the run's own attribution, rebuilt from its manifest (fastattr/llm/randomization.py)
+                randomization = "cascade" if randomization == "auto" else randomization
                 from ..llm.randomization import randomization_check as llm_randomization
 
                 doc["randomization"] = llm_randomization(reader, model, mode=randomization, sample=randomization_sample, max_similarity=max_similarity, seed=seed)
         if model is not None and source is not None:
+            randomization = "cascade" if randomization == "auto" else randomization
             doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,
                                      max_similarity=max_similarity, attribute_fn=attribute_fn, max_rows=max_rows, batch_size=batch_size, seed=seed))  # fmt: skip
+        if skipped:
+            doc["randomization_skipped"] = skipped
         if model is not None:
             doc["run"]["model_matches"] = _same_model(reader, model)
         doc["thresholds"] = {k: v for k, v in thresholds.items() if v is not None and v is not False}

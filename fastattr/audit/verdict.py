@@ -153,6 +153,8 @@ def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> lis
             f"{_samples(nf['flagged'], ('holds', 'hold'))} non-finite values ({_nonfinite_detail(nf)}): "
             f"{named(nf['flagged_index'], nf['flagged'])}; --max-nonfinite 0 makes them fail the audit"
         )
+    if doc.get("randomization_skipped"):
+        out.append(f"randomization check skipped: {doc['randomization_skipped']}; --randomization none silences this")
     rnd = doc.get("randomization")
     if rnd is not None and not rnd["passed"] and not thresholds.get("require_randomization"):
         out.append(
