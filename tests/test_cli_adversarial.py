@@ -344,3 +344,15 @@ def test_audit_of_a_gradient_shap_run_skips_randomization_by_default(work: dict,
     assert "WARNING: randomization check skipped: the run's method 'gradient_shap' cannot be rebuilt" in out and "deletion AUC" in out
     _one_line_error(capsys, main([*base, "--require-randomization"]), "cannot be rebuilt")
     _one_line_error(capsys, main([*base, "--randomization", "cascade"]), "cannot be rebuilt")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--require-beats-random"], "(--require-beats-random) need the model and the run's data (--model and --data)"),
+     (["--min-agreement", "0.5"], "need a run to compare with (--compare DIR2)"), (["--min-mass-inside", "0.3"], "(--masks masks.npy)"),
+     (["--data", "X"], "(--model and --data; got only the data)")],
+)  # fmt: skip
+def test_audit_errors_name_the_flags_to_add(work: dict, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str) -> None:
+    # was: "thresholds ['require_beats_random'] need the model and data", API names with no flag to add
+    flags = [str(work["dir"] / "x.npy") if f == "X" else f for f in flags]
+    _one_line_error(capsys, main(["audit", str(work["dir"] / "ig"), "--report", str(work["dir"] / "rep_f"), *flags]), needle)

@@ -182,15 +182,16 @@ def audit_run(
     if blur_sigma <= 0:
         raise AuditError(f"blur_sigma must be > 0, got {blur_sigma}")
     if model is None and data is not None:
-        raise AuditError("model-based checks need both the model and the run's data (got only one)")
+        raise AuditError("model-based checks need both the model and the run's data (--model and --data; got only the data)")
     needs_model = {"require_beats_random", "require_randomization"} & {k for k, v in thresholds.items() if v}
     if needs_model and model is None:
-        raise AuditError(f"thresholds {sorted(needs_model)} need the model and data")
+        flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in sorted(needs_model))
+        raise AuditError(f"thresholds {flags} need the model and the run's data (--model and --data)")
     if thresholds.get("min_agreement") is not None or thresholds.get("min_topk_overlap") is not None:
         if compare is None:
-            raise AuditError("agreement thresholds need a run to compare with")
+            raise AuditError("agreement thresholds (--min-agreement, --min-topk-overlap) need a run to compare with (--compare DIR2)")
     if thresholds.get("min_mass_inside") is not None and masks is None:
-        raise AuditError("min_mass_inside needs ground-truth masks")
+        raise AuditError("min_mass_inside (--min-mass-inside) needs ground-truth masks (--masks masks.npy)")
 
     reader = run if isinstance(run, RunReader) else open_run(run)
     other = compare if isinstance(compare, RunReader) or compare is None else open_run(compare)
@@ -218,7 +219,7 @@ def audit_run(
         if llm and data is not None:
             raise AuditError("an LLM run stores its prompts and targets: give the model alone (no data)")
         if model is not None and data is None and not llm:
-            raise AuditError("model-based checks need both the model and the run's data (got only one)")
+            raise AuditError("model-based checks need both the model and the run's data (--model and --data; got only the model)")
         if model is not None and not llm:
             source = open_source(data)
             if len(source) < reader.total:
