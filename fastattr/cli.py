@@ -334,11 +334,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
+    import torch
+
     from .layers import describe_layers, example_inputs
     from .specs import load_data, load_model, parse_kv
 
     if bool(args.input_shape) == bool(args.data):
         raise OptionError("give --input-shape (with --input-dtype/--vocab for token ids) or --data, not both or neither")
+    if args.data and (args.input_dtype or args.vocab is not None):
+        raise OptionError("--input-dtype and --vocab describe --input-shape's random inputs; with --data the data's own samples are used: remove them")
     model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
     if args.data:  # the first two samples of the data, every input of a sample passed to the model
         from .sources import open_source
@@ -347,6 +351,8 @@ def _layers(args: argparse.Namespace) -> int:
         inputs = [x.to(args.device) for x in source.read(0, min(2, len(source)))[0]]
     else:
         inputs = example_inputs(args.input_shape, args.input_dtype, args.vocab, device=args.device)
+        if args.vocab is not None and all(x.is_floating_point() or x.dtype == torch.bool for x in inputs):
+            raise OptionError("--vocab applies to integer inputs (token ids): add --input-dtype long, or remove --vocab")
     try:
         rows = describe_layers(model, inputs=inputs)
     except FastattrError:

@@ -356,3 +356,14 @@ def test_audit_errors_name_the_flags_to_add(work: dict, capsys: pytest.CaptureFi
     # was: "thresholds ['require_beats_random'] need the model and data", API names with no flag to add
     flags = [str(work["dir"] / "x.npy") if f == "X" else f for f in flags]
     _one_line_error(capsys, main(["audit", str(work["dir"] / "ig"), "--report", str(work["dir"] / "rep_f"), *flags]), needle)
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [(["--input-shape", "3,8,8", "--vocab", "5"], "--vocab applies to integer inputs"),
+     (["--data", "X", "--input-dtype", "long"], "with --data the data's own samples are used")],
+)  # fmt: skip
+def test_layers_refuses_options_it_would_ignore(work: dict, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str) -> None:
+    # was: exit 0, --vocab (float inputs) or --input-dtype (with --data) silently ignored
+    flags = [str(work["dir"] / "x.npy") if f == "X" else f for f in flags]
+    _one_line_error(capsys, main(["layers", "adv_cli_models:cnn", *flags]), needle)
