@@ -62,6 +62,8 @@ def _run(args: argparse.Namespace) -> int:
     llm = args.method in LLM_METHODS or (args.method is None and args.model.startswith(HF_PREFIX))
     method = args.method or ("llm_integrated_gradients" if llm else "ig")
     _refuse_unused(args, method)
+    if args.labels is not None and args.target != "label" and not llm:  # a warning, not an error: runs made so keep resuming
+        logger.warning("--labels is used only by --target label; this run attributes --target %s and only fingerprints the labels", args.target or "predicted")
     args.steps = 50 if args.steps is None else args.steps
     args.target = "predicted" if args.target is None else args.target
     args.baseline = "zeros" if args.baseline is None else args.baseline

@@ -367,3 +367,12 @@ def test_layers_refuses_options_it_would_ignore(work: dict, capsys: pytest.Captu
     # was: exit 0, --vocab (float inputs) or --input-dtype (with --data) silently ignored
     flags = [str(work["dir"] / "x.npy") if f == "X" else f for f in flags]
     _one_line_error(capsys, main(["layers", "adv_cli_models:cnn", *flags]), needle)
+
+
+def test_run_warns_that_labels_go_unused_without_target_label(work: dict, caplog: pytest.LogCaptureFixture) -> None:
+    # was: --labels read and fingerprinted, never used, without a word (the user meant --target label)
+    d = work["dir"]
+    np.save(d / "labels.npy", np.arange(N) % 3)
+    with caplog.at_level("WARNING", logger="fastattr"):
+        assert main([*work["common"][1:], "--steps", "2", "--labels", str(d / "labels.npy"), "--out", str(d / "lab")]) == 0
+    assert "--labels is used only by --target label" in caplog.text
