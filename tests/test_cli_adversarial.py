@@ -376,3 +376,18 @@ def test_run_warns_that_labels_go_unused_without_target_label(work: dict, caplog
     with caplog.at_level("WARNING", logger="fastattr"):
         assert main([*work["common"][1:], "--steps", "2", "--labels", str(d / "labels.npy"), "--out", str(d / "lab")]) == 0
     assert "--labels is used only by --target label" in caplog.text
+
+
+def test_report_makes_no_exactness_claim_about_an_empty_distribution(work: dict) -> None:
+    # was: "| absolute residual | n/a | ... | 0 (exact) |" for a saliency run, which has no residual at all
+    pytest.importorskip("matplotlib")
+    from fastattr.audit import write_report
+
+    d = work["dir"]
+    assert main([*work["common"], "--method", "saliency", "--out", str(d / "sal_r")]) == 0
+    paths = write_report(audit_run(d / "sal_r"), d / "rep_sal")
+    text = open(paths["markdown"]).read()
+    row = next(line for line in text.splitlines() if line.startswith("| absolute residual"))
+    assert row.endswith("| 0 |") and "exact" not in row
+    ig = open(write_report(audit_run(d / "ig"), d / "rep_ig")["markdown"]).read()
+    assert "| 12 (exact quantiles) |" in ig

@@ -69,9 +69,9 @@ def _cell(text: str) -> str:
 
 def _dist_rows(label: str, key: str, dist: dict[str, Any]) -> list[str]:
     q = dist["quantiles"]
-    how = "exact" if dist["quantiles_exact"] else "reservoir estimate"
+    how = "" if not dist["count"] else " (exact quantiles)" if dist["quantiles_exact"] else " (quantiles: reservoir estimate)"  # of nothing: no claim
     return [
-        f"| {label} | {_fmt(dist['mean'])} | {_fmt(q['p50'])} | {_fmt(q['p95'])} | {_fmt(q['p99'])} | {_fmt(dist['max'])} | {_fmt(dist['count'])} ({how}) |",
+        f"| {label} | {_fmt(dist['mean'])} | {_fmt(q['p50'])} | {_fmt(q['p95'])} | {_fmt(q['p99'])} | {_fmt(dist['max'])} | {_fmt(dist['count'])}{how} |",
         f"|  | *{_cell(DEFINITIONS.get(key, ''))}* | | | | | |",
     ]
 
