@@ -132,11 +132,12 @@ def _refuse_unused(args: argparse.Namespace, method: str) -> None:
     given = {
         "--steps": args.steps is not None and not integrates, "--rule": args.rule is not None and not integrates,
         "--tolerance": args.tolerance is not None and not integrates, "--max-steps": args.max_steps is not None and not integrates,
-        "--baseline": args.baseline is not None and not integrates, "--target": args.target is not None and name == "activations",
+        "--baseline": args.baseline is not None and not integrates, "--target": args.target is not None and name in ("activations", "llm_integrated_gradients"),
     }  # fmt: skip
     unused = [flag for flag, bad in given.items() if bad]
     if unused:
         hint = " (gradient_shap's baselines are --references)" if name == "gradient_shap" and "--baseline" in unused else ""
+        hint += " (an LLM run's targets are each line's 'target' in the prompts file)" if name == "llm_integrated_gradients" else ""
         what = f"noise_tunnel over {base}" if name == "noise_tunnel" else name
         verb = "does" if len(unused) == 1 else "do"
         raise OptionError(f"{', '.join(unused)} {verb} not apply to --method {what} (it would be ignored){hint}: remove {'it' if len(unused) == 1 else 'them'}")

@@ -113,7 +113,8 @@ def test_audit_refuses_thresholds_no_audit_can_meet(work: dict, capsys: pytest.C
      (["--method", "gradient_shap", "--references", "X", "--baseline", "0.5"], "--references"),
      (["--method", "noise_tunnel", "--base-method", "saliency", "--steps", "7"], "noise_tunnel over saliency"),
      (["--method", "activations", "--layer", "1", "--target", "1"], "--target does not apply"),
-     (["--method", "saliency", "--steps", "auto", "--tolerance", "0.1"], "--steps, --tolerance do not apply")],
+     (["--method", "saliency", "--steps", "auto", "--tolerance", "0.1"], "--steps, --tolerance do not apply"),
+     (["--method", "llm_ig", "--target", "1"], "each line's 'target' in the prompts file")],
 )  # fmt: skip
 def test_run_refuses_options_its_method_would_ignore(work: dict, capsys: pytest.CaptureFixture[str], extra: list[str], flags: str) -> None:
     # was: exit 0, the option silently dropped (the manifest recorded a run other than the command asked for)
