@@ -134,6 +134,8 @@ def _refuse_unused(args: argparse.Namespace, method: str) -> None:
         "--tolerance": args.tolerance is not None and not integrates, "--max-steps": args.max_steps is not None and not integrates,
         "--baseline": args.baseline is not None and not integrates, "--target": args.target is not None and name in ("activations", "llm_integrated_gradients"),
     }  # fmt: skip
+    if args.rule == "simpson" and args.steps != "auto":  # the library's "unknown integration method" would deny it exists
+        raise OptionError("--rule simpson refines adaptive steps only: add --steps auto, or pick a fixed-step rule (gausslegendre, trapezoid, riemann_*)")
     unused = [flag for flag, bad in given.items() if bad]
     if unused:
         hint = " (gradient_shap's baselines are --references)" if name == "gradient_shap" and "--baseline" in unused else ""
@@ -465,8 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    # the same flags after the command (`fastattr run ... -q`); SUPPRESS keeps the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress and debug details")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    demo = sub.add_parser("demo", help="train a small CNN on synthetic data with known answers and attribute it")
+    demo = sub.add_parser("demo", parents=[common], help="train a small CNN on synthetic data with known answers and attribute it")
     demo.add_argument("--samples", type=_positive_int, default=2000, help="test samples to attribute (default 2000)")
     demo.add_argument("--steps", type=_positive_int, default=32, help="integrated-gradients steps (default 32)")
     demo.add_argument("--precision", choices=PRECISIONS, default="fp32")
@@ -474,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run directory for the shards (default: a new temporary directory)")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser("run", help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser("run", parents=[common], help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file, a torch.export .pt2 file, or hf:DIR (a local Hugging Face causal LM + tokenizer)")
     run.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     run.add_argument("--data", required=True, help="file.npy, file.h5:dataset, prompts.jsonl (LLM runs) or package.module:factory")
@@ -540,12 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the model's forward for the engine's chunks (off by default: slower on the CPUs measured)")
     run.set_defaults(func=_run)
 
-    info = sub.add_parser("info", help="what a run directory holds: config, provenance, progress, size")
+    info = sub.add_parser("info", parents=[common], help="what a run directory holds: config, provenance, progress, size")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true", help="print the manifest and totals as JSON")
     info.set_defaults(func=_info)
 
-    verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
+    verify = sub.add_parser("verify", parents=[common], help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
     verify.add_argument("dir")
     verify.add_argument(
         "--repair", action="store_true",
@@ -553,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.set_defaults(func=_verify)
 
-    layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")
+    layers = sub.add_parser("layers", parents=[common], help="a model's named modules and their output shapes (to pick a layer)")
     layers.add_argument("model", help="package.module:factory, a TorchScript file or a .pt2 file")
     layers.add_argument("--input-shape", action="append", default=[], type=_shape, metavar="C,H,W", help="one sample's shape per input (repeat for several inputs)")
     layers.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE", help="torch dtype per input (or one for all): float32 (default), long for token ids, bool")
@@ -564,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--device", default="cpu")
     layers.set_defaults(func=_layers)
 
-    render = sub.add_parser("render", help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
+    render = sub.add_parser("render", parents=[common], help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
     render.add_argument("dir")
     render.add_argument("--index", type=_index_range, default="0:16", help="global sample range START:STOP (default 0:16)")
     render.add_argument("--out", required=True, help="PNG file to write")
@@ -575,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--size", type=_size, default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
 
-    audit = sub.add_parser("audit", help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit = sub.add_parser("audit", parents=[common], help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     audit.add_argument("dir")
     audit.add_argument("--report", required=True, help="directory for audit.json, report.md, class_maps.npz and the PNG plots")
     audit.add_argument("--model", default=None, help="the run's model (enables deletion/insertion and the randomization check); needs --data")
@@ -682,7 +689,7 @@ def _check_device(name: str) -> None:
 
 # keyword arguments that library errors name, and the flags a command-line user types instead
 _FLAG_WORDS = {"pass overwrite=True": "pass --overwrite", "pass allow_nonfinite=True to proceed": "pass --allow-nonfinite to proceed",
-               "train_mode=True cannot": "--train-mode cannot"}  # fmt: skip
+               "train_mode=True cannot": "--train-mode cannot", "this method needs layer=:": "this method needs --layer NAME:"}  # fmt: skip
 
 
 def _flag_words(text: str) -> str:

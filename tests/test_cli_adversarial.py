@@ -114,7 +114,9 @@ def test_audit_refuses_thresholds_no_audit_can_meet(work: dict, capsys: pytest.C
      (["--method", "noise_tunnel", "--base-method", "saliency", "--steps", "7"], "noise_tunnel over saliency"),
      (["--method", "activations", "--layer", "1", "--target", "1"], "--target does not apply"),
      (["--method", "saliency", "--steps", "auto", "--tolerance", "0.1"], "--steps, --tolerance do not apply"),
-     (["--method", "llm_ig", "--target", "1"], "each line's 'target' in the prompts file")],
+     (["--method", "llm_ig", "--target", "1"], "each line's 'target' in the prompts file"),
+     (["--steps", "8", "--rule", "simpson"], "--rule simpson refines adaptive steps only: add --steps auto"),
+     (["--method", "layer_ig", "--steps", "4"], "this method needs --layer NAME:")],
 )  # fmt: skip
 def test_run_refuses_options_its_method_would_ignore(work: dict, capsys: pytest.CaptureFixture[str], extra: list[str], flags: str) -> None:
     # was: exit 0, the option silently dropped (the manifest recorded a run other than the command asked for)
@@ -392,3 +394,14 @@ def test_report_makes_no_exactness_claim_about_an_empty_distribution(work: dict)
     assert row.endswith("| 0 |") and "exact" not in row
     ig = open(write_report(audit_run(d / "ig"), d / "rep_ig")["markdown"]).read()
     assert "| 12 (exact quantiles) |" in ig
+
+
+def test_global_flags_work_after_the_command(work: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    # was: `fastattr run ... -q` -> "unrecognized arguments: -q" (exit 2); only `fastattr -q run ...` worked
+    d = work["dir"]
+    assert main([*work["common"][1:], "--steps", "4", "--out", str(d / "ig"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main([*work["common"][1:], "--steps", "4", "--out", str(d / "ig")]) == 0
+    assert "nothing to do" in capsys.readouterr().out  # without -q anywhere, the summary prints
+    with pytest.raises(fastattr.errors.StoreError):  # --debug after the command re-raises, as before it
+        main(["info", str(d / "nope"), "--debug"])
