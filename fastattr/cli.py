@@ -37,7 +37,7 @@ RUN_EXAMPLES = """examples:
   fastattr run ... --steps auto --tolerance 0.01 --out runs/ig-auto   # per-sample steps to a completeness tolerance
   fastattr run ... --method smoothgrad --nt-samples 16 --stdevs 0.15 --seed 0 --out runs/sg
   fastattr run ... --method gradient_shap --references refs.npy --n-samples 32 --out runs/gs
-  fastattr run --model hf:models/gpt2-small --data prompts.jsonl --steps 32 --baseline 1 --gen-arg max_new_tokens=16 \
+  fastattr run --model hf:models/gpt2-small --data prompts.jsonl --steps 32 --baseline 1 --gen-arg max_new_tokens=16 \\
                --out runs/llm             # each line {"prompt": "...", "target": "..."}; no target: generated greedily
   fastattr run --model text:classifier --data text:tokens --forward-args-inputs 1 --method layer_ig --layer embed \\
                --layer-reduce sum --lengths mask --baseline 0 --out runs/tokens   # data factory returns (ids, mask)

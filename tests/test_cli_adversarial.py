@@ -405,3 +405,12 @@ def test_global_flags_work_after_the_command(work: dict, capsys: pytest.CaptureF
     assert "nothing to do" in capsys.readouterr().out  # without -q anywhere, the summary prints
     with pytest.raises(fastattr.errors.StoreError):  # --debug after the command re-raises, as before it
         main(["info", str(d / "nope"), "--debug"])
+
+
+def test_run_help_examples_keep_their_line_breaks(capsys: pytest.CaptureFixture[str]) -> None:
+    # was: the LLM example's "\" was a Python line continuation: two commands glued into one long line
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    lines = capsys.readouterr().out.split("examples:")[1].splitlines()
+    assert any(line.rstrip().endswith("--gen-arg max_new_tokens=16 \\") for line in lines)
+    assert all(len(line) < 160 for line in lines)
