@@ -37,7 +37,7 @@ RUN_EXAMPLES = """examples:
   fastattr run ... --steps auto --tolerance 0.01 --out runs/ig-auto   # per-sample steps to a completeness tolerance
   fastattr run ... --method smoothgrad --nt-samples 16 --stdevs 0.15 --seed 0 --out runs/sg
   fastattr run ... --method gradient_shap --references refs.npy --n-samples 32 --out runs/gs
-  fastattr run --model hf:models/gpt2-small --data prompts.jsonl --steps 32 --baseline 1 --gen-arg max_new_tokens=16 \
+  fastattr run --model hf:models/gpt2-small --data prompts.jsonl --steps 32 --baseline 1 --gen-arg max_new_tokens=16 \\
                --out runs/llm             # each line {"prompt": "...", "target": "..."}; no target: generated greedily
   fastattr run --model text:classifier --data text:tokens --forward-args-inputs 1 --method layer_ig --layer embed \\
                --layer-reduce sum --lengths mask --baseline 0 --out runs/tokens   # data factory returns (ids, mask)
@@ -61,6 +61,12 @@ def _run(args: argparse.Namespace) -> int:
 
     llm = args.method in LLM_METHODS or (args.method is None and args.model.startswith(HF_PREFIX))
     method = args.method or ("llm_integrated_gradients" if llm else "ig")
+    _refuse_unused(args, method)
+    if args.labels is not None and args.target != "label" and not llm:  # a warning, not an error: runs made so keep resuming
+        logger.warning("--labels is used only by --target label; this run attributes --target %s and only fingerprints the labels", args.target or "predicted")
+    args.steps = 50 if args.steps is None else args.steps
+    args.target = "predicted" if args.target is None else args.target
+    args.baseline = "zeros" if args.baseline is None else args.baseline
     llm_opts: dict = {}
     if args.model.startswith(HF_PREFIX):
         if args.model_arg:
@@ -112,6 +118,31 @@ def _run(args: argparse.Namespace) -> int:
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun: rank 0 prints the job's summary
         print("\n".join(summary.lines()))
     return 0
+
+
+def _refuse_unused(args: argparse.Namespace, method: str) -> None:
+    """An option the method would silently ignore is an error: the run would record and store
+    something other than what the command line asked for (--steps with saliency, --target with activations)."""
+    from .run_methods import ALIASES
+
+    name = ALIASES.get(method, method)
+    base = ALIASES.get(args.base_method or "ig", args.base_method or "ig")
+    integrates = name in ("integrated_gradients", "layer_integrated_gradients", "llm_integrated_gradients") or (
+        name == "noise_tunnel" and base == "integrated_gradients")
+    given = {
+        "--steps": args.steps is not None and not integrates, "--rule": args.rule is not None and not integrates,
+        "--tolerance": args.tolerance is not None and not integrates, "--max-steps": args.max_steps is not None and not integrates,
+        "--baseline": args.baseline is not None and not integrates, "--target": args.target is not None and name in ("activations", "llm_integrated_gradients"),
+    }  # fmt: skip
+    if args.rule == "simpson" and args.steps != "auto":  # the library's "unknown integration method" would deny it exists
+        raise OptionError("--rule simpson refines adaptive steps only: add --steps auto, or pick a fixed-step rule (gausslegendre, trapezoid, riemann_*)")
+    unused = [flag for flag, bad in given.items() if bad]
+    if unused:
+        hint = " (gradient_shap's baselines are --references)" if name == "gradient_shap" and "--baseline" in unused else ""
+        hint += " (an LLM run's targets are each line's 'target' in the prompts file)" if name == "llm_integrated_gradients" else ""
+        what = f"noise_tunnel over {base}" if name == "noise_tunnel" else name
+        verb = "does" if len(unused) == 1 else "do"
+        raise OptionError(f"{', '.join(unused)} {verb} not apply to --method {what} (it would be ignored){hint}: remove {'it' if len(unused) == 1 else 'them'}")
 
 
 def _method_options(args: argparse.Namespace) -> dict:
@@ -182,9 +213,15 @@ def _index_range(value: str) -> tuple[int, int]:
 def _size(value: str) -> tuple[int, int]:
     width, _, height = value.partition("x")
     try:
-        return int(width), int(height)
+        size = int(width), int(height)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be WIDTHxHEIGHT in pixels, got {value!r}") from None
+    if min(size) < MIN_PIXELS:  # matplotlib cannot lay out a figure much smaller (a singular-matrix traceback at 0x0)
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_PIXELS}x{MIN_PIXELS} pixels, got {value!r}")
+    return size
+
+
+MIN_PIXELS = 100
 
 
 def _data_mean(data: object, chunk: int = 1024) -> object:
@@ -235,7 +272,7 @@ def _info(args: argparse.Namespace) -> int:
         if meta.get("status") == "stopped":
             lines.append("no writer is running: rerun the same command to resume")
         lines += [
-            f"method: {cfg.get('method')} {json.dumps(cfg.get('params', {}))}",
+            f"method: {cfg.get('method')} {json.dumps(_without_blocks(cfg.get('params', {})))}",
             f"precision: {cfg.get('precision')}, target: {json.dumps(cfg.get('target'))}, storage: {cfg.get('storage_dtype')} {_describe_compression(store, cfg)}"
             f", model mode: {'train' if cfg.get('train_mode') else 'eval'}",
             *([describe_probe(cfg["precision_probe"])] if isinstance(cfg.get("precision_probe"), dict) else []),
@@ -247,6 +284,16 @@ def _info(args: argparse.Namespace) -> int:
     for line in lines:
         print(printable(line))
     return 0
+
+
+def _without_blocks(value: Any) -> Any:
+    """``value`` without the per-block hashes of its dataset descriptions (gradient_shap's
+    references hold one per sample: a line as long as the reference set; they are in --json)."""
+    if isinstance(value, dict):
+        return {k: _without_blocks(v) for k, v in value.items() if k != "blocks"}
+    if isinstance(value, list):
+        return [_without_blocks(v) for v in value]
+    return value
 
 
 def _describe_compression(store: Any, cfg: dict) -> str:
@@ -292,11 +339,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _layers(args: argparse.Namespace) -> int:
+    import torch
+
     from .layers import describe_layers, example_inputs
     from .specs import load_data, load_model, parse_kv
 
     if bool(args.input_shape) == bool(args.data):
         raise OptionError("give --input-shape (with --input-dtype/--vocab for token ids) or --data, not both or neither")
+    if args.data and (args.input_dtype or args.vocab is not None):
+        raise OptionError("--input-dtype and --vocab describe --input-shape's random inputs; with --data the data's own samples are used: remove them")
     model = load_model(args.model, parse_kv(args.model_arg), device=args.device)
     if args.data:  # the first two samples of the data, every input of a sample passed to the model
         from .sources import open_source
@@ -305,7 +356,18 @@ def _layers(args: argparse.Namespace) -> int:
         inputs = [x.to(args.device) for x in source.read(0, min(2, len(source)))[0]]
     else:
         inputs = example_inputs(args.input_shape, args.input_dtype, args.vocab, device=args.device)
-    rows = describe_layers(model, inputs=inputs)
+        if args.vocab is not None and all(x.is_floating_point() or x.dtype == torch.bool for x in inputs):
+            raise OptionError("--vocab applies to integer inputs (token ids): add --input-dtype long, or remove --vocab")
+    try:
+        rows = describe_layers(model, inputs=inputs)
+    except FastattrError:
+        raise
+    except Exception as exc:  # the model refused the example inputs: the shapes given here are wrong, not fastattr
+        shapes = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs)
+        first = str(exc).strip().split("\n")[0]
+        fix = "check --input-shape, --input-dtype and --vocab" if not args.data else "check that --data is the model's data"
+        raise OptionError(f"the model failed on example inputs {shapes} (batch of {len(inputs[0])}): {type(exc).__name__}: {first}; {fix} "
+                          "(--debug shows the traceback)") from exc
     width = max(len(r.name) for r in rows)
     kind_width = max(len(r.kind) for r in rows)
     for r in rows:
@@ -314,32 +376,48 @@ def _layers(args: argparse.Namespace) -> int:
 
 
 def _render(args: argparse.Namespace) -> int:
+    import numpy as np
 
-    from .render import render_grid
+    from .render import RenderError, render_grid
     from .sources import open_source
     from .specs import load_data, load_tokenizer
     from .store import open_run
 
     start, stop = args.index
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise OptionError(f"--out {args.out}: no such directory {os.path.dirname(args.out)!r}; create it first")
+    if not 0 <= args.percentile <= 100:
+        raise OptionError(f"--percentile must be in [0, 100], got {args.percentile:g}")
     with open_run(args.dir) as store:
+        if not start < min(stop, store.total):  # the store clips a range to the run: say so instead of "no samples"
+            raise RenderError(f"--index {start}:{stop} selects no sample of {args.dir}, which has samples 0:{store.total}")
+        try:
+            batch = store[start:stop]
+        except KeyError as exc:  # a stopped or running run: some samples of the range are not stored yet
+            raise RenderError(f"{exc.args[0]}; pick a stored --index range (fastattr info {args.dir} shows progress)") from None
         if store.metadata.get("method") == "llm_integrated_gradients":  # token-by-token heatmaps, labelled
             from .llm.render import render_llm
 
             tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
-            render_llm(store[start:stop], args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
-            print(f"wrote {args.out} ({stop - start} samples, {args.size[0]}x{args.size[1]})")
+            render_llm(batch, args.out, tokenizer=tokenizer, percentile=args.percentile, size=args.size)
+            print(f"wrote {args.out} ({len(batch['index'])} samples, {args.size[0]}x{args.size[1]} pixels)")
             return 0
         name = args.name or store.attribution_names[0]
-        batch = store[start:stop]
+        if name not in store.attribution_names:
+            raise RenderError(f"--name {name!r}: {args.dir} has no such attribution; it stores {', '.join(map(repr, store.attribution_names))}")
         attributions = batch["attributions"][name]
+        image = True if store.channel_reduce is not None and attributions.ndim == 3 else None  # channel-reduced (H, W) maps of any size
         titles = [f"#{i} target {t}" for i, t in zip(batch["index"], batch["target"].tolist())]
     inputs = None
     if args.data:
         source = open_source(load_data(args.data))
-        inputs = source.read(start, stop)[0][0].numpy()
+        index = np.asarray(batch["index"])
+        if len(source) <= int(index[-1]):
+            raise RenderError(f"--data {args.data} holds {len(source)} samples; the run's sample {int(index[-1])} needs more: give the run's data")
+        inputs = source.read(int(index[0]), int(index[-1]) + 1)[0][0].numpy()[index - index[0]]
     width, height = args.size
-    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height))
-    print(f"wrote {args.out} ({stop - start} samples, {width}x{height})")
+    render_grid(attributions, args.out, inputs=inputs, titles=titles, percentile=args.percentile, size=(width, height), image=image)
+    print(f"wrote {args.out} ({len(attributions)} samples, {width}x{height} pixels)")
     return 0
 
 
@@ -389,16 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    # the same flags after the command (`fastattr run ... -q`); SUPPRESS keeps the value given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress and debug details")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only errors")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    demo = sub.add_parser("demo", help="train a small CNN on synthetic data with known answers and attribute it")
-    demo.add_argument("--samples", type=int, default=2000, help="test samples to attribute (default 2000)")
-    demo.add_argument("--steps", type=int, default=32, help="integrated-gradients steps (default 32)")
+    demo = sub.add_parser("demo", parents=[common], help="train a small CNN on synthetic data with known answers and attribute it")
+    demo.add_argument("--samples", type=_positive_int, default=2000, help="test samples to attribute (default 2000)")
+    demo.add_argument("--steps", type=_positive_int, default=32, help="integrated-gradients steps (default 32)")
     demo.add_argument("--precision", choices=PRECISIONS, default="fp32")
     demo.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     demo.add_argument("--out", default=None, help="run directory for the shards (default: a new temporary directory)")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser("run", help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser("run", parents=[common], help="attribute a whole dataset into HDF5 shards (resumable)", epilog=RUN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--model", required=True, help="package.module:factory, a TorchScript file, a torch.export .pt2 file, or hf:DIR (a local Hugging Face causal LM + tokenizer)")
     run.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     run.add_argument("--data", required=True, help="file.npy, file.h5:dataset, prompts.jsonl (LLM runs) or package.module:factory")
@@ -406,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--labels", default=None, help="labels as file.npy or file.h5:dataset (for --target label)")
     run.add_argument("--out", required=True, help="run directory")
     run.add_argument("--method", default=None, choices=list(METHOD_NAMES), help="attribution method (default ig; llm_integrated_gradients for --model hf:DIR)")
-    run.add_argument("--steps", type=_steps, default=50, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
+    run.add_argument("--steps", type=_steps, default=None, help="integration steps: an int (default 50) or auto (per-sample, to --tolerance)")
     run.add_argument("--tolerance", type=float, default=None, help="with --steps auto: |delta| <= tolerance * |F(x) - F(x0)| per sample (default 0.01)")
     run.add_argument("--max-steps", type=_positive_int, default=None, help="with --steps auto: the per-sample cap (default 257)")
     run.add_argument("--rule", default=None, choices=[*RULES, "simpson"], help="integration rule (default gausslegendre; with --steps auto: simpson, or trapezoid / gausslegendre)")
@@ -436,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp32 (default), tf32, bf16, fp16, or auto: the fastest whose probe error vs fp32 is within --precision-tolerance")
     run.add_argument("--precision-tolerance", type=float, default=0.01, help="precision auto: largest probe error (relative L2) accepted (default 0.01)")
     run.add_argument("--precision-warn", type=float, default=0.01, help="warn when the probe error exceeds this (default 0.01)")
-    run.add_argument("--target", default="predicted", help="predicted (default), label, an int, or file.npy")
-    run.add_argument("--baseline", default="zeros", help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
+    run.add_argument("--target", default=None, help="predicted (default), label, an int, or file.npy")
+    run.add_argument("--baseline", default=None, help="zeros (default), mean (of the data), a number, or file.npy (one sample, or one per sample)")
     run.add_argument("--batch-size", type=_batch_size, default="auto", help="the most rows per forward: auto (default) or an int (on CPU one above 32 bounds the throughput tuner)")
     run.add_argument("--memory-budget", default=None,
                      help="memory for one chunk's rows, e.g. 8GiB: on CUDA device memory (default: half of free), on CPU host "
@@ -464,12 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the model's forward for the engine's chunks (off by default: slower on the CPUs measured)")
     run.set_defaults(func=_run)
 
-    info = sub.add_parser("info", help="what a run directory holds: config, provenance, progress, size")
+    info = sub.add_parser("info", parents=[common], help="what a run directory holds: config, provenance, progress, size")
     info.add_argument("dir")
     info.add_argument("--json", action="store_true", help="print the manifest and totals as JSON")
     info.set_defaults(func=_info)
 
-    verify = sub.add_parser("verify", help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
+    verify = sub.add_parser("verify", parents=[common], help="check checksums, schema, coverage, non-finite values and residuals (exit 0 only if all hold)")
     verify.add_argument("dir")
     verify.add_argument(
         "--repair", action="store_true",
@@ -477,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     verify.set_defaults(func=_verify)
 
-    layers = sub.add_parser("layers", help="a model's named modules and their output shapes (to pick a layer)")
+    layers = sub.add_parser("layers", parents=[common], help="a model's named modules and their output shapes (to pick a layer)")
     layers.add_argument("model", help="package.module:factory, a TorchScript file or a .pt2 file")
     layers.add_argument("--input-shape", action="append", default=[], type=_shape, metavar="C,H,W", help="one sample's shape per input (repeat for several inputs)")
     layers.add_argument("--input-dtype", action="append", default=[], metavar="DTYPE", help="torch dtype per input (or one for all): float32 (default), long for token ids, bool")
@@ -488,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--device", default="cpu")
     layers.set_defaults(func=_layers)
 
-    render = sub.add_parser("render", help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
+    render = sub.add_parser("render", parents=[common], help="heatmaps (images) or bar charts (vectors, tokens) of stored attributions as a PNG")
     render.add_argument("dir")
     render.add_argument("--index", type=_index_range, default="0:16", help="global sample range START:STOP (default 0:16)")
     render.add_argument("--out", required=True, help="PNG file to write")
@@ -499,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--size", type=_size, default="1200x900", help="image size in pixels, WIDTHxHEIGHT (default 1200x900)")
     render.set_defaults(func=_render)
 
-    audit = sub.add_parser("audit", help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    audit = sub.add_parser("audit", parents=[common], help="audit stored attributions and write a report (exit 1 when a threshold is violated)", epilog=AUDIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     audit.add_argument("dir")
     audit.add_argument("--report", required=True, help="directory for audit.json, report.md, class_maps.npz and the PNG plots")
     audit.add_argument("--model", default=None, help="the run's model (enables deletion/insertion and the randomization check); needs --data")
@@ -515,7 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--replacement-value", type=float, default=0.0, help="the baseline value (default 0)")
     audit.add_argument("--blur-sigma", type=float, default=2.0, help="Gaussian blur sigma in pixels for --replacement blur (default 2)")
     audit.add_argument("--score", choices=["softmax", "logit"], default="softmax", help="model score on the curves (default softmax probability)")
-    audit.add_argument("--randomization", choices=["cascade", "all", "none"], default="cascade", help="parameter randomization check (default cascade)")
+    audit.add_argument("--randomization", choices=["auto", "cascade", "all", "none"], default="auto",
+                       help="parameter randomization check: auto (default) is cascade where the run's method can be rebuilt from its "
+                            "manifest, else skipped with a warning (GradientShap references, array baselines)")
     audit.add_argument("--randomization-sample", type=int, default=64, help="samples re-attributed per randomization step (default 64)")
     audit.add_argument("--max-similarity", type=float, default=0.5, help="randomization passes when similarity falls below this (default 0.5)")
     audit.add_argument("--top-k", type=int, default=None, help="k for top-k overlap (default 10%% of the features)")
@@ -543,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(args, "device", None) is not None:
+        try:
+            _check_device(args.device)
+        except OptionError as exc:  # before any model is loaded: one line, exit 2
+            print(f"fastattr: error: {exc}", file=sys.stderr)
+            return 2
     if args.command == "run" and "LOCAL_RANK" in os.environ and args.device.startswith("cuda"):
         import torch
 
@@ -568,13 +659,43 @@ def main(argv: list[str] | None = None) -> int:
         _record_for_torchrun(exc)
         if args.debug:
             raise
-        print("\n".join(printable(line) for line in f"fastattr: error{_rank()}: {exc}".split("\n")), file=sys.stderr)  # may quote a manifest
+        text = _flag_words(str(exc)) if args.command == "run" else str(exc)
+        print("\n".join(printable(line) for line in f"fastattr: error{_rank()}: {text}".split("\n")), file=sys.stderr)  # may quote a manifest
         return 2
     except Exception as exc:  # anything else is a bug (here or in the model/data code): keep the traceback
         _record_for_torchrun(exc)
         traceback.print_exc()
         print(f"fastattr: unexpected {type(exc).__name__}{_rank()} (traceback above; not a fastattr input error)", file=sys.stderr)
         return 1
+
+
+def _check_device(name: str) -> None:
+    """--device names a device this machine has (a CPU-only torch given --device cuda fails with an
+    AssertionError deep in the model's .to(), and a typo with torch's RuntimeError)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise OptionError(f"--device {name} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError(f"--device {name}: no CUDA device is available to this torch ({torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise OptionError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+# keyword arguments that library errors name, and the flags a command-line user types instead
+_FLAG_WORDS = {"pass overwrite=True": "pass --overwrite", "pass allow_nonfinite=True to proceed": "pass --allow-nonfinite to proceed",
+               "train_mode=True cannot": "--train-mode cannot", "this method needs layer=:": "this method needs --layer NAME:"}  # fmt: skip
+
+
+def _flag_words(text: str) -> str:
+    for words, flag in _FLAG_WORDS.items():
+        text = text.replace(words, flag)
+    return text
 
 
 def _rank() -> str:

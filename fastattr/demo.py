@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import OptionError
 from .methods import Saliency
 
 logger = logging.getLogger(__name__)
 
 SIZE, PATCH, CLASSES = 24, 4, 4
+DEMO_FILES = ("inputs.npy", "masks.npy")  # written next to the demo's shards; they mark a directory as the demo's
 
 
 def _patterns() -> torch.Tensor:
@@ -114,13 +116,14 @@ class DemoReport:
         return [
             f"model: train accuracy {self.train_accuracy:.1%}, test accuracy {self.test_accuracy:.1%}",
             f"integrated gradients: {self.samples} samples in {self.seconds:.2f} s ({self.samples / self.seconds:,.0f} samples/s), shards in {self.run_dir}",
-            f"completeness residual |sum(attr) - (F(x) - F(x0))|: median {self.median_rel_residual:.2e} of |F(x) - F(x0)|, max {self.max_abs_residual:.2e}",
+            f"completeness residual |sum(attr) - (F(x) - F(x0))|: median {self.median_rel_residual:.2e} of |F(x) - F(x0)| (relative), "
+            f"max {self.max_abs_residual:.2e} (absolute, in logits)",
             "share of attribution mass inside the deciding 4x4 patch (higher is better):",
             f"  integrated gradients {self.mass_ig:6.1%}",
             f"  saliency             {self.mass_saliency:6.1%}",
             f"  random attribution   {self.mass_random:6.1%}   (the patch covers {PATCH * PATCH / SIZE**2:.1%} of the image)",
             f"inspect: fastattr info {self.run_dir}; fastattr verify {self.run_dir}",
-            f"picture: fastattr render {self.run_dir} --data {os.path.join(self.run_dir, 'inputs.npy')} --index 0:16 --out demo.png",
+            f"picture: fastattr render {self.run_dir} --data {os.path.join(self.run_dir, 'inputs.npy')} --index 0:{min(16, self.samples)} --out demo.png",
         ]
 
 
@@ -139,6 +142,10 @@ def run_demo(
     from .runner import run
     from .store import open_run
 
+    if out is not None and os.path.isdir(out) and os.listdir(out) and not all(os.path.isfile(os.path.join(out, f)) for f in DEMO_FILES):
+        # the demo replaces its directory (overwrite=True): only a previous demo's, never a run of the user's own
+        raise OptionError(f"{out} is not empty and holds no earlier demo (its {' and '.join(DEMO_FILES)}): the demo replaces its --out "
+                          "directory, so give a new or empty one, or a previous demo's")
     torch.manual_seed(seed)
     train_x, train_y, _ = make_dataset(train_samples, seed=seed)
     test_x, test_y, test_masks = make_dataset(samples, seed=seed + 1)

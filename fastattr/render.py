@@ -36,11 +36,13 @@ def render_grid(
     titles: list[str] | None = None,
     percentile: float = 99.0,
     size: tuple[int, int] = (1200, 900),
+    image: bool | None = None,
 ) -> None:
     """Draw one panel per sample into a PNG of ``size`` pixels.
 
     attributions (N, C, H, W) or (N, H, W): heatmaps (channels summed), overlaid on the
-    inputs when given; (N, F) or (N, T, D): bar charts (D summed, per token).
+    inputs when given; (N, F) or (N, T, D): bar charts (D summed, per token). ``image``: draw
+    (N, H, W) as heatmaps (True) or bar charts (False) whatever their size (default: heatmaps above 8x8).
     """
     plt = pyplot()
     n = attributions.shape[0]
@@ -50,7 +52,13 @@ def render_grid(
     rows = math.ceil(n / cols)
     dpi = 100
     fig, axes = plt.subplots(rows, cols, figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, squeeze=False)
+    if not 0 <= percentile <= 100:
+        raise RenderError(f"percentile must be in [0, 100], got {percentile:g}")
     image_like = attributions.ndim == 4 or (attributions.ndim == 3 and attributions.shape[1] > 8 and attributions.shape[2] > 8)
+    image_like = image_like if image is None or attributions.ndim != 3 else image
+    if inputs is not None and (len(inputs) != n or (image_like and tuple(inputs.shape[-2:]) != tuple(attributions.shape[-2:]))):
+        # another data set's images would be drawn under these heatmaps, stretched or shifted
+        raise RenderError(f"the inputs have shape {tuple(inputs.shape)} but the attributions {tuple(attributions.shape)}: give the run's own data")
     for k, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])

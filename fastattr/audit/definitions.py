@@ -61,6 +61,12 @@ DEFINITIONS: dict[str, str] = {
     "their average rank), samples aligned by global index",
     "agreement.topk_overlap": "per sample, |top-k(|a|) & top-k(|b|)| / k, the share of the k largest-magnitude features both runs agree on",
     "agreement.rel_l2": "per sample, ||a - b||_2 / ||b||_2 with b the compared run",
+    "run.model_matches": "whether the audited model's parameters and buffers hash to the run's recorded fingerprint (null: not recorded); "
+    "false is a warning",
+    "randomization_skipped": "why the randomization check did not run under --randomization auto (the run's method cannot be rebuilt "
+    "from its manifest, e.g. GradientShap reference sets or array baselines); a warning",
+    "agreement.target_mismatch": "samples whose target differs between the two runs (a warning: their agreement compares different classes); "
+    "target_mismatch_index lists the first of them",
     "localization.mass_inside": "per sample, sum of |attr| inside the ground-truth mask / sum of |attr|",
     "localization.pointing_game": "share of samples whose largest attribution value lies inside the mask (Zhang et al. 2018, no tolerance)",
     "localization.mask_fraction": "mean share of features inside the mask: what a uniform random attribution scores on both measures",

@@ -119,7 +119,7 @@ def method_from_run(metadata: Mapping[str, Any]) -> AttributeFn:
     if given:  # re-attributing without them would attribute another output or drop the attention mask
         raise AuditError(f"the run used {' and '.join(k + '=' for k in given)}, which the randomization check does not rebuild from the manifest; "
                          "pass attribute_fn= (API) or --randomization none (CLI)")
-    if method == "integrated_gradients":
+    if method == "integrated_gradients" and params.get("n_steps") != "auto":  # adaptive steps: the run's plan (below)
         desc = params.get("baselines", "zeros")
         if desc not in ("zeros", None) and not isinstance(desc, (int, float)):
             raise AuditError(f"the run used baselines {desc!r}, which cannot be rebuilt from the manifest; pass attribute_fn= or skip the randomization check")

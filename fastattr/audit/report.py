@@ -69,9 +69,9 @@ def _cell(text: str) -> str:
 
 def _dist_rows(label: str, key: str, dist: dict[str, Any]) -> list[str]:
     q = dist["quantiles"]
-    how = "exact" if dist["quantiles_exact"] else "reservoir estimate"
+    how = "" if not dist["count"] else " (exact quantiles)" if dist["quantiles_exact"] else " (quantiles: reservoir estimate)"  # of nothing: no claim
     return [
-        f"| {label} | {_fmt(dist['mean'])} | {_fmt(q['p50'])} | {_fmt(q['p95'])} | {_fmt(q['p99'])} | {_fmt(dist['max'])} | {_fmt(dist['count'])} ({how}) |",
+        f"| {label} | {_fmt(dist['mean'])} | {_fmt(q['p50'])} | {_fmt(q['p95'])} | {_fmt(q['p99'])} | {_fmt(dist['max'])} | {_fmt(dist['count'])}{how} |",
         f"|  | *{_cell(DEFINITIONS.get(key, ''))}* | | | | | |",
     ]
 
@@ -286,7 +286,7 @@ def summary_lines(result: AuditResult) -> list[str]:
         f"relative median {_fmt(r['rel']['quantiles']['p50'])} ({r['undefined']} undefined, {r['nonfinite']} non-finite)",
         _nonfinite_line(doc) + f"; all-zero samples: {doc['zero_samples']}",
         f"sparseness (Gini) mean {_fmt(doc['gini']['mean'])}; normalized entropy mean {_fmt(doc['entropy_normalized']['mean'])}",
-        f"per-class maps: {len(doc['class_maps']['classes'])} classes",
+        f"per-class maps: {len(doc['class_maps']['classes'])} class{'' if len(doc['class_maps']['classes']) == 1 else 'es'}",
     ]
     if "agreement" in doc:
         ag = doc["agreement"]

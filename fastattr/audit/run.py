@@ -54,9 +54,14 @@ def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...], reduced:
         path = str(masks)
         if not os.path.isfile(path) or not path.endswith(".npy"):
             raise AuditError(f"masks must be a .npy file; no such file: {path}")
-        masks = np.load(path, mmap_mode="r")
+        try:
+            masks = np.load(path, mmap_mode="r")
+        except ValueError as exc:  # an object array (a pickle) or not a .npy file: masks are never unpickled
+            raise AuditError(f"masks {path}: {str(exc).rstrip('.')}; save them as a boolean array with np.save") from None
     # Memory-mapped masks stay on disk: only each batch's rows are read.
     m = masks.detach().cpu().numpy() if isinstance(masks, torch.Tensor) else masks if isinstance(masks, np.ndarray) else np.asarray(masks)
+    if m.ndim < 2 or not (m.dtype == bool or np.issubdtype(m.dtype, np.number)):
+        raise AuditError(f"masks must be a boolean (or numeric) array with one map per sample, shape (N, *map); got shape {m.shape}, dtype {m.dtype}")
     if m.shape[0] < total:
         raise AuditError(f"masks hold {m.shape[0]} samples; the run has {total}")
     def fits(shape: tuple[int, ...]) -> bool:
@@ -71,6 +76,56 @@ def _load_masks(masks: Any, total: int, feature_shape: tuple[int, ...], reduced:
         return m, True
     raise AuditError(f"a mask has shape {m.shape[1:]}, which does not broadcast to the attribution's {feature_shape}"
                      f"{' (the run is channel-reduced; (C, *shape) masks are accepted too)' if reduced else ''}")
+
+
+# the values a threshold can meet at all: one outside them would fail (or pass) every audit whatever it measured
+_RANGES = {"max_residual": (0.0, np.inf, "an absolute residual, >= 0"), "max_rel_residual": (0.0, np.inf, "a relative residual, >= 0"),
+           "max_nonfinite": (0, np.inf, "a count of values, >= 0"), "min_agreement": (-1.0, 1.0, "a Spearman correlation, in [-1, 1]"),
+           "min_topk_overlap": (0.0, 1.0, "a share of the top-k features, in [0, 1]"),
+           "min_mass_inside": (0.0, 1.0, "a share of the attribution mass, in [0, 1]")}  # fmt: skip
+
+
+def _check_threshold_ranges(thresholds: Mapping[str, Any]) -> None:
+    for key, (lo, hi, what) in _RANGES.items():
+        v = thresholds.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not lo <= v <= hi:
+            flag = "--" + key.replace("_", "-")
+            raise AuditError(f"{key} ({flag}) is {what}; got {v!r}")
+
+
+def _check_same_data(reader: RunReader, source: Any) -> None:
+    """The data given for the model-based checks is the data the run attributed (its recorded
+    fingerprint, fastattr/fingerprints.py): other data would score the stored attributions against
+    samples they do not belong to, and every check would measure nothing."""
+    from ..fingerprints import _hash_rows
+
+    recorded = (reader.metadata.get("fingerprints") or {}).get("data")
+    if not isinstance(recorded, dict) or [list(s) for s in source.sample_shapes] != recorded.get("shapes"):
+        return  # no fingerprint to compare (an old run); shapes are checked by the caller
+    blocks = recorded.get("blocks")
+    if recorded.get("kind") == "full" and isinstance(blocks, dict):
+        differ = [key for key, digest in blocks.items() if _hash_rows(source, *map(int, key.split(":")))[0] != digest]
+    elif recorded.get("count") == len(source) and recorded.get("labels") == source.has_labels and "sample_sha256" in recorded:
+        differ = [] if source.fingerprint().get("sample_sha256") == recorded["sample_sha256"] else ["a strided sample"]
+    else:
+        return
+    if differ:
+        where = f"samples {', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}" if differ[0] != "a strided sample" else differ[0]
+        raise AuditError(f"the data is not the data {reader.run_dir} attributed ({where} differ from its recorded fingerprint): "
+                         "give the run's own data (the --data of `fastattr run`)")
+
+
+def _same_model(reader: RunReader, model: torch.nn.Module) -> bool | None:
+    """Whether the model's parameters and buffers are the run's (its recorded digest); None where
+    the run recorded none. Another model's checks measure that model, not the run's attributions."""
+    from ..fingerprints import model_fingerprint
+
+    recorded = (reader.metadata.get("fingerprints") or {}).get("model")
+    if not isinstance(recorded, dict) or "parameters" not in recorded:
+        return None
+    return model_fingerprint(model)["parameters"] == recorded["parameters"]
 
 
 def audit_run(
@@ -102,7 +157,8 @@ def audit_run(
 
     Attribution-only metrics stream over every stored sample. With ``model`` and ``data`` (the
     run's data, aligned by global index), deletion/insertion runs on ``sample`` samples drawn at
-    random (fixed ``seed``) and the randomization check ("cascade", "all" or "none") on the first
+    random (fixed ``seed``) and the randomization check ("cascade", "all" or "none"; "auto": cascade
+    where the run's method can be rebuilt from its manifest, else skipped with a warning) on the first
     ``randomization_sample`` of them. ``compare``: a second run for agreement; ``masks``: (N, ...)
     booleans (array or .npy) for localization. Every option is checked before any work.
     """
@@ -116,23 +172,26 @@ def audit_run(
         raise AuditError(f"replacement must be 'baseline' or 'blur', got {replacement!r}")
     if score not in ("softmax", "logit"):
         raise AuditError(f"score must be 'softmax' or 'logit', got {score!r}")
-    if randomization not in ("cascade", "all", "none"):
-        raise AuditError(f"randomization must be 'cascade', 'all' or 'none', got {randomization!r}")
+    if randomization not in ("auto", "cascade", "all", "none"):
+        raise AuditError(f"randomization must be 'auto', 'cascade', 'all' or 'none', got {randomization!r}")
+    skipped = None  # why an "auto" randomization check did not run
     for label, v in (("sample", sample), ("batch_size", batch_size), ("steps", steps), ("randomization_sample", randomization_sample), ("max_rows", max_rows)):
         if not isinstance(v, int) or v < 1:
             raise AuditError(f"{label} must be a positive int, got {v!r}")
+    _check_threshold_ranges(thresholds)
     if blur_sigma <= 0:
         raise AuditError(f"blur_sigma must be > 0, got {blur_sigma}")
     if model is None and data is not None:
-        raise AuditError("model-based checks need both the model and the run's data (got only one)")
+        raise AuditError("model-based checks need both the model and the run's data (--model and --data; got only the data)")
     needs_model = {"require_beats_random", "require_randomization"} & {k for k, v in thresholds.items() if v}
     if needs_model and model is None:
-        raise AuditError(f"thresholds {sorted(needs_model)} need the model and data")
+        flags = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in sorted(needs_model))
+        raise AuditError(f"thresholds {flags} need the model and the run's data (--model and --data)")
     if thresholds.get("min_agreement") is not None or thresholds.get("min_topk_overlap") is not None:
         if compare is None:
-            raise AuditError("agreement thresholds need a run to compare with")
+            raise AuditError("agreement thresholds (--min-agreement, --min-topk-overlap) need a run to compare with (--compare DIR2)")
     if thresholds.get("min_mass_inside") is not None and masks is None:
-        raise AuditError("min_mass_inside needs ground-truth masks")
+        raise AuditError("min_mass_inside (--min-mass-inside) needs ground-truth masks (--masks masks.npy)")
 
     reader = run if isinstance(run, RunReader) else open_run(run)
     other = compare if isinstance(compare, RunReader) or compare is None else open_run(compare)
@@ -160,7 +219,7 @@ def audit_run(
         if llm and data is not None:
             raise AuditError("an LLM run stores its prompts and targets: give the model alone (no data)")
         if model is not None and data is None and not llm:
-            raise AuditError("model-based checks need both the model and the run's data (got only one)")
+            raise AuditError("model-based checks need both the model and the run's data (--model and --data; got only the model)")
         if model is not None and not llm:
             source = open_source(data)
             if len(source) < reader.total:
@@ -171,10 +230,16 @@ def audit_run(
             if expected != feature_shape:
                 raise AuditError(f"attribution {name!r} has shape {feature_shape} but the data's samples have {source.sample_shapes[0]}"
                                  f"{' (channel-reduced: ' + str(expected) + ')' if reduction is not None else ''}: model-based checks need input attributions")
+            _check_same_data(reader, source)
             if replacement == "blur" and len(feature_shape) < 2:
                 raise AuditError(f"replacement 'blur' needs samples with two spatial dimensions; they have shape {feature_shape}")
             if randomization != "none" and attribute_fn is None:
-                attribute_fn = method_from_run(reader.metadata)
+                try:
+                    attribute_fn = method_from_run(reader.metadata)
+                except AuditError as exc:
+                    if randomization != "auto" or thresholds.get("require_randomization"):
+                        raise
+                    randomization, skipped = "none", str(exc).split("; pass attribute_fn=")[0]
             if randomization != "none" and reduction is not None:
                 attribute_fn = reduced_like_run(attribute_fn, reduction["mode"])
 
@@ -188,6 +253,8 @@ def audit_run(
             theirs_b = other[lo:hi] if other is not None else None
             mb = np.asarray(mask_arr[lo:hi]) if mask_arr is not None else None
             mb = mb.any(1) if per_channel and mb is not None else mb  # a pixel is inside if any of its channels is
+            if mb is not None and mb.ndim - 1 < len(feature_shape):  # (N, H, W) masks of (C, H, W) samples: align the trailing dims
+                mb = mb.reshape(mb.shape[0], *(1,) * (len(feature_shape) + 1 - mb.ndim), *mb.shape[1:])
             acc.update(batch, theirs_b, mb)
         doc = acc.result()
         doc["definitions"] = dict(DEFINITIONS)
@@ -201,13 +268,19 @@ def audit_run(
 
             doc["text_deletion"] = text_deletion(reader, model, top_k=top_k, sample=sample, seed=seed)
             if randomization != "none":  # the run's own attribution, rebuilt from its manifest (fastattr/llm/randomization.py)
+                randomization = "cascade" if randomization == "auto" else randomization
                 from ..llm.randomization import randomization_check as llm_randomization
 
                 doc["randomization"] = llm_randomization(reader, model, mode=randomization, sample=randomization_sample, max_similarity=max_similarity, seed=seed)
         if model is not None and source is not None:
+            randomization = "cascade" if randomization == "auto" else randomization
             doc.update(model_checks(reader, source, model, name, sample=sample, steps=steps, replacement=replacement, value=replacement_value,
                                      blur_sigma=blur_sigma, score=score, randomization=randomization, randomization_sample=randomization_sample,
                                      max_similarity=max_similarity, attribute_fn=attribute_fn, max_rows=max_rows, batch_size=batch_size, seed=seed))  # fmt: skip
+        if skipped:
+            doc["randomization_skipped"] = skipped
+        if model is not None:
+            doc["run"]["model_matches"] = _same_model(reader, model)
         doc["thresholds"] = {k: v for k, v in thresholds.items() if v is not None and v is not False}
         result = AuditResult(doc, acc.class_maps(), check_thresholds(doc, thresholds), audit_warnings(doc, thresholds))
         doc["passed"] = result.passed

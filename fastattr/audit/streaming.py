@@ -78,6 +78,8 @@ class StreamingAudit:
         self.class_counts: dict[str, int] = {}
         self.unmapped_samples = 0  # samples of classes beyond max_class_maps
         self.compared = 0
+        self.target_mismatch: list[int] = []  # samples whose two runs attribute different targets
+        self.target_mismatches = 0
         self.spearman = Distribution(SIGNED_BINS, seed=seed + 5)
         self.topk = Distribution(UNIT_BINS, seed=seed + 6)
         self.rel_l2 = Distribution(LOG_BINS, seed=seed + 7)
@@ -115,6 +117,11 @@ class StreamingAudit:
             b = flatten_rows(np.asarray(other["attributions"][self.name])).astype(np.float64)
             b = b if valid is None else np.where(valid, b, 0.0)
             both = nonzero & np.isfinite(b).all(1) & (b != 0).any(1)
+            t_a, t_b = np.asarray(batch["target"]), np.asarray(other["target"])
+            if t_a.shape == t_b.shape:  # agreement between attributions of two different classes says nothing about either
+                differs = (t_a != t_b).reshape(rows, -1).any(1)
+                self.target_mismatches += int(differs.sum())
+                self.target_mismatch += index[differs][: 10 - len(self.target_mismatch)].tolist() if len(self.target_mismatch) < 10 else []
             self.compared += int(both.sum())
             if both.any():
                 x, y, n_both = flat[both], b[both], self._n(real[both])
@@ -237,7 +244,7 @@ class StreamingAudit:
             },
         }
         if self.compared or self.spearman.nonfinite:
-            out["agreement"] = {"samples": self.compared, "top_k": self.top_k, "spearman": self.spearman.to_dict(), "topk_overlap": self.topk.to_dict(), "rel_l2": self.rel_l2.to_dict()}
+            out["agreement"] = {"samples": self.compared, "target_mismatch": self.target_mismatches, "target_mismatch_index": self.target_mismatch, "top_k": self.top_k, "spearman": self.spearman.to_dict(), "topk_overlap": self.topk.to_dict(), "rel_l2": self.rel_l2.to_dict()}
         if self.localized:
             out["localization"] = {
                 "samples": self.localized,

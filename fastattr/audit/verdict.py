@@ -136,12 +136,25 @@ def outcome(doc: Mapping[str, Any], section: str) -> str:
 def audit_warnings(doc: Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[str]:
     """Checks that were measured and did not pass while no threshold requires them."""
     out: list[str] = []
+    run = doc.get("run") or {}
+    if run.get("status") not in (None, "complete") and isinstance(run.get("total"), int) and doc.get("samples", 0) < run["total"]:
+        out.append(f"the run is {run['status']}: the audit covers the {doc['samples']:,} of {run['total']:,} samples stored so far; "
+                   "rerun the same `fastattr run` to complete it, then audit again")  # fmt: skip
+    if run.get("model_matches") is False:
+        out.append("the model's parameters differ from those the run was made with (its recorded fingerprint): the model-based checks "
+                   "measure this model, not the run's; give the run's own model")  # fmt: skip
+    ag = doc.get("agreement") or {}
+    if ag.get("target_mismatch"):
+        out.append(f"{_samples(ag['target_mismatch'])} different targets in the compared run ({named(ag['target_mismatch_index'], ag['target_mismatch'])}): "
+                   "their agreement compares attributions of different classes; make both runs with the same --target")  # fmt: skip
     nf = doc["nonfinite"]
     if nf["flagged"] and thresholds.get("max_nonfinite") is None:
         out.append(
             f"{_samples(nf['flagged'], ('holds', 'hold'))} non-finite values ({_nonfinite_detail(nf)}): "
             f"{named(nf['flagged_index'], nf['flagged'])}; --max-nonfinite 0 makes them fail the audit"
         )
+    if doc.get("randomization_skipped"):
+        out.append(f"randomization check skipped: {doc['randomization_skipped']}; --randomization none silences this")
     rnd = doc.get("randomization")
     if rnd is not None and not rnd["passed"] and not thresholds.get("require_randomization"):
         out.append(

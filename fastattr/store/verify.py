@@ -54,6 +54,7 @@ class VerifyReport:
     allow_nonfinite: bool = False  # the non-finite samples were stored under allow_nonfinite: counted facts, not problems
     max_abs_delta: float = math.nan  # over samples with a defined, finite delta
     median_abs_delta: float = math.nan
+    defined_deltas: int = -1  # samples whose method defines a residual (-1: not counted)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # facts: allowed non-finite samples, shards in progress
     repaired: list[str] = field(default_factory=list)  # what --repair dropped
@@ -73,7 +74,9 @@ class VerifyReport:
         return 0 if self.verdict == "OK" else 1
 
     def lines(self) -> list[str]:
-        head = f"FAILED ({len(self.problems)} problems)" if not self.ok else self.verdict
+        if not self.ok and not self.status:  # no manifest could be read: no counts to report, only why
+            return [f"FAILED: {self.problems[0]}", *(f"problem: {p}" for p in self.problems[1:]), *(f"repaired: {r}" for r in self.repaired)]
+        head = f"FAILED ({len(self.problems)} problem{'' if len(self.problems) == 1 else 's'})" if not self.ok else self.verdict
         first = f"{head}: {self.samples} of {self.total} samples in {self.shards} shards, run {self.status or '?'}"
         if self.verdict == "INCOMPLETE":
             first += f", {self.missing} missing" + ("; rerun the same command to resume" if self.status == "stopped" else "")
@@ -81,7 +84,8 @@ class VerifyReport:
         out = [
             first,
             f"non-finite: {n_bad} samples ({self.nonfinite} values counted in stats/nonfinite)" + (", allowed by the run" if n_bad and self.allow_nonfinite else ""),
-            f"|delta|: max {self.max_abs_delta:.4g}, median {self.median_abs_delta:.4g}",
+            "|delta|: none stored (no sample has a completeness residual: the method defines none)" if self.defined_deltas == 0
+            else f"|delta|: max {self.max_abs_delta:.4g}, median {self.median_abs_delta:.4g}",
         ]
         out += [f"repaired: {r}" for r in self.repaired]
         out += [f"problem: {p}" for p in self.problems]
@@ -102,6 +106,9 @@ def repair_run(run_dir: str | os.PathLike[str]) -> list[str]:
     rd.open(resume=True, overwrite=False)  # checks every shard, sets bad ones aside, rewrites the manifest
     rd.release_lock()
     return [f"{s.file}: samples [{s.start}, {s.stop}) dropped, kept as {s.file}{CORRUPT_SUFFIX}; rerun the same command to recompute them" for s in rd.dropped]
+
+
+NO_OUTPUT_METHODS = ("activations",)  # methods that store no model output (fastattr/audit/definitions.py says the same)
 
 
 def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> VerifyReport:
@@ -126,7 +133,7 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
     problems: list[str] = []
     warnings: list[str] = []
     notes: list[str] = []
-    scan = _Scan(allow)
+    scan = _Scan(allow, has_output=man["config"].get("method") not in NO_OUTPUT_METHODS)
     identity = RunIdentity.of(man)
     for s in shards:
         if problem := _check(d, s, scan, identity):
@@ -146,6 +153,8 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         problems.append(
             text.format(sum(b - a for a, b in bad), format_ranges(bad))
             + "; fix the model or data and rerun with overwrite, or make the run with allow_nonfinite to keep them"
+            + ("; inf attributions of a float16 run are values beyond float16's range (65504): rerun with storage_dtype float32 to keep them"
+               if man["config"].get("storage_dtype") == "float16" else "")
         )
     if man["fragments"]:
         warnings.append(f"{len(man['fragments'])} rank fragments not merged into {MANIFEST_NAME} yet (a distributed run that stopped early; resuming merges them)")
@@ -167,6 +176,7 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
         allow_nonfinite=bool(allowed) and not bad,
         max_abs_delta=float(deltas.max()) if deltas.size else math.nan,
         median_abs_delta=float(np.median(deltas)) if deltas.size else math.nan,
+        defined_deltas=scan.defined,
         warnings=warnings,
         notes=notes,
         repaired=repaired,
@@ -176,12 +186,14 @@ def verify_run(run_dir: str | os.PathLike[str], *, repair: bool = False) -> Veri
 class _Scan:
     """Per-sample value checks accumulated over shards."""
 
-    def __init__(self, allow: bool) -> None:
+    def __init__(self, allow: bool, has_output: bool = True) -> None:
+        self.has_output = has_output  # activations store no F(x): their NaN outputs are placeholders, not values
         self.allow = allow  # the manifest's allow_nonfinite, for shards that do not record theirs
         self.nonfinite = 0
         self.bad: list[np.ndarray] = []  # global indices of samples with any non-finite value, stored without allow_nonfinite
         self.allowed: list[np.ndarray] = []  # ... stored by a call with allow_nonfinite
         self.deltas: list[np.ndarray] = []  # finite |delta| where defined
+        self.defined = 0  # samples whose method defines a residual
 
     def add(self, f: h5py.File) -> None:
         index = f["index"][()]
@@ -189,10 +201,11 @@ class _Scan:
         out, base, delta = (f[k][()].astype(np.float64) for k in ("output", "baseline_output", "delta"))
         # A NaN F(x0) with a NaN delta means the method defines no residual (e.g. saliency).
         defined = ~np.isnan(base)
-        bad = (counts > 0) | ~np.isfinite(out) | np.isinf(base) | (defined & ~np.isfinite(delta))
+        bad = (counts > 0) | (~np.isfinite(out) if self.has_output else np.isinf(out)) | np.isinf(base) | (defined & ~np.isfinite(delta))
         self.nonfinite += int(counts.sum())
         (self.allowed if self._allowed(f) else self.bad).append(index[bad])
         self.deltas.append(np.abs(delta[defined & np.isfinite(delta)]))
+        self.defined += int(defined.sum())
 
     def _allowed(self, f: h5py.File) -> bool:
         """Whether the call that wrote this shard allowed non-finite values (its stamped config)."""
