@@ -9,8 +9,6 @@ that hands a kernel a strided view or an unsupported dtype fails here, not on th
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 
 import numpy as np
@@ -25,14 +23,8 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture
-def triton_backend(monkeypatch):
+def triton_backend(monkeypatch, triton_interpreter):
     """FASTATTR_KERNELS=triton, the interpreter on CPU; yields a function that runs ``fn`` on both backends."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if not torch.cuda.is_available():
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("triton was imported without TRITON_INTERPRET=1")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
     def both(fn):
         from fastattr import kernels

@@ -106,18 +106,10 @@ def test_reduction_reads_channels_last_memory_without_changing_the_result():
     assert reduce_channels(five, "l2").shape == (2, 4, 5, 6)
 
 
-def test_reduction_through_the_triton_kernel(monkeypatch):
+def test_reduction_through_the_triton_kernel(monkeypatch, triton_interpreter):
     """The CUDA path (kernels/triton_channel_reduce.py) on both memory layouts; on CPU under the interpreter."""
-    import importlib.util
-
     from fastattr.run_reduce import reduce_channels
 
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed")
-    if not torch.cuda.is_available():
-        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("triton was imported without TRITON_INTERPRET=1")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when triton is imported: on first use of a Triton kernel
     monkeypatch.setenv("FASTATTR_KERNELS", "triton")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     a = torch.randn(3, 3, 7, 9, device=dev)
