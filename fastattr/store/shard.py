@@ -321,10 +321,6 @@ class OpenShard:
         self.rows = r1
         self._mark_rows()
 
-    def finish(self, *, method: str, config_json: str) -> ShardEntry:
-        """``seal`` then ``commit``: the entry to list, for a shard that is now durable on disk."""
-        return self.seal(method=method, config_json=config_json).commit()
-
     def seal(self, *, method: str, config_json: str) -> SealedShard:
         """Stamp the attributes, flush and close: the part that needs h5py (the writer thread's).
         What is left (fsync, rename, hash) needs no h5py and may run in another thread while the
