@@ -21,6 +21,7 @@ import struct
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,8 @@ _M32 = 0xFFFFFFFF
 _FOLD_ROUNDS = 64  # vectorised fold passes before finishing sequentially (real data needs 2-4)
 
 
-def _fold(x: np.ndarray) -> np.ndarray:
+def _fold(x: Any) -> Any:
+    """HDF5's reduction of a fletcher32 sum: the low 16 bits plus the carry (an int or an array)."""
     return (x & 0xFFFF) + (x >> 16)
 
 
@@ -51,8 +53,8 @@ def _folded_sums(add: np.ndarray) -> np.ndarray:
             return s
         s = new
     out, v = np.empty_like(add), 0
-    for k, a in enumerate(add.tolist()):
-        v = int(_fold(np.int64((v + a) & _M32)))
+    for k, a in enumerate(add.tolist()):  # sequentially, in Python ints
+        v = _fold((v + a) & _M32)
         out[k] = v
     return out
 
@@ -85,10 +87,8 @@ def fletcher32(data: bytes | bytearray | memoryview) -> int:
     if raw.size % 2:
         s1 = (s1 + (int(raw[-1]) << 8)) & _M32
         s2 = (s2 + s1) & _M32
-        s1 = (s1 & 0xFFFF) + (s1 >> 16)
-        s2 = (s2 & 0xFFFF) + (s2 >> 16)
-    s1 = (s1 & 0xFFFF) + (s1 >> 16)
-    s2 = (s2 & 0xFFFF) + (s2 >> 16)
+        s1, s2 = _fold(s1), _fold(s2)
+    s1, s2 = _fold(s1), _fold(s2)
     return ((s2 << 16) | s1) & _M32
 
 
