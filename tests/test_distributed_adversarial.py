@@ -3,6 +3,7 @@ without a launcher. The job script and helpers are shared with tests/test_distri
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +50,25 @@ RANK = textwrap.dedent(
 )
 
 
-def launch_ranks(tmp_path: Path, env: dict, world: int, run: str, n: int, delay: float, script: str = RANK) -> list[subprocess.Popen]:
+@contextlib.contextmanager
+def launch_ranks(tmp_path: Path, env: dict, world: int, run: str, n: int, delay: float, script: str = RANK) -> Iterator[list[subprocess.Popen]]:
     """world ranks as plain processes (no torchrun agent to stop anyone): fastattr initialises the
-    process group from the environment torchrun would set."""
+    process group from the environment torchrun would set. Every rank is killed and reaped on leaving."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     (tmp_path / "rank.py").write_text(script)
     base = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
-    return [
+    procs = [
         subprocess.Popen([sys.executable, "rank.py", run, str(n), str(delay)], env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in range(world)
     ]  # fmt: skip
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
 
 
 def kill_after_first_shard(run: Path, procs: list[subprocess.Popen], victim: int) -> float:
@@ -85,15 +94,10 @@ def test_a_rank_killed_without_a_launcher_stops_the_others_at_once(job):  # noqa
     tmp_path, env, dist_job = job
     env = {**env, "FASTATTR_DIST_TIMEOUT": "5"}
     n, run = 1001, tmp_path / "runs/killed"
-    procs = launch_ranks(tmp_path, env, 2, "runs/killed", n, 0.04)  # rank 0's 500 samples take >= 20 s
-    try:
+    with launch_ranks(tmp_path, env, 2, "runs/killed", n, 0.04) as procs:  # rank 0's 500 samples take >= 20 s
         killed = kill_after_first_shard(run, procs, victim=1)
         out0, err0 = procs[0].communicate(timeout=60)
         stopped = time.monotonic() - killed
-    finally:
-        for p in procs:
-            p.kill()
-            p.communicate()
     assert procs[0].returncode == 3, out0 + err0
     assert "PeerFailedError: rank 0: stopped because rank 1: stopped responding (no heartbeat for" in out0, out0 + err0
     assert stopped < 14, stopped  # silence limit + one batch + a beat, with room for a loaded machine
@@ -121,14 +125,9 @@ def test_a_rank_that_loses_the_store_stops_with_an_error_naming_it(job):  # noqa
     DistNetworkError; now a DistributedRunError says what was lost."""
     tmp_path, env, _ = job
     run = tmp_path / "runs/host"
-    procs = launch_ranks(tmp_path, env, 2, "runs/host", 1001, 0.02)
-    try:
+    with launch_ranks(tmp_path, env, 2, "runs/host", 1001, 0.02) as procs:
         kill_after_first_shard(run, procs, victim=0)
         out1, err1 = procs[1].communicate(timeout=60)
-    finally:
-        for p in procs:
-            p.kill()
-            p.communicate()
     assert procs[1].returncode == 3, out1 + err1
     assert out1.startswith("DistributedRunError: rank 1: lost the connection to the job's store"), out1 + err1
     assert verify_run(run).ok
@@ -172,12 +171,8 @@ def test_a_dataset_error_that_does_not_name_its_sample_is_named_on_every_rank(jo
     only 'stopped because rank 1: KeyError: 'no such record'')."""
     tmp_path, env, _ = job
     run = tmp_path / "runs/lookup"
-    procs = launch_ranks(tmp_path, env, 2, "runs/lookup", 1001, 0.01, script=LOOKUP)
-    try:
+    with launch_ranks(tmp_path, env, 2, "runs/lookup", 1001, 0.01, script=LOOKUP) as procs:
         outs = [p.communicate(timeout=90) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
     assert [p.returncode for p in procs] == [3, 3], outs
     assert "KeyError: 'no such record'\nfastattr: raised by the dataset reading sample 700" in outs[1][1], outs[1]  # the traceback
     assert "PeerFailedError: rank 0: stopped because rank 1: KeyError: 'no such record' (fastattr: raised by the dataset reading sample 700)" in outs[0][0], outs[0]
@@ -286,15 +281,10 @@ def test_a_run_called_on_rank_0_only_fails_soon_saying_why(job):  # noqa: F811
     rank must call run."""
     tmp_path, env, _ = job
     env = {**env, "FASTATTR_DIST_TIMEOUT": "5"}
-    procs = launch_ranks(tmp_path, env, 2, "runs/alone", 1001, 0.02, script=RANK0_ONLY)  # rank 0's half: >= 10 s of reads
-    try:
+    with launch_ranks(tmp_path, env, 2, "runs/alone", 1001, 0.02, script=RANK0_ONLY) as procs:  # rank 0's half: >= 10 s of reads
         t0 = time.monotonic()
         out0, err0 = procs[0].communicate(timeout=60)
         elapsed = time.monotonic() - t0
-    finally:
-        for p in procs:
-            p.kill()
-            p.communicate()
     assert procs[0].returncode == 3, out0 + err0
     assert "rank 1: never joined this run within 5 s: every rank of the job must call fastattr.run" in out0, out0 + err0
     assert elapsed < 12, elapsed
